@@ -1,0 +1,81 @@
+"""The `rmens` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from rmens.config import TrainJobConfig, apply_overrides, load_yaml
+
+
+def _job_config(model, args) -> object:
+    data = load_yaml(args.config) if args.config else {}
+    return model.model_validate(apply_overrides(data, args.set or []))
+
+
+def cmd_train(args) -> int:
+    from rmens.data import prepare_pairs
+    from rmens.training.trainer import train_ensemble
+
+    cfg = _job_config(TrainJobConfig, args)
+    output = args.output or cfg.output_dir
+    train, val = prepare_pairs(cfg.data)
+    logging.info("training %s k=%d on %d pairs (%d held out)", cfg.ensemble.kind, cfg.ensemble.k, len(train), len(val))
+    result = train_ensemble(cfg.ensemble, cfg.train, train, val, output)
+    if result.metrics:
+        summary = {key: result.metrics[key] for key in ("accuracy", "member_accuracy", "ece", "n_pairs")}
+        print(json.dumps({"output": str(Path(output).resolve()), **summary,
+                          "wall_time_s": round(result.wall_time, 1)}, indent=2))
+    return 0
+
+
+def cmd_prepare_model(args) -> int:
+    from rmens.models.backbone import resolve_model
+
+    print(resolve_model(args.name))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rmens", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a reward ensemble (works under `accelerate launch`)",
+                           description="Train a reward-model ensemble from a YAML config plus overrides.")
+    train.add_argument("--config", help="YAML file with data/ensemble/train sections")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set ensemble.kind=lora --set ensemble.k=5")
+    train.add_argument("--output", help="folder for the trained ensemble (default: output_dir of the config)")
+    train.set_defaults(func=cmd_train)
+
+    run = sub.add_parser("run", help="the main job on its built-in defaults (tiny model, synthetic pairs)")
+    run.add_argument("--config", help="YAML file with data/ensemble/train sections")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    run.add_argument("--output", help="output folder")
+    run.set_defaults(func=cmd_train)
+
+    prep = sub.add_parser("prepare-model", help="build or convert a model alias once (e.g. smollm2-135m)")
+    prep.add_argument("name", help="smollm2-135m, tiny-random-llama, or a Hugging Face id")
+    prep.set_defaults(func=cmd_prepare_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValidationError, ValueError, FileNotFoundError) as err:
+        print(f"rmens: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

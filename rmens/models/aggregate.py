@@ -1,0 +1,65 @@
+"""Aggregation rules: member rewards [k, batch] -> one reward per example [batch].
+
+Pure functions; the spread is the population standard deviation over members (ddof = 0), so a
+single-member "ensemble" has zero spread and every rule reduces to its one reward.
+
+- mean: the average member reward (Zhang et al.'s main rule);
+- min: worst case over members (WCO, Coste et al.);
+- lcb: mean - beta * std, a lower confidence bound (Zhang et al., App. B);
+- uwo: mean - lam * var, uncertainty-weighted optimisation (Coste et al.).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from rmens.config import StrictModel
+
+Rule = Literal["mean", "min", "lcb", "uwo"]
+RULES: tuple[str, ...] = ("mean", "min", "lcb", "uwo")
+
+
+class AggregationConfig(StrictModel):
+    """A rule and its coefficient; `name` is how arms are labelled in reports."""
+
+    rule: Rule = "mean"
+    beta: float = Field(1.0, ge=0, description="lcb: weight of the member standard deviation.")
+    lam: float = Field(0.5, ge=0, description="uwo: weight of the member variance (Coste et al.: 0.5).")
+
+    @property
+    def name(self) -> str:
+        if self.rule == "lcb":
+            return f"lcb{self.beta:g}"
+        if self.rule == "uwo":
+            return f"uwo{self.lam:g}"
+        return self.rule
+
+
+def member_std(member_rewards: torch.Tensor) -> torch.Tensor:
+    return member_rewards.std(dim=0, unbiased=False)
+
+
+def aggregate(member_rewards: torch.Tensor, rule: str = "mean", *, beta: float = 1.0, lam: float = 0.5) -> torch.Tensor:
+    """Combine [k, batch] member rewards into [batch] rewards with `rule`."""
+    if member_rewards.dim() != 2:
+        raise ValueError(f"member rewards must be [k, batch], got shape {tuple(member_rewards.shape)}")
+    if not torch.isfinite(member_rewards).all():
+        bad = (~torch.isfinite(member_rewards)).nonzero()[0].tolist()
+        raise ValueError(f"non-finite member reward (member {bad[0]}, example {bad[1]})")
+    mean = member_rewards.mean(dim=0)
+    if rule == "mean":
+        return mean
+    if rule == "min":
+        return member_rewards.min(dim=0).values
+    if rule == "lcb":
+        return mean - beta * member_std(member_rewards)
+    if rule == "uwo":
+        return mean - lam * member_rewards.var(dim=0, unbiased=False)
+    raise ValueError(f"unknown aggregation rule {rule!r}; choose from {', '.join(RULES)}")
+
+
+def aggregate_with(member_rewards: torch.Tensor, config: AggregationConfig) -> torch.Tensor:
+    return aggregate(member_rewards, config.rule, beta=config.beta, lam=config.lam)

@@ -1,0 +1,393 @@
+"""RewardEnsemble: k reward models behind one call that returns every member's reward as [k, batch].
+
+Written here because no maintained library offers reward-model ensembles. Three kinds (Zhang et al.
+2024, Alg. 1):
+
+- ``full``: k independent backbones, each with its own head;
+- ``linear``: one shared backbone (trained with the heads, or frozen) and k heads, one forward for all;
+- ``lora``: a shared, frozen backbone (trained in stage 1 as a linear ensemble) plus one PEFT LoRA
+  adapter and head per member. Adapters sit on the top T decoder layers only; the layers below run once
+  per batch, then the hidden states are repeated k times and each copy is routed through its member's
+  adapter in a single batched pass (PEFT's per-row ``adapter_names``).
+
+A reward is a linear head on the final hidden state of the last non-padding token (AlpacaFarm's
+convention), so left, right or no padding give the same rewards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rmens.config import EnsembleConfig
+from rmens.models.backbone import context_length, load_backbone, load_tokenizer
+
+FORMAT = "rmens-ensemble"
+FORMAT_VERSION = 1
+
+
+def last_token_states(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[N, T, H] hidden states -> [N, H] at each row's last attended position (any padding side)."""
+    width = attention_mask.shape[1]
+    last = width - 1 - attention_mask.flip(1).argmax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def decoder_layers(backbone: nn.Module) -> nn.ModuleList:
+    """The stack of decoder blocks of a transformers base model (Llama, Mistral, Qwen, GPT-2, NeoX...)."""
+    depth = getattr(backbone.config, "num_hidden_layers", None) or getattr(backbone.config, "n_layer", None)
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(backbone, name, None)
+        if isinstance(layers, nn.ModuleList) and (depth is None or len(layers) == depth):
+            return layers
+    raise ValueError(f"cannot find the decoder layers of {type(backbone).__name__}; LoRA ensembles need them")
+
+
+def init_heads(hidden_size: int, k: int, seed: int) -> nn.Linear:
+    """k reward heads as one Linear(hidden, k); member i's row is drawn from its own seed.
+
+    std = 1/sqrt(hidden + 1) as AlpacaFarm's reward head. Separate seeds are what make the members of a
+    linear ensemble differ, and they keep member i's head the same whatever k is.
+    """
+    heads = nn.Linear(hidden_size, k)
+    with torch.no_grad():
+        for i in range(k):
+            gen = torch.Generator().manual_seed(seed * 1000 + i)
+            heads.weight[i] = torch.randn(hidden_size, generator=gen) / math.sqrt(hidden_size + 1)
+        heads.bias.zero_()
+    return heads
+
+
+class RewardEnsemble(nn.Module):
+    """Common interface of all kinds: ``forward(input_ids, attention_mask) -> Tensor[k, batch]``."""
+
+    kind: str = ""
+
+    def __init__(self, config: EnsembleConfig, heads: nn.Linear):
+        super().__init__()
+        self.config = config
+        self.heads = heads
+
+    @property
+    def k(self) -> int:
+        return self.heads.out_features
+
+    @property
+    def hidden_size(self) -> int:
+        return self.heads.in_features
+
+    @property
+    def max_length(self) -> int:
+        """The longest input the backbone accepts."""
+        return context_length(self.backbone_config)
+
+    @property
+    def backbone_config(self):
+        raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def member_forward(self, member: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One member's rewards [batch], computed on its own: the reference the batched path must match."""
+        raise NotImplementedError
+
+    def _check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask "
+                             f"{tuple(attention_mask.shape)} must both be [batch, length]")
+        if input_ids.shape[1] > self.max_length:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the backbone's context "
+                             f"of {self.max_length} tokens; truncate (max_length) first")
+        if not bool(attention_mask.any(dim=1).all()):
+            raise ValueError("a row of the batch has no attended tokens")
+
+    def _head(self, pooled: torch.Tensor, member: int) -> torch.Tensor:
+        return pooled @ self.heads.weight[member] + self.heads.bias[member]
+
+    # -- saving -------------------------------------------------------------------------------------
+    def save(self, path: str | Path, tokenizer=None, extra: dict[str, object] | None = None) -> Path:
+        """Write the ensemble to a folder; written to a temporary sibling and renamed when complete.
+
+        `extra` maps file names to JSON-serialisable objects written alongside (e.g. training metrics).
+        """
+        path = Path(path)
+        tmp = path.with_name(path.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self._save_weights(tmp)
+        save_file({"weight": self.heads.weight.detach().contiguous().cpu(),
+                   "bias": self.heads.bias.detach().contiguous().cpu()}, tmp / "heads.safetensors")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / "tokenizer")
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind, "k": self.k,
+                "config": self.config.model_dump(mode="json")}
+        (tmp / "ensemble.json").write_text(json.dumps(meta, indent=2))
+        for name, obj in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2))
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+        return path
+
+    def _save_weights(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def parameter_bytes(self) -> int:
+        """Bytes of all distinct parameters and buffers held in memory."""
+        seen, total = set(), 0
+        for tensor in list(self.parameters()) + list(self.buffers()):
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                total += tensor.numel() * tensor.element_size()
+        return total
+
+
+class LinearEnsemble(RewardEnsemble):
+    """One backbone, k heads: all members from one backbone forward."""
+
+    kind = "linear"
+
+    def __init__(self, config: EnsembleConfig, backbone: nn.Module, heads: nn.Linear):
+        super().__init__(config, heads)
+        self.backbone = backbone
+        if config.freeze_backbone:
+            self.backbone.requires_grad_(False)
+
+    @property
+    def backbone_config(self):
+        return self.backbone.config
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return last_token_states(hidden, attention_mask)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self._check_inputs(input_ids, attention_mask)
+        return self.heads(self.pooled(input_ids, attention_mask)).T
+
+    def member_forward(self, member: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self._check_inputs(input_ids, attention_mask)
+        return self._head(self.pooled(input_ids, attention_mask), member)
+
+    def _save_weights(self, path: Path) -> None:
+        self.backbone.save_pretrained(path / "backbone")
+
+
+class FullEnsemble(RewardEnsemble):
+    """k independent backbones; the expensive reference."""
+
+    kind = "full"
+
+    def __init__(self, config: EnsembleConfig, backbones: list[nn.Module], heads: nn.Linear):
+        super().__init__(config, heads)
+        if len(backbones) != heads.out_features:
+            raise ValueError(f"{len(backbones)} backbones for {heads.out_features} heads")
+        self.backbones = nn.ModuleList(backbones)
+
+    @property
+    def backbone_config(self):
+        return self.backbones[0].config
+
+    def member_forward(self, member: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self._check_inputs(input_ids, attention_mask)
+        out = self.backbones[member](input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return self._head(last_token_states(out.last_hidden_state, attention_mask), member)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.member_forward(i, input_ids, attention_mask) for i in range(self.k)])
+
+    def _save_weights(self, path: Path) -> None:
+        for i, backbone in enumerate(self.backbones):
+            backbone.save_pretrained(path / "members" / str(i))
+
+
+def _top_layer_targets(backbone: nn.Module, top_layers: list[nn.Module], names: list[str]) -> list[str]:
+    """Full module names of the `names` projections inside the top layers.
+
+    Spelled out because PEFT's `layers_to_transform` pattern expects the layer stack below a prefix
+    (e.g. `model.layers`), which a bare base model does not have.
+    """
+    prefix = {id(module): name for name, module in backbone.named_modules()}
+    targets = [f"{prefix[id(layer)]}.{sub}" for layer in top_layers for sub, _ in layer.named_modules()
+               if sub and sub.rsplit(".", 1)[-1] in names]
+    if not targets:
+        raise ValueError(f"no modules named {names} in the top layers of {type(backbone).__name__}")
+    return targets
+
+
+class LoraEnsemble(RewardEnsemble):
+    """A frozen shared backbone with one LoRA adapter (top layers) and one head per member."""
+
+    kind = "lora"
+
+    def __init__(self, config: EnsembleConfig, peft_model: nn.Module, heads: nn.Linear, num_top_layers: int):
+        super().__init__(config, heads)
+        self.peft = peft_model
+        self.num_top_layers = num_top_layers
+        self.member_names = [f"m{i}" for i in range(heads.out_features)]
+        layers = decoder_layers(self.backbone)
+        self._top_layers = list(layers)[len(layers) - num_top_layers:]
+        from peft.tuners.lora import LoraLayer
+
+        self._lora_layers = [m for layer in self._top_layers for m in layer.modules() if isinstance(m, LoraLayer)]
+        if not self._lora_layers:
+            raise ValueError(f"no LoRA layers matched target_modules={config.lora.target_modules}")
+
+    @classmethod
+    def from_backbone(cls, config: EnsembleConfig, backbone: nn.Module, heads: nn.Linear) -> LoraEnsemble:
+        """Add k fresh adapters (seeded per member) to the top layers of a trained backbone (stage 2)."""
+        from peft import LoraConfig, get_peft_model
+
+        layers = decoder_layers(backbone)
+        top = config.lora.num_top_layers(len(layers))
+        lora_config = LoraConfig(
+            r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+            target_modules=_top_layer_targets(backbone, list(layers)[len(layers) - top:], config.lora.target_modules),
+        )
+        peft_model = None
+        for i in range(heads.out_features):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed * 1000 + 500 + i)
+                if peft_model is None:
+                    peft_model = get_peft_model(backbone, lora_config, adapter_name=f"m{i}")
+                else:
+                    peft_model.add_adapter(f"m{i}", lora_config)
+        ensemble = cls(config, peft_model, heads, top)
+        ensemble.set_adapters_trainable(True)
+        return ensemble
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.peft.base_model.model
+
+    @property
+    def backbone_config(self):
+        return self.backbone.config
+
+    def set_adapters_trainable(self, flag: bool) -> None:
+        # PEFT marks only the active adapter trainable; every member trains at once here.
+        for name, param in self.peft.named_parameters():
+            param.requires_grad_(flag and "lora_" in name)
+
+    @contextlib.contextmanager
+    def _routing(self, batch: int, adapter_names: list[str], expand: int) -> Iterator[None]:
+        """Install hooks for one forward: repeat the batch `expand` times entering the top layers and tell
+        each LoRA layer which adapter each row uses."""
+
+        def repeat(value):
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+                return value.repeat(expand, *([1] * (value.dim() - 1)))
+            if isinstance(value, tuple):
+                return tuple(repeat(v) for v in value)
+            return value
+
+        def expand_inputs(module, args, kwargs):
+            return tuple(repeat(a) for a in args), {key: repeat(v) for key, v in kwargs.items()}
+
+        def route(module, args, kwargs):
+            return args, {**kwargs, "adapter_names": adapter_names}
+
+        handles = []
+        try:
+            if expand > 1:
+                handles += [layer.register_forward_pre_hook(expand_inputs, with_kwargs=True)
+                            for layer in self._top_layers]
+            handles += [layer.register_forward_pre_hook(route, with_kwargs=True) for layer in self._lora_layers]
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hidden(self, input_ids, attention_mask, adapter_names: list[str], expand: int) -> torch.Tensor:
+        with self._routing(input_ids.shape[0], adapter_names, expand):
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self._check_inputs(input_ids, attention_mask)
+        batch = input_ids.shape[0]
+        names = [name for name in self.member_names for _ in range(batch)]  # member-major rows
+        hidden = self._hidden(input_ids, attention_mask, names, expand=self.k)
+        pooled = last_token_states(hidden, attention_mask.repeat(self.k, 1)).view(self.k, batch, -1)
+        return torch.einsum("kbh,kh->kb", pooled, self.heads.weight) + self.heads.bias[:, None]
+
+    def member_forward(self, member: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self._check_inputs(input_ids, attention_mask)
+        names = [self.member_names[member]] * input_ids.shape[0]
+        hidden = self._hidden(input_ids, attention_mask, names, expand=1)
+        return self._head(last_token_states(hidden, attention_mask), member)
+
+    def _save_weights(self, path: Path) -> None:
+        # The backbone is saved without the injected LoRA layers, as a plain transformers folder.
+        plain = {key.replace(".base_layer.", "."): value for key, value in self.backbone.state_dict().items()
+                 if "lora_" not in key}
+        self.backbone.save_pretrained(path / "backbone", state_dict=plain)
+        self.peft.save_pretrained(path / "adapters")
+        (path / "adapters" / "layout.json").write_text(json.dumps({"num_top_layers": self.num_top_layers}))
+
+
+# -- building and loading ---------------------------------------------------------------------------
+
+def build_ensemble(config: EnsembleConfig, dtype: torch.dtype = torch.float32) -> RewardEnsemble:
+    """A fresh, untrained ensemble. For kind 'lora' this is stage 1: a linear ensemble whose trained
+    backbone `to_lora` later freezes under adapters."""
+    backbone = load_backbone(config.backbone, dtype)
+    heads = init_heads(backbone.config.hidden_size, config.k, config.seed).to(dtype)
+    if config.kind == "full":
+        backbones = [backbone] + [load_backbone(config.backbone, dtype) for _ in range(config.k - 1)]
+        return FullEnsemble(config, backbones, heads)
+    return LinearEnsemble(config, backbone, heads)
+
+
+def to_lora(stage1: LinearEnsemble, config: EnsembleConfig) -> LoraEnsemble:
+    """Stage 2 of the paper's LoRA recipe: freeze the stage-1 backbone, keep its heads, add adapters."""
+    if not isinstance(stage1, LinearEnsemble):
+        raise TypeError("the LoRA stage starts from a linear ensemble (stage 1)")
+    backbone = stage1.backbone
+    backbone.requires_grad_(False)
+    return LoraEnsemble.from_backbone(config, backbone, stage1.heads)
+
+
+def load_ensemble(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Load a saved ensemble folder -> (ensemble, tokenizer or None). Scores reproduce exactly."""
+    path = Path(path)
+    meta_file = path / "ensemble.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path} is not a saved ensemble (no ensemble.json)")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_file}: not an rmens ensemble (format={meta.get('format')!r})")
+    config = EnsembleConfig.model_validate(meta["config"])
+    state = load_file(path / "heads.safetensors")
+    heads = nn.Linear(state["weight"].shape[1], state["weight"].shape[0]).to(dtype)
+    heads.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+    kind = meta["kind"]
+    if kind == "full":
+        backbones = [load_backbone(str(path / "members" / str(i)), dtype) for i in range(meta["k"])]
+        ensemble: RewardEnsemble = FullEnsemble(config, backbones, heads)
+    elif kind == "linear":
+        ensemble = LinearEnsemble(config, load_backbone(str(path / "backbone"), dtype), heads)
+    elif kind == "lora":
+        from peft import PeftModel
+
+        backbone = load_backbone(str(path / "backbone"), dtype)
+        names = [f"m{i}" for i in range(meta["k"])]
+        peft_model = PeftModel.from_pretrained(backbone, str(path / "adapters" / names[0]), adapter_name=names[0])
+        for name in names[1:]:
+            peft_model.load_adapter(str(path / "adapters" / name), adapter_name=name)
+        layout = json.loads((path / "adapters" / "layout.json").read_text())
+        ensemble = LoraEnsemble(config, peft_model, heads, layout["num_top_layers"])
+        ensemble.set_adapters_trainable(False)
+    else:
+        raise ValueError(f"{meta_file}: unknown ensemble kind {kind!r}")
+    tokenizer = load_tokenizer(str(path / "tokenizer")) if (path / "tokenizer").is_dir() else None
+    return ensemble.eval(), tokenizer

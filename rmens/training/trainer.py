@@ -1,0 +1,273 @@
+"""Bradley-Terry training of all ensemble members at once, under accelerate.
+
+Written here because no maintained library trains reward-model ensembles; the loop itself is the
+ordinary accelerate pattern (prepare, accumulate, backward, clip, step), so the same code runs on one
+CPU process, several processes (``accelerate launch --cpu --num_processes 2``) or several GPUs (DDP).
+
+One forward per micro-batch scores chosen and rejected responses of every member together; the loss
+is the sum of the members' (weighted) BT losses, so a single backward trains every member and a linear
+ensemble pays for one backbone pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from rmens.config import EnsembleConfig, TrainConfig
+from rmens.data.encoding import EncodedPairs, PairCollator, PairEncoder, encode_pairs
+from rmens.data.schema import PreferencePair, validate_pairs
+from rmens.data.splits import member_weights, split_by_instruction
+from rmens.evaluation.rm_metrics import ensemble_metrics, scalar_metrics
+from rmens.models.backbone import load_tokenizer
+from rmens.models.ensemble import RewardEnsemble, build_ensemble, to_lora
+
+log = logging.getLogger(__name__)
+
+LogFn = Callable[[int, dict[str, float]], None]
+
+
+def bradley_terry_loss(member_rewards: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                       center_coef: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss of all members on one batch laid out as [k, 2B] (chosen rows, then rejected rows).
+
+    Per member: mean over the batch of w * BT negative log-likelihood with soft target t (the
+    probability that chosen wins), plus optional centring coef * (r_c + r_r)^2. Dividing by the batch
+    size (not by the weights' sum) keeps bootstrap weights unbiased and makes data-parallel gradient
+    averaging equal to one large batch. Returns (sum over members, per-member losses [k]).
+    """
+    batch = targets.shape[0]
+    chosen, rejected = member_rewards[:, :batch], member_rewards[:, batch:]
+    margin = chosen - rejected
+    nll = -(targets * F.logsigmoid(margin) + (1 - targets) * F.logsigmoid(-margin))
+    per_member = (weights * nll).sum(dim=1) / batch
+    if center_coef:
+        per_member = per_member + center_coef * ((chosen + rejected) ** 2).mean(dim=1)
+    if not torch.isfinite(per_member).all():
+        raise FloatingPointError(f"non-finite training loss per member: {per_member.tolist()}")
+    return per_member.sum(), per_member.detach()
+
+
+@dataclass
+class StageResult:
+    steps: int
+    wall_time: float
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    ensemble: RewardEnsemble
+    path: Path | None
+    metrics: dict
+    stages: dict[str, StageResult]
+    wall_time: float
+
+
+def _precision(cfg: TrainConfig) -> str:
+    if cfg.precision == "bf16":
+        return "bf16"
+    if cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+@torch.no_grad()
+def score_pairs(model: torch.nn.Module, data: EncodedPairs, pad_id: int, batch_size: int,
+                accelerator: Accelerator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Member rewards of every pair -> (chosen [k, n], rejected [k, n]), in the data's order.
+
+    Pairs are batched by length to waste little on padding; with an accelerator each process scores
+    its share and the results are gathered.
+    """
+    order = sorted(range(len(data)), key=lambda i: max(len(data.chosen[i]), len(data.rejected[i])))
+    loader = DataLoader(order, batch_size=batch_size, collate_fn=PairCollator(data, pad_id))
+    device = next(model.parameters()).device
+    if accelerator is not None:
+        loader = accelerator.prepare_data_loader(loader, device_placement=True)
+    was_training = model.training
+    model.eval()
+    parts_c, parts_r, parts_i = [], [], []
+    for batch in loader:
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        rewards = model(input_ids=ids, attention_mask=mask).float()
+        b = ids.shape[0] // 2
+        chosen, rejected, index = rewards[:, :b].T, rewards[:, b:].T, batch["index"].to(device)
+        if accelerator is not None:
+            chosen, rejected, index = accelerator.gather_for_metrics((chosen, rejected, index))
+        parts_c.append(chosen.cpu())
+        parts_r.append(rejected.cpu())
+        parts_i.append(index.cpu())
+    model.train(was_training)
+    index = torch.cat(parts_i)
+    chosen, rejected = torch.empty(len(data), model_k(model)), torch.empty(len(data), model_k(model))
+    chosen[index], rejected[index] = torch.cat(parts_c), torch.cat(parts_r)
+    return chosen.T.contiguous(), rejected.T.contiguous()
+
+
+def model_k(model: torch.nn.Module) -> int:
+    return getattr(model, "module", model).k
+
+
+def evaluate_pairs(model, data: EncodedPairs, pad_id: int, batch_size: int, accelerator=None) -> dict:
+    chosen, rejected = score_pairs(model, data, pad_id, batch_size, accelerator)
+    return ensemble_metrics(chosen - rejected, data.targets, member_chosen=chosen)
+
+
+class EnsembleTrainer:
+    """Trains a RewardEnsemble on encoded pairs; one instance per training stage."""
+
+    def __init__(self, accelerator: Accelerator, ensemble: RewardEnsemble, cfg: TrainConfig, pad_id: int,
+                 *, lr: float, schedule: str, stage: str, log_fn: LogFn | None = None, step_offset: int = 0):
+        self.accelerator = accelerator
+        self.ensemble = ensemble
+        self.cfg = cfg
+        self.pad_id = pad_id
+        self.lr = lr
+        self.schedule = schedule
+        self.stage = stage
+        self.log_fn = log_fn
+        self.step_offset = step_offset
+
+    def _loader(self, data: EncodedPairs, seed: int, epoch: int) -> DataLoader:
+        """This epoch's batches, in an order fixed by (seed, epoch) alone.
+
+        The permutation is drawn here rather than by a sampler so that accelerate's sharding (batch i
+        to process i mod n) gives every process count the same global batches: 2 processes with batch
+        2 see what 1 process with batch 4 sees.
+        """
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        loader = DataLoader(order, batch_size=self.cfg.batch_size, collate_fn=PairCollator(data, self.pad_id))
+        return self.accelerator.prepare_data_loader(loader)
+
+    def _log(self, step: int, metrics: dict[str, float], history: list[dict]) -> None:
+        history.append({"step": step, **metrics})
+        if self.log_fn is not None and self.accelerator.is_main_process:
+            self.log_fn(step, metrics)
+
+    def train(self, data: EncodedPairs, val: EncodedPairs | None) -> StageResult:
+        cfg, acc = self.cfg, self.accelerator
+        params = [p for p in self.ensemble.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"{self.stage}: the ensemble has no trainable parameters")
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=cfg.weight_decay)
+        data_seed = cfg.seed * 1009 + zlib.crc32(self.stage.encode()) % 1000
+        model, optimizer = acc.prepare(self.ensemble, optimizer)
+        loader = self._loader(data, data_seed, 0)
+        steps_per_epoch = max(1, math.ceil(len(loader) / cfg.grad_accum))
+        total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        # Stepped by hand once per optimizer step (not prepared): accelerate would step a prepared
+        # scheduler once per process, which would make the schedule depend on the process count.
+        scheduler = get_scheduler(self.schedule, optimizer, num_warmup_steps=round(cfg.warmup_ratio * total),
+                                  num_training_steps=total)
+        history: list[dict] = []
+        bar = tqdm(total=total, desc=f"train {self.stage}", disable=not (cfg.progress and acc.is_main_process))
+        start, step, epoch = time.perf_counter(), 0, 0
+        model.train()
+        while step < total:
+            loader = self._loader(data, data_seed, epoch) if epoch else loader
+            for batch in loader:
+                with acc.accumulate(model):
+                    rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                    loss, per_member = bradley_terry_loss(rewards.float(), batch["targets"], batch["member_weights"],
+                                                          cfg.center_coef)
+                    acc.backward(loss)
+                    if not acc.sync_gradients:
+                        continue
+                    grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                step += 1
+                bar.update(1)
+                metrics = {f"{self.stage}/loss": float(acc.reduce(loss.detach(), "mean")),
+                           f"{self.stage}/lr": scheduler.get_last_lr()[0]}
+                if grad_norm is not None:
+                    metrics[f"{self.stage}/grad_norm"] = float(grad_norm)
+                reduced = acc.reduce(per_member, "mean")
+                metrics.update({f"{self.stage}/loss_m{i}": float(v) for i, v in enumerate(reduced)})
+                bar.set_postfix(loss=f"{metrics[f'{self.stage}/loss']:.4f}")
+                if val is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                    metrics.update(scalar_metrics(evaluate_pairs(model, val, self.pad_id, cfg.eval_batch_size, acc),
+                                                  "val/"))
+                self._log(self.step_offset + step, metrics, history)
+                if step >= total:
+                    break
+            epoch += 1
+        bar.close()
+        optimizer.zero_grad(set_to_none=True)
+        self.ensemble = acc.unwrap_model(model)
+        return StageResult(steps=step, wall_time=time.perf_counter() - start, history=history)
+
+
+def lora_stage_split(pairs: list[PreferencePair], stage1_fraction: float):
+    """Stage-1 and stage-2 pairs of the LoRA recipe, disjoint by instruction unless the fraction is 1."""
+    if stage1_fraction >= 1.0:
+        return pairs, pairs
+    stage2, stage1 = split_by_instruction(pairs, stage1_fraction, salt="lora-stage1")
+    return validate_pairs(stage1, "LoRA stage 1 pairs"), validate_pairs(stage2, "LoRA stage 2 pairs")
+
+
+def train_ensemble(ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: list[PreferencePair],
+                   val_pairs: list[PreferencePair] | None = None, output_dir: str | Path | None = None,
+                   log_fn: LogFn | None = None, accelerator: Accelerator | None = None) -> TrainResult:
+    """Build, train, evaluate and (optionally) save an ensemble. The folder appears only when complete."""
+    validate_pairs(train_pairs, "training pairs")
+    start = time.perf_counter()
+    acc = accelerator or Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=_precision(cfg))
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(ens_cfg.backbone)
+    ensemble = build_ensemble(ens_cfg)
+    if ens_cfg.max_length > ensemble.max_length:
+        raise ValueError(f"max_length={ens_cfg.max_length} exceeds the context of {ens_cfg.backbone} "
+                         f"({ensemble.max_length} tokens)")
+    encoder = PairEncoder(tokenizer, ens_cfg.max_length, ens_cfg.max_prompt_length)
+    pad_id = tokenizer.pad_token_id
+
+    def encode(pairs: list[PreferencePair], salt: int) -> EncodedPairs:
+        weights = member_weights(len(pairs), ens_cfg.k, ens_cfg.diversity, ens_cfg.seed * 7919 + salt)
+        return encode_pairs(encoder, pairs, weights)
+
+    val = encode(val_pairs, 0) if val_pairs else None
+    stages: dict[str, StageResult] = {}
+    if ens_cfg.kind == "lora":
+        stage1_pairs, stage2_pairs = lora_stage_split(train_pairs, ens_cfg.lora.stage1_fraction)
+        trainer = EnsembleTrainer(acc, ensemble, cfg, pad_id, lr=cfg.lr, schedule=cfg.schedule, stage="stage1",
+                                  log_fn=log_fn)
+        stages["stage1"] = trainer.train(encode(stage1_pairs, 1), val)
+        ensemble = to_lora(trainer.ensemble, ens_cfg)
+        trainer = EnsembleTrainer(acc, ensemble, cfg, pad_id, lr=cfg.lora_lr, schedule=cfg.lora_schedule,
+                                  stage="stage2", log_fn=log_fn, step_offset=stages["stage1"].steps)
+        stages["stage2"] = trainer.train(encode(stage2_pairs, 2), val)
+    else:
+        trainer = EnsembleTrainer(acc, ensemble, cfg, pad_id, lr=cfg.lr, schedule=cfg.schedule, stage="train",
+                                  log_fn=log_fn)
+        stages["train"] = trainer.train(encode(train_pairs, 1), val)
+    ensemble = trainer.ensemble
+    metrics = evaluate_pairs(ensemble, val, pad_id, cfg.eval_batch_size, acc) if val is not None else {}
+    total_steps = sum(s.steps for s in stages.values())
+    if metrics and log_fn is not None and acc.is_main_process:
+        log_fn(total_steps, scalar_metrics(metrics, "val/"))
+    path = None
+    if output_dir is not None:
+        path = Path(output_dir)
+        if acc.is_main_process:
+            summary = {"metrics": metrics, "steps": {k: s.steps for k, s in stages.items()},
+                       "wall_time": {k: s.wall_time for k, s in stages.items()},
+                       "history": {k: s.history for k, s in stages.items()}}
+            ensemble.save(path, tokenizer, extra={"train_metrics.json": summary})
+        acc.wait_for_everyone()
+    return TrainResult(ensemble=ensemble, path=path, metrics=metrics, stages=stages, wall_time=time.perf_counter() - start)
