@@ -167,6 +167,25 @@ class DataConfig(StrictModel):
         return self
 
 
+class GenerationConfig(StrictModel):
+    """Sampling from a policy with its chat template."""
+
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(8, ge=1, description="Prompts per generate() call; the main speed knob.")
+    seed: int = 0
+
+
+class BonConfig(StrictModel):
+    """Best-of-n: draw N samples per prompt once, score them with every scorer, report n = 1, 2, 4 ... N."""
+
+    n_samples: int = Field(16, ge=1, description="N, samples drawn per prompt.")
+    n_prompts: int | None = Field(None, ge=1)
+    generation: GenerationConfig = Field(default_factory=lambda: GenerationConfig(temperature=1.0, top_p=0.9))
+    select_n: list[int] = Field(default_factory=list, description="Write the selected response per prompt for these n.")
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

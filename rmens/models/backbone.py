@@ -126,6 +126,9 @@ def _build_tiny_llama(dest: Path) -> None:
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        # Wider than the usual 0.02 so the random model's next-token distributions are not all flat:
+        # policy-optimisation tests need a policy that small LoRA updates can move.
+        initializer_range=0.1,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -135,12 +138,15 @@ def _build_tiny_llama(dest: Path) -> None:
 
 
 _BUILDERS = {SMOLLM2_ALIAS: _convert_smollm2, TINY_ALIAS: _build_tiny_llama}
+# Bumped whenever a builder changes, so that stale cached folders are not reused.
+_BUILD_VERSIONS = {SMOLLM2_ALIAS: "1", TINY_ALIAS: "2"}
 
 
 def resolve_model(name_or_path: str) -> str:
     """Map an alias to its cached folder (building it on first use); pass ids and folders through."""
     if name_or_path in _BUILDERS:
-        return str(build_once(cache_root() / "models" / name_or_path, _BUILDERS[name_or_path]))
+        folder = cache_root() / "models" / f"{name_or_path}-v{_BUILD_VERSIONS[name_or_path]}"
+        return str(build_once(folder, _BUILDERS[name_or_path]))
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not ((path / "config.json").is_file() or (path / "tokenizer_config.json").is_file()):

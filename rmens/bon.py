@@ -1,0 +1,156 @@
+"""Best-of-n: draw N samples per prompt once, score them with any scorers, and estimate for every n <= N
+what selecting the proxy's best of n yields.
+
+Samples and every scorer's scores are stored as JSONL in one folder, so rescoring with another
+ensemble or rule never regenerates:
+
+    <folder>/samples.jsonl           prompt_id, sample_id, prompt, response, n_tokens, finished
+    <folder>/scores/<scorer>.jsonl   prompt_id, sample_id, score[, members]
+
+The estimate for n uses all N samples (Nakano et al. 2021, App. I; Coste et al. 2023, App. B): with
+the samples of a prompt sorted by proxy score, the i-th smallest (1-based) is the best of a random
+n-subset with probability C(i-1, n-1) / C(N, n), so the expected score of the selected sample is the
+weighted sum of the samples' scores. KL(best-of-n || policy) is taken as log n - (n-1)/n, which is an
+upper bound (Beirami et al. 2024).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from rmens.config import BonConfig
+from rmens.generation import generate
+from rmens.reward import RewardFn
+
+
+def kl_bon(n: int) -> float:
+    return math.log(n) - (n - 1) / n
+
+
+def bon_ns(n_samples: int) -> list[int]:
+    """1, 2, 4, ... up to N (N itself included)."""
+    ns, n = [], 1
+    while n < n_samples:
+        ns.append(n)
+        n *= 2
+    return ns + [n_samples]
+
+
+def selection_weights(n_samples: int, n: int) -> torch.Tensor:
+    """P(the i-th smallest of N is the maximum of a uniformly random n-subset), i = 1..N."""
+    if not 1 <= n <= n_samples:
+        raise ValueError(f"n must be in [1, N={n_samples}], got {n}")
+    total = math.comb(n_samples, n)
+    return torch.tensor([math.comb(i - 1, n - 1) / total for i in range(1, n_samples + 1)], dtype=torch.float64)
+
+
+def expected_best_of_n(proxy: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
+    """Per prompt, the expected `target` score of the sample the proxy picks from n: [P, N] -> [P]."""
+    if proxy.shape != target.shape or proxy.dim() != 2:
+        raise ValueError(f"proxy {tuple(proxy.shape)} and target {tuple(target.shape)} must both be [prompts, N]")
+    order = torch.argsort(proxy.double(), dim=1, stable=True)
+    sorted_target = torch.gather(target.double(), 1, order)
+    return sorted_target @ selection_weights(proxy.shape[1], n)
+
+
+def bon_curve(proxy: torch.Tensor, targets: dict[str, torch.Tensor], ns: list[int] | None = None) -> list[dict]:
+    """For each n: KL_bon and, per target scorer, the mean over prompts and its standard error."""
+    ns = ns or bon_ns(proxy.shape[1])
+    rows = []
+    for n in ns:
+        row: dict = {"n": n, "kl_bon": kl_bon(n), "sqrt_kl": math.sqrt(kl_bon(n))}
+        for name, target in {"proxy": proxy, **targets}.items():
+            per_prompt = expected_best_of_n(proxy, target, n)
+            row[name] = float(per_prompt.mean())
+            row[f"{name}_se"] = float(per_prompt.std(unbiased=True) / math.sqrt(len(per_prompt))) \
+                if len(per_prompt) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write atomically: a reader never sees a half-written file under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    with tmp.open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with Path(path).open() as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def draw_samples(policy, tokenizer, prompts: list[str], cfg: BonConfig, folder: str | Path,
+                 progress: bool = True) -> list[dict]:
+    """Generate N samples per prompt and store them in `folder`/samples.jsonl."""
+    n = cfg.n_samples
+    repeated = [p for p in prompts for _ in range(n)]
+    samples = generate(policy, tokenizer, repeated, cfg.generation, progress=progress)
+    rows = [{"prompt_id": i // n, "sample_id": i % n, "prompt": samples.prompts[i], "response": samples.texts[i],
+             "n_tokens": len(samples.response_ids[i]), "finished": samples.finished[i]} for i in range(len(samples))]
+    _write_jsonl(Path(folder) / "samples.jsonl", rows)
+    return rows
+
+
+def score_samples(folder: str | Path, scorers: dict[str, RewardFn], batch_size: int = 64) -> dict[str, Path]:
+    """Score the stored samples with each scorer (skipping scorers already stored) -> score files."""
+    folder = Path(folder)
+    samples = read_jsonl(folder / "samples.jsonl")
+    out = {}
+    for name, scorer in scorers.items():
+        path = folder / "scores" / f"{name}.jsonl"
+        out[name] = path
+        if path.is_file():
+            continue
+        rows = []
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start: start + batch_size]
+            rewards = scorer([s["prompt"] for s in chunk], [s["response"] for s in chunk])
+            rewards.check(len(chunk), f"scorer {name!r}, samples {start}..{start + len(chunk) - 1}")
+            for j, sample in enumerate(chunk):
+                row = {"prompt_id": sample["prompt_id"], "sample_id": sample["sample_id"],
+                       "score": float(rewards.scores[j])}
+                if rewards.members is not None:
+                    row["members"] = [float(v) for v in rewards.members[:, j]]
+                rows.append(row)
+        _write_jsonl(path, rows)
+    return out
+
+
+def load_score_matrix(folder: str | Path, name: str, member: int | None = None) -> torch.Tensor:
+    """Scores of one scorer (or one of its members) as a [prompts, N] tensor."""
+    rows = read_jsonl(Path(folder) / "scores" / f"{name}.jsonl")
+    n_prompts = 1 + max(r["prompt_id"] for r in rows)
+    n_samples = 1 + max(r["sample_id"] for r in rows)
+    matrix = torch.full((n_prompts, n_samples), float("nan"), dtype=torch.float64)
+    for r in rows:
+        matrix[r["prompt_id"], r["sample_id"]] = r["score"] if member is None else r["members"][member]
+    if torch.isnan(matrix).any():
+        raise ValueError(f"{folder}/scores/{name}.jsonl does not cover every (prompt, sample)")
+    return matrix
+
+
+def select_best(folder: str | Path, proxy: str, n: int) -> list[dict]:
+    """Per prompt, the response the proxy picks among the first n samples."""
+    folder = Path(folder)
+    samples = read_jsonl(folder / "samples.jsonl")
+    scores = load_score_matrix(folder, proxy)
+    if not 1 <= n <= scores.shape[1]:
+        raise ValueError(f"n must be in [1, {scores.shape[1]}], got {n}")
+    by_key = {(s["prompt_id"], s["sample_id"]): s for s in samples}
+    picks = torch.argmax(scores[:, :n], dim=1).tolist()
+    return [{**by_key[(p, s)], "proxy": proxy, "n": n, "proxy_score": float(scores[p, s])} for p, s in enumerate(picks)]
+
+
+def write_selection(folder: str | Path, proxy: str, n: int) -> Path:
+    path = Path(folder) / "selected" / f"{proxy}_n{n}.jsonl"
+    _write_jsonl(path, select_best(folder, proxy, n))
+    return path

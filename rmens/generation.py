@@ -1,0 +1,110 @@
+"""Batched sampling from a causal LM with its chat template, for Best-of-n and PPO rollouts.
+
+Uses transformers' `generate` (KV cache, temperature, top-p, EOS stopping); the prompt goes through
+the same chat-template rendering as the reward models' training pairs. Each batch is seeded from
+(seed, batch index), so the samples do not depend on what ran before in the process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from rmens.config import GenerationConfig
+from rmens.data.encoding import render_prompt
+from rmens.data.schema import DataError
+from rmens.models.backbone import context_length
+
+
+@dataclass
+class Samples:
+    """Generated responses, aligned with their prompts."""
+
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]  # up to and including the first EOS, if one was produced
+    texts: list[str]
+    finished: list[bool]  # the response ended with EOS rather than running out of tokens
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def eos_ids(policy, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every token id that ends a response: the tokenizer's EOS and the model's generation EOS ids."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(policy, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    ids.discard(None)
+    if not ids:
+        raise ValueError("the policy's tokenizer has no EOS token; generation could never stop early")
+    return sorted(ids)
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
+                   context: int) -> list[list[int]]:
+    if not prompts:
+        raise DataError("the prompt list is empty")
+    encoded = []
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError(f"prompt {index} is empty")
+        ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+        if len(ids) + max_new_tokens > context:
+            raise DataError(f"prompt {index} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
+                            f"the policy's context of {context} tokens")
+        encoded.append(ids)
+    return encoded
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(seq)
+        mask[row, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def cut_at_eos(tokens: list[int], stop: set[int]) -> tuple[list[int], bool]:
+    for position, token in enumerate(tokens):
+        if token in stop:
+            return tokens[: position + 1], True
+    return tokens, False
+
+
+@torch.no_grad()
+def generate(policy, tokenizer: PreTrainedTokenizerBase, prompts: list[str], cfg: GenerationConfig,
+             *, seed_offset: int = 0, progress: bool = False) -> Samples:
+    """Sample one response per prompt (repeat prompts for several samples each)."""
+    prompt_ids = encode_prompts(tokenizer, prompts, cfg.max_new_tokens, context_length(policy.config))
+    stop = eos_ids(policy, tokenizer)
+    device = next(policy.parameters()).device
+    was_training = policy.training
+    policy.eval()
+    responses: list[list[int]] = []
+    finished: list[bool] = []
+    starts = range(0, len(prompts), cfg.batch_size)
+    for batch_index, start in enumerate(tqdm(starts, desc="generate", disable=not progress)):
+        chunk = prompt_ids[start: start + cfg.batch_size]
+        ids, mask = left_pad(chunk, tokenizer.pad_token_id, device)
+        torch.manual_seed(cfg.seed * 1_000_003 + seed_offset * 7919 + batch_index)
+        out = policy.generate(
+            input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
+            top_k=0, max_new_tokens=cfg.max_new_tokens, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+        )
+        for row in out[:, ids.shape[1]:].tolist():
+            tokens, done = cut_at_eos(row, set(stop))
+            responses.append(tokens)
+            finished.append(done)
+    policy.train(was_training)
+    texts = [tokenizer.decode(r[:-1] if f else r, skip_special_tokens=True) for r, f in zip(responses, finished)]
+    return Samples(list(prompts), prompt_ids, responses, texts, finished)

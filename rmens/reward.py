@@ -1,0 +1,102 @@
+"""The reward interface that Best-of-n, PPO and evaluation share.
+
+A reward function maps (prompts, responses) to one score per example, and, when it is an ensemble, to
+every member's score as well:
+
+    reward_fn(prompts, responses) -> Rewards(scores=Tensor[batch], members=Tensor[k, batch] | None)
+
+`EnsembleReward` wraps a RewardEnsemble with an aggregation rule and scores all members in one call
+per batch; `CallableReward` wraps any Python function (tests, rule-based rewards); judges in
+rmens.evaluation implement the same call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from rmens.data.encoding import PairEncoder, pad_batch
+from rmens.models.aggregate import AggregationConfig, aggregate_with
+from rmens.models.ensemble import RewardEnsemble, load_ensemble
+
+
+class RewardError(ValueError):
+    """A reward source returned something unusable (NaN, infinite, wrong length)."""
+
+
+@dataclass
+class Rewards:
+    scores: torch.Tensor  # [batch]
+    members: torch.Tensor | None = None  # [k, batch] for ensembles
+
+    def check(self, n: int, where: str) -> Rewards:
+        if self.scores.shape != (n,):
+            raise RewardError(f"{where}: expected {n} rewards, got shape {tuple(self.scores.shape)}")
+        bad = (~torch.isfinite(self.scores)).nonzero().flatten().tolist()
+        if self.members is not None:
+            bad += (~torch.isfinite(self.members)).any(dim=0).nonzero().flatten().tolist()
+        if bad:
+            raise RewardError(f"{where}: non-finite reward for example(s) {sorted(set(bad))[:10]}")
+        return self
+
+
+class RewardFn(Protocol):
+    def __call__(self, prompts: list[str], responses: list[str]) -> Rewards: ...
+
+
+class EnsembleReward:
+    """Aggregated ensemble reward; every member is scored in the same forward."""
+
+    def __init__(self, ensemble: RewardEnsemble, tokenizer, aggregation: AggregationConfig | None = None,
+                 batch_size: int = 16, max_length: int | None = None):
+        self.ensemble = ensemble.eval()
+        self.aggregation = aggregation or AggregationConfig()
+        self.batch_size = batch_size
+        length = max_length or ensemble.config.max_length
+        self.encoder = PairEncoder(tokenizer, length, ensemble.config.max_prompt_length)
+        self.pad_id = tokenizer.pad_token_id
+
+    @classmethod
+    def from_folder(cls, path: str | Path, aggregation: AggregationConfig | None = None, **kwargs) -> EnsembleReward:
+        ensemble, tokenizer = load_ensemble(path)
+        if tokenizer is None:
+            raise FileNotFoundError(f"{path} holds no tokenizer/ folder; save the ensemble with its tokenizer")
+        return cls(ensemble, tokenizer, aggregation, **kwargs)
+
+    @property
+    def k(self) -> int:
+        return self.ensemble.k
+
+    @torch.no_grad()
+    def member_scores(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        seqs = [self.encoder.encode(p, r) for p, r in zip(prompts, responses)]
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # batch similar lengths together
+        device = next(self.ensemble.parameters()).device
+        out = torch.empty(self.ensemble.k, len(seqs))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start: start + self.batch_size]
+            batch = pad_batch([seqs[i] for i in rows], self.pad_id)
+            out[:, rows] = self.ensemble(**{k: v.to(device) for k, v in batch.items()}).float().cpu()
+        return out
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> Rewards:
+        members = self.member_scores(prompts, responses)
+        rewards = Rewards(scores=members.mean(dim=0), members=members).check(len(prompts), "ensemble reward")
+        rewards.scores = aggregate_with(members, self.aggregation)
+        return rewards
+
+
+class CallableReward:
+    """Wraps `fn(prompt, response) -> float` as a reward function."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> Rewards:
+        scores = torch.tensor([float(self.fn(p, r)) for p, r in zip(prompts, responses)])
+        return Rewards(scores=scores).check(len(prompts), "reward function")
