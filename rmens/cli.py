@@ -34,6 +34,27 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_ppo(args) -> int:
+    from rmens.data.prompts import load_prompts
+    from rmens.ppo.config import PPOJobConfig
+    from rmens.ppo.trainer import PPOTrainer
+    from rmens.reward import EnsembleReward
+
+    cfg = _job_config(PPOJobConfig, args)
+    output = args.output or cfg.output_dir
+    reward = EnsembleReward.from_folder(cfg.reward_ensemble, cfg.ppo.aggregation, batch_size=cfg.reward_batch_size)
+    judge = EnsembleReward.from_folder(cfg.judge_ensemble, batch_size=cfg.reward_batch_size) \
+        if cfg.judge_ensemble else None
+    trainer = PPOTrainer(cfg.ppo, load_prompts(cfg.prompts), reward, output, judge_fn=judge,
+                         reward_folder=cfg.reward_ensemble)
+    result = trainer.train(resume=not args.restart)
+    last = result.history[-1] if result.history else {}
+    print(json.dumps({"output": str(Path(output).resolve()), "steps": len(result.history),
+                      "reward": last.get("reward"), "kl": last.get("kl"),
+                      "wall_time_s": round(result.wall_time, 1)}, indent=2))
+    return 0
+
+
 def cmd_prepare_model(args) -> int:
     from rmens.models.backbone import resolve_model
 
@@ -59,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
     run.add_argument("--output", help="output folder")
     run.set_defaults(func=cmd_train)
+
+    ppo = sub.add_parser("ppo", help="PPO against a saved reward ensemble (works under `accelerate launch`)",
+                         description="Optimise a policy with PPO; resumes from the latest checkpoint in the output "
+                                     "folder unless --restart.")
+    ppo.add_argument("--config", help="YAML with ppo/prompts sections and reward_ensemble")
+    ppo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    ppo.add_argument("--output", help="output folder (checkpoints, history.json, policy/)")
+    ppo.add_argument("--restart", action="store_true", help="ignore existing checkpoints")
+    ppo.set_defaults(func=cmd_ppo)
 
     prep = sub.add_parser("prepare-model", help="build or convert a model alias once (e.g. smollm2-135m)")
     prep.add_argument("name", help="smollm2-135m, tiny-random-llama, or a Hugging Face id")

@@ -186,6 +186,23 @@ class BonConfig(StrictModel):
     select_n: list[int] = Field(default_factory=list, description="Write the selected response per prompt for these n.")
 
 
+class PromptsConfig(StrictModel):
+    """Prompts to sample from: AlpacaEval instructions of a split, a file, or the synthetic set."""
+
+    source: Literal["synthetic", "alpaca_eval", "file"] = "synthetic"
+    split: Literal["train", "test"] = Field("train", description="alpaca_eval: which instructions.")
+    path: str | None = Field(None, description="file: JSONL with prompt/instruction, or one prompt per line; "
+                                               "alpaca_eval: the data folder (default $RMENS_DATA_DIR/alpaca_eval).")
+    max_prompts: int | None = Field(None, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> PromptsConfig:
+        if self.source == "file" and not self.path:
+            raise ValueError("prompts.source='file' needs prompts.path")
+        return self
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

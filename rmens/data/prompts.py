@@ -49,3 +49,19 @@ def load_prompt_file(path: str | Path) -> list[str]:
 
 def synthetic_prompts(n: int = 32, seed: int = 0) -> list[str]:
     return [p.prompt for p in synthetic_pairs(n, seed)]
+
+
+def load_prompts(cfg) -> list[str]:
+    """The prompts a PromptsConfig names, subsampled (seeded) to max_prompts."""
+    import random
+
+    if cfg.source == "synthetic":
+        prompts = synthetic_prompts(cfg.max_prompts or 32, cfg.seed)
+    elif cfg.source == "file":
+        prompts = load_prompt_file(cfg.path)
+    else:
+        prompts = [row["instruction"] for row in alpaca_eval_instructions(cfg.split, cfg.path)]
+    if cfg.max_prompts is not None and cfg.max_prompts < len(prompts):
+        keep = sorted(random.Random(cfg.seed).sample(range(len(prompts)), cfg.max_prompts))
+        prompts = [prompts[i] for i in keep]
+    return prompts

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rmens.config import GenerationConfig, StrictModel
+from rmens.config import GenerationConfig, PromptsConfig, StrictModel
 from rmens.models.aggregate import AggregationConfig
 
 
@@ -59,3 +59,14 @@ class PPOConfig(StrictModel):
             raise ValueError(f"rollout_batch_size={self.rollout_batch_size} must be a multiple of "
                              f"step_batch_size={self.step_batch_size}")
         return self
+
+
+class PPOJobConfig(StrictModel):
+    """`rmens ppo`: a policy optimised against a saved reward ensemble on a prompt set."""
+
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    reward_ensemble: str = Field(..., description="Folder of a saved RewardEnsemble.")
+    judge_ensemble: str | None = Field(None, description="Optional reward-model judge, logged every judge_every steps.")
+    reward_batch_size: int = Field(16, ge=1)
+    output_dir: str = "runs/ppo"
