@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 from rmens.config import EnsembleConfig, LoraSettings, TrainConfig
 from rmens.data.loaders import synthetic_pairs
@@ -151,6 +152,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--skip-trl", action="store_true")
     args = parser.parse_args()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     backbone = TINY_ALIAS if args.quick else SMOLLM2_ALIAS
     repeats = args.repeats or (7 if args.quick else 3)
     score_shape = (8, 64) if args.quick else (8, 128)

@@ -173,6 +173,7 @@ class GenerationConfig(StrictModel):
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    do_sample: bool = Field(True, description="False: greedy decoding (judges, deterministic answers).")
     batch_size: int = Field(8, ge=1, description="Prompts per generate() call; the main speed knob.")
     seed: int = 0
 

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from rmens.config import GenerationConfig
-from rmens.data.encoding import render_prompt
+from rmens.data.encoding import Prompt, render_prompt
 from rmens.data.schema import DataError
 from rmens.models.backbone import context_length
 
@@ -23,7 +23,7 @@ from rmens.models.backbone import context_length
 class Samples:
     """Generated responses, aligned with their prompts."""
 
-    prompts: list[str]
+    prompts: list[Prompt]
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]  # up to and including the first EOS, if one was produced
     texts: list[str]
@@ -47,13 +47,14 @@ def eos_ids(policy, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return sorted(ids)
 
 
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], max_new_tokens: int,
                    context: int) -> list[list[int]]:
+    """Prompts (a user message, or a whole conversation as chat messages) -> template token ids."""
     if not prompts:
         raise DataError("the prompt list is empty")
     encoded = []
     for index, prompt in enumerate(prompts):
-        if not isinstance(prompt, str) or not prompt.strip():
+        if not prompt or (isinstance(prompt, str) and not prompt.strip()):
             raise DataError(f"prompt {index} is empty")
         ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
         if len(ids) + max_new_tokens > context:
@@ -81,7 +82,7 @@ def cut_at_eos(tokens: list[int], stop: set[int]) -> tuple[list[int], bool]:
 
 
 @torch.no_grad()
-def generate(policy, tokenizer: PreTrainedTokenizerBase, prompts: list[str], cfg: GenerationConfig,
+def generate(policy, tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], cfg: GenerationConfig,
              *, seed_offset: int = 0, progress: bool = False) -> Samples:
     """Sample one response per prompt (repeat prompts for several samples each)."""
     prompt_ids = encode_prompts(tokenizer, prompts, cfg.max_new_tokens, context_length(policy.config))
@@ -96,10 +97,11 @@ def generate(policy, tokenizer: PreTrainedTokenizerBase, prompts: list[str], cfg
         chunk = prompt_ids[start: start + cfg.batch_size]
         ids, mask = left_pad(chunk, tokenizer.pad_token_id, device)
         torch.manual_seed(cfg.seed * 1_000_003 + seed_offset * 7919 + batch_index)
+        sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0} \
+            if cfg.do_sample else {"do_sample": False}
         out = policy.generate(
-            input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
-            top_k=0, max_new_tokens=cfg.max_new_tokens, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
-            use_cache=True,
+            input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens, eos_token_id=stop,
+            pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling,
         )
         for row in out[:, ids.shape[1]:].tolist():
             tokens, done = cut_at_eos(row, set(stop))

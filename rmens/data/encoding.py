@@ -9,6 +9,7 @@ then the response's tail, so that the response (where the reward is read) is nev
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -16,17 +17,25 @@ from transformers import PreTrainedTokenizerBase
 from rmens.data.schema import DataError, PreferencePair
 
 
-def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+# A prompt is one user message, or a conversation so far as chat messages ending with a user turn
+# (MT-Bench's second turn).
+Prompt = Union[str, list[dict[str, str]]]
+
+
+def as_messages(prompt: Prompt) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> str:
     """The prompt as a chat: template text up to and including the assistant header."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    return tokenizer.apply_chat_template(as_messages(prompt), tokenize=False, add_generation_prompt=True)
 
 
-def render_response(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) -> str:
+def render_response(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, response: str) -> str:
     """The response as the template completes it (including the end-of-turn marker)."""
     head = render_prompt(tokenizer, prompt)
     full = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+        as_messages(prompt) + [{"role": "assistant", "content": response}], tokenize=False
     )
     if not full.startswith(head):
         # Templates that rewrite earlier turns cannot be split into prompt + response text.
@@ -49,10 +58,10 @@ class PairEncoder:
     def ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def prompt_ids(self, prompt: str) -> list[int]:
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
         return self.ids(render_prompt(self.tokenizer, prompt))
 
-    def encode(self, prompt: str, response: str) -> list[int]:
+    def encode(self, prompt: Prompt, response: str) -> list[int]:
         """Token ids of prompt + response, truncated so that the response stays visible."""
         return self.join(self.prompt_ids(prompt), self.ids(render_response(self.tokenizer, prompt, response)))
 

@@ -48,7 +48,7 @@ class PPOConfig(StrictModel):
                             "initialised from the reward model's backbone and head (same tokenizer required).")
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
     checkpoint_every: int = Field(10, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
+    keep_checkpoints: int | None = Field(None, ge=1, description="Checkpoints kept (None: all, for KL curves).")
     judge_every: int = Field(0, ge=0, description="Score rollouts with the judge every N steps (0: never).")
     seed: int = 0
     progress: bool = True

@@ -361,8 +361,9 @@ class PPOTrainer:
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
             shutil.rmtree(path, ignore_errors=True)
             os.replace(tmp, path)
-            for old in sorted(root.glob("step-*"))[: -self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            if self.cfg.keep_checkpoints:
+                for old in sorted(root.glob("step-*"))[: -self.cfg.keep_checkpoints]:
+                    shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
         return path
 

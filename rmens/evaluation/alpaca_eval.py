@@ -1,0 +1,87 @@
+"""AlpacaEval win rates: a model's outputs against reference outputs, judged pairwise, with alpaca_eval's
+own metric functions.
+
+Offline, alpaca_eval's `evaluate()` cannot run (it loads the evaluation set from the hub and defaults to
+an OpenAI judge), so preferences come from our judge and go into `alpaca_eval.metrics.get_winrate`.
+The length-controlled win rate is attempted with alpaca_eval's `get_length_controlled_winrate`; when
+it cannot be computed (offline it needs files from the hub) the exact reason is returned instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from rmens.evaluation.judges import Judge
+
+log = logging.getLogger(__name__)
+
+
+def write_model_outputs(path: str | Path, instructions: list[str], outputs: list[str], generator: str,
+                        datasets: list[str] | None = None) -> Path:
+    """alpaca_eval's model_outputs.json: a list of {instruction, output, generator, dataset}."""
+    if len(instructions) != len(outputs):
+        raise ValueError(f"{len(instructions)} instructions but {len(outputs)} outputs")
+    rows = [{"instruction": i, "output": o, "generator": generator, "dataset": (datasets or [None] * len(outputs))[n]}
+            for n, (i, o) in enumerate(zip(instructions, outputs))]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(rows, indent=2, ensure_ascii=False))
+    os.replace(tmp, path)
+    return path
+
+
+def annotations_frame(instructions, references, outputs, p_model_wins: torch.Tensor, generator: str,
+                      reference_generator: str, annotator: str) -> pd.DataFrame:
+    """alpaca_eval's annotation layout: output_1 is the reference; preference = 1 + P(output_2 wins)."""
+    return pd.DataFrame({
+        "instruction": instructions, "output_1": references, "generator_1": reference_generator,
+        "output_2": outputs, "generator_2": generator, "annotator": annotator,
+        "preference": (1.0 + p_model_wins.double()).tolist(),
+    })
+
+
+def length_controlled(annotations: pd.DataFrame) -> tuple[dict | None, str | None]:
+    """alpaca_eval's LC win rate, or (None, why it could not be computed)."""
+    try:
+        from alpaca_eval.metrics import get_length_controlled_winrate
+
+        result = get_length_controlled_winrate(annotations, save_weights_dir=None)
+        return {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}, None
+    except Exception as err:  # offline: hub download of df_gamed.csv fails; report it verbatim
+        return None, f"alpaca_eval's get_length_controlled_winrate failed: {type(err).__name__}: {err}"[:500]
+
+
+def win_rate(judge: Judge, instructions: list[str], outputs: list[str], references: list[str], *,
+             generator: str = "model", reference_generator: str = "gpt4_1106_preview",
+             output_dir: str | Path | None = None) -> dict:
+    """Win rate (%) of `outputs` over `references` with standard error, from alpaca_eval's metrics."""
+    from alpaca_eval.metrics import get_winrate
+
+    if not (len(instructions) == len(outputs) == len(references)) or not instructions:
+        raise ValueError("win_rate needs equally many (non-zero) instructions, outputs and references")
+    p_model = judge.compare(instructions, references, outputs)
+    frame = annotations_frame(instructions, references, outputs, p_model, generator, reference_generator, judge.name)
+    failed = int(frame["preference"].isna().sum())
+    valid = frame.dropna(subset=["preference"]).reset_index(drop=True)
+    metrics = {k: float(v) for k, v in get_winrate(valid).items()}
+    lc, lc_reason = length_controlled(valid)
+    result = {**metrics, "failed_annotations": failed, "judge": judge.name, "generator": generator,
+              "reference": reference_generator, "length_controlled": lc, "length_controlled_unavailable": lc_reason,
+              "avg_output_chars": sum(map(len, outputs)) / len(outputs)}
+    if output_dir is not None:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        frame.to_json(out / "annotations.json", orient="records", indent=2)
+        write_model_outputs(out / "model_outputs.json", instructions, outputs, generator)
+        (out / "win_rate.json").write_text(json.dumps(result, indent=2))
+    if not math.isfinite(result.get("win_rate", math.nan)):
+        log.warning("no valid annotations: win rate undefined")
+    return result

@@ -1,0 +1,33 @@
+"""Reward-model metrics of a saved ensemble on any labelled pair set, with a reliability diagram."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from rmens.data.schema import PreferencePair, validate_pairs
+from rmens.evaluation.curves import reliability_diagram
+from rmens.evaluation.rm_metrics import ensemble_metrics
+from rmens.reward import EnsembleReward
+
+
+def evaluate_reward_model(reward: EnsembleReward | str | Path, pairs: list[PreferencePair],
+                          out_dir: str | Path | None = None, name: str = "ensemble") -> dict:
+    """Accuracy, ECE, per-member spread and accuracy by disagreement bucket; JSON and PNG in out_dir."""
+    validate_pairs(pairs, "evaluation pairs")
+    if not isinstance(reward, EnsembleReward):
+        reward = EnsembleReward.from_folder(reward)
+    prompts = [p.prompt for p in pairs]
+    chosen = reward.member_scores(prompts, [p.chosen for p in pairs])
+    rejected = reward.member_scores(prompts, [p.rejected for p in pairs])
+    targets = torch.tensor([p.weight for p in pairs])
+    metrics = ensemble_metrics(chosen - rejected, targets, member_chosen=chosen)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "rm_metrics.json").write_text(json.dumps(metrics, indent=2))
+        reliability_diagram(metrics["reliability"], out / "reliability.png",
+                            f"{name}: ECE {metrics['ece']:.3f}, accuracy {metrics['accuracy']:.3f}")
+    return metrics
