@@ -100,13 +100,19 @@ def draw_samples(policy, tokenizer, prompts: list[str], cfg: BonConfig, folder: 
     return rows
 
 
-def score_samples(folder: str | Path, scorers: dict[str, RewardFn], batch_size: int = 64) -> dict[str, Path]:
-    """Score the stored samples with each scorer (skipping scorers already stored) -> score files."""
+def score_samples(folder: str | Path, scorers: dict[str, RewardFn], batch_size: int = 64,
+                  scores_dir: str | Path | None = None) -> dict[str, Path]:
+    """Score the stored samples with each scorer (skipping scorers already stored) -> score files.
+
+    Scores go to `folder`/scores unless `scores_dir` names another folder (the pipeline keeps each
+    scorer's scores in an artifact of its own).
+    """
     folder = Path(folder)
     samples = read_jsonl(folder / "samples.jsonl")
+    scores_dir = Path(scores_dir) if scores_dir is not None else folder / "scores"
     out = {}
     for name, scorer in scorers.items():
-        path = folder / "scores" / f"{name}.jsonl"
+        path = scores_dir / f"{name}.jsonl"
         out[name] = path
         if path.is_file():
             continue
@@ -126,23 +132,36 @@ def score_samples(folder: str | Path, scorers: dict[str, RewardFn], batch_size: 
 
 
 def load_score_matrix(folder: str | Path, name: str, member: int | None = None) -> torch.Tensor:
-    """Scores of one scorer (or one of its members) as a [prompts, N] tensor."""
-    rows = read_jsonl(Path(folder) / "scores" / f"{name}.jsonl")
+    """Scores of one scorer (or one of its members) as a [prompts, N] tensor, from `folder`/scores."""
+    return score_matrix(read_jsonl(Path(folder) / "scores" / f"{name}.jsonl"), member)
+
+
+def load_member_scores(path: str | Path) -> torch.Tensor:
+    """All member scores of one scorer's file as [k, prompts, N] (for re-aggregation with any rule)."""
+    rows = read_jsonl(Path(path))
+    if "members" not in rows[0]:
+        return score_matrix(rows).unsqueeze(0)
+    return torch.stack([score_matrix(rows, m) for m in range(len(rows[0]["members"]))])
+
+
+def score_matrix(rows: list[dict], member: int | None = None) -> torch.Tensor:
+    """Score rows {prompt_id, sample_id, score[, members]} -> [prompts, N]."""
     n_prompts = 1 + max(r["prompt_id"] for r in rows)
     n_samples = 1 + max(r["sample_id"] for r in rows)
     matrix = torch.full((n_prompts, n_samples), float("nan"), dtype=torch.float64)
     for r in rows:
         matrix[r["prompt_id"], r["sample_id"]] = r["score"] if member is None else r["members"][member]
     if torch.isnan(matrix).any():
-        raise ValueError(f"{folder}/scores/{name}.jsonl does not cover every (prompt, sample)")
+        raise ValueError("the scores do not cover every (prompt, sample)")
     return matrix
 
 
-def select_best(folder: str | Path, proxy: str, n: int) -> list[dict]:
-    """Per prompt, the response the proxy picks among the first n samples."""
+def select_best(folder: str | Path, proxy: str, n: int, scores: torch.Tensor | None = None) -> list[dict]:
+    """Per prompt, the response the proxy picks among the first n samples (scores: [prompts, N],
+    default the stored scores of `proxy`)."""
     folder = Path(folder)
     samples = read_jsonl(folder / "samples.jsonl")
-    scores = load_score_matrix(folder, proxy)
+    scores = load_score_matrix(folder, proxy) if scores is None else scores
     if not 1 <= n <= scores.shape[1]:
         raise ValueError(f"n must be in [1, {scores.shape[1]}], got {n}")
     by_key = {(s["prompt_id"], s["sample_id"]): s for s in samples}

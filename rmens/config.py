@@ -204,6 +204,194 @@ class PromptsConfig(StrictModel):
         return self
 
 
+Rule = Literal["mean", "min", "lcb", "uwo"]
+
+
+class AggregationConfig(StrictModel):
+    """A rule and its coefficient; `name` is how arms are labelled in reports."""
+
+    rule: Rule = "mean"
+    beta: float = Field(1.0, ge=0, description="lcb: weight of the member standard deviation.")
+    lam: float = Field(0.5, ge=0, description="uwo: weight of the member variance (Coste et al.: 0.5).")
+
+    @property
+    def name(self) -> str:
+        if self.rule == "lcb":
+            return f"lcb{self.beta:g}"
+        if self.rule == "uwo":
+            return f"uwo{self.lam:g}"
+        return self.rule
+
+
+# PPO: defaults follow the paper (Zhang et al., Table 4: KL 0.02, value coefficient 0.1, 2 epochs per
+# rollout batch, temperature 0.7, top-p 0.9) at CPU-sized batches and lengths.
+
+class PolicyLoraSettings(StrictModel):
+    rank: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class PPOConfig(StrictModel):
+    policy: str = Field("tiny-random-llama", description="Hugging Face id, folder or alias of the initial policy.")
+    steps: int = Field(20, ge=1, description="Rollout-and-update iterations.")
+    rollout_batch_size: int = Field(8, ge=1, description="Prompts per process per step.")
+    step_batch_size: int = Field(4, ge=1, description="Sequences per optimizer step (per process).")
+    ppo_epochs: int = Field(2, ge=1)
+    lr: float = Field(1e-4, gt=0, description="1e-4 for LoRA; use ~1e-5 (the paper's value) for full fine-tuning.")
+    warmup_steps: int = Field(5, ge=0, description="Optimizer steps of linear warm-up.")
+    max_grad_norm: float = Field(1.0, gt=0)
+    kl_coef: float = Field(0.02, ge=0)
+    adaptive_kl: bool = False
+    kl_target: float = Field(6.0, gt=0, description="Adaptive KL: target KL per sequence (nats).")
+    kl_horizon: int = Field(10_000, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    cliprange: float = Field(0.2, gt=0)
+    cliprange_value: float = Field(0.2, gt=0)
+    gamma: float = Field(1.0, gt=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    whiten_advantages: bool = True
+    missing_eos_penalty: float | None = Field(
+        1.0, ge=0, description="Subtracted from the score of a response that never emits EOS (None: no penalty).")
+    generation: GenerationConfig = Field(
+        default_factory=lambda: GenerationConfig(temperature=0.7, top_p=0.9, max_new_tokens=32))
+    use_lora: bool = Field(True, description="LoRA policy: the reference is the same model with adapters off.")
+    lora: PolicyLoraSettings = Field(default_factory=PolicyLoraSettings)
+    value_model: Literal["head", "reward"] = Field(
+        "head", description="head: a value head on the policy's hidden states; reward: a separate value model "
+                            "initialised from the reward model's backbone and head (same tokenizer required).")
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    checkpoint_every: int = Field(10, ge=1)
+    keep_checkpoints: int | None = Field(None, ge=1, description="Checkpoints kept (None: all, for KL curves).")
+    judge_every: int = Field(0, ge=0, description="Score rollouts with the judge every N steps (0: never).")
+    seed: int = 0
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _batches(self) -> PPOConfig:
+        if self.rollout_batch_size % self.step_batch_size:
+            raise ValueError(f"rollout_batch_size={self.rollout_batch_size} must be a multiple of "
+                             f"step_batch_size={self.step_batch_size}")
+        return self
+
+
+class PPOJobConfig(StrictModel):
+    """`rmens ppo`: a policy optimised against a saved reward ensemble on a prompt set."""
+
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    reward_ensemble: str = Field(..., description="Folder of a saved RewardEnsemble.")
+    judge_ensemble: str | None = Field(None, description="Optional reward-model judge, logged every judge_every steps.")
+    reward_batch_size: int = Field(16, ge=1)
+    output_dir: str = "runs/ppo"
+
+# -- the pipeline ------------------------------------------------------------------------------------
+
+class ArmsConfig(StrictModel):
+    """The matrix of arms: every (kind, k) ensemble is trained once and used with every rule."""
+
+    kinds: list[Literal["full", "linear", "lora"]] = Field(default_factory=lambda: ["linear", "lora"])
+    ks: list[int] = Field(default_factory=lambda: [3])
+    rules: list[AggregationConfig] = Field(default_factory=lambda: [
+        AggregationConfig(rule="mean"), AggregationConfig(rule="min"), AggregationConfig(rule="lcb", beta=1.0),
+        AggregationConfig(rule="uwo", lam=0.5)])
+    single_seeds: int = Field(1, ge=0, description="Single reward models (k=1) trained with seeds 0..n-1.")
+
+    @field_validator("ks")
+    @classmethod
+    def _ks(cls, v: list[int]) -> list[int]:
+        if not v or min(v) < 1:
+            raise ValueError(f"arms.ks must be a non-empty list of sizes >= 1, got {v}")
+        return v
+
+
+class JudgeConfig(StrictModel):
+    """The gold judge. reward_model: trained here on many more pairs than the arms see (offline default);
+    hf_reward_model: a Hugging Face sequence-classification reward model; alpaca_eval: its annotators
+    (API key needed); local_llm: a local causal LM with FastChat's judge prompts."""
+
+    kind: Literal["reward_model", "hf_reward_model", "alpaca_eval", "local_llm"] = "reward_model"
+    data: DataConfig = Field(default_factory=lambda: DataConfig(max_pairs=512, seed=11))
+    ensemble: EnsembleConfig = Field(default_factory=lambda: EnsembleConfig(kind="linear", k=1, seed=101))
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    model: str | None = Field(None, description="hf_reward_model / local_llm: model id or folder.")
+    annotators_config: str = "weighted_alpaca_eval_gpt4_turbo"
+    held_out_fraction: float = Field(0.2, gt=0, lt=1, description="Judge pairs kept back to measure agreement.")
+
+
+class EvalConfig(StrictModel):
+    source: Literal["alpaca_eval", "synthetic"] = Field(
+        "alpaca_eval", description="Instructions and reference outputs: AlpacaEval's (offline data folder), or the "
+                                   "synthetic set with its preferred answers as references (smoke runs).")
+    alpaca_eval: bool = True
+    split: Literal["train", "test"] = "test"
+    max_instructions: int | None = Field(None, ge=1)
+    reference: str = Field("gpt4_1106_preview", description="Reference outputs (alpaca_eval model_outputs name).")
+    generation: GenerationConfig = Field(default_factory=lambda: GenerationConfig(temperature=0.7, top_p=0.9))
+    mt_bench: bool = True
+    mt_bench_questions: int | None = Field(None, ge=1, description="First N of the 80 questions (None: all).")
+    mt_bench_path: str | None = Field(None, description="Folder with question.jsonl (default $RMENS_DATA_DIR/mt_bench)"
+                                                        " or a Hugging Face id.")
+    bon_select_n: list[int] = Field(default_factory=list, description="Also evaluate the BoN selection at these n.")
+
+
+class TrainFlowConfig(StrictModel):
+    """The `train` flow: one reward ensemble, registered in MLflow."""
+
+    project_dir: str = "runs/train"
+    label: str = "ensemble"
+    data: DataConfig = Field(default_factory=DataConfig)
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    registered_model: str = "rmens-reward-ensemble"
+    log_model: bool = True
+
+
+class RetrainConfig(TrainFlowConfig):
+    """The scheduled `retrain` flow: retrain on the current data; promote only a better model."""
+
+    metric: Literal["accuracy", "ece"] = Field("accuracy", description="Held-out metric that decides promotion.")
+    min_improvement: float = Field(0.0, ge=0, description="The candidate must beat the champion by more than this.")
+    champion_alias: str = "champion"
+
+
+class EvaluateFlowConfig(StrictModel):
+    """The `evaluate` flow: one policy judged on AlpacaEval-style win rate and MT-Bench."""
+
+    project_dir: str = "runs/evaluate"
+    label: str = "policy"
+    policy: str = "tiny-random-llama"
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+
+
+class PipelineConfig(StrictModel):
+    """The whole experiment: data, arms, judge, Best-of-n, PPO and evaluation."""
+
+    name: str = "smoke"
+    project_dir: str = Field("runs", description="Artifacts, MLflow store and Prefect results live here.")
+    policy: str = "tiny-random-llama"
+    data: DataConfig = Field(default_factory=DataConfig)
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig,
+                                     description="Shared settings of every arm (backbone, lengths, LoRA); "
+                                                 "kind, k and seed come from the arms.")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    arms: ArmsConfig = Field(default_factory=ArmsConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    bon_prompts: PromptsConfig = Field(default_factory=PromptsConfig,
+                                       description="Best-of-n prompts; use the evaluation split so that BoN "
+                                                   "selections can be scored for win rates.")
+    ppo_prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    bon: BonConfig = Field(default_factory=BonConfig)
+    ppo: PPOConfig | None = Field(default_factory=PPOConfig, description="None: skip PPO.")
+    ppo_arms: list[str] = Field(default_factory=lambda: ["single", "linear-k3/mean"],
+                                description="Which arms get a PPO run, as 'kind-kK/rule' or 'single'.")
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    registered_model: str = Field("rmens-reward-ensemble", description="MLflow registered model name.")
+    log_models: bool = Field(True, description="Log each ensemble as an MLflow pyfunc model (copies the weights).")
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -234,6 +422,16 @@ class TrainJobConfig(StrictModel):
     ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output_dir: str = "runs/ensemble"
+
+
+def load_preset(name: str, overrides: list[str] | None = None) -> PipelineConfig:
+    """A built-in preset (smoke, cpu, gpu) from rmens/presets, with dotted overrides applied."""
+    from importlib import resources
+
+    path = resources.files("rmens") / "presets" / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown preset {name!r}; choose from smoke, cpu, gpu")
+    return PipelineConfig.model_validate(apply_overrides(yaml.safe_load(path.read_text()), overrides or []))
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

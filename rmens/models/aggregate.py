@@ -11,31 +11,11 @@ single-member "ensemble" has zero spread and every rule reduces to its one rewar
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 
-from rmens.config import StrictModel
+from rmens.config import AggregationConfig  # noqa: F401  (re-exported: configs live in rmens.config)
 
-Rule = Literal["mean", "min", "lcb", "uwo"]
 RULES: tuple[str, ...] = ("mean", "min", "lcb", "uwo")
-
-
-class AggregationConfig(StrictModel):
-    """A rule and its coefficient; `name` is how arms are labelled in reports."""
-
-    rule: Rule = "mean"
-    beta: float = Field(1.0, ge=0, description="lcb: weight of the member standard deviation.")
-    lam: float = Field(0.5, ge=0, description="uwo: weight of the member variance (Coste et al.: 0.5).")
-
-    @property
-    def name(self) -> str:
-        if self.rule == "lcb":
-            return f"lcb{self.beta:g}"
-        if self.rule == "uwo":
-            return f"uwo{self.lam:g}"
-        return self.rule
 
 
 def member_std(member_rewards: torch.Tensor) -> torch.Tensor:

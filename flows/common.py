@@ -1,0 +1,47 @@
+"""How flows call stage tasks: bound to the project's result store, refreshed when an artifact folder
+has gone missing, and recorded in MLflow as a cache hit when Prefect served the result from cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import Task
+from prefect.context import FlowRunContext
+
+from tasks.common import for_project
+from tasks.keys import stage_key
+from tasks.paths import ProjectPaths
+from tasks.refs import ArtifactRef
+from tasks.tracking import StageContext, record_cache_hit
+
+
+class Stager:
+    """Calls stage tasks for one flow run and remembers which were cache hits."""
+
+    def __init__(self, ctx: StageContext, refresh: bool = False):
+        self.ctx = ctx
+        self.paths = ProjectPaths.at(ctx.project_dir)
+        self.refresh = refresh
+        self.states: dict[str, str] = {}
+
+    def __call__(self, task_obj: Task, label: str, **params: Any) -> ArtifactRef:
+        stage = task_obj.name
+        key = stage_key(stage, {**params, "ctx": self.ctx})
+        # A cached reference to a folder that was deleted would point at nothing: recompute instead.
+        missing = not (self.paths.stage_dir(stage, key) / "ref.json").is_file()
+        bound = for_project(task_obj, self.paths, refresh=self.refresh or missing)
+        state = bound.with_options(task_run_name=f"{stage}:{label}")(ctx=self.ctx, **params, return_state=True)
+        ref = state.result()
+        if isinstance(ref, dict):  # JSON results come back as plain data
+            ref = ArtifactRef.model_validate(ref)
+        self.states[f"{stage}:{label}"] = state.name
+        if state.name == "Cached":
+            record_cache_hit(self.ctx, stage, ref, {"rmens.label": label})
+        return ref
+
+
+def flow_run_tags() -> dict[str, str]:
+    run = FlowRunContext.get()
+    if run is None or run.flow_run is None:
+        return {}
+    return {"prefect.flow_run_id": str(run.flow_run.id), "prefect.flow_run_name": run.flow_run.name}

@@ -1,0 +1,28 @@
+"""Evaluate one policy with the judge: AlpacaEval-style win rate and MT-Bench."""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.artifacts import create_table_artifact
+
+from flows.common import Stager, flow_run_tags
+from flows.pipeline import train_judge
+from rmens.config import EvaluateFlowConfig
+from tasks.evaluate import evaluate as evaluate_task
+from tasks.paths import ProjectPaths
+from tasks.prepare_models import prepare_models
+from tasks.tracking import parent_run
+
+
+@flow(name="rmens-evaluate", validate_parameters=True)
+def evaluate(config: EvaluateFlowConfig = EvaluateFlowConfig(), refresh: bool = False) -> dict:
+    paths = ProjectPaths.at(config.project_dir).make()
+    with parent_run(paths, f"evaluate:{config.label}", config, tags=flow_run_tags()) as ctx:
+        stage = Stager(ctx, refresh)
+        stage(prepare_models, "models", names=[config.policy])
+        judge = train_judge(stage, config)
+        result = stage(evaluate_task, config.label, label=config.label, policy=config.policy,
+                       eval_cfg=config.evaluate, judge_cfg=config.judge, judge=judge)
+        create_table_artifact(table=[{"metric": k, "value": v} for k, v in result.summary.items()],
+                              key="rmens-evaluation", description=f"evaluation of {config.policy}")
+    return {"summary": result.summary, "artifact": result.path, "states": stage.states}

@@ -1,0 +1,113 @@
+"""What every stage task shares: its cache policy, retries, lock, output folder and MLflow child run."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import Task, task
+from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.locking.filesystem import FileSystemLockManager
+from prefect.transactions import IsolationLevel
+
+from rmens.config import flatten
+from tasks.keys import stage_key
+from tasks.paths import ProjectPaths
+from tasks.refs import ArtifactRef, content_hash, read_ref, seal
+from tasks.tracking import StageContext, child_run, log_metrics
+
+log = logging.getLogger(__name__)
+
+TRANSIENT = (ConnectionError, TimeoutError, BlockingIOError, InterruptedError)
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Retry only what may pass on its own: network hiccups, timeouts, a busy SQLite file."""
+    if isinstance(exc, TRANSIENT):
+        return True
+    return isinstance(exc, sqlite3.OperationalError) or "database is locked" in str(exc)
+
+
+def _retry_condition(task_obj, task_run, state) -> bool:
+    try:
+        state.result()
+    except BaseException as exc:  # noqa: BLE001 - we only classify it
+        return is_transient(exc)
+    return False
+
+
+def _cache_key(stage: str) -> Callable:
+    def key(context, parameters: dict[str, Any]) -> str:
+        return f"{stage}-{stage_key(stage, parameters)}"
+
+    return key
+
+
+def stage_task(stage: str, *, timeout_seconds: float, retries: int = 2) -> Callable:
+    """Decorate a stage function as a Prefect task keyed by config + input hashes + code fingerprint."""
+
+    def decorate(fn: Callable) -> Task:
+        return task(
+            name=stage, cache_policy=CacheKeyFnPolicy(cache_key_fn=_cache_key(stage)), result_serializer="json",
+            persist_result=True, retries=retries, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_condition,
+            timeout_seconds=timeout_seconds,
+        )(fn)
+
+    return decorate
+
+
+def for_project(stage_task_obj: Task, paths: ProjectPaths, refresh: bool = False) -> Task:
+    """The task bound to a project's result store, with a file lock so that two flows never compute
+    the same artifact at once (SERIALIZABLE: the second waits, then reads the cached result)."""
+    policy = CacheKeyFnPolicy(cache_key_fn=stage_task_obj.cache_policy.cache_key_fn).configure(
+        isolation_level=IsolationLevel.SERIALIZABLE, lock_manager=FileSystemLockManager(lock_files_directory=paths.locks))
+    return stage_task_obj.with_options(cache_policy=policy, result_storage=paths.results, refresh_cache=refresh or None)
+
+
+def run_stage(ctx: StageContext, stage: str, params: dict[str, Any],
+              build: Callable[[Path, str], dict[str, Any]], log_params: dict[str, Any] | None = None,
+              resume: bool = False) -> ArtifactRef:
+    """Compute a stage's output folder once: reuse it when complete, else build it under an MLflow child run.
+
+    `build(folder, run_id)` writes into `folder` and returns a small summary (logged as metrics).
+    A folder without ref.json is incomplete (a crash mid-build): it is rebuilt from scratch, or, with
+    `resume`, handed back to `build` as it is (PPO continues from its last checkpoint).
+    """
+    key = stage_key(stage, {**params, "ctx": ctx})
+    folder = ctx.paths.stage_dir(stage, key)
+    if (folder / "ref.json").is_file():
+        log.info("%s: reusing %s", stage, folder)
+        return read_ref(folder)
+    if not resume:
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    flat = log_params if log_params is not None else _params_for_tracking(params)
+    with child_run(ctx, stage, flat, {"rmens.key": key[:16]}) as run_id:
+        summary = build(folder, run_id)
+        ref = ArtifactRef(stage=stage, key=key, path=str(folder), sha256=content_hash(folder), mlflow_run_id=run_id,
+                          summary=summary)
+        from tasks.tracking import client_for
+
+        log_metrics(client_for(ctx), run_id, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        client_for(ctx).set_tags(run_id, {"rmens.artifact": ref.path, "rmens.sha256": ref.sha256})
+    return seal(ref)
+
+
+def _params_for_tracking(params: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in params.items():
+        if isinstance(value, ArtifactRef):
+            flat[f"{name}.sha256"] = value.sha256[:16]
+        elif isinstance(value, dict) and value and all(isinstance(v, ArtifactRef) for v in value.values()):
+            flat.update({f"{name}.{k}.sha256": v.sha256[:16] for k, v in value.items()})
+        elif hasattr(value, "model_dump"):
+            flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, list) and value and hasattr(value[0], "model_dump"):
+            flat[name] = [v.model_dump(mode="json") for v in value]
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,119 @@
+"""Stage: evaluate one policy (or one Best-of-n selection) with the judge: AlpacaEval-style win rate
+against reference outputs, MT-Bench grades, and for PPO runs the judge/proxy-versus-KL curve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+
+from rmens.config import EvalConfig, JudgeConfig
+from rmens.data.loaders import data_root, synthetic_pairs
+from rmens.data.prompts import alpaca_eval_instructions, reference_outputs
+from rmens.evaluation import alpaca_eval, mt_bench
+from rmens.evaluation.curves import curve_from_points, save_curves
+from rmens.evaluation.judges import LocalLLMJudge
+from rmens.generation import generate
+from rmens.models.backbone import load_policy, load_tokenizer
+from tasks.common import run_stage, stage_task
+from tasks.judging import load_judge
+from tasks.refs import ArtifactRef
+from tasks.tracking import StageContext
+
+
+def eval_set(cfg: EvalConfig) -> tuple[list[str], list[str]]:
+    """(instructions, reference outputs) of the evaluation split."""
+    if cfg.source == "synthetic":
+        pairs = synthetic_pairs(cfg.max_instructions or 16, seed=1234)
+        return [p.prompt for p in pairs], [p.chosen for p in pairs]
+    rows = alpaca_eval_instructions(cfg.split)
+    if cfg.max_instructions:
+        rows = rows[: cfg.max_instructions]
+    refs = reference_outputs(cfg.reference)
+    return [r["instruction"] for r in rows], [refs[r["instruction"]] for r in rows]
+
+
+def _mt_bench_source(cfg: EvalConfig) -> str | None:
+    if cfg.mt_bench_path:
+        return cfg.mt_bench_path
+    root = data_root()
+    return str(root / "mt_bench") if root and (root / "mt_bench" / "question.jsonl").is_file() else None
+
+
+def run_mt_bench(cfg: EvalConfig, judge, policy, tokenizer, instructions, references, folder: Path) -> dict:
+    from rmens.evaluation.judges import AlpacaEvalJudge
+
+    if isinstance(judge, AlpacaEvalJudge):
+        return {"mt_bench_skipped": "alpaca_eval annotators compare pairs and cannot grade; use a local_llm judge"}
+    source = _mt_bench_source(cfg)
+    if source is None:
+        return {"mt_bench_skipped": "no MT-Bench questions: set evaluate.mt_bench_path or RMENS_DATA_DIR"}
+    questions = mt_bench.load_questions(source)[: cfg.mt_bench_questions]
+    answers = mt_bench.answer_questions(policy, tokenizer, questions, cfg.generation)
+    mapping = None if isinstance(judge, LocalLLMJudge) else \
+        mt_bench.RewardScoreMapping.calibrate(judge, instructions, references)
+    refs = mt_bench.load_reference_answers(source) if Path(source).is_dir() else {}
+    grades = mt_bench.grade(judge, questions, answers, refs, mapping)
+    summary = mt_bench.summarize(grades)
+    (folder / "mt_bench_answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+    (folder / "mt_bench.json").write_text(json.dumps({"summary": summary, "grades": grades,
+                                                      "mapping": mapping.__dict__ if mapping else None}, indent=2))
+    return summary
+
+
+@stage_task("evaluate", timeout_seconds=12 * 3600)
+def evaluate(ctx: StageContext, label: str, eval_cfg: EvalConfig, judge_cfg: JudgeConfig, judge: ArtifactRef | None,
+             policy: str | None = None, ppo_run: ArtifactRef | None = None, bon: ArtifactRef | None = None,
+             bon_selection: str | None = None, proxy: ArtifactRef | None = None) -> ArtifactRef:
+    """Exactly one source: `policy` (a model), `ppo_run` (its trained policy and checkpoints), or `bon` with
+    `bon_selection` (a file under the BoN artifact's selected/ folder)."""
+    if sum(x is not None for x in (policy, ppo_run, bon)) != 1:
+        raise ValueError("evaluate needs exactly one of policy, ppo_run or bon")
+
+    def build(folder: Path, run_id: str) -> dict:
+        judge_obj = load_judge(judge_cfg, judge)
+        instructions, references = eval_set(eval_cfg)
+        summary: dict = {}
+        model = tokenizer = None
+        if bon is not None:
+            picked = {row["prompt"]: row["response"] for row in
+                      map(json.loads, (bon.require().folder / "selected" / bon_selection).read_text().splitlines())}
+            missing = [i for i in instructions if i not in picked]
+            if missing:
+                raise ValueError(f"the Best-of-n samples do not cover {len(missing)} evaluation instructions; "
+                                 "draw them on the evaluation split (bon_prompts)")
+            outputs = [picked[i] for i in instructions]
+        else:
+            path = str(ppo_run.require().folder / "run" / "policy") if ppo_run is not None else policy
+            model, tokenizer = load_policy(path), load_tokenizer(path, padding_side="left")
+            outputs = generate(model, tokenizer, instructions, eval_cfg.generation).texts
+        if eval_cfg.alpaca_eval:
+            wr = alpaca_eval.win_rate(judge_obj, instructions, outputs, references, generator=label,
+                                      reference_generator=eval_cfg.reference if eval_cfg.source == "alpaca_eval"
+                                      else "synthetic-reference", output_dir=folder / "alpaca_eval")
+            mlflow.log_artifacts(str(folder / "alpaca_eval"), "alpaca_eval")
+            summary.update({"win_rate": wr["win_rate"], "win_rate_se": wr["standard_error"],
+                            "avg_output_chars": wr["avg_output_chars"]})
+            if wr["length_controlled"]:
+                summary["lc_win_rate"] = wr["length_controlled"].get("length_controlled_winrate", float("nan"))
+        if eval_cfg.mt_bench and model is not None:
+            mt = run_mt_bench(eval_cfg, judge_obj, model, tokenizer, instructions, references, folder)
+            summary.update({f"mt_bench_{k}": v for k, v in mt.items() if isinstance(v, (int, float))})
+            if (folder / "mt_bench.json").is_file():
+                mlflow.log_artifact(str(folder / "mt_bench.json"))
+        if ppo_run is not None and proxy is not None:
+            from rmens.evaluation.ppo_eval import evaluate_run
+            from rmens.reward import EnsembleReward
+
+            proxy_fn = EnsembleReward.from_folder(proxy.folder / "ensemble")
+            points = evaluate_run(ppo_run.folder / "run", instructions[:8], {"judge": judge_obj, "proxy": proxy_fn},
+                                  reward_folder=proxy.folder / "ensemble")
+            (folder / "ppo_points.json").write_text(json.dumps(points, indent=2))
+            save_curves(curve_from_points(points, ["judge", "proxy"]), "rl", folder / "ppo_curve", f"PPO: {label}")
+            mlflow.log_artifacts(str(folder / "ppo_curve"), "ppo_curve")
+        return summary
+
+    return run_stage(ctx, "evaluate", {"label": label, "eval_cfg": eval_cfg, "judge_cfg": judge_cfg, "judge": judge,
+                                      "policy": policy, "ppo_run": ppo_run, "bon": bon,
+                                      "bon_selection": bon_selection, "proxy": proxy}, build)

@@ -1,0 +1,27 @@
+"""Turning the pipeline's judge config (and the trained judge, if any) into a Judge object."""
+
+from __future__ import annotations
+
+from rmens.config import JudgeConfig
+from rmens.data.loaders import data_root
+from rmens.evaluation.judges import AlpacaEvalJudge, Judge, LocalLLMJudge, RewardModelJudge, load_judge_prompts
+from tasks.refs import ArtifactRef
+
+
+def load_judge(cfg: JudgeConfig, trained: ArtifactRef | None) -> Judge:
+    if cfg.kind == "reward_model":
+        if trained is None:
+            raise ValueError("judge.kind='reward_model' needs the trained judge artifact")
+        return RewardModelJudge(trained.require().folder / "ensemble", name="judge")
+    if cfg.kind == "hf_reward_model":
+        return RewardModelJudge(cfg.model, name=cfg.model)
+    if cfg.kind == "alpaca_eval":
+        return AlpacaEvalJudge(cfg.annotators_config)
+    from rmens.models.backbone import load_policy, load_tokenizer
+
+    root = data_root()
+    if root is None or not (root / "mt_bench" / "judge_prompts.jsonl").is_file():
+        raise FileNotFoundError("judge.kind='local_llm' needs FastChat's judge_prompts.jsonl under "
+                                "$RMENS_DATA_DIR/mt_bench")
+    return LocalLLMJudge(load_judge_prompts(root / "mt_bench" / "judge_prompts.jsonl"),
+                         load_policy(cfg.model), load_tokenizer(cfg.model, padding_side="left"), name=cfg.model)

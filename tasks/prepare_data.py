@@ -1,0 +1,51 @@
+"""Stage: load, validate, split and (optionally) corrupt preference pairs; write them as JSONL."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from rmens.config import DataConfig
+from rmens.data import prepare_pairs
+from rmens.data.loaders import load_jsonl_pairs
+from rmens.data.schema import PreferencePair
+from tasks.common import run_stage, stage_task
+from tasks.refs import ArtifactRef
+from tasks.tracking import StageContext
+
+
+def write_pairs(path: Path, pairs: list[PreferencePair]) -> None:
+    with path.open("w") as handle:
+        for pair in pairs:
+            handle.write(json.dumps(pair.to_dict(), ensure_ascii=False) + "\n")
+
+
+def read_pairs(ref: ArtifactRef, split: str) -> list[PreferencePair]:
+    return load_jsonl_pairs(ref.require().folder / f"{split}.jsonl")
+
+
+def _log_dataset(path: Path, pairs: list[PreferencePair], name: str, context: str) -> None:
+    frame = pd.DataFrame([{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "weight": p.weight}
+                          for p in pairs])
+    mlflow.log_input(mlflow.data.from_pandas(frame, source=str(path), name=name), context=context)
+
+
+@stage_task("prepare_data", timeout_seconds=3600)
+def prepare_data(ctx: StageContext, data: DataConfig) -> ArtifactRef:
+    def build(folder: Path, run_id: str) -> dict:
+        stats: Counter = Counter()
+        train, val = prepare_pairs(data, stats)
+        write_pairs(folder / "train.jsonl", train)
+        write_pairs(folder / "val.jsonl", val)
+        (folder / "stats.json").write_text(json.dumps(dict(stats), indent=2))
+        _log_dataset(folder / "train.jsonl", train, f"{data.source}-train", "training")
+        if val:
+            _log_dataset(folder / "val.jsonl", val, f"{data.source}-val", "validation")
+        return {"n_train": len(train), "n_val": len(val),
+                "flipped": sum(bool(p.source.get("label_flipped")) for p in train)}
+
+    return run_stage(ctx, "prepare_data", {"data": data}, build)

@@ -1,0 +1,149 @@
+"""MLflow tracking for flows and tasks: one parent run per flow run, one child run per task.
+
+Child runs are created with an explicit parent id through MlflowClient, because MLflow's active-run
+stack is per thread and Prefect may run tasks on worker threads. Inside a child run the fluent API is
+activated with the explicit run id (nested=True), so it never depends on what another thread started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from pydantic import BaseModel
+
+from rmens.config import flatten
+from tasks.paths import ProjectPaths
+
+log = logging.getLogger(__name__)
+EXPERIMENT = "rmens"
+
+
+class StageContext(BaseModel):
+    """What every task needs besides its inputs: where the project lives and the run to report under."""
+
+    project_dir: str
+    experiment_id: str | None = None
+    parent_run_id: str | None = None
+
+    @property
+    def paths(self) -> ProjectPaths:
+        return ProjectPaths.at(self.project_dir)
+
+
+def setup(paths: ProjectPaths, experiment: str = EXPERIMENT) -> str:
+    """Point MLflow at the project store (or MLFLOW_TRACKING_URI) and return the experiment id."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    paths.make()
+    mlflow.set_tracking_uri(paths.tracking_uri)
+    client = MlflowClient(paths.tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    location = None if paths.tracking_uri.startswith("http") else paths.mlflow_artifacts.as_uri()
+    try:
+        return client.create_experiment(experiment, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created meanwhile by another process
+        return client.get_experiment_by_name(experiment).experiment_id
+
+
+def client_for(ctx: StageContext) -> MlflowClient:
+    return MlflowClient(ctx.paths.tracking_uri)
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start: start + 100])
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    import time
+
+    now = int(time.time() * 1000)
+    items = [Metric(k.replace("/", "."), float(v), now, step) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and v == v]
+    for start in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[start: start + 1000])
+
+
+def log_history(client: MlflowClient, run_id: str, history: list[dict]) -> None:
+    """Per-step metric curves (training, PPO) from a list of {step, name: value} rows."""
+    for row in history:
+        log_metrics(client, run_id, {k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+
+
+def _start(client: MlflowClient, experiment_id: str, name: str, parent: str | None, tags: dict[str, str]) -> str:
+    all_tags = {**tags, "mlflow.runName": name}
+    if parent:
+        all_tags["mlflow.parentRunId"] = parent
+    run = client.create_run(experiment_id, run_name=name, tags=all_tags)
+    return run.info.run_id
+
+
+@contextlib.contextmanager
+def parent_run(paths: ProjectPaths, flow: str, config: BaseModel, tags: dict[str, str] | None = None
+               ) -> Iterator[StageContext]:
+    experiment_id = setup(paths)
+    client = MlflowClient(paths.tracking_uri)
+    run_id = _start(client, experiment_id, flow, None, {"rmens.flow": flow, **(tags or {})})
+    log_params(client, run_id, flatten(config))
+    client.log_dict(run_id, config.model_dump(mode="json"), "config.json")
+    status = "FAILED"
+    try:
+        yield StageContext(project_dir=str(paths.root), experiment_id=experiment_id, parent_run_id=run_id)
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status)
+
+
+@contextlib.contextmanager
+def child_run(ctx: StageContext, stage: str, params: dict[str, Any], tags: dict[str, str] | None = None
+              ) -> Iterator[str]:
+    """A child run of the flow's run, active in this thread for the fluent API while the body runs."""
+    client = client_for(ctx)
+    experiment_id = ctx.experiment_id or setup(ctx.paths)
+    run_id = _start(client, experiment_id, stage, ctx.parent_run_id, {"rmens.stage": stage, **(tags or {})})
+    log_params(client, run_id, params)
+    mlflow.set_tracking_uri(ctx.paths.tracking_uri)
+    status = "FAILED"
+    try:
+        with mlflow.start_run(run_id=run_id, nested=True):
+            yield run_id
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status)
+
+
+def record_cache_hit(ctx: StageContext, stage: str, ref, extra_tags: dict[str, str] | None = None) -> str:
+    """A child run that says this stage was a cache hit, linked to the run that made the artifact."""
+    client = client_for(ctx)
+    tags = {"rmens.stage": stage, "rmens.cache_hit": "true", "rmens.artifact": ref.path,
+            "rmens.cached_from_run_id": ref.mlflow_run_id or "", **(extra_tags or {})}
+    run_id = _start(client, ctx.experiment_id or setup(ctx.paths), f"{stage} (cached)", ctx.parent_run_id, tags)
+    if ref.mlflow_run_id:
+        client.set_tag(run_id, "mlflow.note.content",
+                       f"Cache hit: the artifact was produced by run {ref.mlflow_run_id}.")
+    log_metrics(client, run_id, {k: v for k, v in ref.summary.items() if isinstance(v, (int, float))})
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def log_artifacts(paths: list[Path] | Path, artifact_path: str | None = None) -> None:
+    """Log files or folders to the active (child) run."""
+    for path in [paths] if isinstance(paths, Path) else paths:
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path)
+        elif path.is_file():
+            mlflow.log_artifact(str(path), artifact_path)
+
+
+def tag_ref(client: MlflowClient, run_id: str, ref) -> None:
+    client.set_tags(run_id, {"rmens.artifact": ref.path, "rmens.sha256": ref.sha256})

@@ -1,0 +1,137 @@
+"""The Prefect pipeline on the smoke preset, under prefect_test_harness, with MLflow in a temp folder."""
+
+import json
+import shutil
+
+import pytest
+
+prefect = pytest.importorskip("prefect")
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from rmens.cli import preset_data  # noqa: E402
+from rmens.config import PipelineConfig, RetrainConfig, apply_overrides  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def smoke(project, *overrides):
+    data = apply_overrides(preset_data("smoke"), [f"project_dir={project}", "ppo_arms=[single]",
+                                                 "evaluate.mt_bench_questions=1", *overrides])
+    return PipelineConfig.model_validate(data)
+
+
+def runs_of(project):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    experiment = client.get_experiment_by_name("rmens")
+    return client, client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs(harness, tmp_path_factory):
+    from flows.pipeline import pipeline
+
+    project = tmp_path_factory.mktemp("smoke")
+    first = pipeline(config=smoke(project))
+    second = pipeline(config=smoke(project))
+    third = pipeline(config=smoke(project, "ppo.lr=0.005"))
+    return project, first, second, third
+
+
+def test_second_run_is_all_cache_hits(pipeline_runs):
+    _, first, second, _ = pipeline_runs
+    assert all(state == "Completed" for state in first["states"].values()), first["states"]
+    assert set(second["states"]) == set(first["states"])
+    assert all(state == "Cached" for state in second["states"].values()), second["states"]
+    assert second["summaries"] == first["summaries"]
+
+
+def test_changing_ppo_reruns_only_ppo_and_what_follows(pipeline_runs):
+    _, first, _, third = pipeline_runs
+    rerun = {name for name, state in third["states"].items() if state != "Cached"}
+    assert rerun == {"ppo:single", "evaluate:ppo:single", "report:report"}, third["states"]
+    assert third["summaries"]["ppo:single"] != first["summaries"]["ppo:single"]
+
+
+def test_mlflow_parent_child_structure_metrics_and_cache_links(pipeline_runs):
+    project, first, second, _ = pipeline_runs
+    client, runs = runs_of(project)
+    by_id = {r.info.run_id: r for r in runs}
+    parent = by_id[first["parent_run_id"]]
+    assert parent.data.tags["rmens.flow"] == "pipeline:smoke" and "prefect.flow_run_id" in parent.data.tags
+    assert parent.data.params["ensemble.backbone"] == "tiny-random-llama"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    stages = {r.data.tags["rmens.stage"] for r in children}
+    assert {"prepare_data", "train_ensemble", "sample", "score", "best_of_n", "ppo", "evaluate", "report"} <= stages
+    train = next(r for r in children if r.data.tags.get("rmens.arm") == "linear-k3")
+    assert train.data.params["ensemble.kind"] == "linear" and "val_accuracy" in train.data.metrics
+    history = client.get_metric_history(train.info.run_id, "train.loss")
+    assert len(history) > 1 and len({m.step for m in history}) == len(history)
+    ppo_run = next(r for r in children if r.data.tags["rmens.stage"] == "ppo")
+    assert len(client.get_metric_history(ppo_run.info.run_id, "kl")) == 2
+    datasets = [i.dataset.name for i in next(r for r in children if r.data.tags["rmens.stage"] == "prepare_data"
+                                             ).inputs.dataset_inputs]
+    assert any(name.endswith("-train") for name in datasets)
+    cached = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == second["parent_run_id"]]
+    assert cached and all(r.data.tags["rmens.cache_hit"] == "true" for r in cached)
+    assert all(r.data.tags["rmens.cached_from_run_id"] in by_id for r in cached)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report.md", "summary.csv", "config.json"} <= artifacts
+
+
+def test_registered_model_predicts_members_and_reward(pipeline_runs):
+    import mlflow
+    import pandas as pd
+
+    project, *_ = pipeline_runs
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
+    model = mlflow.pyfunc.load_model("models:/rmens-smoke@linear-k3")
+    out = model.predict(pd.DataFrame({"prompt": ["Name a fruit."], "response": ["Sure! An apple."]}))
+    assert {"reward", "member_0", "member_1", "member_2", "std"} <= set(out.columns)
+
+
+def test_report_and_curves_are_written(pipeline_runs):
+    project, first, *_ = pipeline_runs
+    report = (first["report"] + "/report.md")
+    text = open(report).read()
+    assert "linear-k3" in text and "best_of_n" in text
+    bon = first["summaries"]["best_of_n"]
+    assert "linear-k3/lcb1/judge_at_N" in bon and "lora-k3/uwo0.5/proxy_at_N" in bon
+    assert "win_rate" in first["summaries"]["eval:initial"]
+
+
+def test_a_deleted_artifact_is_recomputed(harness, pipeline_runs):
+    from flows.pipeline import pipeline
+
+    project, first, *_ = pipeline_runs
+    sample_dirs = list((project / "artifacts" / "sample").iterdir())
+    shutil.rmtree(sample_dirs[0])
+    again = pipeline(config=smoke(project))
+    assert again["states"]["sample:bon"] == "Completed"
+    assert (sample_dirs[0] / "ref.json").is_file()
+
+
+def test_retrain_promotes_only_a_better_model(harness, tmp_path):
+    from flows.retrain import retrain
+
+    base = {"project_dir": str(tmp_path), "registered_model": "rmens-retrain-test",
+            "data": {"source": "synthetic", "max_pairs": 64, "val_fraction": 0.3},
+            "ensemble": {"kind": "linear", "k": 2, "backbone": "tiny-random-llama", "max_length": 64},
+            "train": {"lr": 0.002, "max_steps": 3, "batch_size": 8, "progress": False}}
+    first = retrain(RetrainConfig.model_validate(base))
+    assert first["promoted"] and first["reason"] == "no champion yet"
+    again = retrain(RetrainConfig.model_validate(base))
+    assert not again["promoted"] and "already is the champion" in again["reason"]
+    assert all(state == "Cached" for state in again["states"].values())
+    worse = retrain(RetrainConfig.model_validate(apply_overrides(base, ["train.lr=1e-7", "min_improvement=0.5"])))
+    assert not worse["promoted"] and worse["reason"].startswith("kept the champion")
+    assert worse["champion_version"] == first["champion_version"]
+    client, runs = runs_of(tmp_path)
+    latest = max(runs, key=lambda r: r.info.start_time if r.data.tags.get("rmens.decision") else 0)
+    assert latest.data.tags["rmens.decision"] == "kept" and "kept the champion" in latest.data.tags["rmens.reason"]
+    json.dumps(worse)
