@@ -16,6 +16,7 @@ Results go to bench/out/ensemble_cost[_quick].json and .txt.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import platform
@@ -52,6 +53,9 @@ def arm_specs(ks: list[int]) -> list[tuple[str, str, int, float]]:
     top_k = max(ks)
     specs += [(f"lora k={top_k} top 1/2", "lora", top_k, 0.5), (f"lora k={top_k} all layers", "lora", top_k, 1.0)]
     return specs
+
+
+PEFT_ROUTING = "lora k=5 top 1/4, PEFT routing"  # the same ensemble scored with PEFT's per-row adapter_names
 
 
 def timed(fn) -> float:
@@ -138,7 +142,10 @@ def trl_comparison(backbone: str, n_pairs: int, max_length: int, batch: int, k: 
         args = RewardConfig(output_dir=str(OUT / "trl-tmp"), per_device_train_batch_size=batch, num_train_epochs=1,
                             learning_rate=1e-5, max_length=max_length, seed=seed, report_to="none",
                             save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True,
-                            optim="adamw_torch", gradient_checkpointing=False, dataloader_pin_memory=False)
+                            optim="adamw_torch", gradient_checkpointing=False, dataloader_pin_memory=False,
+                            # TrainingArguments turn bf16 on for CPUs that report it; emulated bf16 is ~10x
+                            # slower here, and rmens trains in fp32 on CPUs: compare like with like.
+                            bf16=False)
         RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer).train()
 
     trl_time = timed(lambda: [one_trl_model(seed) for seed in range(k)])
@@ -155,7 +162,7 @@ def main() -> int:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     backbone = TINY_ALIAS if args.quick else SMOLLM2_ALIAS
-    repeats = args.repeats or (7 if args.quick else 3)
+    repeats = args.repeats or (7 if args.quick else 5)
     score_shape = (8, 64) if args.quick else (8, 128)
     train_pairs, train_len = (4, 64) if args.quick else (2, 128)
     torch.manual_seed(0)
@@ -166,8 +173,12 @@ def main() -> int:
           f"training batch={train_pairs} pairs x {train_len} tokens, repeats={repeats}", flush=True)
 
     arms = {name: make_arm(backbone, kind, k, top).eval() for name, kind, k, top in specs}
-    memory = {name: arm.parameter_bytes() for name, arm in arms.items()}
+    arms[PEFT_ROUTING] = functools.partial(arms["lora k=5 top 1/4"], routing="peft")
+    memory = {name: (arm.func if isinstance(arm, functools.partial) else arm).parameter_bytes()
+              for name, arm in arms.items()}
     scoring = measure_scoring(arms, random_batch(vocab, *score_shape), repeats)
+    for name, seconds in scoring.items():
+        print(f"  score {name:<34} {seconds:8.3f} s  ({seconds / scoring['single']:.2f}x single)", flush=True)
     del arms
     gc.collect()
     training = measure_training(backbone, specs[1:], random_batch(vocab, 2 * train_pairs, train_len, seed=1), repeats)
@@ -175,14 +186,14 @@ def main() -> int:
         backbone, n_pairs=32 if args.quick else 16, max_length=train_len, batch=train_pairs if not args.quick else 8)
 
     base_t, base_m = scoring["single"], memory["single"]
-    lines = [f"{'arm':<26}{'scoring':>10}{'ratio':>8}{'train step':>12}{'memory':>10}{'ratio':>8}"]
+    lines = [f"{'arm':<34}{'scoring':>10}{'ratio':>8}{'train step':>12}{'memory':>10}{'ratio':>8}"]
     rows = []
-    for name, *_ in specs:
+    for name in [spec[0] for spec in specs] + [PEFT_ROUTING]:
         row = {"arm": name, "scoring_s": scoring[name], "scoring_ratio": scoring[name] / base_t,
                "train_step_ratio": training.get(name, 1.0), "param_mib": memory[name] / 2**20,
                "memory_ratio": memory[name] / base_m}
         rows.append(row)
-        lines.append(f"{name:<26}{row['scoring_s']:>9.3f}s{row['scoring_ratio']:>7.2f}x"
+        lines.append(f"{name:<34}{row['scoring_s']:>9.3f}s{row['scoring_ratio']:>7.2f}x"
                      f"{row['train_step_ratio']:>11.2f}x{row['param_mib']:>8.0f}Mi{row['memory_ratio']:>7.2f}x")
     if "ratio_rmens_over_trl" in trl:
         lines.append(f"training on {trl['pairs']} pairs: rmens linear k=5 {trl['rmens_linear_k5_s']:.1f} s vs "

@@ -3,6 +3,7 @@ has gone missing, and recorded in MLflow as a cache hit when Prefect served the 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from prefect import Task
@@ -24,19 +25,21 @@ class Stager:
         self.refresh = refresh
         self.states: dict[str, str] = {}
 
-    def __call__(self, task_obj: Task, label: str, **params: Any) -> ArtifactRef:
+    def __call__(self, task_obj: Task, run_name: str, /, **params: Any) -> ArtifactRef:
         stage = task_obj.name
-        key = stage_key(stage, {**params, "ctx": self.ctx})
+        bound = inspect.signature(task_obj.fn).bind(ctx=self.ctx, **params)
+        bound.apply_defaults()  # the key covers every parameter, as the task's own key does
+        key = stage_key(stage, dict(bound.arguments))
         # A cached reference to a folder that was deleted would point at nothing: recompute instead.
         missing = not (self.paths.stage_dir(stage, key) / "ref.json").is_file()
-        bound = for_project(task_obj, self.paths, refresh=self.refresh or missing)
-        state = bound.with_options(task_run_name=f"{stage}:{label}")(ctx=self.ctx, **params, return_state=True)
+        task_run = for_project(task_obj, self.paths, refresh=self.refresh or missing)
+        state = task_run.with_options(task_run_name=f"{stage}:{run_name}")(ctx=self.ctx, **params, return_state=True)
         ref = state.result()
         if isinstance(ref, dict):  # JSON results come back as plain data
             ref = ArtifactRef.model_validate(ref)
-        self.states[f"{stage}:{label}"] = state.name
+        self.states[f"{stage}:{run_name}"] = state.name
         if state.name == "Cached":
-            record_cache_hit(self.ctx, stage, ref, {"rmens.label": label})
+            record_cache_hit(self.ctx, stage, ref, {"rmens.label": run_name})
         return ref
 
 

@@ -13,7 +13,7 @@ from rmens.config import RetrainConfig
 from tasks.paths import ProjectPaths
 from tasks.prepare_data import read_pairs
 from tasks.registry import champion_version, decide, score_registered
-from tasks.tracking import client_for, log_metrics, parent_run
+from tasks.tracking import client_for, log_metrics, parent_run, set_tags
 
 
 @flow(name="rmens-retrain", validate_parameters=True)
@@ -41,7 +41,7 @@ def retrain(config: RetrainConfig = RetrainConfig(), refresh: bool = False) -> d
         if promote:
             client.set_registered_model_alias(name, alias, candidate_version)
         client.set_model_version_tag(name, candidate_version, "rmens.retrain_decision", reason)
-        client.set_tags(ctx.parent_run_id, {"rmens.decision": "promoted" if promote else "kept",
+        set_tags(client, ctx.parent_run_id, {"rmens.decision": "promoted" if promote else "kept",
                                             "rmens.reason": reason, "rmens.candidate_version": candidate_version,
                                             "rmens.champion_version": candidate_version if promote else str(current)})
         log_metrics(client, ctx.parent_run_id, {f"candidate_{k}": v for k, v in candidate.items()})

@@ -18,7 +18,7 @@ from rmens.config import flatten
 from tasks.keys import stage_key
 from tasks.paths import ProjectPaths
 from tasks.refs import ArtifactRef, content_hash, read_ref, seal
-from tasks.tracking import StageContext, child_run, log_metrics
+from tasks.tracking import StageContext, child_run, log_metrics, set_tags
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +87,14 @@ def run_stage(ctx: StageContext, stage: str, params: dict[str, Any],
     folder.mkdir(parents=True, exist_ok=True)
     flat = log_params if log_params is not None else _params_for_tracking(params)
     with child_run(ctx, stage, flat, {"rmens.key": key[:16]}) as run_id:
-        summary = build(folder, run_id)
+        # JSON (Prefect's result store) has no NaN: store "not available" as None from the start.
+        summary = {k: (None if isinstance(v, float) and v != v else v) for k, v in build(folder, run_id).items()}
         ref = ArtifactRef(stage=stage, key=key, path=str(folder), sha256=content_hash(folder), mlflow_run_id=run_id,
                           summary=summary)
         from tasks.tracking import client_for
 
         log_metrics(client_for(ctx), run_id, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        client_for(ctx).set_tags(run_id, {"rmens.artifact": ref.path, "rmens.sha256": ref.sha256})
+        set_tags(client_for(ctx), run_id, {"rmens.artifact": ref.path, "rmens.sha256": ref.sha256})
     return seal(ref)
 
 

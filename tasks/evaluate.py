@@ -97,9 +97,11 @@ def evaluate(ctx: StageContext, label: str, eval_cfg: EvalConfig, judge_cfg: Jud
                             "avg_output_chars": wr["avg_output_chars"]})
             if wr["length_controlled"]:
                 summary["lc_win_rate"] = wr["length_controlled"].get("length_controlled_winrate", float("nan"))
+            else:
+                summary["lc_win_rate_unavailable"] = wr["length_controlled_unavailable"]
         if eval_cfg.mt_bench and model is not None:
             mt = run_mt_bench(eval_cfg, judge_obj, model, tokenizer, instructions, references, folder)
-            summary.update({f"mt_bench_{k}": v for k, v in mt.items() if isinstance(v, (int, float))})
+            summary.update({f"mt_bench_{k}": v for k, v in mt.items() if isinstance(v, (int, float, str))})
             if (folder / "mt_bench.json").is_file():
                 mlflow.log_artifact(str(folder / "mt_bench.json"))
         if ppo_run is not None and proxy is not None:

@@ -7,6 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+# mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI; remember the values we set ourselves so that
+# a later project in the same process is not sent to an earlier project's store.
+_SET_HERE: set[str] = set()
+
+
+def remember_tracking_uri(uri: str) -> None:
+    _SET_HERE.add(uri)
+
+
 @dataclass(frozen=True)
 class ProjectPaths:
     root: Path
@@ -37,8 +46,11 @@ class ProjectPaths:
 
     @property
     def tracking_uri(self) -> str:
-        """MLFLOW_TRACKING_URI when set (a server), else the project's SQLite file by absolute path."""
-        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.mlflow_db}"
+        """MLFLOW_TRACKING_URI when the user set it (a server), else the project's SQLite file by absolute path."""
+        configured = os.environ.get("MLFLOW_TRACKING_URI")
+        if configured and configured not in _SET_HERE:
+            return configured
+        return f"sqlite:///{self.mlflow_db}"
 
     def stage_dir(self, stage: str, key: str) -> Path:
         return self.artifacts / stage / key[:16]

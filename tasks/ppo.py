@@ -13,7 +13,7 @@ from rmens.reward import EnsembleReward
 from tasks.common import run_stage, stage_task
 from tasks.judging import load_judge
 from tasks.refs import ArtifactRef
-from tasks.tracking import StageContext, client_for, log_metrics
+from tasks.tracking import StageContext, client_for, log_metrics, set_tags
 
 
 @stage_task("ppo", timeout_seconds=24 * 3600)
@@ -21,7 +21,7 @@ def ppo(ctx: StageContext, ppo_cfg: PPOConfig, reward: ArtifactRef, prompts: Pro
         judge_cfg: JudgeConfig | None = None, judge: ArtifactRef | None = None) -> ArtifactRef:
     def build(folder: Path, run_id: str) -> dict:
         client = client_for(ctx)
-        client.set_tags(run_id, {"rmens.arm": label, "rmens.rule": ppo_cfg.aggregation.name})
+        set_tags(client, run_id, {"rmens.arm": label, "rmens.rule": ppo_cfg.aggregation.name})
         reward_fn = EnsembleReward.from_folder(reward.require().folder / "ensemble", ppo_cfg.aggregation)
         judge_fn = load_judge(judge_cfg, judge) if (judge_cfg is not None and ppo_cfg.judge_every) else None
         trainer = PPOTrainer(ppo_cfg, load_prompts(prompts), reward_fn, folder / "run", judge_fn=judge_fn,

@@ -18,4 +18,4 @@ def prepare_models(ctx: StageContext, names: list[str]) -> ArtifactRef:
         (folder / "models.json").write_text(json.dumps(resolved, indent=2))
         return {"models": len(resolved)}
 
-    return run_stage(ctx, "prepare_models", {"names": sorted(set(names))}, build)
+    return run_stage(ctx, "prepare_models", {"names": names}, build)

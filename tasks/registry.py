@@ -25,7 +25,7 @@ def score_registered(uri: str, pairs: list[PreferencePair]) -> dict[str, float]:
 
 def champion_version(client: MlflowClient, name: str, alias: str) -> str | None:
     try:
-        return client.get_model_version_by_alias(name, alias).version
+        return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
 

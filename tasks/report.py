@@ -20,11 +20,33 @@ def _fmt(value) -> str:
     return str(value)
 
 
+# The columns the markdown report shows per stage (summary.csv keeps everything).
+REPORT_COLUMNS = {
+    "prepare_data": ["n_train", "n_val", "flipped"],
+    "train_ensemble": ["val_accuracy", "val_member_accuracy_mean", "val_ece", "val_agreement_longer_lost",
+                       "val_length_rule_agreement", "val_margin_std", "steps", "train_wall_s", "param_mib"],
+    "best_of_n": ["judge_at_N", "judge_gain", "proxy_at_N"],
+    "ppo": ["final_reward", "final_kl", "final_judge", "ppo_wall_s"],
+    "evaluate": ["win_rate", "win_rate_se", "lc_win_rate", "mt_bench_score", "mt_bench_turn_1", "mt_bench_turn_2",
+                 "avg_output_chars"],
+}
+
+
 def rows_from(refs: dict[str, ArtifactRef]) -> list[dict]:
-    """One row per artifact: its label, stage, folder and the numbers it summarised."""
-    return [{"label": label, "stage": ref.stage, **{k: v for k, v in ref.summary.items()
-                                                    if isinstance(v, (int, float, str))}, "artifact": ref.path}
-            for label, ref in refs.items()]
+    """One row per artifact (per arm and rule for Best-of-n): label, stage, numbers, folder."""
+    rows = []
+    for label, ref in refs.items():
+        values = {k: v for k, v in ref.summary.items() if isinstance(v, (int, float, str))}
+        if ref.stage == "best_of_n":  # keys are "<arm>/<rule>/<metric>"
+            arms: dict[str, dict] = {}
+            for key, value in values.items():
+                name, _, metric = key.rpartition("/")
+                arms.setdefault(name, {})[metric] = value
+            rows += [{"label": name, "stage": ref.stage, **metrics, "artifact": ref.path}
+                     for name, metrics in arms.items()]
+        else:
+            rows.append({"label": label, "stage": ref.stage, **values, "artifact": ref.path})
+    return rows
 
 
 @stage_task("report", timeout_seconds=600)
@@ -39,7 +61,9 @@ def report(ctx: StageContext, title: str, refs: dict[str, ArtifactRef]) -> Artif
         lines = [f"# {title}", "", f"MLflow parent run: `{ctx.parent_run_id}`", ""]
         for stage in dict.fromkeys(r["stage"] for r in rows):
             stage_rows = [r for r in rows if r["stage"] == stage]
-            keys = sorted({k for r in stage_rows for k in r} - {"label", "stage", "artifact"})
+            present = {k for r in stage_rows for k in r}
+            keys = [k for k in REPORT_COLUMNS.get(stage, sorted(present - {"label", "stage", "artifact"}))
+                    if k in present]
             lines += [f"## {stage}", "", "| label | " + " | ".join(keys) + " |",
                       "|---|" + "---|" * len(keys)]
             lines += ["| " + r["label"] + " | " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |"

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
 from rmens.config import flatten
-from tasks.paths import ProjectPaths
+from tasks.paths import ProjectPaths, remember_tracking_uri
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "rmens"
@@ -42,7 +42,7 @@ def setup(paths: ProjectPaths, experiment: str = EXPERIMENT) -> str:
     """Point MLflow at the project store (or MLFLOW_TRACKING_URI) and return the experiment id."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     paths.make()
-    mlflow.set_tracking_uri(paths.tracking_uri)
+    _use(paths.tracking_uri)
     client = MlflowClient(paths.tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is not None:
@@ -54,6 +54,12 @@ def setup(paths: ProjectPaths, experiment: str = EXPERIMENT) -> str:
         return client.get_experiment_by_name(experiment).experiment_id
 
 
+def _use(uri: str) -> None:
+    """Make `uri` the fluent API's store (needed by log_model, log_input)."""
+    remember_tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)
+
+
 def client_for(ctx: StageContext) -> MlflowClient:
     return MlflowClient(ctx.paths.tracking_uri)
 
@@ -62,6 +68,10 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for start in range(0, len(items), 100):
         client.log_batch(run_id, params=items[start: start + 100])
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
@@ -112,7 +122,7 @@ def child_run(ctx: StageContext, stage: str, params: dict[str, Any], tags: dict[
     experiment_id = ctx.experiment_id or setup(ctx.paths)
     run_id = _start(client, experiment_id, stage, ctx.parent_run_id, {"rmens.stage": stage, **(tags or {})})
     log_params(client, run_id, params)
-    mlflow.set_tracking_uri(ctx.paths.tracking_uri)
+    _use(ctx.paths.tracking_uri)
     status = "FAILED"
     try:
         with mlflow.start_run(run_id=run_id, nested=True):
@@ -143,7 +153,3 @@ def log_artifacts(paths: list[Path] | Path, artifact_path: str | None = None) ->
             mlflow.log_artifacts(str(path), artifact_path)
         elif path.is_file():
             mlflow.log_artifact(str(path), artifact_path)
-
-
-def tag_ref(client: MlflowClient, run_id: str, ref) -> None:
-    client.set_tags(run_id, {"rmens.artifact": ref.path, "rmens.sha256": ref.sha256})

@@ -14,7 +14,7 @@ from rmens.training.trainer import train_ensemble as train
 from tasks.common import run_stage, stage_task
 from tasks.prepare_data import read_pairs
 from tasks.refs import ArtifactRef
-from tasks.tracking import StageContext, client_for, log_metrics
+from tasks.tracking import StageContext, client_for, log_metrics, set_tags
 
 
 @stage_task("train_ensemble", timeout_seconds=12 * 3600)
@@ -24,7 +24,7 @@ def train_ensemble(ctx: StageContext, data: ArtifactRef, ensemble: EnsembleConfi
 
     def build(folder: Path, run_id: str) -> dict:
         client = client_for(ctx)
-        client.set_tags(run_id, {"rmens.arm": label, "rmens.kind": ensemble.kind, "rmens.k": str(ensemble.k)})
+        set_tags(client, run_id, {"rmens.arm": label, "rmens.kind": ensemble.kind, "rmens.k": str(ensemble.k)})
         train_pairs, val_pairs = read_pairs(data, "train"), read_pairs(data, "val")
         result = train(ensemble, train_cfg, train_pairs, val_pairs, folder / "ensemble",
                        log_fn=lambda step, metrics: log_metrics(client, run_id, metrics, step))
@@ -48,11 +48,12 @@ def train_ensemble(ctx: StageContext, data: ArtifactRef, ensemble: EnsembleConfi
         if log_model:
             from tasks.mlflow_model import log_and_register
 
-            uri, version = log_and_register(str(folder / "ensemble"), registered_model, [label, "latest"],
+            uri, version = log_and_register(str(folder / "ensemble"), registered_model, [label],
                                             AggregationConfig().model_dump())
-            client.set_tags(run_id, {"rmens.model_uri": uri, "rmens.model_version": str(version)})
+            set_tags(client, run_id, {"rmens.model_uri": uri, "rmens.model_version": str(version)})
             summary["model_version"] = int(version) if version else 0
         return summary
 
     return run_stage(ctx, "train_ensemble", {"data": data, "ensemble": ensemble, "train_cfg": train_cfg,
-                                            "label": label}, build)
+                                            "label": label, "registered_model": registered_model,
+                                            "log_model": log_model}, build)

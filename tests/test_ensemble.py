@@ -137,3 +137,24 @@ def test_tokenizer_without_pad_uses_eos_and_without_both_errors(tiny_path, tmp_p
     tokenizer.save_pretrained(tmp_path / "none")
     with pytest.raises(ValueError, match="neither a pad nor an EOS token"):
         load_tokenizer(str(tmp_path / "none"))
+
+
+def test_lora_routings_agree_in_scores_and_gradients(batch):
+    ensemble = make("lora", k=3, top=0.5).train()
+    right = batch[0]
+    with torch.no_grad():
+        torch.testing.assert_close(ensemble(**right, routing="peft"), ensemble(**right), atol=1e-5, rtol=0)
+    params = [p for n, p in ensemble.named_parameters() if "lora_" in n]
+
+    def grads(loss):
+        ensemble.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in params]
+
+    weights = torch.arange(1.0, 10.0).view(3, 3)  # a loss that weighs every member and row differently
+    batched = grads((ensemble(**right) * weights).sum())
+    one_by_one = grads(sum((ensemble.member_forward(i, **right) * weights[i]).sum() for i in range(3)))
+    for g1, g2 in zip(batched, one_by_one):
+        torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="routing"):
+        ensemble(**right, routing="nope")

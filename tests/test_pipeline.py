@@ -48,7 +48,8 @@ def test_second_run_is_all_cache_hits(pipeline_runs):
     assert all(state == "Completed" for state in first["states"].values()), first["states"]
     assert set(second["states"]) == set(first["states"])
     assert all(state == "Cached" for state in second["states"].values()), second["states"]
-    assert second["summaries"] == first["summaries"]
+    # the same references come back (compared as JSON: NaN summaries are equal there)
+    assert json.dumps(second["summaries"], sort_keys=True) == json.dumps(first["summaries"], sort_keys=True)
 
 
 def test_changing_ppo_reruns_only_ppo_and_what_follows(pipeline_runs):

@@ -9,10 +9,12 @@ it cannot be computed (offline it needs files from the hub) the exact reason is 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
+import socket
 from pathlib import Path
 
 import pandas as pd
@@ -48,8 +50,33 @@ def annotations_frame(instructions, references, outputs, p_model_wins: torch.Ten
     })
 
 
+@functools.cache
+def _lc_unavailable() -> str | None:
+    """Why the LC win rate cannot be computed here, or None. alpaca_eval downloads df_gamed.csv from the
+    Hugging Face hub; without the file in the HF cache and without a network, say so at once instead of
+    letting the hub client retry for half a minute per evaluation."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache("tatsu-lab/alpaca_eval", "df_gamed.csv", repo_type="dataset"), str):
+            return None
+    except Exception:  # noqa: BLE001 - an unusual cache layout is not a reason to fail the evaluation
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return "HF_HUB_OFFLINE is set and df_gamed.csv is not in the Hugging Face cache"
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return None
+    except OSError as err:
+        return f"huggingface.co is unreachable ({err}) and df_gamed.csv is not in the Hugging Face cache"
+
+
 def length_controlled(annotations: pd.DataFrame) -> tuple[dict | None, str | None]:
     """alpaca_eval's LC win rate, or (None, why it could not be computed)."""
+    reason = _lc_unavailable()
+    if reason is not None:
+        return None, ("alpaca_eval's get_length_controlled_winrate needs tatsu-lab/alpaca_eval/df_gamed.csv from "
+                      f"the Hugging Face hub: {reason}")
     try:
         from alpaca_eval.metrics import get_length_controlled_winrate
 

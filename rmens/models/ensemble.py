@@ -278,10 +278,8 @@ class LoraEnsemble(RewardEnsemble):
         for name, param in self.peft.named_parameters():
             param.requires_grad_(flag and "lora_" in name)
 
-    @contextlib.contextmanager
-    def _routing(self, batch: int, adapter_names: list[str], expand: int) -> Iterator[None]:
-        """Install hooks for one forward: repeat the batch `expand` times entering the top layers and tell
-        each LoRA layer which adapter each row uses."""
+    def _expand_hooks(self, batch: int, expand: int) -> list:
+        """Repeat the batch `expand` times (member-major) where it enters the top layers."""
 
         def repeat(value):
             if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
@@ -293,37 +291,82 @@ class LoraEnsemble(RewardEnsemble):
         def expand_inputs(module, args, kwargs):
             return tuple(repeat(a) for a in args), {key: repeat(v) for key, v in kwargs.items()}
 
+        return [layer.register_forward_pre_hook(expand_inputs, with_kwargs=True) for layer in self._top_layers]
+
+    def _peft_routing_hooks(self, adapter_names: list[str]) -> list:
+        """PEFT's own per-row routing: each LoRA layer gets `adapter_names` (one name per row)."""
+
         def route(module, args, kwargs):
             return args, {**kwargs, "adapter_names": adapter_names}
 
-        handles = []
+        return [layer.register_forward_pre_hook(route, with_kwargs=True) for layer in self._lora_layers]
+
+    def _block_lora_hooks(self) -> list:
+        """Member-major blocks of rows, member i's adapter on block i, as two batched matmuls per layer.
+
+        PEFT's per-row routing gathers and scatters the rows of each adapter (copies sized like the
+        activations); with rows already grouped by member, a view and torch.bmm over the stacked adapter
+        weights compute the same sum without copies. PEFT still owns the adapters (creation, init,
+        saving, loading); `member_forward`, which uses PEFT's routing, is the reference this must match.
+        """
+        names, k = self.member_names, self.k
+
+        def add_lora(module, args, output):
+            x = args[0]
+            rows = x.reshape(k, -1, x.shape[-1])
+            if any(not isinstance(module.lora_dropout[n], nn.Identity) for n in names):
+                rows = torch.stack([module.lora_dropout[n](rows[i]) for i, n in enumerate(names)])
+            a = torch.stack([module.lora_A[n].weight for n in names])  # [k, r, in]
+            b = torch.stack([module.lora_B[n].weight for n in names])  # [k, out, r]
+            scale = torch.tensor([module.scaling[n] for n in names], dtype=rows.dtype, device=rows.device)
+            delta = torch.bmm(torch.bmm(rows.to(a.dtype), a.transpose(1, 2)), b.transpose(1, 2))
+            return output + (delta * scale.view(k, 1, 1)).reshape(output.shape).to(output.dtype)
+
+        return [layer.register_forward_hook(add_lora) for layer in self._lora_layers]
+
+    @contextlib.contextmanager
+    def _hooks(self, handles: list, base_only: bool = False) -> Iterator[None]:
+        # base_only: the LoRA layers compute their base projection alone (PEFT's adapter switch, set
+        # directly: its public toggle also freezes the adapters, which would stop training).
+        previous = [layer._disable_adapters for layer in self._lora_layers]
         try:
-            if expand > 1:
-                handles += [layer.register_forward_pre_hook(expand_inputs, with_kwargs=True)
-                            for layer in self._top_layers]
-            handles += [layer.register_forward_pre_hook(route, with_kwargs=True) for layer in self._lora_layers]
+            if base_only:
+                for layer in self._lora_layers:
+                    layer._disable_adapters = True
             yield
         finally:
+            for layer, flag in zip(self._lora_layers, previous):
+                layer._disable_adapters = flag
             for handle in handles:
                 handle.remove()
 
-    def _hidden(self, input_ids, attention_mask, adapter_names: list[str], expand: int) -> torch.Tensor:
-        with self._routing(input_ids.shape[0], adapter_names, expand):
-            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return out.last_hidden_state
+    def _last_hidden(self, input_ids, attention_mask) -> torch.Tensor:
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, routing: str = "blocks") -> torch.Tensor:
+        """All members: lower layers once, top layers on k member-major copies of the batch.
+
+        routing='blocks' (default) applies the adapters block-wise with batched matmuls; routing='peft'
+        uses PEFT's per-row adapter_names routing on the same expanded batch.
+        """
         self._check_inputs(input_ids, attention_mask)
         batch = input_ids.shape[0]
-        names = [name for name in self.member_names for _ in range(batch)]  # member-major rows
-        hidden = self._hidden(input_ids, attention_mask, names, expand=self.k)
+        handles = self._expand_hooks(batch, self.k) if self.k > 1 else []
+        if routing == "blocks":
+            handles += self._block_lora_hooks()
+        elif routing == "peft":
+            handles += self._peft_routing_hooks([n for n in self.member_names for _ in range(batch)])
+        else:
+            raise ValueError(f"routing must be 'blocks' or 'peft', got {routing!r}")
+        with self._hooks(handles, base_only=routing == "blocks"):
+            hidden = self._last_hidden(input_ids, attention_mask)
         pooled = last_token_states(hidden, attention_mask.repeat(self.k, 1)).view(self.k, batch, -1)
         return torch.einsum("kbh,kh->kb", pooled, self.heads.weight) + self.heads.bias[:, None]
 
     def member_forward(self, member: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         self._check_inputs(input_ids, attention_mask)
-        names = [self.member_names[member]] * input_ids.shape[0]
-        hidden = self._hidden(input_ids, attention_mask, names, expand=1)
+        with self._hooks(self._peft_routing_hooks([self.member_names[member]] * input_ids.shape[0])):
+            hidden = self._last_hidden(input_ids, attention_mask)
         return self._head(last_token_states(hidden, attention_mask), member)
 
     def _save_weights(self, path: Path) -> None:

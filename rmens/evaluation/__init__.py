@@ -1,0 +1,1 @@
+"""Evaluation: judges, AlpacaEval win rates, MT-Bench, reward-model metrics, overoptimisation curves."""

@@ -1,0 +1,1 @@
+"""PPO for language models with ensemble rewards."""
