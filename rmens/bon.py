@@ -16,15 +16,14 @@ upper bound (Beirami et al. 2024).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 
 import torch
 
 from rmens.config import BonConfig
 from rmens.generation import generate
+from rmens.io import read_jsonl, write_jsonl
 from rmens.reward import RewardFn
 
 
@@ -73,21 +72,6 @@ def bon_curve(proxy: torch.Tensor, targets: dict[str, torch.Tensor], ns: list[in
     return rows
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write atomically: a reader never sees a half-written file under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with tmp.open("w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with Path(path).open() as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
 def draw_samples(policy, tokenizer, prompts: list[str], cfg: BonConfig, folder: str | Path,
                  progress: bool = True) -> list[dict]:
     """Generate N samples per prompt and store them in `folder`/samples.jsonl."""
@@ -96,7 +80,7 @@ def draw_samples(policy, tokenizer, prompts: list[str], cfg: BonConfig, folder: 
     samples = generate(policy, tokenizer, repeated, cfg.generation, progress=progress)
     rows = [{"prompt_id": i // n, "sample_id": i % n, "prompt": samples.prompts[i], "response": samples.texts[i],
              "n_tokens": len(samples.response_ids[i]), "finished": samples.finished[i]} for i in range(len(samples))]
-    _write_jsonl(Path(folder) / "samples.jsonl", rows)
+    write_jsonl(Path(folder) / "samples.jsonl", rows)
     return rows
 
 
@@ -127,7 +111,7 @@ def score_samples(folder: str | Path, scorers: dict[str, RewardFn], batch_size: 
                 if rewards.members is not None:
                     row["members"] = [float(v) for v in rewards.members[:, j]]
                 rows.append(row)
-        _write_jsonl(path, rows)
+        write_jsonl(path, rows)
     return out
 
 
@@ -171,5 +155,5 @@ def select_best(folder: str | Path, proxy: str, n: int, scores: torch.Tensor | N
 
 def write_selection(folder: str | Path, proxy: str, n: int) -> Path:
     path = Path(folder) / "selected" / f"{proxy}_n{n}.jsonl"
-    _write_jsonl(path, select_best(folder, proxy, n))
+    write_jsonl(path, select_best(folder, proxy, n))
     return path

@@ -7,16 +7,17 @@ from pathlib import Path
 
 import mlflow
 
-from rmens.bon import bon_curve, load_member_scores, select_best
 from rmens.config import AggregationConfig
-from rmens.evaluation.curves import curve_from_bon, save_curves
-from rmens.models.aggregate import aggregate_with
+from rmens.io import write_jsonl
 from tasks.common import run_stage, stage_task
 from tasks.refs import ArtifactRef
 from tasks.tracking import StageContext, client_for, log_metrics
 
 
 def proxy_matrix(score_ref: ArtifactRef, name: str, rule: AggregationConfig):
+    from rmens.bon import load_member_scores
+    from rmens.models.aggregate import aggregate_with
+
     members = load_member_scores(score_ref.require().folder / f"{name}.jsonl")  # [k, P, N]
     k, prompts, n = members.shape
     return aggregate_with(members.reshape(k, prompts * n), rule).reshape(prompts, n)
@@ -28,6 +29,9 @@ def best_of_n(ctx: StageContext, samples: ArtifactRef, proxies: dict[str, Artifa
     """`proxies` maps arm names to score artifacts; rules apply to every arm with more than one member."""
 
     def build(folder: Path, run_id: str) -> dict:
+        from rmens.bon import bon_curve, load_member_scores, select_best
+        from rmens.evaluation.curves import curve_from_bon, save_curves
+
         gold = {"judge": load_member_scores(judge.require().folder / "judge.jsonl")[0]} if judge else {}
         results, summary = {}, {}
         for arm, ref in proxies.items():
@@ -42,9 +46,7 @@ def best_of_n(ctx: StageContext, samples: ArtifactRef, proxies: dict[str, Artifa
                 mlflow.log_artifacts(str(curve_dir), f"curves/{name.replace('/', '_')}")
                 for n in select_n:
                     picked = select_best(samples.folder, arm, n, scores=proxy)
-                    path = folder / "selected" / f"{name.replace('/', '_')}_n{n}.jsonl"
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text("".join(json.dumps(p) + "\n" for p in picked))
+                    write_jsonl(folder / "selected" / f"{name.replace('/', '_')}_n{n}.jsonl", picked)
                 last = rows[-1]
                 summary[f"{name}/proxy_at_N"] = last["proxy"]
                 if gold:

@@ -64,7 +64,8 @@ def for_project(stage_task_obj: Task, paths: ProjectPaths, refresh: bool = False
     """The task bound to a project's result store, with a file lock so that two flows never compute
     the same artifact at once (SERIALIZABLE: the second waits, then reads the cached result)."""
     policy = CacheKeyFnPolicy(cache_key_fn=stage_task_obj.cache_policy.cache_key_fn).configure(
-        isolation_level=IsolationLevel.SERIALIZABLE, lock_manager=FileSystemLockManager(lock_files_directory=paths.locks))
+        isolation_level=IsolationLevel.SERIALIZABLE,
+        lock_manager=FileSystemLockManager(lock_files_directory=paths.locks))
     return stage_task_obj.with_options(cache_policy=policy, result_storage=paths.results, refresh_cache=refresh or None)
 
 

@@ -9,13 +9,7 @@ from pathlib import Path
 import mlflow
 
 from rmens.config import EvalConfig, JudgeConfig
-from rmens.data.loaders import data_root, synthetic_pairs
-from rmens.data.prompts import alpaca_eval_instructions, reference_outputs
-from rmens.evaluation import alpaca_eval, mt_bench
-from rmens.evaluation.curves import curve_from_points, save_curves
-from rmens.evaluation.judges import LocalLLMJudge
-from rmens.generation import generate
-from rmens.models.backbone import load_policy, load_tokenizer
+from rmens.io import read_jsonl, write_jsonl
 from tasks.common import run_stage, stage_task
 from tasks.judging import load_judge
 from tasks.refs import ArtifactRef
@@ -24,6 +18,9 @@ from tasks.tracking import StageContext
 
 def eval_set(cfg: EvalConfig) -> tuple[list[str], list[str]]:
     """(instructions, reference outputs) of the evaluation split."""
+    from rmens.data.loaders import synthetic_pairs
+    from rmens.data.prompts import alpaca_eval_instructions, reference_outputs
+
     if cfg.source == "synthetic":
         pairs = synthetic_pairs(cfg.max_instructions or 16, seed=1234)
         return [p.prompt for p in pairs], [p.chosen for p in pairs]
@@ -35,6 +32,8 @@ def eval_set(cfg: EvalConfig) -> tuple[list[str], list[str]]:
 
 
 def _mt_bench_source(cfg: EvalConfig) -> str | None:
+    from rmens.data.loaders import data_root
+
     if cfg.mt_bench_path:
         return cfg.mt_bench_path
     root = data_root()
@@ -42,7 +41,8 @@ def _mt_bench_source(cfg: EvalConfig) -> str | None:
 
 
 def run_mt_bench(cfg: EvalConfig, judge, policy, tokenizer, instructions, references, folder: Path) -> dict:
-    from rmens.evaluation.judges import AlpacaEvalJudge
+    from rmens.evaluation import mt_bench
+    from rmens.evaluation.judges import AlpacaEvalJudge, LocalLLMJudge
 
     if isinstance(judge, AlpacaEvalJudge):
         return {"mt_bench_skipped": "alpaca_eval annotators compare pairs and cannot grade; use a local_llm judge"}
@@ -56,7 +56,7 @@ def run_mt_bench(cfg: EvalConfig, judge, policy, tokenizer, instructions, refere
     refs = mt_bench.load_reference_answers(source) if Path(source).is_dir() else {}
     grades = mt_bench.grade(judge, questions, answers, refs, mapping)
     summary = mt_bench.summarize(grades)
-    (folder / "mt_bench_answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+    write_jsonl(folder / "mt_bench_answers.jsonl", answers)
     (folder / "mt_bench.json").write_text(json.dumps({"summary": summary, "grades": grades,
                                                       "mapping": mapping.__dict__ if mapping else None}, indent=2))
     return summary
@@ -72,13 +72,18 @@ def evaluate(ctx: StageContext, label: str, eval_cfg: EvalConfig, judge_cfg: Jud
         raise ValueError("evaluate needs exactly one of policy, ppo_run or bon")
 
     def build(folder: Path, run_id: str) -> dict:
+        from rmens.evaluation import alpaca_eval
+        from rmens.evaluation.curves import curve_from_points, save_curves
+        from rmens.generation import generate
+        from rmens.models.backbone import load_policy, load_tokenizer
+
         judge_obj = load_judge(judge_cfg, judge)
         instructions, references = eval_set(eval_cfg)
         summary: dict = {}
         model = tokenizer = None
         if bon is not None:
-            picked = {row["prompt"]: row["response"] for row in
-                      map(json.loads, (bon.require().folder / "selected" / bon_selection).read_text().splitlines())}
+            picked = {row["prompt"]: row["response"]
+                      for row in read_jsonl(bon.require().folder / "selected" / bon_selection)}
             missing = [i for i in instructions if i not in picked]
             if missing:
                 raise ValueError(f"the Best-of-n samples do not cover {len(missing)} evaluation instructions; "

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from rmens.config import JudgeConfig
-from rmens.data.loaders import data_root
-from rmens.evaluation.judges import AlpacaEvalJudge, Judge, LocalLLMJudge, RewardModelJudge, load_judge_prompts
 from tasks.refs import ArtifactRef
 
 
-def load_judge(cfg: JudgeConfig, trained: ArtifactRef | None) -> Judge:
+def load_judge(cfg: JudgeConfig, trained: ArtifactRef | None):
+    """-> a rmens.evaluation.judges.Judge."""
+    from rmens.data.loaders import data_root
+    from rmens.evaluation.judges import AlpacaEvalJudge, LocalLLMJudge, RewardModelJudge, load_judge_prompts
+
     if cfg.kind == "reward_model":
         if trained is None:
             raise ValueError("judge.kind='reward_model' needs the trained judge artifact")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -34,8 +34,11 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
 
 
 def _module_files(name: str) -> list[Path]:
-    module = importlib.import_module(name)
-    path = Path(module.__file__)
+    """Source files of a module or package, found without importing it (a cached run stays light)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(f"no module {name} to fingerprint")
+    path = Path(spec.origin)
     return sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
 
 

@@ -6,7 +6,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-
 # mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI; remember the values we set ourselves so that
 # a later project in the same process is not sent to an earlier project's store.
 _SET_HERE: set[str] = set()

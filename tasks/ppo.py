@@ -7,9 +7,6 @@ from pathlib import Path
 import mlflow
 
 from rmens.config import JudgeConfig, PPOConfig, PromptsConfig
-from rmens.data.prompts import load_prompts
-from rmens.ppo.trainer import PPOTrainer
-from rmens.reward import EnsembleReward
 from tasks.common import run_stage, stage_task
 from tasks.judging import load_judge
 from tasks.refs import ArtifactRef
@@ -20,6 +17,10 @@ from tasks.tracking import StageContext, client_for, log_metrics, set_tags
 def ppo(ctx: StageContext, ppo_cfg: PPOConfig, reward: ArtifactRef, prompts: PromptsConfig, label: str,
         judge_cfg: JudgeConfig | None = None, judge: ArtifactRef | None = None) -> ArtifactRef:
     def build(folder: Path, run_id: str) -> dict:
+        from rmens.data.prompts import load_prompts
+        from rmens.ppo.trainer import PPOTrainer
+        from rmens.reward import EnsembleReward
+
         client = client_for(ctx)
         set_tags(client, run_id, {"rmens.arm": label, "rmens.rule": ppo_cfg.aggregation.name})
         reward_fn = EnsembleReward.from_folder(reward.require().folder / "ensemble", ppo_cfg.aggregation)

@@ -10,21 +10,16 @@ import mlflow
 import pandas as pd
 
 from rmens.config import DataConfig
-from rmens.data import prepare_pairs
-from rmens.data.loaders import load_jsonl_pairs
 from rmens.data.schema import PreferencePair
+from rmens.io import write_jsonl
 from tasks.common import run_stage, stage_task
 from tasks.refs import ArtifactRef
 from tasks.tracking import StageContext
 
 
-def write_pairs(path: Path, pairs: list[PreferencePair]) -> None:
-    with path.open("w") as handle:
-        for pair in pairs:
-            handle.write(json.dumps(pair.to_dict(), ensure_ascii=False) + "\n")
-
-
 def read_pairs(ref: ArtifactRef, split: str) -> list[PreferencePair]:
+    from rmens.data.loaders import load_jsonl_pairs
+
     return load_jsonl_pairs(ref.require().folder / f"{split}.jsonl")
 
 
@@ -37,10 +32,12 @@ def _log_dataset(path: Path, pairs: list[PreferencePair], name: str, context: st
 @stage_task("prepare_data", timeout_seconds=3600)
 def prepare_data(ctx: StageContext, data: DataConfig) -> ArtifactRef:
     def build(folder: Path, run_id: str) -> dict:
+        from rmens.data import prepare_pairs
+
         stats: Counter = Counter()
         train, val = prepare_pairs(data, stats)
-        write_pairs(folder / "train.jsonl", train)
-        write_pairs(folder / "val.jsonl", val)
+        write_jsonl(folder / "train.jsonl", (p.to_dict() for p in train))
+        write_jsonl(folder / "val.jsonl", (p.to_dict() for p in val))
         (folder / "stats.json").write_text(json.dumps(dict(stats), indent=2))
         _log_dataset(folder / "train.jsonl", train, f"{data.source}-train", "training")
         if val:

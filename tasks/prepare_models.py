@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rmens.models.backbone import resolve_model
 from tasks.common import run_stage, stage_task
 from tasks.refs import ArtifactRef
 from tasks.tracking import StageContext
@@ -14,6 +13,8 @@ from tasks.tracking import StageContext
 @stage_task("prepare_models", timeout_seconds=3600)
 def prepare_models(ctx: StageContext, names: list[str]) -> ArtifactRef:
     def build(folder: Path, run_id: str) -> dict:
+        from rmens.models.backbone import resolve_model
+
         resolved = {name: resolve_model(name) for name in sorted(set(names))}
         (folder / "models.json").write_text(json.dumps(resolved, indent=2))
         return {"models": len(resolved)}

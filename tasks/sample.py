@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
+
 from rmens.config import BonConfig, PromptsConfig
-from rmens.bon import draw_samples
-from rmens.data.prompts import load_prompts
-from rmens.models.backbone import load_policy, load_tokenizer
 from tasks.common import run_stage, stage_task
 from tasks.refs import ArtifactRef
 from tasks.tracking import StageContext
@@ -16,10 +15,15 @@ from tasks.tracking import StageContext
 @stage_task("sample", timeout_seconds=12 * 3600)
 def sample(ctx: StageContext, policy: str, prompts: PromptsConfig, bon: BonConfig) -> ArtifactRef:
     def build(folder: Path, run_id: str) -> dict:
+        from rmens.bon import draw_samples
+        from rmens.data.prompts import load_prompts
+        from rmens.models.backbone import load_policy, load_tokenizer
+
         texts = load_prompts(prompts)
         if bon.n_prompts:
             texts = texts[: bon.n_prompts]
         rows = draw_samples(load_policy(policy), load_tokenizer(policy, padding_side="left"), texts, bon, folder)
+        mlflow.log_artifact(str(folder / "samples.jsonl"))
         return {"prompts": len(texts), "samples": len(rows), "n_samples": bon.n_samples,
                 "mean_tokens": sum(r["n_tokens"] for r in rows) / len(rows),
                 "finished_fraction": sum(r["finished"] for r in rows) / len(rows)}

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rmens.bon import score_samples
 from rmens.config import JudgeConfig
-from rmens.reward import EnsembleReward
 from tasks.common import run_stage, stage_task
 from tasks.judging import load_judge
 from tasks.refs import ArtifactRef
@@ -19,6 +17,9 @@ def score(ctx: StageContext, samples: ArtifactRef, scorer: ArtifactRef | None, n
     """An ensemble artifact scores with all its members; with `judge` set, the judge scores instead."""
 
     def build(folder: Path, run_id: str) -> dict:
+        from rmens.bon import score_samples
+        from rmens.reward import EnsembleReward
+
         fn = load_judge(judge, scorer) if judge is not None else EnsembleReward.from_folder(scorer.folder / "ensemble")
         paths = score_samples(samples.require().folder, {name: fn}, scores_dir=folder)
         return {"scored": sum(1 for _ in paths[name].open())}

@@ -8,9 +8,6 @@ from pathlib import Path
 import mlflow
 
 from rmens.config import AggregationConfig, EnsembleConfig, TrainConfig
-from rmens.evaluation.curves import reliability_diagram
-from rmens.evaluation.rm_metrics import scalar_metrics
-from rmens.training.trainer import train_ensemble as train
 from tasks.common import run_stage, stage_task
 from tasks.prepare_data import read_pairs
 from tasks.refs import ArtifactRef
@@ -23,6 +20,12 @@ def train_ensemble(ctx: StageContext, data: ArtifactRef, ensemble: EnsembleConfi
     """`label` names the arm ('linear-k3', 'single-s0', 'judge'); it is also the model alias."""
 
     def build(folder: Path, run_id: str) -> dict:
+        from rmens.evaluation.curves import reliability_diagram
+        from rmens.evaluation.offline_judge import agreement_report
+        from rmens.evaluation.rm_metrics import scalar_metrics
+        from rmens.reward import EnsembleReward
+        from rmens.training.trainer import train_ensemble as train
+
         client = client_for(ctx)
         set_tags(client, run_id, {"rmens.arm": label, "rmens.kind": ensemble.kind, "rmens.k": str(ensemble.k)})
         train_pairs, val_pairs = read_pairs(data, "train"), read_pairs(data, "val")
@@ -37,9 +40,6 @@ def train_ensemble(ctx: StageContext, data: ArtifactRef, ensemble: EnsembleConfi
         mlflow.log_artifact(str(folder / "val_metrics.json"))
         mlflow.log_artifact(str(folder / "ensemble" / "ensemble.json"))
         if val_pairs:  # length bias: agreement where the longer response lost, next to the length rule
-            from rmens.evaluation.offline_judge import agreement_report
-            from rmens.reward import EnsembleReward
-
             report = agreement_report(EnsembleReward.from_folder(folder / "ensemble"), val_pairs)
             metrics.update({f"val_{k}": v for k, v in report.items()})
         summary = {**metrics, "train_wall_s": result.wall_time,

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from conftest import real_data_dir, requires_real_data
 
 from rmens.config import DataConfig
 from rmens.data import prepare_pairs
@@ -15,8 +16,6 @@ from rmens.data.loaders import (
 )
 from rmens.data.schema import DataError, PreferencePair, validate_pair
 from rmens.data.splits import flip_labels, is_alpaca_eval_test, member_weights, split_by_instruction
-
-from conftest import real_data_dir, requires_real_data
 
 
 def test_validate_pair_accepts_good_record_and_keeps_extra_fields_as_source():

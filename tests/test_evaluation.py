@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from conftest import TINY, real_data_dir, requires_real_data
 
 from rmens.config import EnsembleConfig, GenerationConfig
 from rmens.data.schema import PreferencePair
@@ -23,8 +24,6 @@ from rmens.evaluation.offline_judge import agreement_report, judge_split, length
 from rmens.evaluation.reward_model import evaluate_reward_model
 from rmens.models.ensemble import build_ensemble
 from rmens.reward import CallableReward
-
-from conftest import TINY, real_data_dir, requires_real_data
 
 
 class FixedJudge(Judge):
@@ -101,7 +100,8 @@ def test_rating_and_verdict_parsers():
 MT_PROMPTS = {
     "single-v1": {"system_prompt": "judge", "prompt_template": "Q={question} A={answer}"},
     "single-math-v1": {"system_prompt": "judge", "prompt_template": "Q={question} R={ref_answer_1} A={answer}"},
-    "single-v1-multi-turn": {"system_prompt": "judge", "prompt_template": "{question_1}|{answer_1}|{question_2}|{answer_2}"},
+    "single-v1-multi-turn": {"system_prompt": "judge",
+                             "prompt_template": "{question_1}|{answer_1}|{question_2}|{answer_2}"},
     "single-math-v1-multi-turn": {"system_prompt": "judge",
                                   "prompt_template": "{question_1}|{ref_answer_1}|{ref_answer_2}|{answer_2}"},
     "pair-v2": {"system_prompt": "judge", "prompt_template": "{question} A:{answer_a} B:{answer_b}"},
@@ -196,7 +196,8 @@ def test_agreement_and_length_rule():
 def test_curve_fits_recover_known_parameters(tmp_path):
     d = [0.5, 1.0, 1.5, 2.0, 2.5]
     bon = fit("bon", d, [x * (2.0 - 0.5 * x) for x in d])
-    assert bon["alpha"] == pytest.approx(2.0) and bon["beta"] == pytest.approx(0.5) and bon["d_peak"] == pytest.approx(2.0)
+    assert bon["alpha"] == pytest.approx(2.0) and bon["beta"] == pytest.approx(0.5)
+    assert bon["d_peak"] == pytest.approx(2.0)
     rl = fit("rl", d, [x * (1.0 - 0.8 * math.log(x)) for x in d])
     assert rl["alpha"] == pytest.approx(1.0) and rl["beta"] == pytest.approx(0.8)
     assert rl["d_peak"] == pytest.approx(math.exp(1.0 / 0.8 - 1))

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import TINY
 
 from rmens import bon
 from rmens.bon import bon_curve, bon_ns, draw_samples, expected_best_of_n, kl_bon, load_score_matrix, score_samples
@@ -14,8 +15,6 @@ from rmens.models.aggregate import AggregationConfig, aggregate
 from rmens.models.backbone import load_policy
 from rmens.models.ensemble import build_ensemble
 from rmens.reward import CallableReward, EnsembleReward, RewardError
-
-from conftest import TINY
 
 PROMPTS = ["Name a fruit.", "Which fruit is red?", "Say hello."]
 

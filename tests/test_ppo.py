@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import TINY
 from safetensors.torch import load_file
 
 from rmens.config import EnsembleConfig, GenerationConfig
@@ -16,8 +17,6 @@ from rmens.ppo.config import PPOConfig
 from rmens.ppo.core import KLController, gae, masked_whiten, policy_loss, token_rewards, value_loss
 from rmens.ppo.trainer import PPOTrainer, pack_rollout
 from rmens.reward import CallableReward, RewardError
-
-from conftest import TINY
 
 
 def e_count(prompt, response):

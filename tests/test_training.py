@@ -6,14 +6,13 @@ import sys
 
 import pytest
 import torch
+from conftest import TINY
 
 from rmens.config import EnsembleConfig, LoraSettings, TrainConfig
 from rmens.data.splits import split_by_instruction
 from rmens.models.ensemble import load_ensemble
 from rmens.training import trainer as trainer_module
 from rmens.training.trainer import bradley_terry_loss, train_ensemble
-
-from conftest import TINY
 
 FAST = dict(lr=2e-3, lora_lr=2e-3, batch_size=8, progress=False, warmup_ratio=0.0)
 
@@ -136,7 +135,8 @@ def test_two_cpu_processes_match_one_process(tmp_path):
     )
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", "29517"]
     two = subprocess.run(launcher + ["-m", "rmens.cli", "train", "--config", str(config), "--set", "train.batch_size=2",
                                      "--output", str(tmp_path / "two")], env=env, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -16,7 +16,6 @@ from transformers import PreTrainedTokenizerBase
 
 from rmens.data.schema import DataError, PreferencePair
 
-
 # A prompt is one user message, or a conversation so far as chat messages ending with a user turn
 # (MT-Bench's second turn).
 Prompt = Union[str, list[dict[str, str]]]

@@ -6,8 +6,6 @@ import dataclasses
 import hashlib
 import random
 
-import torch
-
 from rmens.data.schema import PreferencePair
 
 
@@ -50,7 +48,7 @@ def flip_labels(pairs: list[PreferencePair], fraction: float, seed: int) -> list
     ]
 
 
-def member_weights(n_pairs: int, k: int, diversity: str, seed: int) -> torch.Tensor:
+def member_weights(n_pairs: int, k: int, diversity: str, seed: int):
     """How much each member trains on each pair, as a [k, n_pairs] float tensor.
 
     seed: every member sees every pair (weight 1); members differ by initialisation.
@@ -59,6 +57,8 @@ def member_weights(n_pairs: int, k: int, diversity: str, seed: int) -> torch.Ten
     disjoint: pairs are dealt to members by a seeded permutation; a member sees only its share.
     Expressing all three as weights keeps one batch and one backward for all members.
     """
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     if diversity == "seed":
         return torch.ones(k, n_pairs)

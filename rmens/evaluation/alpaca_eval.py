@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from rmens.evaluation.judges import Judge
+from rmens.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +33,7 @@ def write_model_outputs(path: str | Path, instructions: list[str], outputs: list
         raise ValueError(f"{len(instructions)} instructions but {len(outputs)} outputs")
     rows = [{"instruction": i, "output": o, "generator": generator, "dataset": (datasets or [None] * len(outputs))[n]}
             for n, (i, o) in enumerate(zip(instructions, outputs))]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(rows, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(rows, indent=2, ensure_ascii=False))
 
 
 def annotations_frame(instructions, references, outputs, p_model_wins: torch.Tensor, generator: str,
@@ -108,7 +104,7 @@ def win_rate(judge: Judge, instructions: list[str], outputs: list[str], referenc
         out.mkdir(parents=True, exist_ok=True)
         frame.to_json(out / "annotations.json", orient="records", indent=2)
         write_model_outputs(out / "model_outputs.json", instructions, outputs, generator)
-        (out / "win_rate.json").write_text(json.dumps(result, indent=2))
+        atomic_write_text(out / "win_rate.json", json.dumps(result, indent=2))
     if not math.isfinite(result.get("win_rate", math.nan)):
         log.warning("no valid annotations: win rate undefined")
     return result

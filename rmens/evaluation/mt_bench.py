@@ -91,7 +91,8 @@ def grade(judge: Judge, questions: list[dict], answers: list[dict], references: 
     if isinstance(judge, LocalLLMJudge):
         for turn in (1, 2):
             for qid_group, prompt_name in _prompt_groups(answers, by_id, references, turn):
-                fields = [_fields(by_id[a["question_id"]], a, references.get(a["question_id"]), turn) for a in qid_group]
+                fields = [_fields(by_id[a["question_id"]], a, references.get(a["question_id"]), turn)
+                          for a in qid_group]
                 for a, score in zip(qid_group, judge.grade(prompt_name, fields).tolist()):
                     rows.append({"question_id": a["question_id"], "category": a["category"], "turn": turn,
                                  "score": score})

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 import math
-import zlib
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,4 +270,5 @@ def train_ensemble(ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: list[
                        "history": {k: s.history for k, s in stages.items()}}
             ensemble.save(path, tokenizer, extra={"train_metrics.json": summary})
         acc.wait_for_everyone()
-    return TrainResult(ensemble=ensemble, path=path, metrics=metrics, stages=stages, wall_time=time.perf_counter() - start)
+    return TrainResult(ensemble=ensemble, path=path, metrics=metrics, stages=stages,
+                       wall_time=time.perf_counter() - start)
