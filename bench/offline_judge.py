@@ -4,7 +4,7 @@ with GPT-4 (AE1) and GPT-4-turbo (AE2) on pairs of instructions it never saw, ov
 where the longer output lost, next to the "longer wins" rule. Also times the evaluation stages
 (AlpacaEval-style win rate and MT-Bench grading) with this judge on SmolLM2's own outputs.
 
-    python bench/offline_judge.py [--pairs 3000] [--held-out 300]
+    python bench/offline_judge.py [--pairs 2000] [--held-out 300]
 
 Needs RMENS_DATA_DIR. Results: bench/out/offline_judge.json and .txt (the judge is kept in
 bench/out/offline-judge/ for reuse).
@@ -36,7 +36,7 @@ OUT = Path(__file__).parent / "out"
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=3000)
+    parser.add_argument("--pairs", type=int, default=2000)
     parser.add_argument("--held-out", type=int, default=300)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--eval-instructions", type=int, default=32)

@@ -4,6 +4,7 @@ has gone missing, and recorded in MLflow as a cache hit when Prefect served the 
 from __future__ import annotations
 
 import inspect
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from prefect import Task
@@ -17,13 +18,28 @@ from tasks.tracking import StageContext, record_cache_hit
 
 
 class Stager:
-    """Calls stage tasks for one flow run and remembers which were cache hits."""
+    """Calls stage tasks for one flow run and remembers which were cache hits.
+
+    Use it as a context manager inside the flow's parent MLflow run: the cache-hit records are written
+    on a background thread (MLflow's store and Prefect's API are separate, so the writes overlap the
+    orchestration of the next stages) and are flushed, errors included, when the block ends.
+    """
 
     def __init__(self, ctx: StageContext, refresh: bool = False):
         self.ctx = ctx
         self.paths = ProjectPaths.at(ctx.project_dir)
         self.refresh = refresh
         self.states: dict[str, str] = {}
+        self._tracking = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rmens-tracking")
+        self._pending: list[Future] = []
+
+    def __enter__(self) -> Stager:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._tracking.shutdown(wait=True)
+        for future in self._pending:
+            future.result()  # surface a failed tracking write
 
     def __call__(self, task_obj: Task, run_name: str, /, **params: Any) -> ArtifactRef:
         stage = task_obj.name
@@ -39,7 +55,8 @@ class Stager:
             ref = ArtifactRef.model_validate(ref)
         self.states[f"{stage}:{run_name}"] = state.name
         if state.name == "Cached":
-            record_cache_hit(self.ctx, stage, ref, {"rmens.label": run_name})
+            self._pending.append(self._tracking.submit(record_cache_hit, self.ctx, stage, ref,
+                                                       {"rmens.label": run_name}))
         return ref
 
 

@@ -17,8 +17,8 @@ from tasks.tracking import parent_run
 @flow(name="rmens-evaluate", validate_parameters=True)
 def evaluate(config: EvaluateFlowConfig = EvaluateFlowConfig(), refresh: bool = False) -> dict:
     paths = ProjectPaths.at(config.project_dir).make()
-    with parent_run(paths, f"evaluate:{config.label}", config, tags=flow_run_tags()) as ctx:
-        stage = Stager(ctx, refresh)
+    run_name = f"evaluate:{config.label}"
+    with parent_run(paths, run_name, config, tags=flow_run_tags()) as ctx, Stager(ctx, refresh) as stage:
         stage(prepare_models, "models", names=[config.policy])
         judge = train_judge(stage, config)
         result = stage(evaluate_task, config.label, label=config.label, policy=config.policy,

@@ -72,8 +72,8 @@ def pipeline(config: PipelineConfig | None = None, preset: str = "smoke", overri
     """
     config = config or load_preset(preset, overrides)
     paths = ProjectPaths.at(config.project_dir).make()
-    with parent_run(paths, f"pipeline:{config.name}", config, tags=flow_run_tags()) as ctx:
-        stage = Stager(ctx, refresh)
+    run_name = f"pipeline:{config.name}"
+    with parent_run(paths, run_name, config, tags=flow_run_tags()) as ctx, Stager(ctx, refresh) as stage:
         stage(prepare_models, "models", names=[config.ensemble.backbone, config.policy])
         data = stage(prepare_data, "arms", data=config.data)
         judge = train_judge(stage, config)

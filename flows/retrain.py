@@ -21,8 +21,8 @@ def retrain(config: RetrainConfig = RetrainConfig(), refresh: bool = False) -> d
     paths = ProjectPaths.at(config.project_dir).make()
     if not config.log_model:
         raise ValueError("retrain compares registered models: log_model must be true")
-    with parent_run(paths, f"retrain:{config.label}", config, tags=flow_run_tags()) as ctx:
-        stage = Stager(ctx, refresh)
+    run_name = f"retrain:{config.label}"
+    with parent_run(paths, run_name, config, tags=flow_run_tags()) as ctx, Stager(ctx, refresh) as stage:
         data, model = train_steps(stage, config)
         held_out = read_pairs(data, "val")
         if not held_out:

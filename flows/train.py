@@ -25,8 +25,8 @@ def train_steps(stage: Stager, config: TrainFlowConfig) -> tuple[ArtifactRef, Ar
 @flow(name="rmens-train", validate_parameters=True)
 def train(config: TrainFlowConfig = TrainFlowConfig(), refresh: bool = False) -> dict:
     paths = ProjectPaths.at(config.project_dir).make()
-    with parent_run(paths, f"train:{config.label}", config, tags=flow_run_tags()) as ctx:
-        stage = Stager(ctx, refresh)
+    run_name = f"train:{config.label}"
+    with parent_run(paths, run_name, config, tags=flow_run_tags()) as ctx, Stager(ctx, refresh) as stage:
         _, model = train_steps(stage, config)
     return {"ensemble": model.path, "summary": model.summary, "states": stage.states, "parent_run_id": _id(ctx)}
 

@@ -136,11 +136,10 @@ def record_cache_hit(ctx: StageContext, stage: str, ref, extra_tags: dict[str, s
     """A child run that says this stage was a cache hit, linked to the run that made the artifact."""
     client = client_for(ctx)
     tags = {"rmens.stage": stage, "rmens.cache_hit": "true", "rmens.artifact": ref.path,
-            "rmens.cached_from_run_id": ref.mlflow_run_id or "", **(extra_tags or {})}
+            "rmens.cached_from_run_id": ref.mlflow_run_id or "",
+            "mlflow.note.content": f"Cache hit: the artifact was produced by run {ref.mlflow_run_id}.",
+            **(extra_tags or {})}
     run_id = _start(client, ctx.experiment_id or setup(ctx.paths), f"{stage} (cached)", ctx.parent_run_id, tags)
-    if ref.mlflow_run_id:
-        client.set_tag(run_id, "mlflow.note.content",
-                       f"Cache hit: the artifact was produced by run {ref.mlflow_run_id}.")
     log_metrics(client, run_id, {k: v for k, v in ref.summary.items() if isinstance(v, (int, float))})
     client.set_terminated(run_id, "FINISHED")
     return run_id
