@@ -55,7 +55,8 @@ def timed_run(cmd: list[str], env: dict) -> tuple[float, str]:
 def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="rmens-bench-"))
     base_env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"}
+                "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1",
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
     base_env.pop("PREFECT_API_URL", None)
     (tmp / "prefect").mkdir()
     ephemeral, _ = timed_run([sys.executable, "-c", TRIVIAL_FLOW], base_env)

@@ -48,8 +48,9 @@ class Stager:
         key = stage_key(stage, dict(bound.arguments))
         # A cached reference to a folder that was deleted would point at nothing: recompute instead.
         missing = not (self.paths.stage_dir(stage, key) / "ref.json").is_file()
-        task_run = for_project(task_obj, self.paths, refresh=self.refresh or missing)
-        state = task_run.with_options(task_run_name=f"{stage}:{run_name}")(ctx=self.ctx, **params, return_state=True)
+        task_run = for_project(task_obj, self.paths, refresh=self.refresh or missing,
+                               task_run_name=f"{stage}:{run_name}")
+        state = task_run(ctx=self.ctx, **params, return_state=True)
         ref = state.result()
         if isinstance(ref, dict):  # JSON results come back as plain data
             ref = ArtifactRef.model_validate(ref)

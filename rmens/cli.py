@@ -55,17 +55,23 @@ def pipeline_config(args):
     return PipelineConfig.model_validate(apply_overrides(data, args.set or []))
 
 
+# What the orchestration stack reads at import; offline, telemetry only logs failures (the tests use it too).
+QUIET_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
+
+
 def prepare_environment(project_dir: str) -> None:
     """Settings Prefect and MLflow read at import: keep their state in the project, no telemetry."""
     home = Path(os.environ.get("RMENS_HOME", Path(project_dir).parent)).resolve()
     os.environ.setdefault("PREFECT_HOME", str(home / ".prefect"))
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for key, value in {**QUIET_ENV, "PREFECT_LOGGING_LEVEL": "WARNING"}.items():
+        os.environ.setdefault(key, value)
     import transformers
 
     transformers.utils.logging.disable_progress_bar()

@@ -40,26 +40,24 @@ def fitted(kind: str, params: dict, d: np.ndarray) -> np.ndarray:
     return params["alpha"] * d - params["beta"] * second
 
 
-def curve_from_bon(rows: list[dict], keys: list[str]) -> dict[str, dict]:
-    """Best-of-n rows (rmens.bon.bon_curve) -> {key: {d, score (relative to n=1), fit}}."""
-    d = [r["sqrt_kl"] for r in rows]
+def relative_curves(kind: str, d: list[float], rows: list[dict], keys: list[str]) -> dict[str, dict]:
+    """{key: {d, score relative to the first row, absolute score, fit}} for rows ordered by d."""
     out = {}
     for key in keys:
-        base = rows[0][key]
-        rel = [r[key] - base for r in rows]
-        out[key] = {"d": d, "score": rel, "absolute": [r[key] for r in rows], "fit": fit("bon", d, rel)}
+        absolute = [r[key] for r in rows]
+        rel = [value - absolute[0] for value in absolute]
+        out[key] = {"d": d, "score": rel, "absolute": absolute, "fit": fit(kind, d, rel)}
     return out
+
+
+def curve_from_bon(rows: list[dict], keys: list[str]) -> dict[str, dict]:
+    """Best-of-n rows (rmens.bon.bon_curve) -> curves relative to n = 1, with the Best-of-n fit."""
+    return relative_curves("bon", [r["sqrt_kl"] for r in rows], rows, keys)
 
 
 def curve_from_points(points: list[dict], keys: list[str]) -> dict[str, dict]:
-    """PPO evaluations [{kl, <key>...}] in training order -> {key: {d, score (relative to first), fit}}."""
-    d = [math.sqrt(max(p["kl"], 0.0)) for p in points]
-    out = {}
-    for key in keys:
-        base = points[0][key]
-        rel = [p[key] - base for p in points]
-        out[key] = {"d": d, "score": rel, "absolute": [p[key] for p in points], "fit": fit("rl", d, rel)}
-    return out
+    """PPO evaluations [{kl, <key>...}] in training order -> curves relative to the first, with the RL fit."""
+    return relative_curves("rl", [math.sqrt(max(p["kl"], 0.0)) for p in points], points, keys)
 
 
 def save_curves(curves: dict[str, dict], kind: str, folder: str | Path, title: str) -> dict[str, Path]:
