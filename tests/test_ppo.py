@@ -147,13 +147,17 @@ def test_bad_prompts_are_errors(tmp_path):
         config(rollout_batch_size=6, step_batch_size=4)
 
 
-def test_full_finetuning_with_reward_initialised_value_model(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_reward_initialised_value_model(tmp_path, tiny_tokenizer, use_lora):
     ensemble = build_ensemble(EnsembleConfig(kind="linear", k=2, backbone=TINY)).eval()
     ensemble.save(tmp_path / "rm", tiny_tokenizer)
-    cfg = config(steps=2, use_lora=False, lr=1e-4, value_model="reward")
+    cfg = config(steps=2, use_lora=use_lora, lr=1e-4, value_model="reward")
     trainer = PPOTrainer(cfg, synthetic_prompts(8), CallableReward(e_count), tmp_path / "ppo",
                          reward_folder=tmp_path / "rm")
     torch.testing.assert_close(trainer.unwrapped.value_head.weight[0], ensemble.heads.weight.mean(dim=0))
+    trainable = [n for n, p in trainer.unwrapped.named_parameters() if p.requires_grad]
+    assert any(n.startswith("value_backbone") for n in trainable)
+    assert all("lora_" in n or n.startswith("value_head") for n in trainable) == use_lora
     history = trainer.train().history
     assert history[0]["kl"] == 0.0 and math.isfinite(history[1]["kl"])
 

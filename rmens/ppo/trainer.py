@@ -14,6 +14,7 @@ batch; whitening statistics and the KL used by the controller are reduced across
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -177,10 +178,10 @@ def _value_from_reward(cfg: PPOConfig, reward_folder, lora) -> tuple[nn.Module, 
     with torch.no_grad():
         head.weight.copy_(heads["weight"].mean(dim=0, keepdim=True))
         head.bias.copy_(heads["bias"].mean().reshape(1))
-    if lora is not None:
+    if lora is not None:  # the value model trains like the policy: under LoRA, with the same settings
         from peft import get_peft_model
 
-        backbone = get_peft_model(backbone, lora.__class__(**{**lora.to_dict(), "task_type": None}))
+        backbone = get_peft_model(backbone, copy.deepcopy(lora))
     return backbone, head
 
 
