@@ -136,3 +136,32 @@ def test_retrain_promotes_only_a_better_model(harness, tmp_path):
     latest = max(runs, key=lambda r: r.info.start_time if r.data.tags.get("rmens.decision") else 0)
     assert latest.data.tags["rmens.decision"] == "kept" and "kept the champion" in latest.data.tags["rmens.reason"]
     json.dumps(worse)
+
+
+def test_two_concurrent_runs_of_one_stage_compute_it_once(harness, tmp_path):
+    from prefect import flow
+
+    from rmens.config import DataConfig
+    from tasks.common import for_project
+    from tasks.paths import ProjectPaths
+    from tasks.prepare_data import prepare_data
+    from tasks.tracking import parent_run
+
+    paths = ProjectPaths.at(tmp_path).make()
+    config = DataConfig(source="synthetic", max_pairs=32)
+
+    @flow
+    def twice():
+        with parent_run(paths, "lock-test", config) as ctx:
+            bound = for_project(prepare_data, paths)
+            futures = [bound.submit(ctx=ctx, data=config) for _ in range(2)]
+            for future in futures:
+                future.wait()
+            return [future.state for future in futures]
+
+    states = twice()
+    assert sorted(s.name for s in states) == ["Cached", "Completed"]
+    assert states[0].result().path == states[1].result().path
+    _, runs = runs_of(tmp_path)
+    built = [r for r in runs if r.data.tags.get("rmens.stage") == "prepare_data"]
+    assert len(built) == 1, "the waiting run read the result instead of building it again"
