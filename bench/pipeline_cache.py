@@ -78,7 +78,7 @@ def main() -> int:
         server.wait(30)
 
     def flow_seconds(text: str) -> float:
-        return float(re.search(r"finished in (\d+) s", text).group(1))
+        return float(re.search(r"finished in ([\d.]+) s", text).group(1))
 
     def cached(text: str) -> str:
         return re.search(r"stages: (\d+ \(\d+ served from Prefect's cache\))", text).group(1)

@@ -150,7 +150,7 @@ def cmd_run(args) -> int:
     from tasks.paths import ProjectPaths
 
     paths = ProjectPaths.at(config.project_dir)
-    print(f"\nrmens pipeline '{config.name}' finished in {time.perf_counter() - start:.0f} s")
+    print(f"\nrmens pipeline '{config.name}' finished in {time.perf_counter() - start:.1f} s")
     print(f"  report:          {result['report']}/report.md")
     print(f"  artifacts:       {paths.artifacts}")
     print(f"  MLflow store:    {paths.tracking_uri}  (parent run {result['parent_run_id']})")
