@@ -18,22 +18,19 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import json
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 import transformers
+from results import OUT, save_results
 
 from rmens.config import EnsembleConfig, LoraSettings, TrainConfig
 from rmens.data.loaders import synthetic_pairs
 from rmens.models.backbone import SMOLLM2_ALIAS, TINY_ALIAS, load_tokenizer, resolve_model
 from rmens.models.ensemble import build_ensemble, to_lora
 from rmens.training.trainer import bradley_terry_loss, train_ensemble
-
-OUT = Path(__file__).parent / "out"
 
 
 def make_arm(backbone: str, kind: str, k: int, top: float = 0.25):
@@ -209,16 +206,12 @@ def main() -> int:
         "lora k=5 memory <= 1.10x": by_arm["lora k=5 top 1/4"]["memory_ratio"] <= 1.10,
     }
     lines += [f"target {name}: {'met' if ok else 'NOT met'}" for name, ok in targets.items()]
-    text = "\n".join(lines)
-    print(text)
-    OUT.mkdir(exist_ok=True)
     stem = "ensemble_cost_quick" if args.quick else "ensemble_cost"
     result = {"backbone": backbone, "machine": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "repeats": repeats, "score_shape": score_shape,
               "train_batch": [train_pairs, train_len], "rows": rows, "trl": trl, "targets": targets,
               "python": sys.version.split()[0], "torch": torch.__version__}
-    (OUT / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (OUT / f"{stem}.txt").write_text(text + "\n")
+    save_results(stem, result, lines)
     return 0
 
 

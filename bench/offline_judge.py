@@ -17,9 +17,9 @@ import json
 import random
 import sys
 import time
-from pathlib import Path
 
 import transformers
+from results import OUT, save_results
 
 from rmens.config import DataConfig, EnsembleConfig, GenerationConfig, TrainConfig
 from rmens.data.loaders import data_root, load_pairs
@@ -30,8 +30,6 @@ from rmens.evaluation.offline_judge import agreement_report, judge_split
 from rmens.generation import generate
 from rmens.models.backbone import load_policy, load_tokenizer
 from rmens.training.trainer import train_ensemble
-
-OUT = Path(__file__).parent / "out"
 
 
 def main() -> int:
@@ -100,11 +98,7 @@ def main() -> int:
                  f"{results['mt_bench']['score']:.2f} (turn 1 {results['mt_bench']['turn_1']:.2f}, "
                  f"turn 2 {results['mt_bench']['turn_2']:.2f}); answering {results['mt_bench_answer_s']:.0f} s, "
                  f"grading {results['mt_bench_grade_s']:.1f} s")
-    text = "\n".join(lines)
-    print(text)
-    OUT.mkdir(exist_ok=True)
-    (OUT / "offline_judge.json").write_text(json.dumps(results, indent=2))
-    (OUT / "offline_judge.txt").write_text(text + "\n")
+    save_results("offline_judge", results, lines)
     return 0
 
 

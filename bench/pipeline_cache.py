@@ -10,7 +10,6 @@ time (what `rmens run` reports) is shown next to it. Results: bench/out/pipeline
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -21,7 +20,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-OUT = Path(__file__).parent / "out"
+from results import save_results
+
 TRIVIAL_FLOW = "from prefect import flow\n@flow\ndef f():\n    return 1\nf()\n"
 
 
@@ -101,11 +101,7 @@ def main() -> int:
         f"{'met' if result['ratio'] <= 0.10 else 'NOT met'}); flow time only: "
         f"{result['second_flow_s'] / result['first_flow_s']:.2f}",
     ]
-    text = "\n".join(lines)
-    print(text)
-    OUT.mkdir(exist_ok=True)
-    (OUT / "pipeline_cache.json").write_text(json.dumps(result, indent=2))
-    (OUT / "pipeline_cache.txt").write_text(text + "\n")
+    save_results("pipeline_cache", result, lines)
     return 0
 
 

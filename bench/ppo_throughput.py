@@ -17,14 +17,13 @@ Results go to bench/out/ppo_throughput[_quick].json and .txt.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import transformers
+from results import save_results
 
 from rmens.config import EnsembleConfig, GenerationConfig, LoraSettings, PPOConfig
 from rmens.data.loaders import synthetic_pairs
@@ -32,8 +31,6 @@ from rmens.models.backbone import SMOLLM2_ALIAS, TINY_ALIAS, load_tokenizer
 from rmens.models.ensemble import build_ensemble, to_lora
 from rmens.ppo.trainer import PPOTrainer
 from rmens.reward import EnsembleReward
-
-OUT = Path(__file__).parent / "out"
 
 
 class TimedReward:
@@ -102,14 +99,9 @@ def main() -> int:
     targets = {"linear k=5 adds <= 5%": best["linear k=5"]["ratio"] <= 1.05,
                "lora k=5 adds <= 25%": best["lora k=5 top 1/4"]["ratio"] <= 1.25}
     lines += [f"target {name}: {'met' if ok else 'NOT met'}" for name, ok in targets.items()]
-    text = "\n".join(lines)
-    print(text)
-    OUT.mkdir(exist_ok=True)
     stem = "ppo_throughput_quick" if args.quick else "ppo_throughput"
-    (OUT / f"{stem}.json").write_text(json.dumps({"policy": model, "rounds": rounds, "threads": torch.get_num_threads(),
-                                                  "rollout_batch": 8, "max_new_tokens": 24, "rows": best,
-                                                  "targets": targets}, indent=2))
-    (OUT / f"{stem}.txt").write_text(text + "\n")
+    save_results(stem, {"policy": model, "rounds": rounds, "threads": torch.get_num_threads(), "rollout_batch": 8,
+                  "max_new_tokens": 24, "rows": best, "targets": targets}, lines)
     return 0
 
 

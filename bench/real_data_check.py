@@ -16,9 +16,9 @@ import json
 import random
 import sys
 import time
-from pathlib import Path
 
 import transformers
+from results import save_results, write_json
 
 from rmens.config import DataConfig, EnsembleConfig, LoraSettings, TrainConfig
 from rmens.data.loaders import load_pairs
@@ -28,8 +28,6 @@ from rmens.evaluation.reward_model import evaluate_reward_model
 from rmens.models.backbone import load_tokenizer
 from rmens.reward import EnsembleReward
 from rmens.training.trainer import train_ensemble
-
-OUT = Path(__file__).parent / "out"
 
 
 def main() -> int:
@@ -73,17 +71,14 @@ def main() -> int:
                                  "train_wall_s": train_s, "eval_wall_s": score_s,
                                  "steps": {k: s.steps for k, s in result.stages.items()}}
         print(json.dumps({name: results["arms"][name]}, indent=2), flush=True)
-        OUT.mkdir(exist_ok=True)
-        (OUT / "real_data_check.json").write_text(json.dumps(results, indent=2))
+        write_json("real_data_check", results)  # after every arm, so a long run keeps what it finished
     lines = [f"held-out pairs: {len(held)} (instructions unseen in training); 'longer wins' rule: "
              f"{results['length_rule_accuracy']:.3f}",
              f"{'arm':<12}{'accuracy':>10}{'longer lost':>13}{'ECE':>8}{'train':>10}{'eval':>8}"]
     for name, row in results["arms"].items():
         lines.append(f"{name:<12}{row['agreement']:>10.3f}{row['agreement_longer_lost']:>13.3f}{row['ece']:>8.3f}"
                      f"{row['train_wall_s'] / 60:>8.1f}min{row['eval_wall_s']:>7.0f}s")
-    text = "\n".join(lines)
-    print(text)
-    (OUT / "real_data_check.txt").write_text(text + "\n")
+    save_results("real_data_check", results, lines)
     return 0
 
 
