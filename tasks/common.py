@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,13 +61,27 @@ def stage_task(stage: str, *, timeout_seconds: float, retries: int = 2) -> Calla
     return decorate
 
 
+class SettledLockManager(FileSystemLockManager):
+    """Prefect's file lock, read safely. Prefect creates a lock file empty and writes its holder a moment
+    later; a second flow that reads it in between got an EOF error and failed its task. An unreadable
+    lock file is one being written, so read it again after a pause."""
+
+    def _get_lock_info(self, key: str, use_cache: bool = True):
+        for _ in range(100):
+            try:
+                return super()._get_lock_info(key, use_cache)
+            except ValueError:  # empty or half-written JSON
+                time.sleep(0.01)
+        return super()._get_lock_info(key, use_cache)
+
+
 def for_project(stage_task_obj: Task, paths: ProjectPaths, refresh: bool = False,
                 task_run_name: str | None = None) -> Task:
     """The task bound to a project's result store, with a file lock so that two flows never compute
     the same artifact at once (SERIALIZABLE: the second waits, then reads the cached result)."""
     policy = CacheKeyFnPolicy(cache_key_fn=stage_task_obj.cache_policy.cache_key_fn).configure(
         isolation_level=IsolationLevel.SERIALIZABLE,
-        lock_manager=FileSystemLockManager(lock_files_directory=paths.locks))
+        lock_manager=SettledLockManager(lock_files_directory=paths.locks))
     # One with_options call: building a Prefect Task is not free (about 20 ms), and cached runs are short.
     return stage_task_obj.with_options(cache_policy=policy, result_storage=paths.results, refresh_cache=refresh or None,
                                        task_run_name=task_run_name or stage_task_obj.name)
