@@ -10,12 +10,13 @@ ensemble or rule never regenerates:
 The estimate for n uses all N samples (Nakano et al. 2021, App. I; Coste et al. 2023, App. B): with
 the samples of a prompt sorted by proxy score, the i-th smallest (1-based) is the best of a random
 n-subset with probability C(i-1, n-1) / C(N, n), so the expected score of the selected sample is the
-weighted sum of the samples' scores. KL(best-of-n || policy) is taken as log n - (n-1)/n, which is an
-upper bound (Beirami et al. 2024).
+weighted sum of the samples' scores; tied proxy scores share their probability evenly.
+KL(best-of-n || policy) is taken as log n - (n-1)/n, which is an upper bound (Beirami et al. 2024).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -40,21 +41,41 @@ def bon_ns(n_samples: int) -> list[int]:
     return ns + [n_samples]
 
 
+@functools.lru_cache(maxsize=256)
 def selection_weights(n_samples: int, n: int) -> torch.Tensor:
-    """P(the i-th smallest of N is the maximum of a uniformly random n-subset), i = 1..N."""
+    """P(the i-th smallest of N is the maximum of a uniformly random n-subset), i = 1..N (do not modify)."""
     if not 1 <= n <= n_samples:
         raise ValueError(f"n must be in [1, N={n_samples}], got {n}")
     total = math.comb(n_samples, n)
     return torch.tensor([math.comb(i - 1, n - 1) / total for i in range(1, n_samples + 1)], dtype=torch.float64)
 
 
+def selection_probabilities(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """P(each of the N samples is the one the proxy picks from a uniformly random n-subset): [N] -> [N].
+
+    Samples with equal scores split their block's probability evenly (the pick among tied maxima is
+    uniformly random), so a constant score gives every sample 1/N whatever n is.
+    """
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be one-dimensional [N], got shape {tuple(scores.shape)}")
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"non-finite proxy score at sample(s) {bad}")
+    order = torch.argsort(scores.double(), stable=True)
+    by_rank = selection_weights(len(scores), n)
+    _, block, counts = torch.unique_consecutive(scores.double()[order], return_inverse=True, return_counts=True)
+    block_mass = torch.zeros(len(counts), dtype=torch.float64).index_add_(0, block, by_rank)
+    probs = torch.empty(len(scores), dtype=torch.float64)
+    probs[order] = (block_mass / counts)[block]
+    return probs
+
+
 def expected_best_of_n(proxy: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
     """Per prompt, the expected `target` score of the sample the proxy picks from n: [P, N] -> [P]."""
     if proxy.shape != target.shape or proxy.dim() != 2:
         raise ValueError(f"proxy {tuple(proxy.shape)} and target {tuple(target.shape)} must both be [prompts, N]")
-    order = torch.argsort(proxy.double(), dim=1, stable=True)
-    sorted_target = torch.gather(target.double(), 1, order)
-    return sorted_target @ selection_weights(proxy.shape[1], n)
+    probs = torch.stack([selection_probabilities(row, n) for row in proxy])
+    return (probs * target.double()).sum(dim=1)
 
 
 def bon_curve(proxy: torch.Tensor, targets: dict[str, torch.Tensor], ns: list[int] | None = None) -> list[dict]:

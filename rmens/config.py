@@ -392,6 +392,19 @@ class PipelineConfig(StrictModel):
     log_models: bool = Field(True, description="Log each ensemble as an MLflow pyfunc model (copies the weights).")
 
 
+def derive(config: BaseModel, **changes: Any) -> Any:
+    """A copy of `config` with `changes` applied (nested mappings merge) and validated as a new object;
+    `model_copy(update=...)` would skip validation and let an inconsistent combination through."""
+    return type(config).model_validate(_merge(config.model_dump(), changes))
+
+
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merge(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

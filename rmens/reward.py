@@ -48,40 +48,58 @@ class RewardFn(Protocol):
 
 
 class EnsembleReward:
-    """Aggregated ensemble reward; every member is scored in the same forward."""
+    """Aggregated ensemble reward; every member is scored in the same forward.
+
+    precision: 'auto' scores under bf16 autocast on a GPU that supports it (5x faster than fp32 on an
+    H200 for the same batch) and in fp32 elsewhere (bf16 is several times slower on most CPUs).
+    """
 
     def __init__(self, ensemble: RewardEnsemble, tokenizer, aggregation: AggregationConfig | None = None,
-                 batch_size: int = 16, max_length: int | None = None):
+                 batch_size: int = 16, max_length: int | None = None, precision: str = "auto"):
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
         self.ensemble = ensemble.eval()
         self.aggregation = aggregation or AggregationConfig()
         self.batch_size = batch_size
+        self.precision = precision
         length = max_length or ensemble.config.max_length
         self.encoder = PairEncoder(tokenizer, length, ensemble.config.max_prompt_length)
         self.pad_id = tokenizer.pad_token_id
 
     @classmethod
-    def from_folder(cls, path: str | Path, aggregation: AggregationConfig | None = None, **kwargs) -> EnsembleReward:
+    def from_folder(cls, path: str | Path, aggregation: AggregationConfig | None = None,
+                    device: str | torch.device | None = None, **kwargs) -> EnsembleReward:
+        """A saved ensemble, on `device` (default: the GPU when there is one, else the CPU)."""
         ensemble, tokenizer = load_ensemble(path)
         if tokenizer is None:
             raise FileNotFoundError(f"{path} holds no tokenizer/ folder; save the ensemble with its tokenizer")
-        return cls(ensemble, tokenizer, aggregation, **kwargs)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(ensemble.to(device), tokenizer, aggregation, **kwargs)
 
     @property
     def k(self) -> int:
         return self.ensemble.k
 
+    def _autocast(self, device: torch.device):
+        bf16 = self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda"
+                                            and torch.cuda.is_bf16_supported())
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
     @torch.no_grad()
     def member_scores(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        seqs = [self.encoder.encode(p, r) for p, r in zip(prompts, responses)]
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # batch similar lengths together
+        """[k, n] member rewards. Tokenised in one batched call, batched by length (little padding), and
+        kept on the device until the end (no synchronisation per batch)."""
+        seqs = self.encoder.encode_batch(prompts, responses)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         device = next(self.ensemble.parameters()).device
+        parts = []
+        with self._autocast(device):
+            for start in range(0, len(order), self.batch_size):
+                batch = pad_batch([seqs[i] for i in order[start: start + self.batch_size]], self.pad_id)
+                parts.append(self.ensemble(**{k: v.to(device, non_blocking=True) for k, v in batch.items()}).float())
         out = torch.empty(self.ensemble.k, len(seqs))
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start: start + self.batch_size]
-            batch = pad_batch([seqs[i] for i in rows], self.pad_id)
-            out[:, rows] = self.ensemble(**{k: v.to(device) for k, v in batch.items()}).float().cpu()
+        if parts:
+            out[:, order] = torch.cat(parts, dim=1).cpu()
         return out
 
     def __call__(self, prompts: list[str], responses: list[str]) -> Rewards:

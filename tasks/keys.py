@@ -6,15 +6,14 @@ fingerprint here hashes the source files of every module that computes the stage
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.util
 import json
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
+from rmens.fingerprint import source_fingerprint
 from tasks.refs import ArtifactRef
 
 # Modules whose source decides each stage's output.
@@ -33,22 +32,10 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
 }
 
 
-def _module_files(name: str) -> list[Path]:
-    """Source files of a module or package, found without importing it (a cached run stays light)."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(f"no module {name} to fingerprint")
-    path = Path(spec.origin)
-    return sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
-
-
-@functools.cache
 def code_fingerprint(stage: str) -> str:
-    digest = hashlib.sha256()
-    for name in STAGE_CODE[stage] + (f"tasks.{stage}",):
-        for path in _module_files(name):
-            digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
+    """The stage's library modules and its task module (tasks/<stage>.py, where it has one of its own)."""
+    own = (f"tasks.{stage}",) if importlib.util.find_spec(f"tasks.{stage}") else ()
+    return source_fingerprint(STAGE_CODE[stage] + own)
 
 
 def _canonical(value: Any) -> Any:

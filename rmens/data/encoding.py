@@ -8,6 +8,7 @@ then the response's tail, so that the response (where the reward is read) is nev
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Union
 
@@ -71,6 +72,32 @@ class PairEncoder:
         keep_prompt = min(len(prompt_ids), max(self.max_prompt_length, self.max_length - len(response_ids)))
         keep_response = self.max_length - keep_prompt
         return prompt_ids[len(prompt_ids) - keep_prompt:] + response_ids[:keep_response]
+
+    def encode_batch(self, prompts: list[Prompt], responses: list[str]) -> list[list[int]]:
+        """`encode` for many (prompt, response) at once, the same ids: each distinct prompt is rendered and
+        tokenised once, and all texts go through the fast tokenizer in one batched call.
+
+        Responses are first cut far beyond the last token that can be kept (no token decodes to more
+        characters than its vocabulary string), so a huge response costs no more than a long one.
+        """
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if not prompts:
+            return []
+        keys = [prompt if isinstance(prompt, str) else repr(prompt) for prompt in prompts]
+        unique = dict(zip(keys, prompts))
+        prompt_ids = dict(zip(unique, self._tokenize([render_prompt(self.tokenizer, p) for p in unique.values()])))
+        limit = self.max_length * self._max_token_chars
+        texts = [render_response(self.tokenizer, p, r[:limit]) for p, r in zip(prompts, responses)]
+        return [self.join(prompt_ids[key], ids) for key, ids in zip(keys, self._tokenize(texts))]
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    @functools.cached_property
+    def _max_token_chars(self) -> int:
+        # Two extra tokens' worth: a cut inside a word can re-merge the tokens just before it.
+        return max(len(token) for token in self.tokenizer.get_vocab()) + 2
 
     def encode_pair(self, pair: PreferencePair) -> tuple[list[int], list[int]]:
         prompt_ids = self.prompt_ids(pair.prompt)

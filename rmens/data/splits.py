@@ -9,7 +9,7 @@ import random
 from rmens.data.schema import PreferencePair
 
 
-def _unit_hash(text: str, salt: str) -> float:
+def unit_hash(text: str, salt: str) -> float:
     """A stable number in [0, 1) for a string: the same on every machine and Python run."""
     digest = hashlib.sha256(f"{salt}\x00{text}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
@@ -31,7 +31,7 @@ def split_by_instruction(
         raise ValueError(f"split fraction must be in [0, 1), got {fraction}")
     rest, held = [], []
     for pair in pairs:
-        (held if _unit_hash(pair.prompt, salt) < fraction else rest).append(pair)
+        (held if unit_hash(pair.prompt, salt) < fraction else rest).append(pair)
     return rest, held
 
 

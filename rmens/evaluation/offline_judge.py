@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from rmens.data.schema import PreferencePair
 from rmens.data.splits import split_by_instruction
-from rmens.evaluation.rm_metrics import pairwise_accuracy
+from rmens.evaluation.rm_metrics import length_metrics, pairwise_accuracy
 from rmens.reward import RewardFn
 
 JUDGE_SALT = "offline-judge"
@@ -20,27 +20,27 @@ def judge_split(pairs: list[PreferencePair], held_out_fraction: float = 0.2):
     return split_by_instruction(pairs, held_out_fraction, salt=JUDGE_SALT)
 
 
-def length_rule_accuracy(pairs: list[PreferencePair]) -> float:
-    """Accuracy of "the longer response wins" (ties count one half)."""
+def _lengths(pairs: list[PreferencePair]):
     import torch
 
-    margins = torch.tensor([float(len(p.chosen) - len(p.rejected)) for p in pairs])
-    return pairwise_accuracy(margins)
+    return torch.tensor([len(p.chosen) for p in pairs]), torch.tensor([len(p.rejected) for p in pairs])
+
+
+def length_rule_accuracy(pairs: list[PreferencePair]) -> float:
+    """Accuracy of "the longer response wins" (ties count one half)."""
+    chosen, rejected = _lengths(pairs)
+    return pairwise_accuracy((chosen - rejected).double())
 
 
 def agreement_report(judge: RewardFn, pairs: list[PreferencePair]) -> dict:
     """Agreement of a reward judge with the pairs' labels (GPT-4's verdicts), overall and where the longer lost."""
-    import torch
-
     prompts = [p.prompt for p in pairs]
-    chosen = judge(prompts, [p.chosen for p in pairs]).scores
-    rejected = judge(prompts, [p.rejected for p in pairs]).scores
-    margins = (chosen - rejected).float()
-    longer_lost = torch.tensor([len(p.chosen) < len(p.rejected) for p in pairs])
+    margins = (judge(prompts, [p.chosen for p in pairs]).scores - judge(prompts, [p.rejected for p in pairs]).scores)
+    by_length = length_metrics(margins.float(), *_lengths(pairs))
     return {
         "n_pairs": len(pairs),
-        "agreement": pairwise_accuracy(margins),
-        "n_longer_lost": int(longer_lost.sum()),
-        "agreement_longer_lost": pairwise_accuracy(margins[longer_lost]) if longer_lost.any() else float("nan"),
-        "length_rule_agreement": length_rule_accuracy(pairs),
+        "agreement": pairwise_accuracy(margins.float()),
+        "n_longer_lost": by_length["n_longer_lost"],
+        "agreement_longer_lost": by_length["accuracy_longer_lost"],
+        "length_rule_agreement": by_length["length_rule_accuracy"],
     }

@@ -47,8 +47,10 @@ def sequence_kl(model, reference, batch: dict, temperature: float) -> torch.Tens
 
 def evaluate_run(run_dir: str | Path, prompts: list[str], scorers: dict[str, RewardFn],
                  samples_per_prompt: int = 1, generation: GenerationConfig | None = None,
-                 reward_folder=None) -> list[dict]:
-    """For the initial policy and every checkpoint: mean KL to the initial policy and mean scores."""
+                 reward_folder=None, keep_samples: bool = False) -> list[dict]:
+    """For the initial policy and every checkpoint: mean KL to the initial policy, mean scores and the mean
+    length of the answers in characters; with `keep_samples`, also every answer and its scores
+    (`samples`: {"responses": [...], <scorer>: [...]}, in the order of the repeated prompts)."""
     from rmens.models.backbone import load_tokenizer
 
     points = []
@@ -61,8 +63,14 @@ def evaluate_run(run_dir: str | Path, prompts: list[str], scorers: dict[str, Rew
         batch = pack_rollout(samples.prompt_ids, samples.response_ids, tokenizer.pad_token_id)
         kl = sequence_kl(model, reference, batch, gen.temperature)
         point = {"step": 0 if checkpoint is None else int(checkpoint.name.split("-")[1]),
-                 "kl": float(kl.mean()), "response_length": float(batch["mask"].sum(1).mean())}
+                 "kl": float(kl.mean()), "response_length": float(batch["mask"].sum(1).mean()),
+                 "response_chars": sum(map(len, samples.texts)) / len(samples.texts)}
+        kept = {"responses": samples.texts}
         for name, scorer in scorers.items():
-            point[name] = float(scorer(repeated, samples.texts).check(len(repeated), name).scores.mean())
+            scores = scorer(repeated, samples.texts).check(len(repeated), name).scores
+            point[name] = float(scores.mean())
+            kept[name] = scores.tolist()
+        if keep_samples:
+            point["samples"] = kept
         points.append(point)
     return points

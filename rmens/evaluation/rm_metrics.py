@@ -96,3 +96,18 @@ def scalar_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
     for bucket in metrics.get("disagreement", []):
         out[f"{prefix}accuracy_disagreement_q{bucket['bucket']}"] = float(bucket["accuracy"])
     return out
+
+
+def length_metrics(margins: torch.Tensor, len_chosen: torch.Tensor, len_rejected: torch.Tensor) -> dict:
+    """Accuracy where the longer response lost, next to the "longer wins" rule on the same pairs.
+
+    Preference data such as AlpacaEval's GPT-4 verdicts favour the longer response 84-91% of the time,
+    so overall accuracy alone cannot tell a reward model from a length detector. `margins` are the
+    (ensemble) margins r(chosen) - r(rejected) [n]; lengths in any unit.
+    """
+    longer_lost = len_chosen < len_rejected
+    return {
+        "n_longer_lost": int(longer_lost.sum()),
+        "accuracy_longer_lost": pairwise_accuracy(margins[longer_lost]) if bool(longer_lost.any()) else float("nan"),
+        "length_rule_accuracy": pairwise_accuracy((len_chosen - len_rejected).double()),
+    }
