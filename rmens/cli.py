@@ -3,6 +3,7 @@
     rmens run [--preset smoke|cpu|gpu] [--config FILE] [--set KEY=VALUE ...]   the whole pipeline (Prefect + MLflow)
     rmens ui [--preset ...]                                                     MLflow UI on the project's store
     rmens server start|stop|status                                              a persistent local Prefect API
+    rmens experiment [--size tiny|cpu|gpu-check|gpu] [--eval-data DIR] [--out DIR]  the reference experiment
     rmens flow train|evaluate|retrain --config FILE                             the other flows
     rmens train / ppo                                                           single stages, no Prefect/MLflow
     rmens prepare-model NAME                                                    convert/build a model alias once
@@ -160,6 +161,25 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    from rmens.experiment.config import load_experiment
+
+    config = load_experiment(args.size, args.set, eval_data=args.eval_data, data_dir=args.data_dir)
+    out = args.out or f"runs/experiment-{args.size}"
+    prepare_environment(out)
+    from flows.experiment import experiment
+
+    start = time.perf_counter()
+    result = experiment(config=config, out=out, part=args.part, refresh=args.refresh)
+    cached = sum(1 for s in result["states"].values() if s == "Cached")
+    print(f"\nrmens experiment '{args.size}' ({args.part}) finished in {time.perf_counter() - start:.1f} s")
+    print(f"  report:        {result['report']}")
+    print(f"  Best-of-n:     {result['logged_bon']} (and logged_bon_<judge>.png)")
+    print(f"  MLflow:        rmens ui --project-dir {result['out']}  (parent run {result['parent_run_id']})")
+    print(f"  steps: {len(result['states'])} ({cached} served from Prefect's cache)")
+    return 0
+
+
 def cmd_ui(args) -> int:
     project = args.project_dir or preset_data(args.preset)["project_dir"]
     from tasks.paths import ProjectPaths
@@ -255,6 +275,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--refresh", action="store_true", help="recompute every stage, ignoring caches")
     run.set_defaults(func=cmd_run)
 
+    from rmens.experiment.config import SIZES
+
+    sizes = "\n".join(f"  {name:<10} {text}" for name, text in SIZES.items())
+    exp = sub.add_parser("experiment", help="the reference experiment: do ensembles help, judged by AlpacaEval's "
+                                            "own verdicts? (Prefect flow + MLflow)",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Train the gold judge and every arm, score logged AlpacaEval outputs once per "
+                                     "model, compute Best-of-n win rates from the real judge's verdicts, run PPO "
+                                     "judged by the gold model, and write a report that says where the results "
+                                     "agree with Zhang et al. and Coste et al. `python bench/reference_experiment.py` "
+                                     f"runs the same steps without Prefect or MLflow.\n\nsizes:\n{sizes}")
+    exp.add_argument("--size", default="tiny", choices=list(SIZES))
+    exp.add_argument("--eval-data", help="folder of AE-format files (ae1_gpt4_pairs*.jsonl.gz, "
+                                         "ae2_gpt4turbo_pairs*.jsonl.gz) whose instructions are the evaluation pools; "
+                                         "default: a held-out quarter of the training folder's instructions")
+    exp.add_argument("--data-dir", help="folder of training verdicts (default $RMENS_DATA_DIR/alpaca_eval)")
+    exp.add_argument("--out", help="output and project folder (default runs/experiment-<size>)")
+    exp.add_argument("--part", choices=["rewards", "all"], default="all", help="rewards: stop before PPO")
+    exp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. --set ppo.steps=4")
+    exp.add_argument("--refresh", action="store_true", help="recompute every step, ignoring caches")
+    exp.set_defaults(func=cmd_experiment)
+
     ui = sub.add_parser("ui", help="open the MLflow UI on a project's store (compare arms there)")
     ui.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
     ui.add_argument("--project-dir", help="project folder (default: the preset's)")
@@ -299,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except (ValidationError, ValueError, FileNotFoundError) as err:
+    except (ValidationError, ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"rmens: error: {err}", file=sys.stderr)
         return 2
 

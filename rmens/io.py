@@ -18,6 +18,10 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
+def write_json(path: str | Path, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2))
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     return atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 

@@ -89,7 +89,7 @@ def for_project(stage_task_obj: Task, paths: ProjectPaths, refresh: bool = False
 
 def run_stage(ctx: StageContext, stage: str, params: dict[str, Any],
               build: Callable[[Path, str], dict[str, Any]], log_params: dict[str, Any] | None = None,
-              resume: bool = False) -> ArtifactRef:
+              resume: bool = False, run_name: str | None = None) -> ArtifactRef:
     """Compute a stage's output folder once: reuse it when complete, else build it under an MLflow child run.
 
     `build(folder, run_id)` writes into `folder` and returns a small summary (logged as metrics).
@@ -104,8 +104,8 @@ def run_stage(ctx: StageContext, stage: str, params: dict[str, Any],
     if not resume:
         shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
-    flat = log_params if log_params is not None else _params_for_tracking(params)
-    with child_run(ctx, stage, flat, {"rmens.key": key[:16]}) as run_id:
+    flat = log_params if log_params is not None else params_for_tracking(params)
+    with child_run(ctx, stage, flat, {"rmens.key": key[:16]}, name=run_name) as run_id:
         # JSON (Prefect's result store) has no NaN: store "not available" as None from the start.
         summary = {k: (None if isinstance(v, float) and v != v else v) for k, v in build(folder, run_id).items()}
         ref = ArtifactRef(stage=stage, key=key, path=str(folder), sha256=content_hash(folder), mlflow_run_id=run_id,
@@ -117,7 +117,8 @@ def run_stage(ctx: StageContext, stage: str, params: dict[str, Any],
     return seal(ref)
 
 
-def _params_for_tracking(params: dict[str, Any]) -> dict[str, Any]:
+def params_for_tracking(params: dict[str, Any]) -> dict[str, Any]:
+    """Stage parameters as flat MLflow params: configs by field, upstream artifacts by content hash."""
     flat: dict[str, Any] = {}
     for name, value in params.items():
         if isinstance(value, ArtifactRef):

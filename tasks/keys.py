@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from rmens.experiment.plan import STEP_CODE
 from rmens.fingerprint import source_fingerprint
 from tasks.refs import ArtifactRef
 
@@ -30,6 +31,14 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
                  "tasks.judging"),
     "report": (),
 }
+
+
+def experiment_stage(step: str) -> str:
+    """The stage (task) name of a reference-experiment step (rmens.experiment.plan)."""
+    return f"experiment_{step}"
+
+
+STAGE_CODE.update({experiment_stage(step): modules + ("tasks.experiment",) for step, modules in STEP_CODE.items()})
 
 
 def code_fingerprint(stage: str) -> str:

@@ -115,12 +115,13 @@ def parent_run(paths: ProjectPaths, flow: str, config: BaseModel, tags: dict[str
 
 
 @contextlib.contextmanager
-def child_run(ctx: StageContext, stage: str, params: dict[str, Any], tags: dict[str, str] | None = None
-              ) -> Iterator[str]:
-    """A child run of the flow's run, active in this thread for the fluent API while the body runs."""
+def child_run(ctx: StageContext, stage: str, params: dict[str, Any], tags: dict[str, str] | None = None,
+              name: str | None = None) -> Iterator[str]:
+    """A child run of the flow's run (named `name`, default the stage), active in this thread for the fluent
+    API while the body runs."""
     client = client_for(ctx)
     experiment_id = ctx.experiment_id or setup(ctx.paths)
-    run_id = _start(client, experiment_id, stage, ctx.parent_run_id, {"rmens.stage": stage, **(tags or {})})
+    run_id = _start(client, experiment_id, name or stage, ctx.parent_run_id, {"rmens.stage": stage, **(tags or {})})
     log_params(client, run_id, params)
     _use(ctx.paths.tracking_uri)
     status = "FAILED"

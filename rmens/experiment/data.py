@@ -19,9 +19,9 @@ from rmens.data.schema import DataError, PreferencePair, validate_pairs
 from rmens.data.splits import unit_hash
 from rmens.evaluation.logged_bon import Pool, load_pools, read_pools, subsample_pools, write_pools
 from rmens.experiment.config import SplitConfig
+from rmens.experiment.plan import GOLD_PAIRS, PROXY_PAIRS
 from rmens.io import atomic_write_text, write_jsonl
 
-GOLD_PAIRS, PROXY_PAIRS = "gold_pairs.jsonl", "proxy_pairs.jsonl"
 EVAL_SALT, PROXY_SALT = "rmens-eval-pools", "rmens-proxy-share"
 
 

@@ -15,9 +15,25 @@ from __future__ import annotations
 from typing import Any, Literal, Protocol
 
 from rmens.experiment.config import ExperimentConfig
-from rmens.experiment.data import GOLD_PAIRS, PROXY_PAIRS
 
 Part = Literal["rewards", "all"]
+GOLD_PAIRS, PROXY_PAIRS = "gold_pairs.jsonl", "proxy_pairs.jsonl"  # in the data step's folder
+
+# The library modules whose source decides each step's output: part of every step's cache key. (The
+# settings themselves enter the key as values.)
+STEP_CODE: dict[str, tuple[str, ...]] = {
+    "data": ("rmens.experiment.data", "rmens.evaluation.logged_bon", "rmens.data"),
+    "train": ("rmens.experiment.train", "rmens.training", "rmens.models", "rmens.data", "rmens.evaluation.rm_metrics"),
+    "proxy_labels": ("rmens.experiment.train", "rmens.reward", "rmens.models", "rmens.data"),
+    "score": ("rmens.experiment.scoring", "rmens.evaluation.logged_bon", "rmens.reward", "rmens.models",
+              "rmens.data.encoding"),
+    "rewards": ("rmens.experiment.scoring", "rmens.evaluation.logged_bon", "rmens.bon", "rmens.evaluation.rm_metrics",
+                "rmens.models.aggregate"),
+    "ppo": ("rmens.experiment.ppo", "rmens.ppo", "rmens.generation", "rmens.reward", "rmens.models", "rmens.data"),
+    "ppo_eval": ("rmens.experiment.ppo", "rmens.evaluation.ppo_eval", "rmens.ppo", "rmens.generation",
+                 "rmens.reward", "rmens.models", "rmens.evaluation.logged_bon"),
+    "report": ("rmens.experiment.report", "rmens.evaluation.curves"),
+}
 
 
 class StepCall(Protocol):

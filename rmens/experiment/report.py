@@ -58,6 +58,11 @@ def _pm(value: float, se: float) -> str:
     return f"{value:.3f} ± {se:.3f}" if math.isfinite(se) else f"{value:.3f}"
 
 
+def at_largest_n(claims: list[dict], logged_bon: dict) -> list[dict]:
+    """The PPO claims and the Best-of-n claims at each judge's largest n (the report's headline)."""
+    return [c for c in claims if "n" not in c or c["n"] == logged_bon["judges"][c["judge"]]["ns"][-1]]
+
+
 def md_table(header: list[str], rows: list[list]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
         ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows] + [""]
@@ -257,7 +262,7 @@ def markdown(r: Results, claims: list[dict], part: str) -> list[str]:
               "Paired over instructions; a difference of at least two standard errors counts. Best-of-n at the "
               "largest n here (results.json also holds n=4). `ensembles/<rule>` averages a rule over every "
               "ensemble arm.", ""]
-    shown = [c for c in claims if "n" not in c or c["n"] == r.bon["judges"][c["judge"]]["ns"][-1]]
+    shown = at_largest_n(claims, r.bon)
     lines += md_table(["source", "claim", "setting", "a", "b", "a", "b", "a - b ± s.e.", "verdict"],
                       [[c["source"], c["claim"], c["setting"], c["a"], c["b"], c["a_value"], c["b_value"],
                         _pm(c["diff"], c["se"]), c["verdict"]] for c in shown])

@@ -26,8 +26,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from rmens.experiment.config import ExperimentConfig
-from rmens.experiment.plan import Part, run_plan
-from rmens.experiment.steps import STEP_CODE, STEPS
+from rmens.experiment.plan import STEP_CODE, Part, run_plan
+from rmens.experiment.steps import STEPS
 from rmens.fingerprint import source_fingerprint
 from rmens.io import atomic_write_text
 

@@ -1,0 +1,72 @@
+"""The reference experiment as a plain script over the library alone (no Prefect, no MLflow): what a GPU
+machine with only torch, transformers, peft and accelerate runs. `rmens experiment` runs the same steps
+as a Prefect flow with MLflow tracking.
+
+    python bench/reference_experiment.py --size {tiny,cpu,gpu-check,gpu} [--eval-data DIR] [--out DIR]
+                                         [--part rewards|all] [--set key=value ...]
+
+--eval-data names a folder of AE-format files (ae1_gpt4_pairs*.jsonl.gz, ae2_gpt4turbo_pairs*.jsonl.gz)
+whose instructions become the evaluation pools (and leave every training set); without it, a quarter
+of the training folder's instructions is held out. The output folder gets logged_bon.json, report.md,
+results.json and the curves; a second run reuses every finished step, so `--part rewards` followed by
+`--part all` runs the PPO half on top of the first. The run's wall time and headline numbers also go to
+bench/out/reference_experiment_<size>.json and .txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from results import save_results
+
+from rmens.experiment.config import SIZES, load_experiment
+from rmens.experiment.report import at_largest_n
+from rmens.experiment.runner import run_experiment
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=list(SIZES), default="tiny")
+    parser.add_argument("--eval-data", help="folder of AE-format annotation files to evaluate on")
+    parser.add_argument("--data-dir", help="folder of training verdicts (default $RMENS_DATA_DIR/alpaca_eval)")
+    parser.add_argument("--out", help="output folder (default runs/experiment-<size>-plain)")
+    parser.add_argument("--part", choices=["rewards", "all"], default="all",
+                        help="rewards: stop before PPO (a GPU check runs the two parts in separate calls)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    return parser.parse_args(argv)
+
+
+def headline(results: dict) -> list[str]:
+    lines = []
+    for judge, entry in results["logged_bon"]["judges"].items():
+        n = entry["ns"][-1]
+        best = sorted(entry["arms"].items(), key=lambda kv: -kv[1][-1]["win_rate"])[:3]
+        base = {name: rows[-1]["win_rate"] for name, rows in entry["baselines"].items()}
+        lines.append(f"{judge}: n={n} random {base['random']:.3f}, longest {base['longest']:.3f}, best in pool "
+                     f"{base['best']:.3f}, gold judge {entry['gold']['gold/mean'][-1]['win_rate']:.3f}; top arms: "
+                     + ", ".join(f"{name} {rows[-1]['win_rate']:.3f}" for name, rows in best))
+    lines += [f"{c['setting']}: {c['a']} vs {c['b']}: {c['diff']:+.3f} ± {c['se']:.3f} -> {c['verdict']}"
+              for c in at_largest_n(results["claims"], results["logged_bon"])]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    cfg = load_experiment(args.size, args.set, eval_data=args.eval_data, data_dir=args.data_dir)
+    run = run_experiment(cfg, args.out or f"runs/experiment-{args.size}-plain", part=args.part)
+    results = json.loads(open(f"{run['out']}/results.json").read())
+    lines = [f"reference experiment, size {args.size}, part {args.part}: {run['wall_s'] / 60:.1f} min "
+             f"({len(run['computed'])} steps computed, {len(run['reused'])} reused); results in {run['out']}"]
+    save_results(f"reference_experiment_{args.size}", {"run": run, "results": results}, lines + headline(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

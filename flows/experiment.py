@@ -1,0 +1,45 @@
+"""The reference experiment as a Prefect flow: every step of rmens.experiment.plan a cached task with one
+MLflow child run, the results (logged_bon.json, report.md, results.json, curves) copied to the output
+folder and attached to the flow's MLflow run and Prefect artifacts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from flows.common import Stager, flow_run_tags
+from rmens.experiment.config import ExperimentConfig, load_experiment
+from rmens.experiment.plan import Part, run_plan
+from rmens.experiment.runner import claim_output, publish
+from tasks.experiment import EXPERIMENT_TASKS
+from tasks.paths import ProjectPaths
+from tasks.refs import ArtifactRef
+from tasks.tracking import client_for, parent_run
+
+
+@flow(name="rmens-experiment", validate_parameters=True)
+def experiment(config: ExperimentConfig | None = None, size: str = "tiny", overrides: list[str] | None = None,
+               out: str | None = None, part: Part = "all", refresh: bool = False) -> dict:
+    """Give a full `config`, or a `size` with dotted `overrides`. `out` (default runs/experiment-<size>)
+    holds the MLflow store, the artifacts and the published results."""
+    config = config or load_experiment(size, overrides)
+    root = claim_output(out or f"runs/experiment-{config.size}", config)
+    paths = ProjectPaths.at(root).make()
+    with parent_run(paths, f"experiment:{config.size}", config, tags=flow_run_tags()) as ctx, \
+            Stager(ctx, refresh) as stage:
+
+        def call(step: str, label: str, /, **inputs: Any) -> ArtifactRef:
+            return stage(EXPERIMENT_TASKS[step], f"{step}:{label}", label=label, inputs=inputs)
+
+        report = run_plan(config, call, part)
+        published = publish(report.require().folder, root)
+        client = client_for(ctx)
+        for path in published:
+            if path.is_file() and path.suffix in (".md", ".json", ".png", ".csv"):
+                client.log_artifact(ctx.parent_run_id, str(path))
+        create_markdown_artifact(markdown=(root / "report.md").read_text(), key="rmens-experiment",
+                                 description=f"reference experiment, size {config.size}")
+    return {"out": str(root), "report": str(root / "report.md"), "logged_bon": str(root / "logged_bon.json"),
+            "parent_run_id": ctx.parent_run_id, "states": stage.states}

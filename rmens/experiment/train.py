@@ -1,0 +1,56 @@
+"""Experiment steps that train: a reward model or ensemble per arm (and the gold judge), and the proxies'
+optional gold labels and label noise."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from rmens.config import EnsembleConfig, TrainConfig
+from rmens.data.loaders import load_jsonl_pairs
+from rmens.data.splits import flip_labels
+from rmens.experiment.measure import measure
+from rmens.experiment.plan import PROXY_PAIRS
+from rmens.io import write_json, write_jsonl
+
+
+def train_step(folder: Path, *, pairs: Path, pairs_file: str, ensemble: EnsembleConfig, train: TrainConfig) -> dict:
+    """One reward model or ensemble on the pairs of an earlier step; wall time and peak memory measured."""
+    from rmens.training.trainer import train_ensemble
+
+    training = load_jsonl_pairs(Path(pairs) / pairs_file)
+    with measure() as cost:
+        result = train_ensemble(ensemble, train, training, None, folder / "ensemble")
+    trainable = sum(p.numel() for p in result.ensemble.parameters() if p.requires_grad)
+    summary = {"pairs": len(training), "steps": sum(s.steps for s in result.stages.values()),
+               "train_wall_s": cost["wall_s"], "train_peak_mib": cost["peak_mib"], "memory": cost["memory"],
+               "train_peak_over_start_mib": cost["peak_mib"] - cost.get("rss_before_mib", 0.0),
+               "param_mib": result.ensemble.parameter_bytes() / 2**20, "trainable_params": trainable,
+               "device": str(next(result.ensemble.parameters()).device)}
+    write_json(folder / "train_summary.json", summary)
+    return summary
+
+
+def proxy_labels_step(folder: Path, *, pairs: Path, gold: Path | None, label_noise: float, seed: int) -> dict:
+    """The proxies' pairs relabelled by the gold judge (the higher gold reward wins) and/or with a share of
+    labels flipped (Coste et al.)."""
+    from rmens.reward import EnsembleReward
+
+    training = load_jsonl_pairs(Path(pairs) / PROXY_PAIRS)
+    relabelled = 0
+    if gold is not None:
+        judge = EnsembleReward.from_folder(Path(gold) / "ensemble")
+        prompts = [p.prompt for p in training]
+        margin = (judge(prompts, [p.chosen for p in training]).scores
+                  - judge(prompts, [p.rejected for p in training]).scores)
+        relabelled = int((margin < 0).sum())
+        training = [p if m >= 0 else dataclasses.replace(p, chosen=p.rejected, rejected=p.chosen,
+                                                         source={**p.source, "relabelled_by_gold": True})
+                    for p, m in zip(training, margin.tolist())]
+        training = [dataclasses.replace(p, weight=1.0) for p in training]  # the gold model's labels are firm
+    training = flip_labels(training, label_noise, seed) if label_noise else training
+    write_jsonl(folder / PROXY_PAIRS, (p.to_dict() for p in training))
+    return {"pairs": len(training), "relabelled_by_gold": relabelled,
+            "flipped": sum(bool(p.source.get("label_flipped")) for p in training)}
+
+

@@ -1,0 +1,162 @@
+"""The reference experiment: its configuration, its split (evaluation instructions are never trained on),
+and the tiny size end to end through the plain runner, on hand-made AlpacaEval-format folders."""
+
+import json
+
+import pytest
+from ae_data import instructions, synthetic_annotations
+from conftest import real_data_dir, requires_real_data
+from pydantic import ValidationError
+
+from rmens.experiment.config import ArmSpec, ExperimentConfig, PPOArm, load_experiment, size_preset
+from rmens.experiment.runner import run_experiment
+
+ARMS = ["single-s0", "single-s1", "linear-k5", "lora-k5", "lora-k5-all", "full-k3"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ae")
+    train = synthetic_annotations(root / "train", instructions(48))
+    # held-back annotations: new instructions, and one that is also in the training folder
+    held = synthetic_annotations(root / "held", instructions(9, start=100) + instructions(1), split="test", seed=1)
+    return train, held
+
+
+def tiny(folders, *overrides, held_out=True):
+    train, held = folders
+    return load_experiment("tiny", list(overrides), eval_data=held if held_out else None, data_dir=train)
+
+
+def test_arms_have_labels_and_derived_configs_are_validated():
+    assert [ArmSpec(kind="lora", k=5, top_layers=t).label for t in (None, 1.0, 0.5)] == \
+        ["lora-k5", "lora-k5-all", "lora-k5-top0.5"]
+    with pytest.raises(ValidationError, match="a single arm has k=1"):
+        ArmSpec(kind="single", k=2)
+    with pytest.raises(ValidationError, match="top_layers applies to lora arms only"):
+        ArmSpec(kind="linear", k=3, top_layers=0.5)
+    base = size_preset("tiny")
+    # the shared ensemble says freeze_backbone, which a LoRA arm's derived config must refuse at once
+    with pytest.raises(ValidationError, match="freeze_backbone applies to kind='linear' only"):
+        ExperimentConfig.model_validate({**base, "ensemble": {**base["ensemble"], "freeze_backbone": True}})
+    with pytest.raises(ValidationError, match="ppo_arms entry 'linear-k9/mean': no arm 'linear-k9'"):
+        ExperimentConfig.model_validate({**base, "ppo_arms": [{"arm": "linear-k9"}]})
+    with pytest.raises(ValidationError, match="rule 'min' is not among the rules of arm 'single-s0'"):
+        ExperimentConfig.model_validate({**base, "ppo_arms": [{"arm": "single-s0", "rule": {"rule": "min"}}]})
+    with pytest.raises(ValidationError, match="gold judge must see at least the proxies' context"):
+        load_experiment("tiny", ["gold.ensemble.max_length=32"])
+    with pytest.raises(ValueError, match="unknown experiment size 'huge'"):
+        load_experiment("huge")
+    cfg = load_experiment("tiny")
+    ppo = cfg.ppo_config(PPOArm(arm="linear-k5", rule={"rule": "uwo", "lam": 0.5}))
+    assert ppo.aggregation.name == "uwo0.5" and ppo.policy == cfg.policy and ppo.steps == cfg.ppo.steps
+
+
+@pytest.mark.parametrize("size", ["tiny", "cpu", "gpu-check", "gpu"])
+def test_every_size_has_every_arm_and_rule(size):
+    cfg = load_experiment(size)
+    assert {arm.label for arm in cfg.arms} >= set(ARMS)
+    assert [rule.name for rule in cfg.rules] == ["mean", "min", "lcb1", "uwo0.5"]
+    assert cfg.gold.ensemble.max_length > cfg.ensemble.max_length and cfg.ppo_arms
+
+
+@pytest.mark.parametrize("held_out", [True, False])
+def test_evaluation_instructions_are_never_trained_on(folders, tmp_path, held_out):
+    from rmens.data.loaders import load_jsonl_pairs
+    from rmens.experiment.data import prepare_data, read_prompts, read_split_pools
+
+    cfg = tiny(folders, held_out=held_out).split
+    summary = prepare_data(cfg, tmp_path)
+    pools = {p.instruction for judge in ("ae1", "ae2") for p in read_split_pools(tmp_path, judge)}
+    gold = {p.prompt for p in load_jsonl_pairs(tmp_path / "gold_pairs.jsonl")}
+    proxy = {p.prompt for p in load_jsonl_pairs(tmp_path / "proxy_pairs.jsonl")}
+    prompts = read_prompts(tmp_path)
+    split = json.loads((tmp_path / "split.json").read_text())
+    assert pools and gold and proxy and not gold & proxy
+    assert not pools & (gold | proxy | set(prompts["ppo"])) and set(prompts["eval"]) <= pools
+    assert summary["evaluation_instructions_in_training"] == 0
+    if held_out:  # every instruction of the held-back folder left the training data, the shared one too
+        assert pools <= set(instructions(9, start=100) + instructions(1))
+        assert split["filtered"]["pairs_of_evaluation_instructions_removed"] == 2 * 10
+    else:
+        assert pools <= set(instructions(48)) and split["evaluation_instructions"] < 48
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(folders, tmp_path_factory):
+    out = tmp_path_factory.mktemp("experiment")
+    first = run_experiment(tiny(folders), out)
+    second = run_experiment(tiny(folders), out)
+    third = run_experiment(tiny(folders, "ppo.lr=0.005"), out)
+    return out, first, second, third
+
+
+def test_tiny_experiment_writes_logged_bon_in_the_promised_shape(tiny_runs):
+    out, first, *_ = tiny_runs
+    logged = json.loads((out / "logged_bon.json").read_text())
+    assert set(logged["judges"]) == {"ae1", "ae2"}
+    for entry in logged["judges"].values():
+        assert set(entry["baselines"]) == {"random", "longest", "shortest", "best"}
+        expected = {f"{arm}/{rule}" for arm in ARMS for rule in ("mean", "min", "lcb1", "uwo0.5")
+                    if not arm.startswith("single") or rule == "mean"}
+        assert set(entry["arms"]) == expected and set(entry["gold"]) == {"gold/mean"}
+        for rows in [*entry["baselines"].values(), *entry["arms"].values()]:
+            assert [r["n"] for r in rows] == [1, 2, 4, 8]
+            assert all({"n", "win_rate", "se", "mean_length"} <= set(r) and 0 <= r["win_rate"] <= 1 for r in rows)
+        first_rows = [rows[0]["win_rate"] for rows in [*entry["baselines"].values(), *entry["arms"].values()]]
+        assert max(first_rows) - min(first_rows) < 1e-12  # n = 1 is a random pick whatever the reward
+        best = [r["win_rate"] for r in entry["baselines"]["best"]]
+        assert best == sorted(best)  # picking by the judge's own verdict only gains with n, and is the ceiling
+        assert all(rows[-1]["win_rate"] <= best[-1] + 1e-12 for rows in entry["arms"].values())
+        assert entry["baselines"]["longest"][-1]["mean_length"] > entry["baselines"]["shortest"][-1]["mean_length"]
+    for name in ("report.md", "results.json", "logged_bon.csv", "logged_bon_ae1.png", "rm_eval.json",
+                 "ppo_curves/curves.png"):
+        assert (out / name).is_file(), name
+    assert "data:data" in first["computed"] and not first["reused"]
+
+
+def test_report_holds_the_tables_and_a_verdict_for_each_claim(tiny_runs):
+    out, *_ = tiny_runs
+    report = (out / "report.md").read_text()
+    for heading in ("The paper's table", "What agrees with the papers", "cost and held-out agreement",
+                    "Best-of-n over logged outputs", "PPO judged by the gold reward model"):
+        assert heading in report
+    results = json.loads((out / "results.json").read_text())
+    sources = {c["source"] for c in results["claims"]}
+    assert {"Zhang et al. 2024", "Coste et al. 2023"} <= sources
+    verdicts = ("agrees", "consistent", "better here", "disagrees", "not reproduced")
+    assert all(c["verdict"].startswith(verdicts) and c["se"] >= 0 for c in results["claims"])
+    for judge in ("ae1", "ae2"):
+        rm = results["reward_models"][judge]
+        assert set(rm) == {"gold", *ARMS}
+        assert all({"accuracy", "accuracy_longer_lost", "length_rule_accuracy", "ece"} <= set(m) for m in rm.values())
+    for label, ppo in results["ppo"].items():
+        assert [p["step"] for p in ppo["points"]] == [0, 1, 2], label
+        assert all({"kl", "gold", "proxy", "response_chars", "gold_win_rate_ae1"} <= set(p) for p in ppo["points"])
+    assert all(t["train_wall_s"] > 0 and t["train_peak_mib"] > 0 for t in results["train"].values())
+
+
+def test_a_second_run_reuses_every_step_and_a_ppo_change_reruns_only_ppo(tiny_runs):
+    _, first, second, third = tiny_runs
+    assert second["computed"] == [] and second["reused"] == first["computed"]
+    assert set(third["computed"]) == {"ppo:single-s0/mean", "ppo_eval:single-s0/mean", "ppo:linear-k5/mean",
+                                      "ppo_eval:linear-k5/mean", "ppo:linear-k5/uwo0.5", "ppo_eval:linear-k5/uwo0.5",
+                                      "report:report"}
+
+
+def test_a_folder_that_is_not_an_experiment_is_refused(folders, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an rmens experiment folder"):
+        run_experiment(tiny(folders), tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@requires_real_data
+def test_tiny_size_runs_on_the_real_verdicts(tmp_path):
+    run = run_experiment(load_experiment("tiny", ["ppo_arms=[]"]), tmp_path)
+    logged = json.loads((tmp_path / "logged_bon.json").read_text())
+    assert run["wall_s"] < 120
+    ae1 = logged["judges"]["ae1"]
+    assert ae1["n_instructions"] == 6 and str(real_data_dir()) in (tmp_path / "report.md").read_text()
+    longest = [r["mean_length"] for r in ae1["baselines"]["longest"]]
+    assert longest == sorted(longest)
