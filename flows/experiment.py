@@ -11,6 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.common import Stager, flow_run_tags
 from rmens.experiment.config import ExperimentConfig, load_experiment
+from rmens.experiment.data import check_inputs
 from rmens.experiment.plan import Part, run_plan
 from rmens.experiment.runner import claim_output, publish
 from tasks.experiment import EXPERIMENT_TASKS
@@ -25,6 +26,7 @@ def experiment(config: ExperimentConfig | None = None, size: str = "tiny", overr
     """Give a full `config`, or a `size` with dotted `overrides`. `out` (default runs/experiment-<size>)
     holds the MLflow store, the artifacts and the published results."""
     config = config or load_experiment(size, overrides)
+    check_inputs(config.split)
     root = claim_output(out or f"runs/experiment-{config.size}", config)
     paths = ProjectPaths.at(root).make()
     with parent_run(paths, f"experiment:{config.size}", config, tags=flow_run_tags()) as ctx, \

@@ -144,6 +144,18 @@ def test_a_second_run_reuses_every_step_and_a_ppo_change_reruns_only_ppo(tiny_ru
                                       "report:report"}
 
 
+def test_missing_folders_fail_in_one_line_before_any_work(folders, tmp_path, monkeypatch):
+    train, _ = folders
+    with pytest.raises(FileNotFoundError, match="has no ae1_gpt4_pairs.*for judge set ae1"):
+        run_experiment(load_experiment("tiny", eval_data=tmp_path, data_dir=train), tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="lacks ae1_gpt4_pairs.train.jsonl.gz"):
+        run_experiment(load_experiment("tiny", data_dir=tmp_path), tmp_path / "out")
+    monkeypatch.delenv("RMENS_DATA_DIR", raising=False)
+    with pytest.raises(FileNotFoundError, match="set RMENS_DATA_DIR"):
+        run_experiment(load_experiment("tiny"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_folder_that_is_not_an_experiment_is_refused(folders, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not an rmens experiment folder"):
@@ -160,3 +172,33 @@ def test_tiny_size_runs_on_the_real_verdicts(tmp_path):
     assert ae1["n_instructions"] == 6 and str(real_data_dir()) in (tmp_path / "report.md").read_text()
     longest = [r["mean_length"] for r in ae1["baselines"]["longest"]]
     assert longest == sorted(longest)
+
+
+def test_proxy_labels_follow_the_gold_model_or_get_noise(tiny_tokenizer, tmp_path):
+    from conftest import TINY
+
+    from rmens.config import EnsembleConfig
+    from rmens.data.loaders import load_jsonl_pairs, synthetic_pairs
+    from rmens.experiment.train import proxy_labels_step
+    from rmens.io import write_jsonl
+    from rmens.models.ensemble import build_ensemble
+    from rmens.reward import EnsembleReward
+
+    build_ensemble(EnsembleConfig(kind="linear", k=1, backbone=TINY, max_length=64, seed=3)).save(
+        tmp_path / "gold" / "ensemble", tiny_tokenizer)
+    pairs = synthetic_pairs(40, seed=2)
+    write_jsonl(tmp_path / "data" / "proxy_pairs.jsonl", (p.to_dict() for p in pairs))
+    gold = EnsembleReward.from_folder(tmp_path / "gold" / "ensemble")
+    prompts = [p.prompt for p in pairs]
+
+    def margins(rows):
+        return gold(prompts, [p.chosen for p in rows]).scores - gold(prompts, [p.rejected for p in rows]).scores
+
+    summary = proxy_labels_step(tmp_path / "relabelled", pairs=tmp_path / "data", gold=tmp_path / "gold",
+                                label_noise=0.0, seed=0)
+    relabelled = load_jsonl_pairs(tmp_path / "relabelled" / "proxy_pairs.jsonl")
+    assert summary["relabelled_by_gold"] == int((margins(pairs) < 0).sum()) > 0
+    assert bool((margins(relabelled) >= 0).all()) and all(p.weight == 1.0 for p in relabelled)
+    summary = proxy_labels_step(tmp_path / "noisy", pairs=tmp_path / "data", gold=None, label_noise=0.25, seed=0)
+    noisy = load_jsonl_pairs(tmp_path / "noisy" / "proxy_pairs.jsonl")
+    assert summary["flipped"] == 10 == sum(a.chosen != b.chosen for a, b in zip(pairs, noisy))

@@ -92,7 +92,8 @@ class PairEncoder:
         return [self.join(prompt_ids[key], ids) for key, ids in zip(keys, self._tokenize(texts))]
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        # verbose=False: texts longer than the model are expected here; `join` truncates them.
+        return self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
     @functools.cached_property
     def _max_token_chars(self) -> int:

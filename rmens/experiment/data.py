@@ -14,10 +14,18 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from rmens.data.loaders import alpaca_eval_folder, load_alpaca_eval_pairs, subsample
+from rmens.data.loaders import AE_FILES, alpaca_eval_folder, data_root, load_alpaca_eval_pairs, subsample
 from rmens.data.schema import DataError, PreferencePair, validate_pairs
 from rmens.data.splits import unit_hash
-from rmens.evaluation.logged_bon import Pool, load_pools, read_pools, subsample_pools, write_pools
+from rmens.evaluation.logged_bon import (
+    JUDGE_FILES,
+    Pool,
+    judge_files,
+    load_pools,
+    read_pools,
+    subsample_pools,
+    write_pools,
+)
 from rmens.experiment.config import SplitConfig
 from rmens.experiment.plan import GOLD_PAIRS, PROXY_PAIRS
 from rmens.io import atomic_write_text, write_jsonl
@@ -27,6 +35,22 @@ EVAL_SALT, PROXY_SALT = "rmens-eval-pools", "rmens-proxy-share"
 
 def pools_file(judge: str) -> str:
     return f"pools_{judge}.jsonl"
+
+
+def check_inputs(cfg: SplitConfig) -> None:
+    """Fail in one line, before any work, when a data folder or its annotation files are missing."""
+    if cfg.data_dir is None and data_root() is None:
+        raise FileNotFoundError("the experiment trains on AlpacaEval verdicts: set RMENS_DATA_DIR to the data folder "
+                                "(with alpaca_eval/ inside) or pass --data-dir")
+    train_dir = alpaca_eval_folder(cfg.data_dir)
+    missing = [name for name in AE_FILES.values() if not (train_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"training folder {train_dir} lacks {', '.join(missing)}")
+    eval_dir = Path(cfg.eval_data) if cfg.eval_data else train_dir
+    for judge in cfg.pools.judges:
+        if not judge_files(eval_dir, judge):
+            raise FileNotFoundError(f"evaluation folder {eval_dir} has no {JUDGE_FILES[judge]}*.jsonl[.gz] files "
+                                    f"for judge set {judge} (pools.judges)")
 
 
 def prepare_data(cfg: SplitConfig, folder: str | Path) -> dict:

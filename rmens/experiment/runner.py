@@ -26,6 +26,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from rmens.experiment.config import ExperimentConfig
+from rmens.experiment.data import check_inputs
 from rmens.experiment.plan import STEP_CODE, Part, run_plan
 from rmens.experiment.steps import STEPS
 from rmens.fingerprint import source_fingerprint
@@ -139,6 +140,7 @@ def publish(report_folder: Path, out: Path) -> list[Path]:
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path, part: Part = "all") -> dict:
     """Run (or resume) the experiment in `out`; returns where the results are and what was computed."""
+    check_inputs(cfg.split)
     out = claim_output(out, cfg)
     steps = LocalSteps(out)
     start = time.perf_counter()

@@ -27,7 +27,7 @@ def score_step(folder: Path, *, model: Path, data: Path, judges: list[str], batc
 
     items = lb.pool_items([pool for judge in judges for pool in read_split_pools(data, judge)])
     reward = EnsembleReward.from_folder(Path(model) / "ensemble", batch_size=batch_size)
-    bar = tqdm(total=len(items), desc=f"score {Path(model).name}", unit="resp", mininterval=5)
+    bar = tqdm(total=len(items), desc="score pools", unit="resp", mininterval=5)
 
     def advance(done: int, total: int) -> None:
         bar.n = done
