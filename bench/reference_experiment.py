@@ -19,8 +19,9 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
-from results import save_results
+from results import OUT, save_results
 
 from rmens.experiment.config import SIZES, load_experiment
 from rmens.experiment.report import at_largest_n
@@ -36,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--part", choices=["rewards", "all"], default="all",
                         help="rewards: stop before PPO (a GPU check runs the two parts in separate calls)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    parser.add_argument("--bench-out", type=Path, default=OUT, help="where the run's summary goes (bench/out)")
     return parser.parse_args(argv)
 
 
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(open(f"{run['out']}/results.json").read())
     lines = [f"reference experiment, size {args.size}, part {args.part}: {run['wall_s'] / 60:.1f} min "
              f"({len(run['computed'])} steps computed, {len(run['reused'])} reused); results in {run['out']}"]
-    save_results(f"reference_experiment_{args.size}", {"run": run, "results": results}, lines + headline(results))
+    save_results(f"reference_experiment_{args.size}", {"run": run, "results": results}, lines + headline(results),
+                 args.bench_out)
     return 0
 
 

@@ -8,14 +8,14 @@ from pathlib import Path
 OUT = Path(__file__).parent / "out"
 
 
-def write_json(stem: str, result: dict) -> None:
-    OUT.mkdir(exist_ok=True)
-    (OUT / f"{stem}.json").write_text(json.dumps(result, indent=2))
+def write_json(stem: str, result: dict, folder: Path = OUT) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(result, indent=2))
 
 
-def save_results(stem: str, result: dict, lines: list[str]) -> None:
+def save_results(stem: str, result: dict, lines: list[str], folder: Path = OUT) -> None:
     """Print the summary lines and save them next to the full result."""
     text = "\n".join(lines)
     print(text)
-    write_json(stem, result)
-    (OUT / f"{stem}.txt").write_text(text + "\n")
+    write_json(stem, result, folder)
+    (folder / f"{stem}.txt").write_text(text + "\n")

@@ -54,6 +54,13 @@ class LoraSettings(StrictModel):
             raise ValueError(f"LoRA rank must be a positive integer, got {v}")
         return v
 
+    @field_validator("top_layers")
+    @classmethod
+    def _fraction_or_count(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError(f"lora.top_layers above 1 must be a whole layer count, got {v}")
+        return v
+
     def num_top_layers(self, num_layers: int) -> int:
         """Resolve `top_layers` against a backbone's depth."""
         if self.top_layers <= 1.0:

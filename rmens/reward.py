@@ -80,10 +80,13 @@ class EnsembleReward:
     def k(self) -> int:
         return self.ensemble.k
 
-    def _autocast(self, device: torch.device):
-        bf16 = self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda"
+    def uses_bf16(self, device: torch.device) -> bool:
+        return self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda"
                                             and torch.cuda.is_bf16_supported())
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def _autocast(self, device: torch.device):
+        # The backbone under bf16; the heads stay in fp32 (RewardEnsemble turns autocast off for them).
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.uses_bf16(device))
 
     @torch.no_grad()
     def member_scores(self, prompts: list[str], responses: list[str]) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Any
 
 from prefect import Task
 
-from rmens.experiment.plan import STEP_CODE
+from rmens.experiment.plan import RESUMABLE, STEP_CODE
 from tasks.common import params_for_tracking, run_stage, stage_task
 from tasks.keys import experiment_stage
 from tasks.refs import ArtifactRef
@@ -51,7 +51,7 @@ def _task(step: str) -> Task:
             _log_results(folder)
             return summary
 
-        return run_stage(ctx, stage, {"label": label, "inputs": inputs}, build, resume=step == "ppo",
+        return run_stage(ctx, stage, {"label": label, "inputs": inputs}, build, resume=step in RESUMABLE,
                          log_params={"label": label, **params_for_tracking(inputs)}, run_name=f"{step}:{label}")
 
     return experiment_step

@@ -45,6 +45,11 @@ def test_arms_have_labels_and_derived_configs_are_validated():
         ExperimentConfig.model_validate({**base, "ppo_arms": [{"arm": "single-s0", "rule": {"rule": "min"}}]})
     with pytest.raises(ValidationError, match="gold judge must see at least the proxies' context"):
         load_experiment("tiny", ["gold.ensemble.max_length=32"])
+    with pytest.raises(ValidationError, match="arms 'lora-k5' and 'lora-k5-top0.25' would train the same model"):
+        ExperimentConfig.model_validate({**base, "arms": [{"kind": "lora", "k": 5},
+                                                          {"kind": "lora", "k": 5, "top_layers": 0.25}]})
+    with pytest.raises(ValidationError, match="top_layers above 1 must be a whole layer count"):
+        ExperimentConfig.model_validate({**base, "arms": [{"kind": "lora", "k": 5, "top_layers": 2.5}]})
     with pytest.raises(ValueError, match="unknown experiment size 'huge'"):
         load_experiment("huge")
     cfg = load_experiment("tiny")
@@ -63,23 +68,41 @@ def test_every_size_has_every_arm_and_rule(size):
 @pytest.mark.parametrize("held_out", [True, False])
 def test_evaluation_instructions_are_never_trained_on(folders, tmp_path, held_out):
     from rmens.data.loaders import load_jsonl_pairs
-    from rmens.experiment.data import prepare_data, read_prompts, read_split_pools
+    from rmens.experiment.data import build_pools, read_prompts, read_split_pools, source_fingerprints, split_pairs
 
-    cfg = tiny(folders, held_out=held_out).split
-    summary = prepare_data(cfg, tmp_path)
-    pools = {p.instruction for judge in ("ae1", "ae2") for p in read_split_pools(tmp_path, judge)}
-    gold = {p.prompt for p in load_jsonl_pairs(tmp_path / "gold_pairs.jsonl")}
-    proxy = {p.prompt for p in load_jsonl_pairs(tmp_path / "proxy_pairs.jsonl")}
-    prompts = read_prompts(tmp_path)
-    split = json.loads((tmp_path / "split.json").read_text())
-    assert pools and gold and proxy and not gold & proxy
-    assert not pools & (gold | proxy | set(prompts["ppo"])) and set(prompts["eval"]) <= pools
-    assert summary["evaluation_instructions_in_training"] == 0
+    cfg = tiny(folders, held_out=held_out)
+    sources = source_fingerprints(cfg.data)
+    summary = split_pairs(cfg.data, cfg.split, tmp_path / "pairs", sources)
+    build_pools(cfg.data, cfg.pools, tmp_path / "pools", sources["evaluation"])
+    pools = {p.instruction for judge in ("ae1", "ae2") for p in read_split_pools(tmp_path / "pools", judge)}
+    gold = {p.prompt for p in load_jsonl_pairs(tmp_path / "pairs" / "gold_pairs.jsonl")}
+    proxy = {p.prompt for p in load_jsonl_pairs(tmp_path / "pairs" / "proxy_pairs.jsonl")}
+    ppo_prompts = set(read_prompts(tmp_path / "pairs", "ppo_prompts.json"))
+    split = json.loads((tmp_path / "pairs" / "split.json").read_text())
+    assert pools and gold and proxy and not gold & proxy and ppo_prompts <= proxy
+    assert not pools & (gold | proxy | ppo_prompts)
+    assert set(read_prompts(tmp_path / "pools", "eval_prompts.json")) <= pools
+    assert summary["evaluation_instructions_in_training"] == 0 and split["sources"] == sources
     if held_out:  # every instruction of the held-back folder left the training data, the shared one too
         assert pools <= set(instructions(9, start=100) + instructions(1))
         assert split["filtered"]["pairs_of_evaluation_instructions_removed"] == 2 * 10
+        assert instructions(1)[0] not in gold | proxy
     else:
         assert pools <= set(instructions(48)) and split["evaluation_instructions"] < 48
+
+
+def test_new_input_files_change_the_data_keys(folders, tmp_path):
+    import shutil
+
+    from rmens.experiment.data import source_fingerprints
+
+    train, held = folders
+    copy = shutil.copytree(held, tmp_path / "held")
+    cfg = load_experiment("tiny", eval_data=copy, data_dir=train)
+    before = source_fingerprints(cfg.data)
+    synthetic_annotations(copy, instructions(3, start=200), split="test", seed=5)
+    after = source_fingerprints(cfg.data)
+    assert before["training"] == after["training"] and before["evaluation"] != after["evaluation"]
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +111,8 @@ def tiny_runs(folders, tmp_path_factory):
     first = run_experiment(tiny(folders), out)
     second = run_experiment(tiny(folders), out)
     third = run_experiment(tiny(folders, "ppo.lr=0.005"), out)
-    return out, first, second, third
+    fourth = run_experiment(tiny(folders, "ppo.lr=0.005", "pools.eval_prompts=3"), out)
+    return out, first, second, third, fourth
 
 
 def test_tiny_experiment_writes_logged_bon_in_the_promised_shape(tiny_runs):
@@ -112,7 +136,7 @@ def test_tiny_experiment_writes_logged_bon_in_the_promised_shape(tiny_runs):
     for name in ("report.md", "results.json", "logged_bon.csv", "logged_bon_ae1.png", "rm_eval.json",
                  "ppo_curves/curves.png"):
         assert (out / name).is_file(), name
-    assert "data:data" in first["computed"] and not first["reused"]
+    assert {"pairs:pairs", "pools:pools"} <= set(first["computed"]) and not first["reused"]
 
 
 def test_report_holds_the_tables_and_a_verdict_for_each_claim(tiny_runs):
@@ -124,7 +148,7 @@ def test_report_holds_the_tables_and_a_verdict_for_each_claim(tiny_runs):
     results = json.loads((out / "results.json").read_text())
     sources = {c["source"] for c in results["claims"]}
     assert {"Zhang et al. 2024", "Coste et al. 2023"} <= sources
-    verdicts = ("agrees", "consistent", "better here", "disagrees", "not reproduced")
+    verdicts = ("agrees", "no significant difference", "better here", "disagrees", "not reproduced")
     assert all(c["verdict"].startswith(verdicts) and c["se"] >= 0 for c in results["claims"])
     for judge in ("ae1", "ae2"):
         rm = results["reward_models"][judge]
@@ -137,11 +161,13 @@ def test_report_holds_the_tables_and_a_verdict_for_each_claim(tiny_runs):
 
 
 def test_a_second_run_reuses_every_step_and_a_ppo_change_reruns_only_ppo(tiny_runs):
-    _, first, second, third = tiny_runs
+    _, first, second, third, fourth = tiny_runs
     assert second["computed"] == [] and second["reused"] == first["computed"]
     assert set(third["computed"]) == {"ppo:single-s0/mean", "ppo_eval:single-s0/mean", "ppo:linear-k5/mean",
                                       "ppo_eval:linear-k5/mean", "ppo:linear-k5/uwo0.5", "ppo_eval:linear-k5/uwo0.5",
                                       "report:report"}
+    # other evaluation pools rescore every model but retrain none
+    assert "pools:pools" in fourth["computed"] and not any(step.startswith("train:") for step in fourth["computed"])
 
 
 def test_missing_folders_fail_in_one_line_before_any_work(folders, tmp_path, monkeypatch):
@@ -202,3 +228,27 @@ def test_proxy_labels_follow_the_gold_model_or_get_noise(tiny_tokenizer, tmp_pat
     summary = proxy_labels_step(tmp_path / "noisy", pairs=tmp_path / "data", gold=None, label_noise=0.25, seed=0)
     noisy = load_jsonl_pairs(tmp_path / "noisy" / "proxy_pairs.jsonl")
     assert summary["flipped"] == 10 == sum(a.chosen != b.chosen for a, b in zip(pairs, noisy))
+
+
+def test_the_plain_script_runs_without_the_orchestration_stack(folders, tmp_path):
+    """What a GPU machine with torch, transformers, peft and accelerate but no Prefect, MLflow, alpaca_eval,
+    pandas, datasets or scipy runs: bench/reference_experiment.py, with those imports made impossible."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    train, held = folders
+    root = Path(__file__).resolve().parents[1]
+    script = ("import runpy, sys\n"
+              "for name in ('prefect', 'mlflow', 'alpaca_eval', 'pandas', 'datasets', 'scipy', 'flows', 'tasks'):\n"
+              "    sys.modules[name] = None  # import fails, as where the package is not installed\n"
+              "sys.path.insert(0, 'bench')\n"
+              "sys.argv = ['reference_experiment.py'] + sys.argv[1:]\n"
+              "runpy.run_path('bench/reference_experiment.py', run_name='__main__')\n")
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", script, "--size", "tiny", "--data-dir", str(train), "--eval-data",
+                           str(held), "--out", str(out), "--set", "ppo_arms=[{arm: linear-k5}]", "--bench-out",
+                           str(tmp_path / "bench")], cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "logged_bon.json").read_text())["judges"]["ae2"]["arms"]
+    assert "reference experiment, size tiny" in (tmp_path / "bench" / "reference_experiment_tiny.txt").read_text()

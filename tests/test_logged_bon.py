@@ -78,7 +78,7 @@ def test_pools_from_a_hand_made_file(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"output_2": None}, "pairs.jsonl:1: field 'output_2' must be a string"),
     ({"preference": "2"}, "pairs.jsonl:1: field 'preference' must be a number"),
-    ({"preference": 2.5}, "pairs.jsonl:1: field 'preference' must lie in"),
+    ({"preference": 2.5}, "pairs.jsonl:1: field 'preference' 2.5 is outside the allowed values"),
     ({"instruction": ""}, "pairs.jsonl:1: field 'instruction' must be a non-empty string"),
 ])
 def test_a_malformed_annotation_names_file_line_and_field(tmp_path, change, message):

@@ -207,8 +207,8 @@ def test_experiment_flow_caches_every_step_and_tracks_each_in_mlflow(harness, tm
     assert set(logged["judges"]) == {"ae1", "ae2"} and "linear-k5/uwo0.5" in logged["judges"]["ae1"]["arms"]
     client, runs = runs_of(out)
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == first["parent_run_id"]}
-    assert {"data:data", "train:gold", "train:linear-k5", "score:lora-k5-all", "rewards:rewards", "ppo:linear-k5/mean",
-            "ppo_eval:linear-k5/mean", "report:report"} <= set(children)
+    assert {"pairs:pairs", "pools:pools", "train:gold", "train:linear-k5", "score:lora-k5-all", "rewards:rewards",
+            "ppo:linear-k5/mean", "ppo_eval:linear-k5/mean", "report:report"} <= set(children)
     train_run = children["train:full-k3"]
     assert train_run.data.tags["rmens.arm"] == "full-k3" and train_run.data.metrics["train_wall_s"] > 0
     assert train_run.data.params["ensemble.kind"] == "full"

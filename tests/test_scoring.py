@@ -42,5 +42,8 @@ def test_member_scores_equal_each_members_own_forward(tiny_tokenizer, kind):
                 torch.testing.assert_close(scores[i, j], expected[0], atol=1e-5, rtol=1e-4)
     bf16 = EnsembleReward(ensemble, tiny_tokenizer, batch_size=2, precision="bf16").member_scores(PROMPTS, RESPONSES)
     assert bf16.dtype == torch.float32 and torch.allclose(bf16, scores, atol=0.05, rtol=0.05)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # heads stay fp32 under autocast
+        ids = torch.tensor([reward.encoder.encode(PROMPTS[0], RESPONSES[0])])
+        assert ensemble(ids, torch.ones_like(ids)).dtype == torch.float32
     with pytest.raises(ValueError, match="precision must be auto, fp32 or bf16"):
         EnsembleReward(ensemble, tiny_tokenizer, precision="fp8")

@@ -97,7 +97,8 @@ class PairEncoder:
 
     @functools.cached_property
     def _max_token_chars(self) -> int:
-        # Two extra tokens' worth: a cut inside a word can re-merge the tokens just before it.
+        # Two characters of slack per token on top of the longest token: a cut inside a word can re-merge
+        # the tokens just before it, and the slack keeps such a cut far beyond the tokens that are kept.
         return max(len(token) for token in self.tokenizer.get_vocab()) + 2
 
     def encode_pair(self, pair: PreferencePair) -> tuple[list[int], list[int]]:

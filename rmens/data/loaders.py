@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import math
 import os
 import random
 from collections import Counter
@@ -28,6 +29,19 @@ AE_FILES = {
     "ae1": "ae1_gpt4_pairs.train.jsonl.gz",
     "ae2": "ae2_gpt4turbo_pairs.train.jsonl.gz",
 }
+# Annotation files of a judge set, by file-name prefix (`<prefix>*.jsonl[.gz]`: train, test or other splits).
+JUDGE_FILES = {"ae1": "ae1_gpt4_pairs", "ae2": "ae2_gpt4turbo_pairs"}
+
+
+def judge_files(folder: str | Path, judge: str) -> list[Path]:
+    """The annotation files of one judge set in `folder` (e.g. ae1_gpt4_pairs.test.jsonl.gz)."""
+    if judge not in JUDGE_FILES:
+        raise ValueError(f"unknown judge set {judge!r}; choose from {sorted(JUDGE_FILES)}")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"annotation folder not found: {folder}")
+    prefix = JUDGE_FILES[judge]
+    return sorted(p for p in folder.iterdir() if p.name.startswith(prefix) and p.name.endswith((".jsonl", ".jsonl.gz")))
 
 
 def data_root() -> Path | None:
@@ -62,6 +76,18 @@ def load_jsonl_pairs(path: str | Path) -> list[PreferencePair]:
     return validate_pairs(pairs, str(path))
 
 
+def preference_probability(preference: Any, what: str) -> float:
+    """AlpacaEval/AlpacaFarm's `preference` -> P(output_2 is preferred): 1 -> 0, 2 -> 1, a draw (0 or 1.5)
+    -> 0.5, AE2's probability-weighted value in [1, 2] -> value - 1. `what` names the field in errors."""
+    if isinstance(preference, bool) or not isinstance(preference, (int, float)) or not math.isfinite(preference):
+        raise DataError(f"{what} must be a number, got {preference!r}")
+    if preference == 0:
+        return 0.5
+    if not 1.0 <= preference <= 2.0:
+        raise DataError(f"{what} {preference!r} is outside the allowed values (1, 2, 0 or 1.5, or [1, 2])")
+    return float(preference) - 1.0
+
+
 def preference_to_pair(
     prompt: str,
     output_1: str,
@@ -78,13 +104,7 @@ def preference_to_pair(
     `preference` is 1 (output_1 preferred), 2 (output_2 preferred), 0 or 1.5 (draw), or for AE2 a
     probability-weighted value in [1, 2] (1 + P(output_2 preferred)).
     """
-    if isinstance(preference, bool) or not isinstance(preference, (int, float)):
-        raise DataError(f"{where}: preference must be a number, got {preference!r}")
-    if preference == 0:
-        preference = 1.5
-    if not 1.0 <= preference <= 2.0:
-        raise DataError(f"{where}: preference {preference!r} is outside the allowed values (1, 2, 0 or 1.5, or [1, 2])")
-    p_second = float(preference) - 1.0
+    p_second = preference_probability(preference, f"{where}: preference")
     if p_second == 0.5:
         if draws == "drop":
             return None

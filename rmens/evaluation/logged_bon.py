@@ -29,13 +29,11 @@ import numpy as np
 import torch
 
 from rmens.bon import bon_ns, kl_bon, selection_probabilities  # noqa: F401  (bon_ns: the n grid)
-from rmens.data.loaders import read_jsonl
+from rmens.data.loaders import JUDGE_FILES, judge_files, preference_probability, read_jsonl  # noqa: F401
 from rmens.data.schema import DataError
 from rmens.data.splits import unit_hash
 from rmens.io import atomic_write_text, write_jsonl
 
-# The judge sets, by the file-name prefix of their annotation files (`<prefix>*.jsonl[.gz]`).
-JUDGE_FILES = {"ae1": "ae1_gpt4_pairs", "ae2": "ae2_gpt4turbo_pairs"}
 # Adversarial entries of AE2 (a constant nonsense string, and outputs written to game the judge).
 GAMED_GENERATORS = ("example", "gpt4_gamed")
 
@@ -64,27 +62,10 @@ class Pool:
         return torch.tensor(self.wins, dtype=torch.float64)
 
 
-def judge_files(folder: str | Path, judge: str) -> list[Path]:
-    """The annotation files of one judge set in `folder` (e.g. ae1_gpt4_pairs.train.jsonl.gz)."""
-    if judge not in JUDGE_FILES:
-        raise ValueError(f"unknown judge set {judge!r}; choose from {sorted(JUDGE_FILES)}")
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"annotation folder not found: {folder}")
-    prefix = JUDGE_FILES[judge]
-    return sorted(p for p in folder.iterdir() if p.name.startswith(prefix) and p.name.endswith((".jsonl", ".jsonl.gz")))
-
-
 def verdict(preference, where: str) -> float:
-    """AlpacaEval's preference (1: reference wins, 2: output wins, 0 or 1.5: draw, AE2: a float in
-    [1, 2]) -> P(output beats the reference)."""
-    if isinstance(preference, bool) or not isinstance(preference, (int, float)) or not math.isfinite(preference):
-        raise DataError(f"{where}: field 'preference' must be a number in [1, 2] (or 0 for a draw), got {preference!r}")
-    if preference == 0:
-        return 0.5
-    if not 1.0 <= preference <= 2.0:
-        raise DataError(f"{where}: field 'preference' must lie in [1, 2] (or be 0 for a draw), got {preference!r}")
-    return float(preference) - 1.0
+    """AlpacaEval's preference -> P(output beats the reference): 1 -> 0, 2 -> 1, a draw (0 or 1.5) -> 0.5,
+    AE2's weighted float in [1, 2] -> preference - 1."""
+    return preference_probability(preference, f"{where}: field 'preference'")
 
 
 def _string_field(record: dict, name: str, where: str, allow_empty: bool = True) -> str:

@@ -118,8 +118,30 @@ class ProxyShare(PairsShare):
                                                           "(the gold judge gets the rest).")
 
 
+class DataSource(StrictModel):
+    """Where the training verdicts and the evaluation annotations come from (rmens.experiment.data)."""
+
+    data_dir: str | None = Field(None, description="Folder of AlpacaEval verdicts to train on "
+                                                   "(default $RMENS_DATA_DIR/alpaca_eval).")
+    eval_data: str | None = Field(None, description="Folder of AE-format files (ae1_gpt4_pairs*.jsonl.gz, "
+                                                    "ae2_gpt4turbo_pairs*.jsonl.gz) whose instructions become the "
+                                                    "evaluation pools; None holds out eval_fraction of data_dir's.")
+    eval_fraction: float = Field(0.25, gt=0, lt=1, description="Without eval_data: the share of instructions held out.")
+    seed: int = Field(0, description="Seeds the hash split and every subsample.")
+
+
+class SplitConfig(StrictModel):
+    """The training side: the gold judge's and the proxies' verdicts (disjoint shares of the training
+    instructions) and PPO's prompts (from the proxies' share). No evaluation instruction is in any of them."""
+
+    gold: PairsShare = Field(default_factory=PairsShare)
+    proxy: ProxyShare = Field(default_factory=ProxyShare)
+    ppo_prompts: int | None = Field(256, ge=1, description="Proxy-share instructions PPO samples from (None: all).")
+
+
 class PoolConfig(StrictModel):
-    """The logged-output Best-of-n pools: one per held-out instruction and judge set."""
+    """The evaluation side: the logged-output Best-of-n pools, one per held-out instruction and judge set,
+    and the held-out instructions PPO checkpoints answer."""
 
     judges: list[Judge] = Field(default_factory=lambda: ["ae1", "ae2"], min_length=1)
     max_instructions: int | None = Field(None, ge=1)
@@ -127,30 +149,13 @@ class PoolConfig(StrictModel):
     max_n: int = Field(32, ge=1, description="n = 1, 2, 4, ... up to this; pools smaller than it are left out.")
     exclude_generators: list[str] = Field(default_factory=lambda: ["example", "gpt4_gamed"])
     include_generators: list[str] | None = None
+    eval_prompts: int = Field(32, ge=1, description="Pool instructions PPO checkpoints answer.")
 
     @model_validator(mode="after")
     def _sizes(self) -> PoolConfig:
         if self.pool_size is not None and self.pool_size < self.max_n:
             raise ValueError(f"pools.pool_size={self.pool_size} is below pools.max_n={self.max_n}")
         return self
-
-
-class SplitConfig(StrictModel):
-    """Which verdicts train and which evaluate (rmens.experiment.data); evaluation instructions are never
-    trained on."""
-
-    data_dir: str | None = Field(None, description="Folder of AlpacaEval verdicts to train on "
-                                                   "(default $RMENS_DATA_DIR/alpaca_eval).")
-    eval_data: str | None = Field(None, description="Folder of AE-format files (ae1_gpt4_pairs*.jsonl.gz, "
-                                                    "ae2_gpt4turbo_pairs*.jsonl.gz) whose instructions become the "
-                                                    "evaluation pools; None holds out eval_fraction of data_dir's.")
-    eval_fraction: float = Field(0.25, gt=0, lt=1)
-    seed: int = 0
-    gold: PairsShare = Field(default_factory=PairsShare)
-    proxy: ProxyShare = Field(default_factory=ProxyShare)
-    pools: PoolConfig = Field(default_factory=PoolConfig)
-    ppo_prompts: int | None = Field(256, ge=1, description="Proxy-share instructions PPO samples from.")
-    eval_prompts: int = Field(32, ge=1, description="Held-out instructions PPO checkpoints answer.")
 
 
 class ProxyLabels(StrictModel):
@@ -168,7 +173,9 @@ class ExperimentConfig(StrictModel):
     """Everything `rmens experiment` and bench/reference_experiment.py run."""
 
     size: str = "custom"
+    data: DataSource = Field(default_factory=DataSource)
     split: SplitConfig = Field(default_factory=SplitConfig)
+    pools: PoolConfig = Field(default_factory=PoolConfig)
     ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig,
                                      description="What every arm shares: backbone, lengths, LoRA settings.")
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -194,8 +201,12 @@ class ExperimentConfig(StrictModel):
         rule_names = [rule.name for rule in self.rules]
         if len(set(rule_names)) != len(rule_names):
             raise ValueError(f"rules must differ, got {rule_names}")
-        for arm in self.arms:  # every arm's ensemble config must be valid before anything runs
-            arm.ensemble_config(self.ensemble)
+        models: dict[str, str] = {}
+        for arm in self.arms:  # every arm's ensemble config must be valid, and different, before anything runs
+            model = arm.ensemble_config(self.ensemble).model_dump_json()
+            if model in models:
+                raise ValueError(f"arms {models[model]!r} and {arm.label!r} would train the same model")
+            models[model] = arm.label
         for ppo_arm in self.ppo_arms:
             if ppo_arm.arm not in labels:
                 raise ValueError(f"ppo_arms entry {ppo_arm.label!r}: no arm {ppo_arm.arm!r} (arms: {labels})")
@@ -229,9 +240,11 @@ def load_experiment(size: str, overrides: list[str] | None = None, eval_data: st
     """A size preset with dotted `key=value` overrides and the training/evaluation folders applied."""
     data = apply_overrides(size_preset(size), overrides or [])
     data["size"] = size
-    split = data.setdefault("split", {})
-    if eval_data is not None:
-        split["eval_data"] = str(Path(eval_data).expanduser().resolve())
-    if data_dir is not None:
-        split["data_dir"] = str(Path(data_dir).expanduser().resolve())
+    source = data.setdefault("data", {})
+    for key, folder in (("eval_data", eval_data), ("data_dir", data_dir)):
+        if folder is not None:
+            source[key] = str(folder)
+    for key in ("eval_data", "data_dir"):  # absolute, so that a run's settings say which files it read
+        if source.get(key):
+            source[key] = str(Path(source[key]).expanduser().resolve())
     return ExperimentConfig.model_validate(data)

@@ -6,8 +6,8 @@ steps in-process with resumable folders (the plain script, and GPU machines with
 tasks/experiment.py executes them as cached Prefect tasks with one MLflow child run each. The order of
 the steps and the inputs of each are written once, here.
 
-    data -> gold -> [proxy labels] -> arms -> scores (gold and every arm) -> rewards (agreement and
-    logged-output Best-of-n) -> PPO of each PPO arm -> its evaluation under the gold judge -> report
+    pairs, pools -> gold -> [proxy labels] -> arms -> scores (gold and every arm) -> rewards (agreement
+    and logged-output Best-of-n) -> PPO of each PPO arm -> its evaluation under the gold judge -> report
 """
 
 from __future__ import annotations
@@ -17,12 +17,16 @@ from typing import Any, Literal, Protocol
 from rmens.experiment.config import ExperimentConfig
 
 Part = Literal["rewards", "all"]
-GOLD_PAIRS, PROXY_PAIRS = "gold_pairs.jsonl", "proxy_pairs.jsonl"  # in the data step's folder
+GOLD_PAIRS, PROXY_PAIRS = "gold_pairs.jsonl", "proxy_pairs.jsonl"  # in the pairs step's folder
+# Steps that continue an unfinished folder made from the same inputs: PPO from its last checkpoint,
+# scoring from its last saved chunk. Every other unfinished folder is computed again from scratch.
+RESUMABLE = frozenset({"ppo", "score"})
 
 # The library modules whose source decides each step's output: part of every step's cache key. (The
 # settings themselves enter the key as values.)
 STEP_CODE: dict[str, tuple[str, ...]] = {
-    "data": ("rmens.experiment.data", "rmens.evaluation.logged_bon", "rmens.data"),
+    "pairs": ("rmens.experiment.data", "rmens.data"),
+    "pools": ("rmens.experiment.data", "rmens.evaluation.logged_bon", "rmens.data"),
     "train": ("rmens.experiment.train", "rmens.training", "rmens.models", "rmens.data", "rmens.evaluation.rm_metrics"),
     "proxy_labels": ("rmens.experiment.train", "rmens.reward", "rmens.models", "rmens.data"),
     "score": ("rmens.experiment.scoring", "rmens.evaluation.logged_bon", "rmens.reward", "rmens.models",
@@ -40,29 +44,33 @@ class StepCall(Protocol):
     def __call__(self, step: str, label: str, /, **inputs: Any) -> Any: ...
 
 
-def run_plan(cfg: ExperimentConfig, call: StepCall, part: Part = "all") -> Any:
+def run_plan(cfg: ExperimentConfig, call: StepCall, part: Part = "all", sources: dict | None = None) -> Any:
     """Run the steps; `part='rewards'` stops before PPO (a GPU check runs the parts in separate calls).
-    Returns the report step's handle."""
-    data = call("data", "data", split=cfg.split)
-    gold = call("train", "gold", pairs=data, pairs_file=GOLD_PAIRS, ensemble=cfg.gold.ensemble, train=cfg.gold.train)
-    proxy_pairs = data
+    `sources` are the content hashes of the input files (rmens.experiment.data.source_fingerprints), part
+    of the keys of the two data steps. Returns the report step's handle."""
+    sources = sources or {"training": {}, "evaluation": {}}
+    pairs = call("pairs", "pairs", source=cfg.data, split=cfg.split, sources=sources)
+    pools = call("pools", "pools", source=cfg.data, pools=cfg.pools, sources=sources["evaluation"])
+    gold = call("train", "gold", pairs=pairs, pairs_file=GOLD_PAIRS, ensemble=cfg.gold.ensemble, train=cfg.gold.train)
+    proxy_pairs = pairs
     if cfg.proxy_labels.active:
-        proxy_pairs = call("proxy_labels", "proxy", pairs=data, gold=gold if cfg.proxy_labels.relabel_by_gold else None,
-                           label_noise=cfg.proxy_labels.label_noise, seed=cfg.split.seed)
+        relabel_by = gold if cfg.proxy_labels.relabel_by_gold else None
+        proxy_pairs = call("proxy_labels", "proxy", pairs=pairs, gold=relabel_by,
+                           label_noise=cfg.proxy_labels.label_noise, seed=cfg.data.seed)
     arms = {arm.label: call("train", arm.label, pairs=proxy_pairs, pairs_file=PROXY_PAIRS,
                             ensemble=arm.ensemble_config(cfg.ensemble), train=cfg.train) for arm in cfg.arms}
-    judges = list(cfg.split.pools.judges)
-    scores = {label: call("score", label, model=model, data=data, judges=judges, batch_size=cfg.score_batch_size)
+    judges = list(cfg.pools.judges)
+    scores = {label: call("score", label, model=model, pools=pools, judges=judges, batch_size=cfg.score_batch_size)
               for label, model in {"gold": gold, **arms}.items()}
-    rewards = call("rewards", "rewards", data=data, scores=scores, arms=cfg.arms, rules=cfg.rules,
-                   pools=cfg.split.pools)
+    rewards = call("rewards", "rewards", pools=pools, scores=scores, arms=cfg.arms, rules=cfg.rules,
+                   config=cfg.pools)
     ppo_runs, ppo_evals = {}, {}
     if part == "all" and cfg.ppo is not None:
         for ppo_arm in cfg.ppo_arms:
-            run = ppo_runs[ppo_arm.label] = call("ppo", ppo_arm.label, reward=arms[ppo_arm.arm], data=data,
+            run = ppo_runs[ppo_arm.label] = call("ppo", ppo_arm.label, reward=arms[ppo_arm.arm], pairs=pairs,
                                                  ppo=cfg.ppo_config(ppo_arm))
             ppo_evals[ppo_arm.label] = call("ppo_eval", ppo_arm.label, run=run, reward=arms[ppo_arm.arm],
-                                            rule=ppo_arm.rule, gold=gold, gold_scores=scores["gold"], data=data,
+                                            rule=ppo_arm.rule, gold=gold, gold_scores=scores["gold"], pools=pools,
                                             judges=judges, generation=cfg.ppo_generation)
-    return call("report", "report", experiment=cfg, data=data, trains={"gold": gold, **arms}, scores=scores,
-                rewards=rewards, ppo_runs=ppo_runs, ppo_evals=ppo_evals, part=part)
+    return call("report", "report", experiment=cfg, pairs=pairs, pools=pools, trains={"gold": gold, **arms},
+                scores=scores, rewards=rewards, ppo_runs=ppo_runs, ppo_evals=ppo_evals, part=part)

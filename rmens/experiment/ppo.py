@@ -16,13 +16,13 @@ from rmens.experiment.scoring import score_table
 from rmens.io import write_json, write_jsonl
 
 
-def ppo_step(folder: Path, *, reward: Path, data: Path, ppo: PPOConfig) -> dict:
+def ppo_step(folder: Path, *, reward: Path, pairs: Path, ppo: PPOConfig) -> dict:
     """PPO of the policy against one arm's reward under one rule; resumes from its last checkpoint."""
     from rmens.ppo.trainer import PPOTrainer
     from rmens.reward import EnsembleReward
 
     reward_fn = EnsembleReward.from_folder(Path(reward) / "ensemble", ppo.aggregation)
-    trainer = PPOTrainer(ppo, read_prompts(data)["ppo"], reward_fn, folder / "run",
+    trainer = PPOTrainer(ppo, read_prompts(pairs, "ppo_prompts.json"), reward_fn, folder / "run",
                          reward_folder=Path(reward) / "ensemble")
     with measure() as cost:
         result = trainer.train(resume=True)
@@ -43,23 +43,25 @@ def sigmoid_wins(answer_scores: list[float], reference_scores: list[float]) -> t
     """P(answer beats its reference) under a Bradley-Terry judge: sigmoid(r_answer - r_reference). Written
     out (as are its mean and standard error) because alpaca_eval, whose metrics the orchestration layer
     uses, is not installed on GPU machines."""
-    return torch.sigmoid(torch.tensor(answer_scores, dtype=torch.float64) - torch.tensor(reference_scores))
+    return torch.sigmoid(torch.tensor(answer_scores, dtype=torch.float64)
+                         - torch.tensor(reference_scores, dtype=torch.float64))
 
 
 def ppo_eval_step(folder: Path, *, run: Path, reward: Path, rule: AggregationConfig, gold: Path, gold_scores: Path,
-                  data: Path, judges: list[str], generation: GenerationConfig) -> dict:
+                  pools: Path, judges: list[str], generation: GenerationConfig) -> dict:
     """Gold and proxy scores of every PPO checkpoint's answers to held-out instructions against KL, and
     the gold judge's win rate of those answers against each judge set's reference outputs."""
     from rmens.evaluation.ppo_eval import evaluate_run
     from rmens.reward import EnsembleReward
 
-    prompts = read_prompts(data)["eval"]
+    prompts = read_prompts(pools, "eval_prompts.json")
     scorers = {"proxy": EnsembleReward.from_folder(Path(reward) / "ensemble", rule),
                "gold": EnsembleReward.from_folder(Path(gold) / "ensemble")}
     points = evaluate_run(Path(run) / "run", prompts, scorers, generation=generation,
                           reward_folder=Path(reward) / "ensemble", keep_samples=True)
     table = score_table(gold_scores)
-    references = {judge: {p.instruction: _reference_of(p) for p in read_split_pools(data, judge)} for judge in judges}
+    references = {judge: {p.instruction: _reference_of(p) for p in read_split_pools(pools, judge)}
+                  for judge in judges}
     for point in points:
         samples = point.pop("samples")
         for judge, refs in references.items():

@@ -3,8 +3,10 @@ with tables in the shape of Zhang et al.'s and Coste et al.'s, and, for each of 
 results say about it with a paired standard error over instructions.
 
 A difference counts as evidence when it is at least twice its standard error; otherwise the report
-says the results show no significant difference. Standard errors are over instructions only (the
-seeds of the single models are averaged first), so they understate the spread across training runs.
+says the results show no significant difference (which is not evidence of equality). Standard errors
+are over instructions only (the seeds of the single models are averaged first), so they understate the
+spread across training runs; many claims are tested at once, so a few "significant" verdicts can be
+chance.
 """
 
 from __future__ import annotations
@@ -14,26 +16,33 @@ import math
 import shutil
 from pathlib import Path
 
+import torch
+
 from rmens.evaluation.curves import curve_from_points, save_curves
-from rmens.experiment.config import ExperimentConfig
-from rmens.io import atomic_write_text
+from rmens.evaluation.logged_bon import standard_error
+from rmens.experiment.config import ArmSpec, ExperimentConfig
+from rmens.io import atomic_write_text, write_json
 
 SINGLE = "single (mean of seeds)"
 CONSERVATIVE = ("min", "lcb", "uwo")
+CAVEAT = ("Standard errors are over instructions only (single-model seeds are averaged first), so they understate "
+          "the spread across training runs; many claims are tested at once, so a few verdicts at two standard errors "
+          "can be chance. \"No significant difference\" is not evidence of equality.")
 
 
 def _json(folder: Path, name: str):
     return json.loads((Path(folder) / name).read_text())
 
 
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error over instructions; the standard error of one instruction is undefined."""
+    tensor = torch.tensor(values, dtype=torch.float64)
+    return float(tensor.mean()), standard_error(tensor) if len(values) > 1 else math.nan
+
+
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
     """Mean of a - b over instructions and its standard error."""
-    diffs = [x - y for x, y in zip(a, b)]
-    mean = sum(diffs) / len(diffs)
-    if len(diffs) < 2:
-        return mean, math.nan
-    var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
-    return mean, math.sqrt(var / len(diffs))
+    return mean_se([x - y for x, y in zip(a, b, strict=True)])
 
 
 def verdict(diff: float, se: float, expected: str) -> str:
@@ -42,7 +51,9 @@ def verdict(diff: float, se: float, expected: str) -> str:
         return "undetermined (one instruction)"
     z = diff / se if se > 0 else math.copysign(math.inf, diff) if diff else 0.0
     if expected == "similar":
-        return "consistent (no significant difference)" if abs(z) < 2 else ("better here" if z > 0 else "disagrees")
+        if abs(z) < 2:
+            return "no significant difference (not an equivalence test)"
+        return "better here" if z > 0 else "disagrees (significantly worse)"
     if z >= 2:
         return "agrees"
     return "disagrees (significantly worse)" if z <= -2 else "not reproduced (no significant difference)"
@@ -68,66 +79,75 @@ def md_table(header: list[str], rows: list[list]) -> list[str]:
         ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows] + [""]
 
 
-def _average(series: list[dict[str, list[float]]]) -> dict[str, list[float]]:
-    """Per n and instruction, the average of several series' expected verdicts."""
-    return {n: [sum(v) / len(v) for v in zip(*(one[n] for one in series))] for n in series[0]}
+def _average(series: list[list[float]]) -> list[float]:
+    """Per instruction, the average of several series."""
+    return [sum(v) / len(v) for v in zip(*series, strict=True)]
 
 
 class Results:
-    """Everything the steps wrote, in one place, with the single seeds averaged."""
+    """Everything the steps wrote, in one place, with the single seeds and the ensembles' rules averaged."""
 
-    def __init__(self, cfg: ExperimentConfig, data: Path, trains: dict[str, Path], scores: dict[str, Path],
-                 rewards: Path, ppo_runs: dict[str, Path], ppo_evals: dict[str, Path]):
+    def __init__(self, cfg: ExperimentConfig, pairs: Path, pools: Path, trains: dict[str, Path],
+                 scores: dict[str, Path], rewards: Path, ppo_runs: dict[str, Path], ppo_evals: dict[str, Path]):
         self.cfg = cfg
-        self.split = _json(data, "split.json")
+        self.split = _json(pairs, "split.json")
+        self.pools = _json(pools, "pools.json")
         self.train = {label: _json(folder, "train_summary.json") for label, folder in trains.items()}
         self.score = {label: _json(folder, "score_summary.json") for label, folder in scores.items()}
         self.bon = _json(rewards, "logged_bon.json")
         self.rm = _json(rewards, "rm_eval.json")
-        self.values = _json(rewards, "per_instruction.json")
+        self.values = _json(rewards, "per_instruction.json")  # judge -> series -> n -> per-instruction verdicts
         self.ppo_run = {label: _json(folder, "ppo_summary.json") for label, folder in ppo_runs.items()}
         self.ppo = {label: _json(folder, "ppo_eval.json") for label, folder in ppo_evals.items()}
         self.singles = [arm.label for arm in cfg.arms if not arm.is_ensemble]
         self.ensembles = [arm for arm in cfg.arms if arm.is_ensemble]
         self.judges = list(self.bon["judges"])
-        for judge in self.judges:  # the paper's baseline: the single models' per-instruction average
-            if self.singles:
-                self.values[judge][SINGLE] = _average([self.values[judge][f"{s}/mean"] for s in self.singles])
-            for rule in cfg.rules if self.ensembles else []:  # Coste et al. compare rules over many ensembles
-                self.values[judge][f"ensembles/{rule.name}"] = _average(
-                    [self.values[judge][f"{arm.label}/{rule.name}"] for arm in self.ensembles])
+        for judge, values in self.values.items():
+            for n in self.bon["judges"][judge]["ns"]:
+                if self.singles:  # the paper's baseline: the single models' per-instruction average
+                    values.setdefault(SINGLE, {})[str(n)] = _average([values[f"{s}/mean"][str(n)]
+                                                                      for s in self.singles])
+                for rule in cfg.rules if self.ensembles else []:  # a rule over every ensemble (Coste et al.)
+                    values.setdefault(f"ensembles/{rule.name}", {})[str(n)] = _average(
+                        [values[f"{arm.label}/{rule.name}"][str(n)] for arm in self.ensembles])
+        self.ppo_final = {label: res["points"][-1] for label, res in self.ppo.items()}
+        single_runs = [p.label for p in cfg.ppo_arms if p.label in self.ppo and p.arm in self.singles]
+        if single_runs:  # PPO against each single model, averaged per instruction like Best-of-n's baseline
+            self.ppo_final[SINGLE] = {key: _average([self.ppo_final[label][key] for label in single_runs])
+                                      for key in self.ppo_final[single_runs[0]] if key.startswith("gold_values_")}
 
     def win(self, judge: str, series: str, n: int) -> tuple[float, float]:
-        values = self.values[judge][series][str(n)]
-        mean = sum(values) / len(values)
-        se = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) \
-            if len(values) > 1 else math.nan
-        return mean, se
+        return mean_se(self.values[judge][series][str(n)])
 
     def compare(self, judge: str, a: str, b: str, n: int, expected: str, claim: str, source: str) -> dict:
         diff, se = paired(self.values[judge][a][str(n)], self.values[judge][b][str(n)])
         return {"source": source, "claim": claim, "setting": f"Best-of-n, {judge}, n={n}", "judge": judge, "n": n,
-                "a": a, "b": b,
-                "a_value": self.win(judge, a, n)[0], "b_value": self.win(judge, b, n)[0], "diff": diff, "se": se,
-                "verdict": verdict(diff, se, expected)}
+                "a": a, "b": b, "a_value": self.win(judge, a, n)[0], "b_value": self.win(judge, b, n)[0],
+                "diff": diff, "se": se, "verdict": verdict(diff, se, expected)}
+
+    def ppo_win(self, label: str, judge: str) -> tuple[float, float]:
+        return mean_se(self.ppo_final[label][f"gold_values_{judge}"])
+
+
+ZHANG, AHMED, COSTE = "Zhang et al. 2024", "Zhang et al. 2024; Ahmed et al. 2024", "Coste et al. 2023"
 
 
 def bon_claims(r: Results, n_small: int = 4) -> list[dict]:
-    """Zhang et al. (ensembles beat one reward model; LoRA is the best ensemble; efficient ensembles match
-    full ones) and Coste et al. (conservative rules beat the mean as optimisation grows; each rule against
-    the mean, averaged over the ensembles), at the largest n and at n = `n_small`."""
+    """Zhang et al.: ensembles beat one reward model, the LoRA ensemble is the best, efficient ensembles match
+    the full one. Coste et al.: a conservative rule beats the mean when optimisation is strongest (every rule
+    picks alike at n = 1, so the difference at the largest n is what the rule adds as n grows), each rule
+    against the mean averaged over the ensembles. At the largest n and at n = `n_small`."""
     lora = [a.label for a in r.ensembles if a.kind == "lora"]
-    linear = [a.label for a in r.ensembles if a.kind == "linear"]
+    others = [a.label for a in r.ensembles if a.kind in ("linear", "full")]
     full = [a.label for a in r.ensembles if a.kind == "full"]
-    zhang, ahmed, coste = "Zhang et al. 2024", "Zhang et al. 2024; Ahmed et al. 2024", "Coste et al. 2023"
     tests = [(f"{arm.label}/mean", SINGLE, "higher", "an ensemble (mean) picks better outputs than a single reward "
-              "model", zhang) for arm in (r.ensembles if r.singles else [])]
-    tests += [(f"{a}/mean", f"{b}/mean", "higher", "the LoRA ensemble is the best ensemble", zhang)
-              for a in lora for b in linear]
-    tests += [(f"{a}/mean", f"{b}/mean", "similar", "an efficient ensemble matches the full ensemble", ahmed)
-              for a in linear + lora for b in full]
-    tests += [(f"ensembles/{rule.name}", "ensembles/mean", "higher", "a conservative rule beats the mean as n grows "
-               "(less overoptimisation)", coste) for rule in r.cfg.rules if rule.rule in CONSERVATIVE and r.ensembles]
+              "model", ZHANG) for arm in (r.ensembles if r.singles else [])]
+    tests += [(f"{a}/mean", f"{b}/mean", "higher", "the LoRA ensemble beats the other ensembles", ZHANG)
+              for a in lora for b in others]
+    tests += [(f"{a}/mean", f"{b}/mean", "similar", "an efficient ensemble matches the full ensemble", AHMED)
+              for a in [x.label for x in r.ensembles if x.kind != "full"] for b in full]
+    tests += [(f"ensembles/{rule.name}", "ensembles/mean", "higher", "a conservative rule beats the mean under the "
+               "strongest optimisation", COSTE) for rule in r.cfg.rules if rule.rule in CONSERVATIVE and r.ensembles]
     claims = []
     for judge in r.judges:
         ns = r.bon["judges"][judge]["ns"]
@@ -137,27 +157,24 @@ def bon_claims(r: Results, n_small: int = 4) -> list[dict]:
 
 
 def ppo_claims(r: Results) -> list[dict]:
-    """Final gold-judged win rates of PPO policies: ensemble vs single, conservative rule vs mean."""
+    """Final policies judged by the gold model: an ensemble under the mean against the single models (seeds
+    averaged per instruction), and a conservative rule against the mean of the same ensemble."""
+    tests = []
+    for ppo_arm in r.cfg.ppo_arms:
+        if ppo_arm.label not in r.ppo or not r.cfg.arm(ppo_arm.arm).is_ensemble:
+            continue
+        mean_label = f"{ppo_arm.arm}/mean"
+        if ppo_arm.rule.rule == "mean" and SINGLE in r.ppo_final:
+            tests.append((ppo_arm.label, SINGLE, "ensemble PPO (mean) beats single-model PPO", ZHANG))
+        if ppo_arm.rule.rule in CONSERVATIVE and mean_label in r.ppo:
+            tests.append((ppo_arm.label, mean_label, "a conservative rule beats the mean in PPO", COSTE))
     claims = []
-    finals = {label: result["points"][-1] for label, result in r.ppo.items()}
     for judge in r.judges:
-        key = f"gold_values_{judge}"
-        singles = [label for label in finals if label.split("/")[0] in r.singles]
-        for label, point in finals.items():
-            arm, rule = label.split("/")
-            if arm in r.singles:
-                continue
-            pairs = [(s, "ensemble PPO beats single-model PPO under the gold judge", "higher", "Zhang et al. 2024")
-                     for s in singles]
-            if rule != "mean" and f"{arm}/mean" in finals:
-                pairs.append((f"{arm}/mean", "a conservative rule beats the mean in PPO under the gold judge",
-                              "higher", "Coste et al. 2023"))
-            for other, claim, expected, source in pairs:
-                diff, se = paired(point[key], finals[other][key])
-                claims.append({"source": source, "claim": claim, "setting": f"PPO, gold judge vs {judge} references",
-                               "a": label, "b": other, "a_value": point[f"gold_win_rate_{judge}"],
-                               "b_value": finals[other][f"gold_win_rate_{judge}"], "diff": diff, "se": se,
-                               "verdict": verdict(diff, se, expected)})
+        for a, b, text, source in tests:
+            diff, se = paired(r.ppo_final[a][f"gold_values_{judge}"], r.ppo_final[b][f"gold_values_{judge}"])
+            claims.append({"source": source, "claim": text, "setting": f"PPO, gold judge vs {judge} references",
+                           "a": a, "b": b, "a_value": r.ppo_win(a, judge)[0], "b_value": r.ppo_win(b, judge)[0],
+                           "diff": diff, "se": se, "verdict": verdict(diff, se, "higher")})
     return claims
 
 
@@ -189,6 +206,11 @@ def _arm_rows(r: Results) -> list[list]:
     return rows
 
 
+def _best_rule(r: Results, arm: ArmSpec, judge: str, n: int) -> tuple[str, float, float]:
+    return max(((rule.name, *r.win(judge, f"{arm.label}/{rule.name}", n)) for rule in arm.rules(r.cfg.rules)),
+               key=lambda named: named[1])
+
+
 def _paper_table(r: Results) -> list[list]:
     """Zhang et al.'s Table 1 in shape: one row per reward model, Best-of-n and PPO outcomes."""
     rows = []
@@ -197,60 +219,56 @@ def _paper_table(r: Results) -> list[list]:
         row = [name]
         for judge in r.judges:
             n_max = r.bon["judges"][judge]["ns"][-1]
-            series = name if arm is None else f"{name}/mean"
-            row.append(_pm(*r.win(judge, series, n_max)))
-            if arm is not None:
-                best = max((f"{name}/{rule.name}" for rule in arm.rules(r.cfg.rules)),
-                           key=lambda s: r.win(judge, s, n_max)[0])
-                row.append(f"{_pm(*r.win(judge, best, n_max))} ({best.split('/')[1]})")
-            else:
+            row.append(_pm(*r.win(judge, name if arm is None else f"{name}/mean", n_max)))
+            if arm is None:
                 row.append("-")
-        result = r.ppo.get(f"{r.singles[0] if arm is None else name}/mean")
-        for judge in r.judges:
-            point = result["points"][-1] if result else None
-            row.append(_pm(point[f"gold_win_rate_{judge}"], point[f"gold_win_rate_{judge}_se"]) if point else "-")
+            else:
+                rule, value, se = _best_rule(r, arm, judge, n_max)
+                row.append(f"{_pm(value, se)} ({rule})")
+        ppo = SINGLE if arm is None else f"{name}/mean"
+        row += [_pm(*r.ppo_win(ppo, judge)) if ppo in r.ppo_final else "-" for judge in r.judges]
         rows.append(row)
     return rows
 
 
-def report_step(folder: Path, *, experiment: ExperimentConfig, data: Path, trains: dict[str, Path],
+def report_step(folder: Path, *, experiment: ExperimentConfig, pairs: Path, pools: Path, trains: dict[str, Path],
                 scores: dict[str, Path], rewards: Path, ppo_runs: dict[str, Path], ppo_evals: dict[str, Path],
                 part: str) -> dict:
-    r = Results(experiment, data, trains, scores, rewards, ppo_runs, ppo_evals)
+    r = Results(experiment, pairs, pools, trains, scores, rewards, ppo_runs, ppo_evals)
     claims = bon_claims(r) + ppo_claims(r)
-    results = {"size": experiment.size, "part": part, "split": r.split, "train": r.train, "score": r.score,
-               "reward_models": r.rm, "logged_bon": r.bon, "overoptimisation": {j: overoptimisation(r, j)
-                                                                                 for j in r.judges},
+    results = {"size": experiment.size, "part": part, "split": r.split, "pools": r.pools, "train": r.train,
+               "score": r.score, "reward_models": r.rm, "logged_bon": r.bon,
+               "overoptimisation": {judge: overoptimisation(r, judge) for judge in r.judges},
                "ppo": {label: {**r.ppo_run[label], **res["summary"], "points": res["points"]}
                        for label, res in r.ppo.items()},
-               "claims": claims}
+               "claims": claims, "caveat": CAVEAT}
     for name in ("logged_bon.json", "logged_bon.csv", *(f"logged_bon_{j}.png" for j in r.judges), "rm_eval.json"):
         shutil.copy2(Path(rewards) / name, folder / name)
     if r.ppo:
-        curves = {}
-        for label, res in r.ppo.items():
-            for key, curve in curve_from_points(res["points"], ["gold", "proxy"]).items():
-                curves[f"{label} {key}"] = curve
+        curves = {f"{label} {key}": curve for label, res in r.ppo.items()
+                  for key, curve in curve_from_points(res["points"], ["gold", "proxy"]).items()}
         save_curves(curves, "rl", folder / "ppo_curves", "PPO: gold and proxy reward against sqrt(KL)")
-    atomic_write_text(folder / "results.json", json.dumps(results, indent=2))
+    write_json(folder / "results.json", results)
     atomic_write_text(folder / "report.md", "\n".join(markdown(r, claims, part)))
-    agree = sum(c["verdict"].startswith("agrees") for c in claims)
-    return {"claims": len(claims), "claims_agreeing": agree, "ppo_runs": len(r.ppo)}
+    return {"claims": len(claims), "claims_agreeing": sum(c["verdict"] == "agrees" for c in claims),
+            "ppo_runs": len(r.ppo)}
 
 
 def markdown(r: Results, claims: list[dict], part: str) -> list[str]:
-    s = r.split
+    s, p = r.split, r.pools
     lines = [f"# rmens reference experiment: size `{r.cfg.size}`", "",
-             f"Evaluation pools from `{s['eval_source']}`: {s['evaluation_instructions']} held-out instructions "
-             f"(never trained on; {s['evaluation_instructions_in_training']} found in any training set), "
-             + ", ".join(f"{j.upper()} {s[f'pools_{j}']} pools / {s[f'pool_outputs_{j}']} outputs" for j in r.judges)
+             f"Evaluation instructions from `{s['eval_source']}`"
+             + (" (held out by a hash of the instruction)" if s["held_out_by_hash"] else "")
+             + f": {s['evaluation_instructions']}, none in any training set; pools: "
+             + ", ".join(f"{j.upper()} {p[f'pools_{j}']} instructions / {p[f'pool_outputs_{j}']} outputs"
+                         for j in r.judges)
              + f". Training verdicts from `{s['train_source']}`: gold judge {s['gold_pairs']} pairs "
              f"({s['gold_instructions']} instructions), proxies {s['proxy_pairs']} pairs "
              f"({s['proxy_instructions']} other instructions). Backbone `{r.cfg.ensemble.backbone}` at "
-             f"{r.cfg.ensemble.max_length} tokens (gold: {r.cfg.gold.ensemble.max_length}).", ""]
+             f"{r.cfg.ensemble.max_length} tokens (gold judge: {r.cfg.gold.ensemble.max_length}).", ""]
     lines += ["## The paper's table (Zhang et al. 2024, Table 1 in shape)", "",
               "Best-of-n: AlpacaEval win rate against the reference at the largest n, judged by the real judge's "
-              "logged verdicts; PPO: final policy's win rate against the references under the gold judge. "
+              "logged verdicts; PPO: the final policy's win rate against the references under the gold judge. "
               "± is the standard error over instructions.", ""]
     header = ["reward model"]
     for judge in r.judges:
@@ -261,11 +279,10 @@ def markdown(r: Results, claims: list[dict], part: str) -> list[str]:
     lines += ["## What agrees with the papers and what does not", "",
               "Paired over instructions; a difference of at least two standard errors counts. Best-of-n at the "
               "largest n here (results.json also holds n=4). `ensembles/<rule>` averages a rule over every "
-              "ensemble arm.", ""]
-    shown = at_largest_n(claims, r.bon)
-    lines += md_table(["source", "claim", "setting", "a", "b", "a", "b", "a - b ± s.e.", "verdict"],
+              f"ensemble arm. {CAVEAT}", ""]
+    lines += md_table(["source", "claim", "setting", "a", "b", "a win rate", "b win rate", "a - b ± s.e.", "verdict"],
                       [[c["source"], c["claim"], c["setting"], c["a"], c["b"], c["a_value"], c["b_value"],
-                        _pm(c["diff"], c["se"]), c["verdict"]] for c in shown])
+                        _pm(c["diff"], c["se"]), c["verdict"]] for c in at_largest_n(claims, r.bon)])
     lines += ["## Reward models: cost and held-out agreement with the judge", "",
               "Accuracy on decided held-out verdicts (output against reference), overall and where the longer "
               "output lost; the last row is the length rule on the same pairs. Training peak memory: "
@@ -280,13 +297,9 @@ def markdown(r: Results, claims: list[dict], part: str) -> list[str]:
         lines += [f"## Best-of-n over logged outputs: {entry['judge_name']}", "",
                   f"{entry['n_instructions']} instructions, pools of {entry['pool_sizes']} outputs. Win rate ± s.e. "
                   f"(mean length of the picked output, characters). Curves: logged_bon_{judge}.png.", ""]
-        ns = entry["ns"]
-        rows = []
-        for group in ("baselines", "gold", "arms"):
-            for name, series in entry[group].items():
-                rows.append([name] + [f"{row['win_rate']:.3f} ± {row['se']:.3f} ({row['mean_length']:.0f})"
-                                      for row in series])
-        lines += md_table(["series"] + [f"n={n}" for n in ns], rows)
+        rows = [[name] + [f"{row['win_rate']:.3f} ± {row['se']:.3f} ({row['mean_length']:.0f})" for row in series]
+                for group in ("baselines", "gold", "arms") for name, series in entry[group].items()]
+        lines += md_table(["series"] + [f"n={n}" for n in entry["ns"]], rows)
     if r.ppo:
         lines += ["## PPO judged by the gold reward model", "",
                   "Answers of the initial and final policy to held-out instructions; win rate against each judge "

@@ -6,9 +6,9 @@
 
 A step is reused when its folder holds done.json with the same input key (its settings, the keys of the
 steps it reads and the source of the library code that computes it), and computed again from scratch
-otherwise; PPO instead resumes from its last
-checkpoint when its inputs are unchanged. So an interrupted run, or a second call for the PPO part,
-continues where the last one stopped.
+otherwise; PPO instead resumes from its last checkpoint, and scoring from its last saved chunk, when
+their inputs are unchanged. So an interrupted run, or a second call for the PPO part, continues where
+the last one stopped.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from rmens.experiment.config import ExperimentConfig
-from rmens.experiment.data import check_inputs
-from rmens.experiment.plan import STEP_CODE, Part, run_plan
+from rmens.experiment.data import check_inputs, source_fingerprints
+from rmens.experiment.plan import RESUMABLE, STEP_CODE, Part, run_plan
 from rmens.experiment.steps import STEPS
 from rmens.fingerprint import source_fingerprint
 from rmens.io import atomic_write_text
@@ -35,7 +35,6 @@ from rmens.io import atomic_write_text
 log = logging.getLogger(__name__)
 
 MARKER = "experiment.json"
-RESUMABLE = {"ppo"}
 
 
 @dataclass(frozen=True)
@@ -140,11 +139,11 @@ def publish(report_folder: Path, out: Path) -> list[Path]:
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path, part: Part = "all") -> dict:
     """Run (or resume) the experiment in `out`; returns where the results are and what was computed."""
-    check_inputs(cfg.split)
+    check_inputs(cfg.data, cfg.pools.judges)
     out = claim_output(out, cfg)
     steps = LocalSteps(out)
     start = time.perf_counter()
-    report = run_plan(cfg, steps, part)
+    report = run_plan(cfg, steps, part, source_fingerprints(cfg.data))
     publish(report.folder, out)
     return {"out": str(out), "report": str(out / "report.md"), "logged_bon": str(out / "logged_bon.json"),
             "computed": steps.computed, "reused": steps.reused, "wall_s": time.perf_counter() - start}

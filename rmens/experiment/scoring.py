@@ -21,11 +21,11 @@ JUDGE_NAMES = {"ae1": "GPT-4 (AlpacaEval 1, against text_davinci_003)",
                "ae2": "GPT-4-turbo (AlpacaEval 2, against gpt4_1106_preview)"}
 
 
-def score_step(folder: Path, *, model: Path, data: Path, judges: list[str], batch_size: int) -> dict:
+def score_step(folder: Path, *, model: Path, pools: Path, judges: list[str], batch_size: int) -> dict:
     """Every pool response and reference scored once by every member (scores.npz), resumable."""
     from rmens.reward import EnsembleReward
 
-    items = lb.pool_items([pool for judge in judges for pool in read_split_pools(data, judge)])
+    items = lb.pool_items([pool for judge in judges for pool in read_split_pools(pools, judge)])
     reward = EnsembleReward.from_folder(Path(model) / "ensemble", batch_size=batch_size)
     bar = tqdm(total=len(items), desc="score pools", unit="resp", mininterval=5)
 
@@ -36,8 +36,10 @@ def score_step(folder: Path, *, model: Path, data: Path, judges: list[str], batc
     with measure() as cost:
         table = lb.score_items(reward.member_scores, items, folder / "scores.npz", progress=advance)
     bar.close()
+    device = next(reward.ensemble.parameters()).device
     summary = {"responses": len(items), "k": table.k, "score_wall_s": cost["wall_s"],
-               "score_peak_mib": cost["peak_mib"], "responses_per_s": len(items) / max(cost["wall_s"], 1e-9)}
+               "score_peak_mib": cost["peak_mib"], "responses_per_s": len(items) / max(cost["wall_s"], 1e-9),
+               "device": str(device), "bf16_autocast": reward.uses_bf16(device)}
     write_json(folder / "score_summary.json", summary)
     return summary
 
@@ -55,19 +57,19 @@ def reward_metrics(pools: list[lb.Pool], table: lb.ScoreTable) -> dict:
     return {**{k: metrics[k] for k in keep}, **length_metrics(margins.mean(dim=0), len_winner, len_loser)}
 
 
-def rewards_step(folder: Path, *, data: Path, scores: dict[str, Path], arms: list[ArmSpec],
-                 rules: list[AggregationConfig], pools: PoolConfig) -> dict:
+def rewards_step(folder: Path, *, pools: Path, scores: dict[str, Path], arms: list[ArmSpec],
+                 rules: list[AggregationConfig], config: PoolConfig) -> dict:
     """Held-out agreement and logged-output Best-of-n curves of every arm x rule, the gold judge and the
     baselines, from stored scores (no forward pass). Writes rm_eval.json, logged_bon.{json,csv},
     logged_bon_<judge>.png and per_instruction.json (for paired comparisons)."""
-    ns = lb.bon_ns(pools.max_n)
+    ns = lb.bon_ns(config.max_n)
     results: dict = {"judges": {}}
     rm_eval: dict = {}
     per_instruction: dict = {}
     summary: dict = {}
     tables = {label: score_table(path) for label, path in scores.items()}
-    for judge in pools.judges:
-        judge_pools = read_split_pools(data, judge)
+    for judge in config.judges:
+        judge_pools = read_split_pools(pools, judge)
         series: dict[str, dict[str, list[torch.Tensor]]] = {"baselines": lb.baseline_rewards(judge_pools)}
         series["gold"] = {"gold/mean": [m.mean(dim=0) for m in lb.member_rewards(judge_pools, tables["gold"])]}
         series["arms"] = {}

@@ -10,18 +10,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rmens.experiment.config import SplitConfig
-from rmens.experiment.data import prepare_data
+from rmens.experiment.config import DataSource, PoolConfig, SplitConfig
+from rmens.experiment.data import build_pools, split_pairs
 from rmens.experiment.ppo import ppo_eval_step, ppo_step
 from rmens.experiment.report import report_step
 from rmens.experiment.scoring import rewards_step, score_step
 from rmens.experiment.train import proxy_labels_step, train_step
 
 
-def data_step(folder: Path, *, split: SplitConfig) -> dict:
-    """Evaluation pools, training pairs and prompt sets (rmens.experiment.data)."""
-    return prepare_data(split, folder)
+def pairs_step(folder: Path, *, source: DataSource, split: SplitConfig, sources: dict[str, str]) -> dict:
+    """The training side: gold and proxy pairs, PPO prompts (rmens.experiment.data.split_pairs)."""
+    return split_pairs(source, split, folder, sources)
 
 
-STEPS = {"data": data_step, "train": train_step, "proxy_labels": proxy_labels_step, "score": score_step,
-         "rewards": rewards_step, "ppo": ppo_step, "ppo_eval": ppo_eval_step, "report": report_step}
+def pools_step(folder: Path, *, source: DataSource, pools: PoolConfig, sources: dict[str, str]) -> dict:
+    """The evaluation side: logged-output pools and PPO's evaluation prompts (rmens.experiment.data.build_pools)."""
+    return build_pools(source, pools, folder, sources)
+
+
+STEPS = {"pairs": pairs_step, "pools": pools_step, "train": train_step, "proxy_labels": proxy_labels_step,
+         "score": score_step, "rewards": rewards_step, "ppo": ppo_step, "ppo_eval": ppo_eval_step,
+         "report": report_step}

@@ -41,6 +41,12 @@ def last_token_states(hidden: torch.Tensor, attention_mask: torch.Tensor) -> tor
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
+def _fp32(tensor: torch.Tensor):
+    """Reward heads run in fp32 even under bf16 autocast: a reward rounded to bf16's 3 significant digits
+    makes ties among the outputs Best-of-n compares and coarsens the member spread conservative rules use."""
+    return torch.autocast(tensor.device.type, enabled=False)
+
+
 def decoder_layers(backbone: nn.Module) -> nn.ModuleList:
     """The stack of decoder blocks of a transformers base model (Llama, Mistral, Qwen, GPT-2, NeoX...)."""
     depth = getattr(backbone.config, "num_hidden_layers", None) or getattr(backbone.config, "n_layer", None)
@@ -111,7 +117,13 @@ class RewardEnsemble(nn.Module):
             raise ValueError("a row of the batch has no attended tokens")
 
     def _head(self, pooled: torch.Tensor, member: int) -> torch.Tensor:
-        return pooled @ self.heads.weight[member] + self.heads.bias[member]
+        with _fp32(pooled):
+            return pooled.float() @ self.heads.weight[member].float() + self.heads.bias[member].float()
+
+    def _all_heads(self, pooled: torch.Tensor) -> torch.Tensor:
+        """[N, H] -> [k, N], every member's head on the same pooled states."""
+        with _fp32(pooled):
+            return (pooled.float() @ self.heads.weight.float().T + self.heads.bias.float()).T
 
     # -- saving -------------------------------------------------------------------------------------
     def save(self, path: str | Path, tokenizer=None, extra: dict[str, object] | None = None) -> Path:
@@ -172,7 +184,7 @@ class LinearEnsemble(RewardEnsemble):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         self._check_inputs(input_ids, attention_mask)
-        return self.heads(self.pooled(input_ids, attention_mask)).T
+        return self._all_heads(self.pooled(input_ids, attention_mask))
 
     def member_forward(self, member: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         self._check_inputs(input_ids, attention_mask)
@@ -361,7 +373,9 @@ class LoraEnsemble(RewardEnsemble):
         with self._hooks(handles, base_only=routing == "blocks"):
             hidden = self._last_hidden(input_ids, attention_mask)
         pooled = last_token_states(hidden, attention_mask.repeat(self.k, 1)).view(self.k, batch, -1)
-        return torch.einsum("kbh,kh->kb", pooled, self.heads.weight) + self.heads.bias[:, None]
+        with _fp32(pooled):
+            rewards = torch.einsum("kbh,kh->kb", pooled.float(), self.heads.weight.float())
+            return rewards + self.heads.bias.float()[:, None]
 
     def member_forward(self, member: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         self._check_inputs(input_ids, attention_mask)
