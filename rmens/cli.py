@@ -217,8 +217,9 @@ def cmd_train(args) -> int:
     train, val = prepare_pairs(cfg.data)
     logging.info("training %s k=%d on %d pairs (%d held out)", cfg.ensemble.kind, cfg.ensemble.k, len(train), len(val))
     result = train_ensemble(cfg.ensemble, cfg.train, train, val, output)
-    summary = {key: result.metrics[key] for key in ("accuracy", "member_accuracy", "ece", "n_pairs")} \
-        if result.metrics else {}
+    keys = ("accuracy", "member_accuracy", "ece", "n_pairs", "accuracy_longer_lost", "n_longer_lost",
+            "length_rule_accuracy")
+    summary = {key: result.metrics[key] for key in keys if key in result.metrics}
     print(json.dumps({"output": str(Path(output).resolve()), **summary, "wall_time_s": round(result.wall_time, 1)},
                      indent=2))
     return 0

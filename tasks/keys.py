@@ -6,15 +6,11 @@ fingerprint here hashes the source files of every module that computes the stage
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 from typing import Any
 
-from pydantic import BaseModel
-
 from rmens.experiment.plan import STEP_CODE
-from rmens.fingerprint import source_fingerprint
+from rmens.fingerprint import canonical, digest, source_fingerprint
 from tasks.refs import ArtifactRef
 
 # Modules whose source decides each stage's output.
@@ -47,16 +43,8 @@ def code_fingerprint(stage: str) -> str:
     return source_fingerprint(STAGE_CODE[stage] + own)
 
 
-def _canonical(value: Any) -> Any:
-    if isinstance(value, ArtifactRef):
-        return {"ref": value.stage, "sha256": value.sha256}
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, dict):
-        return {str(k): _canonical(v) for k, v in sorted(value.items())}
-    if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
-    return value
+def _identify(value: Any) -> Any:
+    return {"ref": value.stage, "sha256": value.sha256} if isinstance(value, ArtifactRef) else None
 
 
 def stage_key(stage: str, params: dict[str, Any]) -> str:
@@ -65,6 +53,4 @@ def stage_key(stage: str, params: dict[str, Any]) -> str:
     semantic = {k: v for k, v in params.items() if k != "ctx"}
     if "ctx" in params:
         semantic["project"] = str(params["ctx"].project_dir)
-    blob = json.dumps({"stage": stage, "params": _canonical(semantic), "code": code_fingerprint(stage)},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return digest({"stage": stage, "params": canonical(semantic, _identify), "code": code_fingerprint(stage)})

@@ -213,6 +213,7 @@ def test_curve_fits_recover_known_parameters(tmp_path):
 def test_evaluate_reward_model_writes_metrics_and_diagram(saved_ensemble, tmp_path, pairs):
     metrics = evaluate_reward_model(saved_ensemble, pairs[:12], tmp_path)
     assert metrics["n_pairs"] == 12 and len(metrics["member_accuracy"]) == 2
+    assert metrics["length_rule_accuracy"] == 1.0 and metrics["n_longer_lost"] == 0  # synthetic: longer wins
     assert (tmp_path / "rm_metrics.json").is_file() and (tmp_path / "reliability.png").is_file()
 
 

@@ -11,6 +11,7 @@ from ae_data import record, write_annotations
 from rmens.bon import selection_probabilities
 from rmens.data.schema import DataError
 from rmens.evaluation import logged_bon as lb
+from rmens.evaluation import pools as pl
 
 
 def brute_force_pick(rewards: list[float], values: list[float], n: int) -> float:
@@ -58,7 +59,7 @@ def test_pools_from_a_hand_made_file(tmp_path):
     write_annotations(tmp_path / "ae2_gpt4turbo_pairs.test.jsonl", [record("q3", "r", "o", "g", 2)])
     write_annotations(tmp_path / "unrelated.jsonl", [{"not": "an annotation"}])
     stats = Counter()
-    pools = {p.instruction: p for p in lb.load_pools(tmp_path, "ae1", stats=stats)}
+    pools = {p.instruction: p for p in pl.load_pools(tmp_path, "ae1", stats=stats)}
     assert set(pools) == {"q1", "q2"}
     q1 = pools["q1"]
     assert q1.generators == ("a-model", "b-model", "c-model")  # sorted; the first a-model record is kept
@@ -67,12 +68,12 @@ def test_pools_from_a_hand_made_file(tmp_path):
     assert q1.lengths.tolist() == [20.0, 5.0, 11.0]
     assert pools["q2"].wins == (0.75, 0.25) and pools["q2"].references == ("ref2", "ref2-other")
     assert stats == Counter(kept=5, reference=1, filtered_generator=1, duplicate=1)
-    assert [p.instruction for p in lb.load_pools(tmp_path, "ae2")] == ["q3"]  # plain .jsonl works too
-    only_b = lb.load_pools(tmp_path, "ae1", include_generators=["b-model"])
+    assert [p.instruction for p in pl.load_pools(tmp_path, "ae2")] == ["q3"]  # plain .jsonl works too
+    only_b = pl.load_pools(tmp_path, "ae1", include_generators=["b-model"])
     assert [p.generators for p in only_b] == [("b-model",), ("b-model",)]
     again = tmp_path / "pools.jsonl"
-    lb.write_pools(again, list(pools.values()))
-    assert lb.read_pools(again) == list(pools.values())
+    pl.write_pools(again, list(pools.values()))
+    assert pl.read_pools(again) == list(pools.values())
 
 
 @pytest.mark.parametrize("change, message", [
@@ -84,19 +85,19 @@ def test_pools_from_a_hand_made_file(tmp_path):
 def test_a_malformed_annotation_names_file_line_and_field(tmp_path, change, message):
     write_annotations(tmp_path / "ae1_gpt4_pairs.jsonl", [{**record("q", "r", "o", "g", 2), **change}])
     with pytest.raises(DataError, match=message):
-        lb.load_pools(tmp_path, "ae1")
+        pl.load_pools(tmp_path, "ae1")
 
 
 def test_missing_files_and_empty_pools_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no ae2_gpt4turbo_pairs"):
-        lb.load_pools(tmp_path, "ae2")
+        pl.load_pools(tmp_path, "ae2")
     write_annotations(tmp_path / "ae1_gpt4_pairs.jsonl", [record("q", "r", "o", "example", 2)])
     with pytest.raises(DataError, match="no outputs left after filtering"):
-        lb.load_pools(tmp_path, "ae1")
+        pl.load_pools(tmp_path, "ae1")
 
 
 def _pool(instruction, outputs, wins):
-    return lb.Pool(instruction, None, tuple(f"g{i}" for i in range(len(outputs))), tuple(outputs), tuple(wins),
+    return pl.Pool(instruction, None, tuple(f"g{i}" for i in range(len(outputs))), tuple(outputs), tuple(wins),
                    ("reference",) * len(outputs))
 
 
@@ -128,13 +129,13 @@ def test_responses_are_scored_once_and_the_table_resumes(tmp_path):
         calls.append(len(responses))
         return torch.tensor([[float(len(r)) for r in responses], [-float(len(r)) for r in responses]])
 
-    items = lb.pool_items(pools)
+    items = pl.pool_items(pools)
     assert len(items) == 6  # ("a", "x") and ("b", "x") differ by prompt, as do the two references
     path = tmp_path / "scores.npz"
-    table = lb.score_items(members, items[:3], path)
-    table = lb.score_items(members, items, path, chunk=2)
+    table = pl.score_items(members, items[:3], path)
+    table = pl.score_items(members, items, path, chunk=2)
     assert calls == [3, 2, 1] and table.k == 2
-    assert lb.score_items(lambda *a: pytest.fail("everything is scored"), items, path).members.shape == (2, 6)
+    assert pl.score_items(lambda *a: pytest.fail("everything is scored"), items, path).members.shape == (2, 6)
     torch.testing.assert_close(table.lookup("b", ["zzz", "x"]), torch.tensor([[3.0, 1.0], [-3.0, -1.0]],
                                                                             dtype=torch.float64))
     with pytest.raises(KeyError, match="never scored"):
@@ -143,17 +144,17 @@ def test_responses_are_scored_once_and_the_table_resumes(tmp_path):
     # pool a: "x" (1 char) beat the reference (9); "yy" lost to it; pool b: "x" lost, "zzz" won
     assert margins[0].tolist() == [1 - 9, 9 - 2, 9 - 1, 3 - 9] and len_winner.tolist() == [1, 9, 9, 3]
     with pytest.raises(ValueError, match="non-finite reward"):
-        lb.score_items(lambda p, r: torch.full((1, len(r)), float("nan")), items, tmp_path / "nan.npz")
+        pl.score_items(lambda p, r: torch.full((1, len(r)), float("nan")), items, tmp_path / "nan.npz")
     assert not (tmp_path / "nan.npz").exists()
 
 
 def test_subsampling_is_seeded_and_drops_small_pools():
     pools = [_pool(f"q{i}", [f"o{j}" for j in range(3 + i)], [0.5] * (3 + i)) for i in range(5)]
     stats = Counter()
-    picked = lb.subsample_pools(pools, max_instructions=2, pool_size=4, min_size=4, seed=0, stats=stats)
+    picked = pl.subsample_pools(pools, max_instructions=2, pool_size=4, min_size=4, seed=0, stats=stats)
     assert len(picked) == 2 and all(len(p) == 4 for p in picked) and stats["pools_too_small"] == 1
-    assert picked == lb.subsample_pools(pools, max_instructions=2, pool_size=4, min_size=4, seed=0)
-    assert lb.subsample_pools(pools, max_instructions=None, pool_size=None, min_size=1) == pools
+    assert picked == pl.subsample_pools(pools, max_instructions=2, pool_size=4, min_size=4, seed=0)
+    assert pl.subsample_pools(pools, max_instructions=None, pool_size=None, min_size=1) == pools
 
 
 def test_logged_bon_files(tmp_path):

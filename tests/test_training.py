@@ -55,6 +55,7 @@ def test_training_learns_and_saves(kind, split, tmp_path):
                             log_fn=lambda step, m: log.append((step, m)))
     assert result.metrics["accuracy"] >= 0.9
     assert all(a >= 0.9 for a in result.metrics["member_accuracy"])
+    assert result.metrics["length_rule_accuracy"] == 1.0 and result.metrics["n_longer_lost"] == 0  # synthetic data
     history = [h for stage in result.stages.values() for h in stage.history]
     losses = [v for h in history for k, v in h.items() if k.endswith("/loss")]
     assert losses[-1] < losses[0]

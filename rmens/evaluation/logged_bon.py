@@ -1,248 +1,25 @@
 """Best-of-n over logged outputs, judged by the real judge's own verdicts (no generation, no API).
 
-AlpacaEval's annotation files hold, for every instruction, the outputs of about 50 systems, each with
-the judge's verdict against a reference output (AE1: GPT-4 against text_davinci_003; AE2: GPT-4-turbo
-against gpt4_1106_preview). Take the outputs of one instruction as a policy's samples (a *pool*): any
-reward function picks the best of a random n-subset, and the chance that each output is the pick is
-exact (rmens.bon.selection_probabilities: C(j-1, n-1) / C(m, n) for the j-th lowest reward, ties
-split evenly). The expected verdict of the pick, averaged over instructions, is the AlpacaEval win
-rate of a Best-of-n system under the real judge (PPE, Frick et al. 2025, scores reward models by such
-best-of-K curves on real data).
-
-Written here because neither alpaca_eval nor any maintained library computes Best-of-n from logged
-annotations. Every response is scored once per reward model (all members kept, `ScoreTable`), so any
-aggregation rule or n costs no new forward pass.
+Take the outputs of one instruction (a pool, rmens.evaluation.pools) as a policy's samples: any reward
+function picks the best of a random n-subset, and the chance that each output is the pick is exact
+(rmens.bon.selection_probabilities: C(j-1, n-1) / C(m, n) for the j-th lowest reward, ties split
+evenly). The expected verdict of the pick, averaged over instructions, is the AlpacaEval win rate of a
+Best-of-n system under the real judge (PPE, Frick et al. 2025, scores reward models by such best-of-K
+curves on real data). Written here because neither alpaca_eval nor any maintained library computes
+Best-of-n from logged annotations.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import random
-from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from rmens.bon import bon_ns, kl_bon, selection_probabilities  # noqa: F401  (bon_ns: the n grid)
-from rmens.data.loaders import JUDGE_FILES, judge_files, preference_probability, read_jsonl  # noqa: F401
-from rmens.data.schema import DataError
-from rmens.data.splits import unit_hash
-from rmens.io import atomic_write_text, write_jsonl
-
-# Adversarial entries of AE2 (a constant nonsense string, and outputs written to game the judge).
-GAMED_GENERATORS = ("example", "gpt4_gamed")
-
-
-@dataclass(frozen=True)
-class Pool:
-    """The logged outputs of one instruction, each with P(output beats its reference) by the judge."""
-
-    instruction: str
-    dataset: str | None
-    generators: tuple[str, ...]
-    outputs: tuple[str, ...]
-    wins: tuple[float, ...]  # preference - 1; a draw is 0.5
-    references: tuple[str, ...]  # the reference output each verdict was given against
-
-    def __len__(self) -> int:
-        return len(self.outputs)
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        """Output lengths in characters (the length every report shows next to a win rate)."""
-        return torch.tensor([float(len(o)) for o in self.outputs], dtype=torch.float64)
-
-    @property
-    def win_tensor(self) -> torch.Tensor:
-        return torch.tensor(self.wins, dtype=torch.float64)
-
-
-def verdict(preference, where: str) -> float:
-    """AlpacaEval's preference -> P(output beats the reference): 1 -> 0, 2 -> 1, a draw (0 or 1.5) -> 0.5,
-    AE2's weighted float in [1, 2] -> preference - 1."""
-    return preference_probability(preference, f"{where}: field 'preference'")
-
-
-def _string_field(record: dict, name: str, where: str, allow_empty: bool = True) -> str:
-    value = record.get(name)
-    if not isinstance(value, str) or (not allow_empty and not value.strip()):
-        raise DataError(f"{where}: field {name!r} must be a {'' if allow_empty else 'non-empty '}string, "
-                        f"got {value!r:.60}")
-    return value
-
-
-def read_annotations(paths: Sequence[Path]) -> list[dict]:
-    """Every record of the files, validated; the first malformed one is an error naming file, line and field."""
-    records = []
-    for path in paths:
-        for lineno, record in read_jsonl(path):
-            where = f"{path}:{lineno}"
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected an annotation object, got {type(record).__name__}")
-            records.append({
-                "instruction": _string_field(record, "instruction", where, allow_empty=False),
-                "output_1": _string_field(record, "output_1", where),
-                "output_2": _string_field(record, "output_2", where),
-                "generator_1": _string_field(record, "generator_1", where, allow_empty=False),
-                "generator_2": _string_field(record, "generator_2", where, allow_empty=False),
-                "win": verdict(record.get("preference"), where),
-                "dataset": record.get("dataset"),
-            })
-    return records
-
-
-def load_pools(folder: str | Path, judge: str, *, include_generators: Sequence[str] | None = None,
-               exclude_generators: Sequence[str] = GAMED_GENERATORS, stats: Counter | None = None) -> list[Pool]:
-    """One pool per instruction from a judge set's annotation files in `folder`.
-
-    Left out: the reference systems (every generator that appears as `generator_1`, and any output
-    identical to its reference), the excluded (gamed) generators, generators outside
-    `include_generators` when it is given, and repeated (instruction, generator) records.
-    """
-    paths = judge_files(folder, judge)
-    if not paths:
-        raise FileNotFoundError(f"no {JUDGE_FILES[judge]}*.jsonl[.gz] annotation files in {folder}")
-    records = read_annotations(paths)
-    stats = stats if stats is not None else Counter()
-    references = {r["generator_1"] for r in records}
-    include = set(include_generators) if include_generators else None
-    exclude = set(exclude_generators)
-    grouped: dict[str, dict[str, dict]] = {}
-    for r in records:
-        generator = r["generator_2"]
-        if generator in references or r["output_2"] == r["output_1"]:
-            stats["reference"] += 1
-        elif generator in exclude or (include is not None and generator not in include):
-            stats["filtered_generator"] += 1
-        elif generator in grouped.setdefault(r["instruction"], {}):
-            stats["duplicate"] += 1
-        else:
-            grouped[r["instruction"]][generator] = r
-            stats["kept"] += 1
-    pools = []
-    for instruction, by_generator in grouped.items():
-        if not by_generator:
-            continue
-        rows = [by_generator[g] for g in sorted(by_generator)]
-        pools.append(Pool(instruction, rows[0]["dataset"], tuple(r["generator_2"] for r in rows),
-                          tuple(r["output_2"] for r in rows), tuple(r["win"] for r in rows),
-                          tuple(r["output_1"] for r in rows)))
-    if not pools:
-        raise DataError(f"{judge} annotations in {folder}: no outputs left after filtering ({dict(stats)})")
-    return pools
-
-
-def subsample_pools(pools: list[Pool], *, max_instructions: int | None, pool_size: int | None, min_size: int,
-                    seed: int = 0, stats: Counter | None = None) -> list[Pool]:
-    """Pools of at least `min_size` outputs, at most `max_instructions` of them, each cut to `pool_size`
-    outputs; every choice is seeded by the instruction's text, so adding data never moves old choices."""
-    stats = stats if stats is not None else Counter()
-    big = [p for p in pools if len(p) >= min_size]
-    stats["pools_too_small"] += len(pools) - len(big)
-    big.sort(key=lambda p: unit_hash(p.instruction, f"pools-{seed}"))
-    chosen = big[:max_instructions] if max_instructions is not None else big
-    out = []
-    for pool in sorted(chosen, key=lambda p: p.instruction):
-        if pool_size is not None and len(pool) > pool_size:
-            keep = sorted(random.Random(f"{seed}\x00{pool.instruction}").sample(range(len(pool)), pool_size))
-            pool = Pool(pool.instruction, pool.dataset, *(tuple(getattr(pool, f)[i] for i in keep)
-                                                          for f in ("generators", "outputs", "wins", "references")))
-        out.append(pool)
-    return out
-
-
-def write_pools(path: str | Path, pools: list[Pool]) -> Path:
-    return write_jsonl(path, (asdict(p) for p in pools))
-
-
-def read_pools(path: str | Path) -> list[Pool]:
-    return [Pool(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()})
-            for _, record in read_jsonl(path)]
-
-
-# -- scoring: every response once per reward model ------------------------------------------------
-
-def response_key(prompt: str, response: str) -> str:
-    return hashlib.sha256(f"{prompt}\x00{response}".encode()).hexdigest()[:32]
-
-
-def pool_items(pools: list[Pool]) -> list[tuple[str, str]]:
-    """Every distinct (instruction, response) of the pools: outputs and references."""
-    seen: dict[str, tuple[str, str]] = {}
-    for pool in pools:
-        for text in pool.outputs + pool.references:
-            seen.setdefault(response_key(pool.instruction, text), (pool.instruction, text))
-    return list(seen.values())
-
-
-class ScoreTable:
-    """Member scores [k] of responses, keyed by (prompt, response); saved as one .npz file."""
-
-    def __init__(self, keys: list[str], members: np.ndarray):
-        if members.ndim != 2 or members.shape[1] != len(keys):
-            raise ValueError(f"members must be [k, {len(keys)}], got {members.shape}")
-        self.members = members
-        self.index = {key: i for i, key in enumerate(keys)}
-
-    @property
-    def k(self) -> int:
-        return self.members.shape[0]
-
-    def lookup(self, prompt: str, responses: Sequence[str]) -> torch.Tensor:
-        """[k, len(responses)] member scores of these responses to `prompt`."""
-        try:
-            columns = [self.index[response_key(prompt, r)] for r in responses]
-        except KeyError:
-            raise KeyError(f"a response to {prompt[:60]!r} was never scored; score the pools first") from None
-        return torch.from_numpy(self.members[:, columns]).double()
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial.npz")
-        np.savez(tmp, keys=np.array(list(self.index)), members=self.members)
-        tmp.replace(path)
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> ScoreTable:
-        with np.load(path) as data:
-            return cls([str(k) for k in data["keys"]], data["members"])
-
-
-def score_items(member_scores: Callable[[list[str], list[str]], torch.Tensor], items: list[tuple[str, str]],
-                path: str | Path, chunk: int = 2048, progress: Callable[[int, int], None] | None = None) -> ScoreTable:
-    """Score (prompt, response) items with `member_scores` -> [k, n], saving to `path` after every chunk.
-
-    A table already at `path` is reused: only responses missing from it are scored, so an interrupted
-    run resumes and a second call costs nothing.
-    """
-    path = Path(path)
-    table = ScoreTable.load(path) if path.is_file() else None
-    todo = [item for item in items if table is None or response_key(*item) not in table.index]
-    for start in range(0, len(todo), chunk):
-        part = todo[start: start + chunk]
-        scores = member_scores([p for p, _ in part], [r for _, r in part]).double().cpu().numpy()
-        if not np.isfinite(scores).all():
-            bad = int(np.argwhere(~np.isfinite(scores))[0][1])
-            raise ValueError(f"non-finite reward for the response to {part[bad][0][:60]!r} (item {start + bad})")
-        keys = [response_key(*item) for item in part]
-        if table is None:
-            table = ScoreTable(keys, scores)
-        else:
-            table = ScoreTable(list(table.index) + keys, np.concatenate([table.members, scores], axis=1))
-        table.save(path)
-        if progress is not None:
-            progress(min(start + chunk, len(todo)), len(todo))
-    if table is None:
-        raise ValueError("nothing to score: no pools")
-    return table
-
+from rmens.evaluation.pools import Pool, ScoreTable
+from rmens.io import atomic_write_text
 
 # -- the estimator over pools ---------------------------------------------------------------------
 
@@ -373,7 +150,7 @@ def plot_logged_bon(entry: dict, path: Path, title: str) -> Path:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("n  (KL_bon = log n - (n-1)/n)")
         ax.set_ylabel(what)
-    ax_win.set_title(title, fontsize=9)
+    fig.suptitle(title, fontsize=10)
     ax_win.legend(fontsize=6)
     ax_rules.legend(fontsize=5, ncol=2)
     fig.tight_layout()

@@ -9,13 +9,14 @@ import torch
 
 from rmens.data.schema import PreferencePair, validate_pairs
 from rmens.evaluation.curves import reliability_diagram
-from rmens.evaluation.rm_metrics import ensemble_metrics
+from rmens.evaluation.rm_metrics import ensemble_metrics, length_metrics
 from rmens.reward import EnsembleReward
 
 
 def evaluate_reward_model(reward: EnsembleReward | str | Path, pairs: list[PreferencePair],
                           out_dir: str | Path | None = None, name: str = "ensemble") -> dict:
-    """Accuracy, ECE, per-member spread and accuracy by disagreement bucket; JSON and PNG in out_dir."""
+    """Accuracy (also where the longer response lost, next to the length rule), ECE, per-member spread and
+    accuracy by disagreement bucket; JSON and PNG in out_dir."""
     validate_pairs(pairs, "evaluation pairs")
     if not isinstance(reward, EnsembleReward):
         reward = EnsembleReward.from_folder(reward)
@@ -24,6 +25,9 @@ def evaluate_reward_model(reward: EnsembleReward | str | Path, pairs: list[Prefe
     rejected = reward.member_scores(prompts, [p.rejected for p in pairs])
     targets = torch.tensor([p.weight for p in pairs])
     metrics = ensemble_metrics(chosen - rejected, targets, member_chosen=chosen)
+    # Length stays visible: accuracy where the longer response lost, next to "the longer wins".
+    metrics.update(length_metrics((chosen - rejected).mean(dim=0), torch.tensor([len(p.chosen) for p in pairs]),
+                                  torch.tensor([len(p.rejected) for p in pairs])))
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ from rmens.data.loaders import (
 )
 from rmens.data.schema import DataError, PreferencePair, validate_pairs
 from rmens.data.splits import unit_hash
-from rmens.evaluation.logged_bon import Pool, load_pools, read_pools, subsample_pools, write_pools
+from rmens.evaluation.pools import Pool, load_pools, read_pools, subsample_pools, write_pools
 from rmens.experiment.config import DataSource, PoolConfig, SplitConfig
 from rmens.experiment.plan import GOLD_PAIRS, PROXY_PAIRS
 from rmens.io import write_json, write_jsonl

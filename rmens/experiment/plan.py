@@ -18,6 +18,7 @@ from rmens.experiment.config import ExperimentConfig
 
 Part = Literal["rewards", "all"]
 GOLD_PAIRS, PROXY_PAIRS = "gold_pairs.jsonl", "proxy_pairs.jsonl"  # in the pairs step's folder
+SCORES = "scores.npz"  # in a score step's folder: every member's score of every pool response
 # Steps that continue an unfinished folder made from the same inputs: PPO from its last checkpoint,
 # scoring from its last saved chunk. Every other unfinished folder is computed again from scratch.
 RESUMABLE = frozenset({"ppo", "score"})
@@ -26,16 +27,16 @@ RESUMABLE = frozenset({"ppo", "score"})
 # settings themselves enter the key as values.)
 STEP_CODE: dict[str, tuple[str, ...]] = {
     "pairs": ("rmens.experiment.data", "rmens.data"),
-    "pools": ("rmens.experiment.data", "rmens.evaluation.logged_bon", "rmens.data"),
+    "pools": ("rmens.experiment.data", "rmens.evaluation.pools", "rmens.data"),
     "train": ("rmens.experiment.train", "rmens.training", "rmens.models", "rmens.data", "rmens.evaluation.rm_metrics"),
     "proxy_labels": ("rmens.experiment.train", "rmens.reward", "rmens.models", "rmens.data"),
-    "score": ("rmens.experiment.scoring", "rmens.evaluation.logged_bon", "rmens.reward", "rmens.models",
+    "score": ("rmens.experiment.scoring", "rmens.evaluation.pools", "rmens.reward", "rmens.models",
               "rmens.data.encoding"),
-    "rewards": ("rmens.experiment.scoring", "rmens.evaluation.logged_bon", "rmens.bon", "rmens.evaluation.rm_metrics",
-                "rmens.models.aggregate"),
+    "rewards": ("rmens.experiment.rewards", "rmens.evaluation.logged_bon", "rmens.evaluation.pools", "rmens.bon",
+                "rmens.evaluation.rm_metrics", "rmens.models.aggregate"),
     "ppo": ("rmens.experiment.ppo", "rmens.ppo", "rmens.generation", "rmens.reward", "rmens.models", "rmens.data"),
-    "ppo_eval": ("rmens.experiment.ppo", "rmens.evaluation.ppo_eval", "rmens.ppo", "rmens.generation",
-                 "rmens.reward", "rmens.models", "rmens.evaluation.logged_bon"),
+    "ppo_eval": ("rmens.experiment.ppo_eval", "rmens.evaluation.ppo_eval", "rmens.ppo", "rmens.generation",
+                 "rmens.reward", "rmens.models", "rmens.evaluation.pools", "rmens.evaluation.logged_bon"),
     "report": ("rmens.experiment.report", "rmens.evaluation.curves"),
 }
 

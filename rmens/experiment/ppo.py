@@ -1,19 +1,13 @@
-"""Experiment steps of the RL half: PPO against one arm's reward under one rule, and its checkpoints judged
-by the gold reward model (proxy and gold score against KL, win rate against the references)."""
+"""Experiment step of the RL half: PPO against one arm's reward under one rule, resumable."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-import torch
-
-from rmens.config import AggregationConfig, GenerationConfig, PPOConfig
-from rmens.evaluation import logged_bon as lb
-from rmens.experiment.data import read_prompts, read_split_pools
+from rmens.config import PPOConfig
+from rmens.experiment.data import read_prompts
 from rmens.experiment.measure import measure
-from rmens.experiment.scoring import score_table
-from rmens.io import write_json, write_jsonl
+from rmens.io import write_json
 
 
 def ppo_step(folder: Path, *, reward: Path, pairs: Path, ppo: PPOConfig) -> dict:
@@ -32,55 +26,3 @@ def ppo_step(folder: Path, *, reward: Path, pairs: Path, ppo: PPOConfig) -> dict
                "ppo_peak_mib": cost["peak_mib"]}
     write_json(folder / "ppo_summary.json", summary)
     return summary
-
-
-def _reference_of(pool: lb.Pool) -> str:
-    """The reference output most verdicts of the pool were given against."""
-    return max(set(pool.references), key=pool.references.count)
-
-
-def sigmoid_wins(answer_scores: list[float], reference_scores: list[float]) -> torch.Tensor:
-    """P(answer beats its reference) under a Bradley-Terry judge: sigmoid(r_answer - r_reference). Written
-    out (as are its mean and standard error) because alpaca_eval, whose metrics the orchestration layer
-    uses, is not installed on GPU machines."""
-    return torch.sigmoid(torch.tensor(answer_scores, dtype=torch.float64)
-                         - torch.tensor(reference_scores, dtype=torch.float64))
-
-
-def ppo_eval_step(folder: Path, *, run: Path, reward: Path, rule: AggregationConfig, gold: Path, gold_scores: Path,
-                  pools: Path, judges: list[str], generation: GenerationConfig) -> dict:
-    """Gold and proxy scores of every PPO checkpoint's answers to held-out instructions against KL, and
-    the gold judge's win rate of those answers against each judge set's reference outputs."""
-    from rmens.evaluation.ppo_eval import evaluate_run
-    from rmens.reward import EnsembleReward
-
-    prompts = read_prompts(pools, "eval_prompts.json")
-    scorers = {"proxy": EnsembleReward.from_folder(Path(reward) / "ensemble", rule),
-               "gold": EnsembleReward.from_folder(Path(gold) / "ensemble")}
-    points = evaluate_run(Path(run) / "run", prompts, scorers, generation=generation,
-                          reward_folder=Path(reward) / "ensemble", keep_samples=True)
-    table = score_table(gold_scores)
-    references = {judge: {p.instruction: _reference_of(p) for p in read_split_pools(pools, judge)}
-                  for judge in judges}
-    for point in points:
-        samples = point.pop("samples")
-        for judge, refs in references.items():
-            rows = [i for i, prompt in enumerate(prompts) if prompt in refs]
-            ref_scores = [float(table.lookup(prompts[i], [refs[prompts[i]]]).mean()) for i in rows]
-            wins = sigmoid_wins([samples["gold"][i] for i in rows], ref_scores)
-            point[f"gold_win_rate_{judge}"], point[f"gold_win_rate_{judge}_se"] = float(wins.mean()), \
-                lb.standard_error(wins)
-            point[f"gold_values_{judge}"] = wins.tolist()  # per instruction, for paired comparisons
-        point["sqrt_kl"] = math.sqrt(max(point["kl"], 0.0))
-    write_jsonl(folder / "points.jsonl", points)
-    first, last = points[0], points[-1]
-    summary = {"final_step": last["step"], "final_kl": last["kl"], "gold_gain": last["gold"] - first["gold"],
-               "proxy_gain": last["proxy"] - first["proxy"], "final_response_chars": last["response_chars"],
-               "initial_response_chars": first["response_chars"]}
-    for judge in judges:
-        for key in (f"gold_win_rate_{judge}", f"gold_win_rate_{judge}_se"):
-            summary[f"initial_{key}"], summary[f"final_{key}"] = first[key], last[key]
-    write_json(folder / "ppo_eval.json", {"points": points, "summary": summary})
-    return summary
-
-

@@ -13,7 +13,6 @@ the last one stopped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -23,13 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
 from rmens.experiment.config import ExperimentConfig
 from rmens.experiment.data import check_inputs, source_fingerprints
 from rmens.experiment.plan import RESUMABLE, STEP_CODE, Part, run_plan
 from rmens.experiment.steps import STEPS
-from rmens.fingerprint import source_fingerprint
+from rmens.fingerprint import canonical, digest, source_fingerprint
 from rmens.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -43,20 +40,6 @@ class StepOutput:
     key: str
 
 
-def _canonical(value: Any) -> Any:
-    if isinstance(value, StepOutput):
-        return {"step_key": value.key}
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, dict):
-        return {str(k): _canonical(v) for k, v in sorted(value.items())}
-    if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def _resolve(value: Any) -> Any:
     """Handles become the folders the library steps read."""
     if isinstance(value, StepOutput):
@@ -66,11 +49,13 @@ def _resolve(value: Any) -> Any:
     return value
 
 
+def _identify(value: Any) -> Any:
+    return {"step_key": value.key} if isinstance(value, StepOutput) else None
+
+
 def input_key(step: str, inputs: dict[str, Any]) -> str:
     """The step's inputs (settings, and the keys of the steps it reads) and the source of its code."""
-    blob = json.dumps({"step": step, "inputs": _canonical(inputs), "code": source_fingerprint(STEP_CODE[step])},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return digest({"step": step, "inputs": canonical(inputs, _identify), "code": source_fingerprint(STEP_CODE[step])})
 
 
 class LocalSteps:

@@ -12,9 +12,11 @@ from pathlib import Path
 
 from rmens.experiment.config import DataSource, PoolConfig, SplitConfig
 from rmens.experiment.data import build_pools, split_pairs
-from rmens.experiment.ppo import ppo_eval_step, ppo_step
+from rmens.experiment.ppo import ppo_step
+from rmens.experiment.ppo_eval import ppo_eval_step
 from rmens.experiment.report import report_step
-from rmens.experiment.scoring import rewards_step, score_step
+from rmens.experiment.rewards import rewards_step
+from rmens.experiment.scoring import score_step
 from rmens.experiment.train import proxy_labels_step, train_step
 
 

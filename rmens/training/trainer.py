@@ -31,7 +31,7 @@ from rmens.config import EnsembleConfig, TrainConfig
 from rmens.data.encoding import EncodedPairs, PairCollator, PairEncoder, encode_pairs
 from rmens.data.schema import PreferencePair, validate_pairs
 from rmens.data.splits import member_weights, split_by_instruction
-from rmens.evaluation.rm_metrics import ensemble_metrics, scalar_metrics
+from rmens.evaluation.rm_metrics import ensemble_metrics, length_metrics, scalar_metrics
 from rmens.models.backbone import load_tokenizer
 from rmens.models.ensemble import RewardEnsemble, build_ensemble, to_lora
 
@@ -122,9 +122,17 @@ def model_k(model: torch.nn.Module) -> int:
     return getattr(model, "module", model).k
 
 
-def evaluate_pairs(model, data: EncodedPairs, pad_id: int, batch_size: int, accelerator=None) -> dict:
+def evaluate_pairs(model, data: EncodedPairs, pad_id: int, batch_size: int, accelerator=None,
+                   pairs: list[PreferencePair] | None = None) -> dict:
+    """Ensemble metrics of the encoded pairs; given their `pairs`, also the accuracy where the longer
+    response (in characters) lost, next to "the longer wins" (decided pairs only)."""
     chosen, rejected = score_pairs(model, data, pad_id, batch_size, accelerator)
-    return ensemble_metrics(chosen - rejected, data.targets, member_chosen=chosen)
+    metrics = ensemble_metrics(chosen - rejected, data.targets, member_chosen=chosen)
+    decided = [i for i, p in enumerate(pairs or []) if p.weight != 0.5]
+    if decided:
+        lengths = [torch.tensor([len(getattr(pairs[i], side)) for i in decided]) for side in ("chosen", "rejected")]
+        metrics.update(length_metrics((chosen - rejected)[:, decided].mean(dim=0), *lengths))
+    return metrics
 
 
 class EnsembleTrainer:
@@ -257,7 +265,7 @@ def train_ensemble(ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: list[
                                   log_fn=log_fn)
         stages["train"] = trainer.train(encode(train_pairs, 1), val)
     ensemble = trainer.ensemble
-    metrics = evaluate_pairs(ensemble, val, pad_id, cfg.eval_batch_size, acc) if val is not None else {}
+    metrics = evaluate_pairs(ensemble, val, pad_id, cfg.eval_batch_size, acc, val_pairs) if val is not None else {}
     total_steps = sum(s.steps for s in stages.values())
     if metrics and log_fn is not None and acc.is_main_process:
         log_fn(total_steps, scalar_metrics(metrics, "val/"))
