@@ -64,6 +64,21 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], ma
     return encoded
 
 
+def prompts_that_fit(policy: str, prompts: list[str], max_new_tokens: int) -> tuple[list[str], int]:
+    """The prompts whose chat-template tokens leave room for `max_new_tokens` in the policy's context, and
+    how many were left out (for prompt sets drawn from data rather than written for this policy)."""
+    from transformers import AutoConfig
+
+    from rmens.models.backbone import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(policy)
+    room = context_length(AutoConfig.from_pretrained(resolve_model(policy))) - max_new_tokens
+    lengths = tokenizer([render_prompt(tokenizer, p) for p in prompts], add_special_tokens=False,
+                        verbose=False)["input_ids"]
+    kept = [prompt for prompt, ids in zip(prompts, lengths) if len(ids) <= room]
+    return kept, len(prompts) - len(kept)
+
+
 def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)

@@ -109,3 +109,10 @@ def test_samples_are_stored_once_and_rescored_without_regenerating(policy, tiny_
     picked = bon.select_best(tmp_path, "length", 4)
     assert [p["proxy_score"] for p in picked] == lengths.max(dim=1).values.tolist()
     assert bon.write_selection(tmp_path, "length", 2).is_file()
+
+
+def test_prompts_that_fit_leave_room_for_the_answer():
+    from rmens.generation import prompts_that_fit
+
+    kept, dropped = prompts_that_fit(TINY, ["Name a fruit.", "word " * 600, "Say hello."], max_new_tokens=8)
+    assert kept == ["Name a fruit.", "Say hello."] and dropped == 1

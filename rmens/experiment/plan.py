@@ -72,6 +72,6 @@ def run_plan(cfg: ExperimentConfig, call: StepCall, part: Part = "all", sources:
                                                  ppo=cfg.ppo_config(ppo_arm))
             ppo_evals[ppo_arm.label] = call("ppo_eval", ppo_arm.label, run=run, reward=arms[ppo_arm.arm],
                                             rule=ppo_arm.rule, gold=gold, gold_scores=scores["gold"], pools=pools,
-                                            judges=judges, generation=cfg.ppo_generation)
+                                            judges=judges, policy=cfg.policy, generation=cfg.ppo_generation)
     return call("report", "report", experiment=cfg, pairs=pairs, pools=pools, trains={"gold": gold, **arms},
                 scores=scores, rewards=rewards, ppo_runs=ppo_runs, ppo_evals=ppo_evals, part=part)

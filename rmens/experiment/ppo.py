@@ -12,16 +12,19 @@ from rmens.io import write_json
 
 def ppo_step(folder: Path, *, reward: Path, pairs: Path, ppo: PPOConfig) -> dict:
     """PPO of the policy against one arm's reward under one rule; resumes from its last checkpoint."""
+    from rmens.generation import prompts_that_fit
     from rmens.ppo.trainer import PPOTrainer
     from rmens.reward import EnsembleReward
 
+    prompts, too_long = prompts_that_fit(ppo.policy, read_prompts(pairs, "ppo_prompts.json"),
+                                         ppo.generation.max_new_tokens)
     reward_fn = EnsembleReward.from_folder(Path(reward) / "ensemble", ppo.aggregation)
-    trainer = PPOTrainer(ppo, read_prompts(pairs, "ppo_prompts.json"), reward_fn, folder / "run",
-                         reward_folder=Path(reward) / "ensemble")
+    trainer = PPOTrainer(ppo, prompts, reward_fn, folder / "run", reward_folder=Path(reward) / "ensemble")
     with measure() as cost:
         result = trainer.train(resume=True)
     last = result.history[-1]
-    summary = {"steps": len(result.history), "final_reward": last["reward"], "final_kl": last["kl"],
+    summary = {"train_prompts": len(prompts), "train_prompts_too_long": too_long, "steps": len(result.history),
+               "final_reward": last["reward"], "final_kl": last["kl"],
                "final_response_length": last["response_length"], "ppo_wall_s": cost["wall_s"],
                "ppo_peak_mib": cost["peak_mib"]}
     write_json(folder / "ppo_summary.json", summary)

@@ -31,13 +31,15 @@ def sigmoid_wins(answer_scores: list[float], reference_scores: list[float]) -> t
 
 
 def ppo_eval_step(folder: Path, *, run: Path, reward: Path, rule: AggregationConfig, gold: Path, gold_scores: Path,
-                  pools: Path, judges: list[str], generation: GenerationConfig) -> dict:
+                  pools: Path, judges: list[str], policy: str, generation: GenerationConfig) -> dict:
     """Gold and proxy scores of every PPO checkpoint's answers to held-out instructions against KL, and
     the gold judge's win rate of those answers against each judge set's reference outputs."""
     from rmens.evaluation.ppo_eval import evaluate_run
+    from rmens.generation import prompts_that_fit
     from rmens.reward import EnsembleReward
 
-    prompts = read_prompts(pools, "eval_prompts.json")
+    # The same prompts for every PPO arm of an experiment (one policy): paired comparisons stay paired.
+    prompts, too_long = prompts_that_fit(policy, read_prompts(pools, "eval_prompts.json"), generation.max_new_tokens)
     scorers = {"proxy": EnsembleReward.from_folder(Path(reward) / "ensemble", rule),
                "gold": EnsembleReward.from_folder(Path(gold) / "ensemble")}
     points = evaluate_run(Path(run) / "run", prompts, scorers, generation=generation,
@@ -57,7 +59,8 @@ def ppo_eval_step(folder: Path, *, run: Path, reward: Path, rule: AggregationCon
         point["sqrt_kl"] = math.sqrt(max(point["kl"], 0.0))
     write_jsonl(folder / "points.jsonl", points)
     first, last = points[0], points[-1]
-    summary = {"final_step": last["step"], "final_kl": last["kl"], "gold_gain": last["gold"] - first["gold"],
+    summary = {"eval_prompts": len(prompts), "eval_prompts_too_long": too_long, "final_step": last["step"],
+               "final_kl": last["kl"], "gold_gain": last["gold"] - first["gold"],
                "proxy_gain": last["proxy"] - first["proxy"], "final_response_chars": last["response_chars"],
                "initial_response_chars": first["response_chars"]}
     for judge in judges:
