@@ -195,7 +195,7 @@ def test_tiny_size_runs_on_the_real_verdicts(tmp_path):
     logged = json.loads((tmp_path / "logged_bon.json").read_text())
     assert run["wall_s"] < 120
     ae1 = logged["judges"]["ae1"]
-    assert ae1["n_instructions"] == 6 and str(real_data_dir()) in (tmp_path / "report.md").read_text()
+    assert ae1["n_instructions"] == 6 and str(real_data_dir().resolve()) in (tmp_path / "report.md").read_text()
     longest = [r["mean_length"] for r in ae1["baselines"]["longest"]]
     assert longest == sorted(longest)
 
