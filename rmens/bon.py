@@ -74,13 +74,23 @@ def expected_best_of_n(proxy: torch.Tensor, target: torch.Tensor, n: int) -> tor
     """Per prompt, the expected `target` score of the sample the proxy picks from n: [P, N] -> [P]."""
     if proxy.shape != target.shape or proxy.dim() != 2:
         raise ValueError(f"proxy {tuple(proxy.shape)} and target {tuple(target.shape)} must both be [prompts, N]")
+    _require_finite(target, "target")
     probs = torch.stack([selection_probabilities(row, n) for row in proxy])
     return (probs * target.double()).sum(dim=1)
+
+
+def _require_finite(scores: torch.Tensor, what: str) -> None:
+    """A NaN would be picked as the best sample (argmax) or poison every mean: name the first one instead."""
+    bad = (~torch.isfinite(scores)).nonzero()
+    if len(bad):
+        prompt, sample = bad[0].tolist()
+        raise ValueError(f"non-finite {what} score for prompt {prompt}, sample {sample}")
 
 
 def bon_curve(proxy: torch.Tensor, targets: dict[str, torch.Tensor], ns: list[int] | None = None) -> list[dict]:
     """For each n: KL_bon and, per target scorer, the mean over prompts and its standard error."""
     ns = ns or bon_ns(proxy.shape[1])
+    _require_finite(proxy, "proxy")
     rows = []
     for n in ns:
         row: dict = {"n": n, "kl_bon": kl_bon(n), "sqrt_kl": math.sqrt(kl_bon(n))}
@@ -169,6 +179,7 @@ def select_best(folder: str | Path, proxy: str, n: int, scores: torch.Tensor | N
     scores = load_score_matrix(folder, proxy) if scores is None else scores
     if not 1 <= n <= scores.shape[1]:
         raise ValueError(f"n must be in [1, {scores.shape[1]}], got {n}")
+    _require_finite(scores[:, :n], "proxy")
     by_key = {(s["prompt_id"], s["sample_id"]): s for s in samples}
     picks = torch.argmax(scores[:, :n], dim=1).tolist()
     return [{**by_key[(p, s)], "proxy": proxy, "n": n, "proxy_score": float(scores[p, s])} for p, s in enumerate(picks)]

@@ -210,13 +210,15 @@ def cmd_flow(args) -> int:
 
 def cmd_train(args) -> int:
     from rmens.data import prepare_pairs
+    from rmens.models.ensemble import check_output_folder
     from rmens.training.trainer import train_ensemble
 
     cfg = _job_config(TrainJobConfig, args)
     output = args.output or cfg.output_dir
+    check_output_folder(output, args.overwrite)  # before any work: the folder may hold a user's files
     train, val = prepare_pairs(cfg.data)
     logging.info("training %s k=%d on %d pairs (%d held out)", cfg.ensemble.kind, cfg.ensemble.k, len(train), len(val))
-    result = train_ensemble(cfg.ensemble, cfg.train, train, val, output)
+    result = train_ensemble(cfg.ensemble, cfg.train, train, val, output, overwrite=args.overwrite)
     keys = ("accuracy", "member_accuracy", "ece", "n_pairs", "accuracy_longer_lost", "n_longer_lost",
             "length_rule_accuracy")
     summary = {key: result.metrics[key] for key in keys if key in result.metrics}
@@ -318,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train one reward ensemble, no orchestration (works under accelerate launch)")
     _config_args(train, "data/ensemble/train sections")
     train.add_argument("--output", help="folder for the trained ensemble (default: output_dir of the config)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace an output folder that is not a saved ensemble (its files are deleted)")
     train.set_defaults(func=cmd_train)
 
     ppo = sub.add_parser("ppo", help="PPO against a saved reward ensemble (works under accelerate launch)",

@@ -182,3 +182,21 @@ def test_smollm2_converts_from_the_gguf_wheel_and_reloads():
     assert model.config.hidden_size == 576 and model.config.num_hidden_layers == 30
     tokenizer = load_tokenizer(path)
     assert tokenizer.pad_token == "<|im_end|>" and tokenizer.chat_template
+
+
+def test_saving_never_deletes_a_users_folder(tmp_path, tiny_tokenizer):
+    from rmens.config import EnsembleConfig
+    from rmens.models.ensemble import build_ensemble, load_ensemble
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "thesis.tex").write_text("mine")
+    ensemble = build_ensemble(EnsembleConfig(kind="linear", k=2, backbone="tiny-random-llama"))
+    with pytest.raises(FileExistsError, match="not a saved rmens ensemble.*--overwrite"):
+        ensemble.save(victim, tiny_tokenizer)
+    assert (victim / "thesis.tex").read_text() == "mine" and not (tmp_path / "victim.partial").exists()
+    ensemble.save(tmp_path / "saved", tiny_tokenizer)
+    ensemble.save(tmp_path / "saved", tiny_tokenizer)  # a saved ensemble is replaced without asking
+    ensemble.save(victim, tiny_tokenizer, overwrite=True)
+    assert not (victim / "thesis.tex").exists() and load_ensemble(victim)[0].k == 2
+    assert not (tmp_path / "victim.replaced").exists()

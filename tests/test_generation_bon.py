@@ -116,3 +116,15 @@ def test_prompts_that_fit_leave_room_for_the_answer():
 
     kept, dropped = prompts_that_fit(TINY, ["Name a fruit.", "word " * 600, "Say hello."], max_new_tokens=8)
     assert kept == ["Name a fruit.", "Say hello."] and dropped == 1
+
+
+def test_non_finite_scores_are_rejected_where_they_enter_best_of_n(tmp_path, policy, tiny_tokenizer):
+    nan = float("nan")
+    with pytest.raises(ValueError, match="non-finite proxy score for prompt 0, sample 1"):
+        bon_curve(torch.tensor([[0.0, nan, 1.0]]), {})
+    with pytest.raises(ValueError, match="non-finite target score for prompt 0, sample 2"):
+        bon_curve(torch.tensor([[0.0, 1.0, 2.0]]), {"judge": torch.tensor([[0.0, 1.0, nan]])})
+    draw_samples(policy, tiny_tokenizer, PROMPTS[:1], BonConfig(n_samples=2, generation=GenerationConfig(
+        max_new_tokens=4)), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="non-finite proxy score for prompt 0, sample 1"):
+        bon.select_best(tmp_path, "any", 2, scores=torch.tensor([[0.0, nan]]))

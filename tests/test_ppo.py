@@ -180,3 +180,39 @@ def test_ppo_runs_data_parallel_on_two_cpu_processes(tmp_path, tiny_tokenizer):
     history = json.loads((tmp_path / "out" / "history.json").read_text())
     assert [h["step"] for h in history] == [1, 2] and history[0]["kl"] == 0.0
     assert (tmp_path / "out" / "policy" / "config.json").is_file()
+
+
+def test_resume_refuses_other_settings_and_restart_starts_over(tmp_path):
+    prompts = synthetic_prompts(8)
+    PPOTrainer(config(steps=2), prompts, CallableReward(e_count), tmp_path, reward_id="reward-a").train()
+    with pytest.raises(ValueError, match=r"lr 0\.01 -> 1e-05.*reward source reward-a -> reward-b"):
+        PPOTrainer(config(steps=2, lr=1e-5), prompts, CallableReward(e_count), tmp_path, reward_id="reward-b").train()
+    with pytest.raises(ValueError, match="the checkpoint is at step 2, past steps=1"):
+        PPOTrainer(config(steps=1), prompts, CallableReward(e_count), tmp_path, reward_id="reward-a").train()
+    longer = PPOTrainer(config(steps=3), prompts, CallableReward(e_count), tmp_path, reward_id="reward-a").train()
+    assert [h["step"] for h in longer.history] == [1, 2, 3]  # more steps continue the same run
+    again = PPOTrainer(config(steps=1, lr=1e-5), prompts, CallableReward(e_count), tmp_path, reward_id="reward-b")
+    result = again.train(resume=False)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001"]
+    assert len(result.history) == 1 and json.loads((tmp_path / "history.json").read_text()) == result.history
+    state = json.loads((tmp_path / "checkpoints" / "step-000001" / "trainer_state.json").read_text())
+    assert state["config"]["lr"] == 1e-5 and state["reward"] == "reward-b"
+
+
+def test_ppo_refuses_a_folder_that_is_not_a_run(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a PPO run's folder"):
+        PPOTrainer(config(), synthetic_prompts(8), CallableReward(e_count), tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_ensemble_rewards_identify_their_source(tiny_tokenizer):
+    from rmens.models.aggregate import AggregationConfig
+    from rmens.ppo.trainer import reward_identity
+    from rmens.reward import EnsembleReward
+
+    a = build_ensemble(EnsembleConfig(kind="linear", k=2, backbone=TINY, seed=0))
+    b = build_ensemble(EnsembleConfig(kind="linear", k=2, backbone=TINY, seed=1))
+    ids = {reward_identity(EnsembleReward(e, tiny_tokenizer, AggregationConfig(rule=rule))) for e in (a, b)
+           for rule in ("mean", "min")}
+    assert len(ids) == 4 and reward_identity(CallableReward(e_count)) is None

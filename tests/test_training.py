@@ -153,3 +153,16 @@ def test_two_cpu_processes_match_one_process(tmp_path):
     m1, _ = load_ensemble(tmp_path / "one")
     m2, _ = load_ensemble(tmp_path / "two")
     torch.testing.assert_close(m1.heads.weight, m2.heads.weight, atol=1e-4, rtol=1e-3)
+
+
+def test_cli_train_refuses_a_users_folder_before_any_work(tmp_path, capsys):
+    from rmens.cli import main
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("mine")
+    config = tmp_path / "job.yaml"
+    config.write_text(f"data: {{source: synthetic, max_pairs: 16}}\nensemble: {{backbone: {TINY}, max_length: 32}}\n")
+    assert main(["train", "--config", str(config), "--output", str(victim)]) == 2
+    assert "not a saved rmens ensemble" in capsys.readouterr().err
+    assert [p.name for p in victim.iterdir()] == ["notes.txt"]

@@ -63,7 +63,15 @@ class PairEncoder:
 
     def encode(self, prompt: Prompt, response: str) -> list[int]:
         """Token ids of prompt + response, truncated so that the response stays visible."""
-        return self.join(self.prompt_ids(prompt), self.ids(render_response(self.tokenizer, prompt, response)))
+        return self.join(self.prompt_ids(prompt), self.response_ids(prompt, response))
+
+    def response_ids(self, prompt: Prompt, response: str) -> list[int]:
+        return self.ids(render_response(self.tokenizer, prompt, self._cut(response)))
+
+    def _cut(self, response: str) -> str:
+        """The response cut far beyond the last token that can be kept (no token decodes to more characters
+        than its vocabulary string), so a huge response costs no more to tokenise than a long one."""
+        return response[: self.max_length * self._max_token_chars]
 
     def join(self, prompt_ids: list[int], response_ids: list[int]) -> list[int]:
         total = len(prompt_ids) + len(response_ids)
@@ -77,8 +85,7 @@ class PairEncoder:
         """`encode` for many (prompt, response) at once, the same ids: each distinct prompt is rendered and
         tokenised once, and all texts go through the fast tokenizer in one batched call.
 
-        Responses are first cut far beyond the last token that can be kept (no token decodes to more
-        characters than its vocabulary string), so a huge response costs no more than a long one.
+        Responses are cut first, as in `encode` (`_cut`).
         """
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -87,8 +94,7 @@ class PairEncoder:
         keys = [prompt if isinstance(prompt, str) else repr(prompt) for prompt in prompts]
         unique = dict(zip(keys, prompts))
         prompt_ids = dict(zip(unique, self._tokenize([render_prompt(self.tokenizer, p) for p in unique.values()])))
-        limit = self.max_length * self._max_token_chars
-        texts = [render_response(self.tokenizer, p, r[:limit]) for p, r in zip(prompts, responses)]
+        texts = [render_response(self.tokenizer, p, self._cut(r)) for p, r in zip(prompts, responses)]
         return [self.join(prompt_ids[key], ids) for key, ids in zip(keys, self._tokenize(texts))]
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
@@ -103,10 +109,8 @@ class PairEncoder:
 
     def encode_pair(self, pair: PreferencePair) -> tuple[list[int], list[int]]:
         prompt_ids = self.prompt_ids(pair.prompt)
-        return (
-            self.join(prompt_ids, self.ids(render_response(self.tokenizer, pair.prompt, pair.chosen))),
-            self.join(prompt_ids, self.ids(render_response(self.tokenizer, pair.prompt, pair.rejected))),
-        )
+        return (self.join(prompt_ids, self.response_ids(pair.prompt, pair.chosen)),
+                self.join(prompt_ids, self.response_ids(pair.prompt, pair.rejected)))
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:

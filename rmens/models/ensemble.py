@@ -41,6 +41,33 @@ def last_token_states(hidden: torch.Tensor, attention_mask: torch.Tensor) -> tor
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
+def is_saved_ensemble(path: Path) -> bool:
+    try:
+        return json.loads((path / "ensemble.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_output_folder(path: str | Path, overwrite: bool = False) -> None:
+    """Refuse, before any work, to replace a folder that is neither empty nor a saved ensemble (a user's files)."""
+    path = Path(path)
+    if path.exists() and not overwrite and not is_saved_ensemble(path) and any(path.iterdir()):
+        raise FileExistsError(f"{path} exists and is not a saved rmens ensemble; choose another output folder, or "
+                              "pass --overwrite to replace it")
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a folder")
+
+
+def replace_folder(new: Path, path: Path) -> None:
+    """Move the complete folder `new` to `path`; an old `path` is set aside first and deleted only after."""
+    old = path.with_name(path.name + ".replaced")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    new.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _fp32(tensor: torch.Tensor):
     """Reward heads run in fp32 even under bf16 autocast: a reward rounded to bf16's 3 significant digits
     makes ties among the outputs Best-of-n compares and coarsens the member spread conservative rules use."""
@@ -126,12 +153,15 @@ class RewardEnsemble(nn.Module):
             return (pooled.float() @ self.heads.weight.float().T + self.heads.bias.float()).T
 
     # -- saving -------------------------------------------------------------------------------------
-    def save(self, path: str | Path, tokenizer=None, extra: dict[str, object] | None = None) -> Path:
+    def save(self, path: str | Path, tokenizer=None, extra: dict[str, object] | None = None,
+             overwrite: bool = False) -> Path:
         """Write the ensemble to a folder; written to a temporary sibling and renamed when complete.
 
         `extra` maps file names to JSON-serialisable objects written alongside (e.g. training metrics).
+        An existing saved ensemble is replaced; any other non-empty folder only with `overwrite`.
         """
         path = Path(path)
+        check_output_folder(path, overwrite)
         tmp = path.with_name(path.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -145,9 +175,7 @@ class RewardEnsemble(nn.Module):
         (tmp / "ensemble.json").write_text(json.dumps(meta, indent=2))
         for name, obj in (extra or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2))
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
+        replace_folder(tmp, path)
         return path
 
     def _save_weights(self, path: Path) -> None:

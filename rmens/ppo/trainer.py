@@ -15,6 +15,7 @@ batch; whitening statistics and the KL used by the controller are reduced across
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from rmens.config import flatten
 from rmens.data.schema import DataError
 from rmens.generation import generate
 from rmens.models.backbone import load_backbone, load_policy, load_tokenizer
@@ -185,17 +187,51 @@ def _value_from_reward(cfg: PPOConfig, reward_folder, lora) -> tuple[nn.Module, 
     return backbone, head
 
 
+# Settings a run may change when it resumes from a checkpoint: they do not change what was trained so far.
+RESUME_SAFE = frozenset({"steps", "progress", "checkpoint_every", "keep_checkpoints", "judge_every"})
+RUN_FILES = ("checkpoints", "policy", "history.json")  # what marks a folder as a PPO run's
+
+
+def reward_identity(reward_fn: RewardFn) -> str | None:
+    """What identifies a reward source across processes, so a resumed run can check it optimises the same
+    reward: an ensemble's heads and rule (None for rewards that cannot be identified)."""
+    ensemble = getattr(reward_fn, "ensemble", None)
+    if ensemble is None:
+        return getattr(reward_fn, "identity", None)
+    digest = hashlib.sha256(ensemble.heads.weight.detach().cpu().float().numpy().tobytes())
+    digest.update(ensemble.heads.bias.detach().cpu().float().numpy().tobytes())
+    digest.update(reward_fn.aggregation.model_dump_json().encode())
+    return f"{ensemble.kind}-k{ensemble.k}-{digest.hexdigest()[:16]}"
+
+
+def resume_conflicts(saved: dict, cfg: PPOConfig, reward: str | None) -> list[str]:
+    """The settings (dotted names) in which a checkpoint's run differs from this one, beyond RESUME_SAFE."""
+    before, now = flatten(saved["config"]), flatten(cfg)
+    changed = [f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(before) | set(now))
+               if key.split(".")[0] not in RESUME_SAFE and before.get(key) != now.get(key)]
+    if saved.get("reward") and reward and saved["reward"] != reward:
+        changed.append(f"reward source {saved['reward']} -> {reward}")
+    if saved["step"] > cfg.steps:
+        changed.append(f"steps: the checkpoint is at step {saved['step']}, past steps={cfg.steps}")
+    return changed
+
+
 class PPOTrainer:
     def __init__(self, cfg: PPOConfig, prompts: list[str], reward_fn: RewardFn, output_dir: str | Path,
                  *, judge_fn: RewardFn | None = None, reward_folder: str | Path | None = None,
-                 log_fn: Callable[[int, dict], None] | None = None, accelerator: Accelerator | None = None):
+                 log_fn: Callable[[int, dict], None] | None = None, accelerator: Accelerator | None = None,
+                 reward_id: str | None = None):
         if not prompts:
             raise DataError("PPO needs at least one prompt; the prompt list is empty")
+        output_dir = Path(output_dir)
+        if output_dir.is_dir() and any(output_dir.iterdir()) and not any((output_dir / f).exists() for f in RUN_FILES):
+            raise FileExistsError(f"{output_dir} exists and is not a PPO run's folder; choose another output folder")
+        self.reward_id = reward_id or reward_identity(reward_fn)
         self.cfg = cfg
         self.prompts = list(prompts)
         self.reward_fn = reward_fn
         self.judge_fn = judge_fn
-        self.output_dir = Path(output_dir)
+        self.output_dir = output_dir
         self.log_fn = log_fn
         self.acc = accelerator or Accelerator()
         self.tokenizer = load_tokenizer(cfg.policy, padding_side="left")
@@ -358,7 +394,7 @@ class PPOTrainer:
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                        tmp / "optimizer.pt")
             state = {"step": self.step, "kl_coef": self.kl.value, "history": self.history,
-                     "config": self.cfg.model_dump(mode="json")}
+                     "config": self.cfg.model_dump(mode="json"), "reward": self.reward_id}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
             shutil.rmtree(path, ignore_errors=True)
             os.replace(tmp, path)
@@ -373,14 +409,20 @@ class PPOTrainer:
         return found[-1] if found else None
 
     def load_checkpoint(self, path: str | Path) -> None:
+        """Continue from a checkpoint of the same run: a checkpoint made with other settings or another reward
+        is refused, naming what differs (start over with train(resume=False), `rmens ppo --restart`)."""
         path = Path(path)
         state = json.loads((path / "trainer_state.json").read_text())
+        conflicts = resume_conflicts(state, self.cfg, self.reward_id)
+        if conflicts:
+            raise ValueError(f"{path} was made by another PPO run ({'; '.join(conflicts)}); restart (rmens ppo "
+                             "--restart) or choose another output folder")
         weights = load_file(path / "trainable.safetensors")
         expected = {n for n, p in self.unwrapped.named_parameters() if p.requires_grad}
         if set(weights) != expected:
             raise ValueError(f"{path} does not match this PPO configuration's trainable parameters")
         self.unwrapped.load_state_dict(weights, strict=False)
-        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
         self.kl.value = state["kl_coef"]
@@ -410,11 +452,27 @@ class PPOTrainer:
         return path
 
     # -- the loop ----------------------------------------------------------------------------------
+    def _clear_previous_run(self) -> None:
+        """Starting over: an earlier run's checkpoints, policy and history in this folder would be taken for
+        this run's."""
+        if self.acc.is_main_process:
+            for name in RUN_FILES:
+                target = self.output_dir / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        self.acc.wait_for_everyone()
+
     def train(self, resume: bool = True) -> PPOResult:
+        """Run until `steps`; with `resume`, continue from the latest checkpoint of the same run, else start
+        over (an earlier run's files in the folder are removed first)."""
         start = time.perf_counter()
         latest = self.latest_checkpoint() if resume else None
         if latest is not None:
             self.load_checkpoint(latest)
+        elif not resume:
+            self._clear_previous_run()
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc="ppo",
                    disable=not (self.cfg.progress and self.acc.is_main_process))
         while self.step < self.cfg.steps:

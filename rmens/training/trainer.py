@@ -33,7 +33,7 @@ from rmens.data.schema import PreferencePair, validate_pairs
 from rmens.data.splits import member_weights, split_by_instruction
 from rmens.evaluation.rm_metrics import ensemble_metrics, length_metrics, scalar_metrics
 from rmens.models.backbone import load_tokenizer
-from rmens.models.ensemble import RewardEnsemble, build_ensemble, to_lora
+from rmens.models.ensemble import RewardEnsemble, build_ensemble, check_output_folder, to_lora
 
 log = logging.getLogger(__name__)
 
@@ -231,9 +231,13 @@ def lora_stage_split(pairs: list[PreferencePair], stage1_fraction: float):
 
 def train_ensemble(ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: list[PreferencePair],
                    val_pairs: list[PreferencePair] | None = None, output_dir: str | Path | None = None,
-                   log_fn: LogFn | None = None, accelerator: Accelerator | None = None) -> TrainResult:
-    """Build, train, evaluate and (optionally) save an ensemble. The folder appears only when complete."""
+                   log_fn: LogFn | None = None, accelerator: Accelerator | None = None,
+                   overwrite: bool = False) -> TrainResult:
+    """Build, train, evaluate and (optionally) save an ensemble. The folder appears only when complete; a
+    non-empty `output_dir` that is not a saved ensemble is refused before training unless `overwrite`."""
     validate_pairs(train_pairs, "training pairs")
+    if output_dir is not None:
+        check_output_folder(output_dir, overwrite)
     start = time.perf_counter()
     acc = accelerator or Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=_precision(cfg))
     set_seed(cfg.seed)
@@ -276,7 +280,7 @@ def train_ensemble(ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: list[
             summary = {"metrics": metrics, "steps": {k: s.steps for k, s in stages.items()},
                        "wall_time": {k: s.wall_time for k, s in stages.items()},
                        "history": {k: s.history for k, s in stages.items()}}
-            ensemble.save(path, tokenizer, extra={"train_metrics.json": summary})
+            ensemble.save(path, tokenizer, extra={"train_metrics.json": summary}, overwrite=overwrite)
         acc.wait_for_everyone()
     return TrainResult(ensemble=ensemble, path=path, metrics=metrics, stages=stages,
                        wall_time=time.perf_counter() - start)
