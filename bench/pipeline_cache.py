@@ -70,7 +70,7 @@ def main() -> int:
         server_start = wait_healthy(url)
         env = {**base_env, "PREFECT_API_URL": url}
         with_server, _ = timed_run([sys.executable, "-c", TRIVIAL_FLOW], env)
-        cmd = [sys.executable, "-m", "rmens.cli", "run", "--preset", "smoke", "--set", f"project_dir={tmp / 'smoke'}"]
+        cmd = [sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--set", f"project_dir={tmp / 'smoke'}"]
         first, out1 = timed_run(cmd, env)
         second, out2 = timed_run(cmd, env)
     finally:

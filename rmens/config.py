@@ -401,7 +401,7 @@ class PipelineConfig(StrictModel):
 
 def derive(config: BaseModel, **changes: Any) -> Any:
     """A copy of `config` with `changes` applied (nested mappings merge) and validated as a new object;
-    `model_copy(update=...)` would skip validation and let an inconsistent combination through."""
+    pydantic's model_copy with an update would skip validation and let an inconsistent combination through."""
     return type(config).model_validate(_merge(config.model_dump(), changes))
 
 

@@ -29,3 +29,13 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
 def read_jsonl(path: str | Path) -> list[dict]:
     with Path(path).open(encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def refuse_foreign_folder(path: str | Path, ours: bool, what: str, hint: str) -> None:
+    """Refuse a folder that exists, holds something and is not `ours` (`what` it should be): whatever a user
+    keeps there must never be overwritten or deleted."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a folder")
+    if path.is_dir() and not ours and any(path.iterdir()):
+        raise FileExistsError(f"{path} exists and is not {what}; {hint}")

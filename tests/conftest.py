@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from rmens.cli import QUIET_ENV  # noqa: E402
+from flows.cli import QUIET_ENV  # noqa: E402
 
 for key, value in {**QUIET_ENV, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}.items():
     os.environ.setdefault(key, value)

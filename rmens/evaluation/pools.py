@@ -9,6 +9,7 @@ Written here because no maintained library reads AlpacaEval annotations as Best-
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from collections import Counter
@@ -42,12 +43,12 @@ class Pool:
     def __len__(self) -> int:
         return len(self.outputs)
 
-    @property
+    @functools.cached_property  # read for every n and every reward model: built once per pool
     def lengths(self) -> torch.Tensor:
         """Output lengths in characters (the length every report shows next to a win rate)."""
         return torch.tensor([float(len(o)) for o in self.outputs], dtype=torch.float64)
 
-    @property
+    @functools.cached_property
     def win_tensor(self) -> torch.Tensor:
         return torch.tensor(self.wins, dtype=torch.float64)
 

@@ -27,7 +27,7 @@ from rmens.experiment.data import check_inputs, source_fingerprints
 from rmens.experiment.plan import RESUMABLE, STEP_CODE, Part, run_plan
 from rmens.experiment.steps import STEPS
 from rmens.fingerprint import canonical, digest, source_fingerprint
-from rmens.io import atomic_write_text
+from rmens.io import atomic_write_text, refuse_foreign_folder
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,8 @@ def _key_in(path: Path) -> str | None:
 def claim_output(out: str | Path, cfg: ExperimentConfig) -> Path:
     """The output folder, made or confirmed as this runner's; a non-empty folder it did not make is refused."""
     out = Path(out).expanduser().resolve()
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise FileExistsError(f"{out} exists and is not an rmens experiment folder (no {MARKER}); "
-                              "choose an empty or new --out")
+    refuse_foreign_folder(out, (out / MARKER).is_file(), f"an rmens experiment folder (no {MARKER})",
+                          "choose an empty or new --out")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / MARKER, json.dumps({"format": "rmens-experiment", "size": cfg.size,
                                                 "config": cfg.model_dump(mode="json")}, indent=2))

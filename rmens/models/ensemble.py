@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rmens.config import EnsembleConfig
+from rmens.io import refuse_foreign_folder
 from rmens.models.backbone import context_length, load_backbone, load_tokenizer
 
 FORMAT = "rmens-ensemble"
@@ -51,11 +52,8 @@ def is_saved_ensemble(path: Path) -> bool:
 def check_output_folder(path: str | Path, overwrite: bool = False) -> None:
     """Refuse, before any work, to replace a folder that is neither empty nor a saved ensemble (a user's files)."""
     path = Path(path)
-    if path.exists() and not overwrite and not is_saved_ensemble(path) and any(path.iterdir()):
-        raise FileExistsError(f"{path} exists and is not a saved rmens ensemble; choose another output folder, or "
-                              "pass --overwrite to replace it")
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a folder")
+    refuse_foreign_folder(path, overwrite or is_saved_ensemble(path), "a saved rmens ensemble",
+                          "choose another output folder, or pass --overwrite to replace it")
 
 
 def replace_folder(new: Path, path: Path) -> None:

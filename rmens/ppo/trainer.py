@@ -35,6 +35,7 @@ from transformers import get_scheduler
 from rmens.config import flatten
 from rmens.data.schema import DataError
 from rmens.generation import generate
+from rmens.io import refuse_foreign_folder
 from rmens.models.backbone import load_backbone, load_policy, load_tokenizer
 from rmens.ppo.config import PPOConfig
 from rmens.ppo.core import (
@@ -224,8 +225,8 @@ class PPOTrainer:
         if not prompts:
             raise DataError("PPO needs at least one prompt; the prompt list is empty")
         output_dir = Path(output_dir)
-        if output_dir.is_dir() and any(output_dir.iterdir()) and not any((output_dir / f).exists() for f in RUN_FILES):
-            raise FileExistsError(f"{output_dir} exists and is not a PPO run's folder; choose another output folder")
+        refuse_foreign_folder(output_dir, any((output_dir / f).exists() for f in RUN_FILES), "a PPO run's folder",
+                              "choose another output folder")
         self.reward_id = reward_id or reward_identity(reward_fn)
         self.cfg = cfg
         self.prompts = list(prompts)

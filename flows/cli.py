@@ -1,0 +1,271 @@
+"""The `rmens` command: the orchestrating commands (Prefect flows, MLflow UI, a local Prefect server) and
+the library's own commands (rmens/cli.py).
+
+    rmens run [--preset smoke|cpu|gpu] [--config FILE] [--set KEY=VALUE ...]   the whole pipeline (Prefect + MLflow)
+    rmens ui [--preset ...]                                                     MLflow UI on the project's store
+    rmens server start|stop|status                                              a persistent local Prefect API
+    rmens experiment [--size tiny|cpu|gpu-check|gpu] [--eval-data DIR] [--out DIR]  the reference experiment
+    rmens flow train|evaluate|retrain --config FILE                             the other flows
+    rmens train / ppo                                                           single stages, no Prefect/MLflow
+    rmens prepare-model NAME                                                    convert/build a model alias once
+
+It lives with the flows because it runs them; the flows are imported only once the environment they
+read at import (project folders, telemetry off) is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from rmens.cli import add_library_commands, config_args, job_config, run_command
+from rmens.config import apply_overrides, load_yaml
+
+PRESETS = {
+    "smoke": "tiny random Llama, synthetic pairs; every stage in about a minute, no data or network needed",
+    "cpu": "SmolLM2-135M-Instruct on the offline AlpacaEval data ($RMENS_DATA_DIR); hours on a laptop CPU",
+    "gpu": "7B-class policy and reward models from Hugging Face; GPUs, a network and an OpenAI key for the judge",
+}
+SERVER_PORT = 4200
+
+
+def preset_data(name: str) -> dict:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return load_yaml(Path(str(resources.files("rmens") / "presets" / f"{name}.yaml")))
+
+
+def pipeline_config(args):
+    from rmens.config import PipelineConfig
+
+    data = preset_data(args.preset)
+    if args.config:
+        data = {**data, **load_yaml(args.config)}
+    return PipelineConfig.model_validate(apply_overrides(data, args.set or []))
+
+
+# What the orchestration stack reads at import; offline, telemetry only logs failures (the tests use it too).
+QUIET_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
+
+
+def prepare_environment(project_dir: str) -> None:
+    """Settings Prefect and MLflow read at import: keep their state in the project, no telemetry."""
+    home = Path(os.environ.get("RMENS_HOME", Path(project_dir).parent)).resolve()
+    os.environ.setdefault("PREFECT_HOME", str(home / ".prefect"))
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level
+    for key, value in {**QUIET_ENV, "PREFECT_LOGGING_LEVEL": "WARNING"}.items():
+        os.environ.setdefault(key, value)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    if "PREFECT_API_URL" not in os.environ:
+        url = running_server_url()
+        if url:
+            os.environ["PREFECT_API_URL"] = url
+        else:
+            logging.info("no Prefect API: using a temporary local server (~18 s to start); "
+                         "`rmens server start` keeps one running for faster repeated runs")
+
+
+def _server_pidfile() -> Path:
+    return Path(os.environ.get("PREFECT_HOME", "runs/.prefect")).resolve() / "rmens-server.pid"
+
+
+def running_server_url() -> str | None:
+    """The URL of a server started by `rmens server start`, if it is up."""
+    import urllib.request
+
+    pidfile = _server_pidfile()
+    if not pidfile.is_file():
+        return None
+    url = f"http://127.0.0.1:{SERVER_PORT}/api"
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return url if response.status == 200 else None
+    except OSError:
+        return None
+
+
+def cmd_server(args) -> int:
+    prepare_environment(args.project_dir)
+    pidfile = _server_pidfile()
+    url = running_server_url()
+    if args.action == "status":
+        print(f"running at {url}" if url else "not running")
+        return 0
+    if args.action == "stop":
+        if pidfile.is_file():
+            pid = int(pidfile.read_text())
+            try:
+                os.killpg(pid, 15)
+            except ProcessLookupError:
+                pass
+            pidfile.unlink()
+        print("stopped")
+        return 0
+    if url:
+        print(f"already running: export PREFECT_API_URL={url}")
+        return 0
+    pidfile.parent.mkdir(parents=True, exist_ok=True)
+    log = open(pidfile.with_suffix(".log"), "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(SERVER_PORT)], stdout=log, stderr=log, start_new_session=True)
+    pidfile.write_text(str(proc.pid))
+    for _ in range(120):
+        if running_server_url():
+            print(f"Prefect server up (pid {proc.pid}); `rmens run` uses it automatically, or "
+                  f"export PREFECT_API_URL=http://127.0.0.1:{SERVER_PORT}/api")
+            return 0
+        if proc.poll() is not None:
+            break
+        time.sleep(1)
+    print(f"the server did not come up; see {pidfile.with_suffix('.log')}", file=sys.stderr)
+    return 1
+
+
+def cmd_run(args) -> int:
+    config = pipeline_config(args)
+    prepare_environment(config.project_dir)
+    from flows.pipeline import pipeline
+
+    start = time.perf_counter()
+    result = pipeline(config=config, refresh=args.refresh)
+    from tasks.paths import ProjectPaths
+
+    paths = ProjectPaths.at(config.project_dir)
+    print(f"\nrmens pipeline '{config.name}' finished in {time.perf_counter() - start:.1f} s")
+    print(f"  report:          {result['report']}/report.md")
+    print(f"  artifacts:       {paths.artifacts}")
+    print(f"  MLflow store:    {paths.tracking_uri}  (parent run {result['parent_run_id']})")
+    print(f"  compare the arms in the MLflow UI:  rmens ui --preset {args.preset}")
+    cached = sum(1 for s in result["states"].values() if s == "Cached")
+    print(f"  stages: {len(result['states'])} ({cached} served from Prefect's cache)")
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    from rmens.experiment.config import load_experiment
+
+    config = load_experiment(args.size, args.set, eval_data=args.eval_data, data_dir=args.data_dir)
+    out = args.out or f"runs/experiment-{args.size}"
+    prepare_environment(out)
+    from flows.experiment import experiment
+
+    start = time.perf_counter()
+    result = experiment(config=config, out=out, part=args.part, refresh=args.refresh)
+    cached = sum(1 for s in result["states"].values() if s == "Cached")
+    print(f"\nrmens experiment '{args.size}' ({args.part}) finished in {time.perf_counter() - start:.1f} s")
+    print(f"  report:        {result['report']}")
+    print(f"  Best-of-n:     {result['logged_bon']} (and logged_bon_<judge>.png)")
+    print(f"  MLflow:        rmens ui --project-dir {result['out']}  (parent run {result['parent_run_id']})")
+    print(f"  steps: {len(result['states'])} ({cached} served from Prefect's cache)")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    project = args.project_dir or preset_data(args.preset)["project_dir"]
+    from tasks.paths import ProjectPaths
+
+    paths = ProjectPaths.at(project)
+    if not paths.mlflow_db.is_file() and "MLFLOW_TRACKING_URI" not in os.environ:
+        raise FileNotFoundError(f"no MLflow store at {paths.mlflow_db}; run `rmens run` first")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", paths.tracking_uri,
+           "--host", "127.0.0.1", "--port", str(args.port)]
+    print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C to stop)")
+    return subprocess.call(cmd, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+
+
+def cmd_flow(args) -> int:
+    from rmens.config import EvaluateFlowConfig, RetrainConfig, TrainFlowConfig
+
+    model = {"train": TrainFlowConfig, "evaluate": EvaluateFlowConfig, "retrain": RetrainConfig}[args.name]
+    config = job_config(model, args)
+    prepare_environment(config.project_dir)
+    import flows.evaluate
+    import flows.retrain
+    import flows.train
+
+    fn = {"train": flows.train.train, "evaluate": flows.evaluate.evaluate, "retrain": flows.retrain.retrain}[args.name]
+    print(json.dumps(fn(config, refresh=args.refresh), indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rmens", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    presets = "\n".join(f"  {name:<6} {text}" for name, text in PRESETS.items())
+    run = sub.add_parser("run", help="run the whole pipeline from a preset (default: smoke)",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Train the reward ensembles of every arm, draw Best-of-n samples, run PPO and "
+                                     "evaluate, as cached Prefect tasks tracked in MLflow. Re-running with nothing "
+                                     f"changed is all cache hits.\n\npresets:\n{presets}")
+    run.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
+    config_args(run, "pipeline settings layered over the preset")
+    run.add_argument("--refresh", action="store_true", help="recompute every stage, ignoring caches")
+    run.set_defaults(func=cmd_run)
+
+    from rmens.experiment.config import SIZES
+
+    sizes = "\n".join(f"  {name:<10} {text}" for name, text in SIZES.items())
+    exp = sub.add_parser("experiment", help="the reference experiment: do ensembles help, judged by AlpacaEval's "
+                                            "own verdicts? (Prefect flow + MLflow)",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Train the gold judge and every arm, score logged AlpacaEval outputs once per "
+                                     "model, compute Best-of-n win rates from the real judge's verdicts, run PPO "
+                                     "judged by the gold model, and write a report that says where the results "
+                                     "agree with Zhang et al. and Coste et al. `python bench/reference_experiment.py` "
+                                     f"runs the same steps without Prefect or MLflow.\n\nsizes:\n{sizes}")
+    exp.add_argument("--size", default="tiny", choices=list(SIZES))
+    exp.add_argument("--eval-data", help="folder of AE-format files (ae1_gpt4_pairs*.jsonl.gz, "
+                                         "ae2_gpt4turbo_pairs*.jsonl.gz) whose instructions are the evaluation pools; "
+                                         "default: a held-out quarter of the training folder's instructions")
+    exp.add_argument("--data-dir", help="folder of training verdicts (default $RMENS_DATA_DIR/alpaca_eval)")
+    exp.add_argument("--out", help="output and project folder (default runs/experiment-<size>)")
+    exp.add_argument("--part", choices=["rewards", "all"], default="all", help="rewards: stop before PPO")
+    exp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. --set ppo.steps=4")
+    exp.add_argument("--refresh", action="store_true", help="recompute every step, ignoring caches")
+    exp.set_defaults(func=cmd_experiment)
+
+    ui = sub.add_parser("ui", help="open the MLflow UI on a project's store (compare arms there)")
+    ui.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
+    ui.add_argument("--project-dir", help="project folder (default: the preset's)")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
+
+    server = sub.add_parser("server", help="keep a local Prefect API running, so runs skip its start-up")
+    server.add_argument("action", choices=["start", "stop", "status"])
+    server.add_argument("--project-dir", default="runs/smoke")
+    server.set_defaults(func=cmd_server)
+
+    flow_cmd = sub.add_parser("flow", help="run the train, evaluate or retrain flow")
+    flow_cmd.add_argument("name", choices=["train", "evaluate", "retrain"])
+    config_args(flow_cmd, "the flow's settings")
+    flow_cmd.add_argument("--refresh", action="store_true")
+    flow_cmd.set_defaults(func=cmd_flow)
+
+    add_library_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
