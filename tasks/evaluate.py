@@ -11,7 +11,7 @@ import mlflow
 from rmens.config import EvalConfig, JudgeConfig
 from rmens.io import read_jsonl, write_jsonl
 from tasks.common import run_stage, stage_task
-from tasks.judging import load_judge
+from tasks.judging import load_judge, write_unparsed
 from tasks.refs import ArtifactRef
 from tasks.tracking import StageContext
 
@@ -72,12 +72,21 @@ def evaluate(ctx: StageContext, label: str, eval_cfg: EvalConfig, judge_cfg: Jud
         raise ValueError("evaluate needs exactly one of policy, ppo_run or bon")
 
     def build(folder: Path, run_id: str) -> dict:
+        judge_obj = load_judge(judge_cfg, judge)
+        try:
+            summary = judge_all(folder, judge_obj)
+        finally:  # also when judging failed on too many unparsed outputs: the records show what the judge wrote
+            unparsed = write_unparsed(folder, judge_obj)
+        if unparsed:
+            mlflow.log_artifact(str(folder / "unparsed.jsonl"))
+        return {**summary, "judge_unparsed": unparsed}
+
+    def judge_all(folder: Path, judge_obj) -> dict:
         from rmens.evaluation import alpaca_eval
         from rmens.evaluation.curves import curve_from_points, save_curves
         from rmens.generation import generate
         from rmens.models.backbone import load_policy, load_tokenizer
 
-        judge_obj = load_judge(judge_cfg, judge)
         instructions, references = eval_set(eval_cfg)
         summary: dict = {}
         model = tokenizer = None
@@ -99,7 +108,8 @@ def evaluate(ctx: StageContext, label: str, eval_cfg: EvalConfig, judge_cfg: Jud
                                       else "synthetic-reference", output_dir=folder / "alpaca_eval")
             mlflow.log_artifacts(str(folder / "alpaca_eval"), "alpaca_eval")
             summary.update({"win_rate": wr["win_rate"], "win_rate_se": wr["standard_error"],
-                            "avg_output_chars": wr["avg_output_chars"]})
+                            "avg_output_chars": wr["avg_output_chars"], "win_rate_unparsed": wr["unparsed"],
+                            "win_rate_unparsed_fraction": wr["unparsed_fraction"]})
             if wr["length_controlled"]:
                 summary["lc_win_rate"] = wr["length_controlled"].get("length_controlled_winrate", float("nan"))
             else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rmens.config import JudgeConfig
 from tasks.refs import ArtifactRef
 
@@ -26,4 +28,16 @@ def load_judge(cfg: JudgeConfig, trained: ArtifactRef | None):
         raise FileNotFoundError("judge.kind='local_llm' needs FastChat's judge_prompts.jsonl under "
                                 "$RMENS_DATA_DIR/mt_bench")
     return LocalLLMJudge(load_judge_prompts(root / "mt_bench" / "judge_prompts.jsonl"),
-                         load_policy(cfg.model), load_tokenizer(cfg.model, padding_side="left"), name=cfg.model)
+                         load_policy(cfg.model), load_tokenizer(cfg.model, padding_side="left"), name=cfg.model,
+                         max_unparsed_fraction=cfg.max_unparsed_fraction)
+
+
+def write_unparsed(folder: Path, judge) -> int:
+    """The judge's unparsed outputs (one record per item: where, index, instruction and raw output prefixes)
+    -> folder/unparsed.jsonl when there are any; their count. Judges other than local_llm have none."""
+    from rmens.io import write_jsonl
+
+    records = getattr(judge, "unparsed", None) or []
+    if records:
+        write_jsonl(Path(folder) / "unparsed.jsonl", records)
+    return len(records)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from rmens.evaluation.judges import Judge
+from rmens.evaluation.judges import Judge, LocalLLMJudge
 from rmens.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -90,13 +90,24 @@ def win_rate(judge: Judge, instructions: list[str], outputs: list[str], referenc
 
     if not (len(instructions) == len(outputs) == len(references)) or not instructions:
         raise ValueError("win_rate needs equally many (non-zero) instructions, outputs and references")
+    start = len(judge.unparsed) if isinstance(judge, LocalLLMJudge) else 0
     p_model = judge.compare(instructions, references, outputs)
     frame = annotations_frame(instructions, references, outputs, p_model, generator, reference_generator, judge.name)
     failed = int(frame["preference"].isna().sum())
+    unparsed = {"unparsed": failed, "unparsed_fraction": failed / len(instructions)}
+    if isinstance(judge, LocalLLMJudge):
+        for record in judge.unparsed[start:]:
+            record["part"] = "alpaca_eval"
+        # Warns with the count; raises past judge.max_unparsed_fraction, before any number is reported.
+        unparsed = judge.check_unparsed(judge.unparsed[start:], len(instructions), "AlpacaEval win rate")
+    # A pair without a verdict is left out, not counted as a tie: a tie is a judgement the judge never made
+    # and pulls the win rate toward 50%. Left out, the rate stays an average of real verdicts, unbiased as
+    # long as failures do not depend on which output is better; the unparsed limit bounds how far a
+    # dependence could move it, and the count is reported next to the rate.
     valid = frame.dropna(subset=["preference"]).reset_index(drop=True)
     metrics = {k: float(v) for k, v in get_winrate(valid).items()}
     lc, lc_reason = length_controlled(valid)
-    result = {**metrics, "failed_annotations": failed, "judge": judge.name, "generator": generator,
+    result = {**metrics, "failed_annotations": failed, **unparsed, "judge": judge.name, "generator": generator,
               "reference": reference_generator, "length_controlled": lc, "length_controlled_unavailable": lc_reason,
               "avg_output_chars": sum(map(len, outputs)) / len(outputs)}
     if output_dir is not None:

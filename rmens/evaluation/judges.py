@@ -17,6 +17,7 @@ can log or optimise it like any reward. Kinds:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -28,6 +29,8 @@ from rmens.config import GenerationConfig
 from rmens.data.encoding import Prompt, as_messages
 from rmens.models.aggregate import AggregationConfig
 from rmens.reward import EnsembleReward, Rewards
+
+log = logging.getLogger(__name__)
 
 
 class Judge:
@@ -161,18 +164,36 @@ def parse_verdict(text: str) -> float:
     return found.pop() if len(found) == 1 else float("nan")
 
 
+class JudgeParseError(ValueError):
+    """More of a judge's outputs held no grade or verdict than judge.max_unparsed_fraction allows."""
+
+
+INSTRUCTION_PREFIX = 200  # characters of the instruction kept in an unparsed-output record
+RAW_PREFIX = 500  # characters of the judge's raw output kept in an unparsed-output record
+
+
 class LocalLLMJudge(Judge):
     """A local causal LM with FastChat's judge prompts; ratings 1-10 and pairwise verdicts.
 
     `single_prompt` / `pair_prompt` are records from judge_prompts.jsonl; `generate_fn(messages_list) -> texts`
     defaults to greedy decoding with rmens.generation on the given model.
+
+    An output without a usable [[rating]] or verdict gives NaN for its item and a record in `unparsed`
+    (where, index, instruction prefix, raw output prefix). `grade` and `compare` only record; the callers
+    that turn judgements into numbers (alpaca_eval.win_rate, mt_bench.grade, and this judge as a reward)
+    call `check_unparsed`, which warns with the count and raises JudgeParseError only when the share of
+    unparsed items exceeds `max_unparsed_fraction` (judge.max_unparsed_fraction in the pipeline config).
     """
 
     def __init__(self, prompts: dict[str, dict], model=None, tokenizer=None, *, max_new_tokens: int = 256,
-                 batch_size: int = 4, generate_fn=None, swap_pairs: bool = True, name: str = "local-llm"):
+                 batch_size: int = 4, generate_fn=None, swap_pairs: bool = True, max_unparsed_fraction: float = 0.1,
+                 name: str = "local-llm"):
+        if not 0 <= max_unparsed_fraction <= 1:
+            raise ValueError(f"max_unparsed_fraction must lie in [0, 1], got {max_unparsed_fraction}")
         self.prompts = prompts
         self.name = name
         self.swap_pairs = swap_pairs
+        self.max_unparsed_fraction = max_unparsed_fraction
         if generate_fn is None:
             if model is None or tokenizer is None:
                 raise ValueError("LocalLLMJudge needs a model and tokenizer, or generate_fn")
@@ -181,7 +202,38 @@ class LocalLLMJudge(Judge):
             cfg = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=False)
             generate_fn = lambda conversations: generate(model, tokenizer, conversations, cfg).texts  # noqa: E731
         self.generate_fn = generate_fn
-        self.failures = 0
+        self.unparsed: list[dict] = []  # every unparsed item since construction, oldest first
+
+    @property
+    def failures(self) -> int:
+        """How many judged items had no parseable output so far."""
+        return len(self.unparsed)
+
+    def _record(self, where: str, index: int, instruction: str, raw: str, **extra) -> None:
+        self.unparsed.append({"where": where, "index": index, "instruction": str(instruction)[:INSTRUCTION_PREFIX],
+                              "raw_output": str(raw)[:RAW_PREFIX], **extra})
+
+    def check_unparsed(self, records: list[dict], total: int, where: str) -> dict:
+        """Report `records` (this judge's unparsed items among `total` judged in `where`): a warning with the
+        count, and JudgeParseError when their share exceeds max_unparsed_fraction or nothing parsed at all.
+        -> {"unparsed": count, "unparsed_fraction": share}."""
+        count = len(records)
+        fraction = count / total if total else 0.0
+        if not count:
+            return {"unparsed": 0, "unparsed_fraction": 0.0}
+        log.warning("%s: %d of %d outputs of judge %s (%.1f%%) held no parseable grade or verdict and are left "
+                    "out (limit: judge.max_unparsed_fraction=%g)", where, count, total, self.name, 100 * fraction,
+                    self.max_unparsed_fraction)
+        if fraction > self.max_unparsed_fraction or count == total:
+            example = records[0]
+            limit = self.max_unparsed_fraction
+            why = "none parsed" if fraction <= limit else f"above judge.max_unparsed_fraction={limit:g}"
+            raise JudgeParseError(
+                f"{where}: the output of judge {self.name} did not parse for {count} of {total} items "
+                f"({fraction:.1%}), {why}. Raise judge.max_unparsed_fraction (now {limit:g}) to accept this, or use "
+                f"a judge model that follows the [[rating]] / [[A]] [[B]] [[C]] format. Example raw output (item "
+                f"{example['index']}, {example['where']}): {example['raw_output'][:300]!r}")
+        return {"unparsed": count, "unparsed_fraction": fraction}
 
     @staticmethod
     def _messages(record: dict, **fields) -> list[dict[str, str]]:
@@ -189,11 +241,13 @@ class LocalLLMJudge(Judge):
         return messages + [{"role": "user", "content": record["prompt_template"].format(**fields)}]
 
     def grade(self, prompt_name: str, fields: list[dict]) -> torch.Tensor:
-        """Ratings with a named single-answer prompt (single-v1, single-math-v1, ...-multi-turn)."""
+        """Ratings with a named single-answer prompt (single-v1, single-math-v1, ...-multi-turn); NaN where
+        the output held no rating in 1..10 (recorded in `unparsed`)."""
         record = self.prompts[prompt_name]
         texts = self.generate_fn([self._messages(record, **f) for f in fields])
         ratings = torch.tensor([parse_rating(t) for t in texts])
-        self.failures += int(torch.isnan(ratings).sum())
+        for i in torch.isnan(ratings).nonzero().flatten().tolist():
+            self._record(prompt_name, i, fields[i].get("question", fields[i].get("question_2", "")), texts[i])
         return ratings
 
     def score(self, instructions, outputs) -> torch.Tensor:
@@ -203,6 +257,8 @@ class LocalLLMJudge(Judge):
         return self.grade("single-v1", fields)
 
     def compare(self, instructions, outputs_a, outputs_b) -> torch.Tensor:
+        """P(b better); NaN where a verdict did not parse (in either order when swapping: one order alone
+        would bring back the position bias the swap controls), recorded in `unparsed`."""
         _check_lengths(instructions, outputs_a, outputs_b)
         record = self.prompts["pair-v2"]
         questions = [i if isinstance(i, str) else as_messages(i)[-1]["content"] for i in instructions]
@@ -210,13 +266,30 @@ class LocalLLMJudge(Judge):
         def verdicts(first, second):
             texts = self.generate_fn([self._messages(record, question=q, answer_a=a, answer_b=b)
                                       for q, a, b in zip(questions, first, second)])
-            return torch.tensor([parse_verdict(t) for t in texts])
+            return texts, torch.tensor([parse_verdict(t) for t in texts])
 
-        p_b = verdicts(outputs_a, outputs_b)
+        runs = [("as given", *verdicts(outputs_a, outputs_b))]
+        p_b = runs[0][2]
         if self.swap_pairs:  # FastChat's position-bias control: judge both orders and average
-            p_b = (p_b + (1 - verdicts(outputs_b, outputs_a))) / 2
-        self.failures += int(torch.isnan(p_b).sum())
+            runs.append(("swapped", *verdicts(outputs_b, outputs_a)))
+            p_b = (p_b + (1 - runs[1][2])) / 2
+        for i in torch.isnan(p_b).nonzero().flatten().tolist():
+            failed = [(order, texts[i]) for order, texts, p in runs if math.isnan(float(p[i]))]
+            self._record("pair-v2", i, questions[i], failed[0][1], failed_orders=[order for order, _ in failed])
         return p_b
+
+    def __call__(self, prompts, responses) -> Rewards:
+        """The judge as a reward: one finite number per item. An unparsed item gets the mean grade of the
+        parsed items of this call, so the batch mean (what PPO logs and evaluate_run averages) equals the
+        mean over parsed items, as if they were left out; a fixed stand-in grade would pull it toward
+        itself. The item's own value then carries no information: it is listed in `unparsed`."""
+        start = len(self.unparsed)
+        scores = self.score(prompts, responses).float()
+        self.check_unparsed(self.unparsed[start:], len(prompts), f"judge {self.name} as a reward")
+        parsed = ~torch.isnan(scores)
+        if not parsed.all():
+            scores = torch.where(parsed, scores, scores[parsed].mean())
+        return Rewards(scores=scores).check(len(prompts), f"judge {self.name}")
 
 
 def judge_agreement(p_b: torch.Tensor, labels: torch.Tensor) -> float:

@@ -89,13 +89,20 @@ def grade(judge: Judge, questions: list[dict], answers: list[dict], references: 
     by_id = {q["question_id"]: q for q in questions}
     rows = []
     if isinstance(judge, LocalLLMJudge):
+        start = len(judge.unparsed)
         for turn in (1, 2):
             for qid_group, prompt_name in _prompt_groups(answers, by_id, references, turn):
                 fields = [_fields(by_id[a["question_id"]], a, references.get(a["question_id"]), turn)
                           for a in qid_group]
-                for a, score in zip(qid_group, judge.grade(prompt_name, fields).tolist()):
+                mark = len(judge.unparsed)
+                scores = judge.grade(prompt_name, fields).tolist()
+                for record in judge.unparsed[mark:]:  # NaN grades: unparsed outputs, left out of the means
+                    record.update(part="mt_bench", question_id=qid_group[record["index"]]["question_id"], turn=turn)
+                for a, score in zip(qid_group, scores):
                     rows.append({"question_id": a["question_id"], "category": a["category"], "turn": turn,
                                  "score": score})
+        # Over all grades, not per prompt group (a group of three math questions is too small to judge by).
+        judge.check_unparsed(judge.unparsed[start:], len(rows), "MT-Bench grading")
         return rows
     if mapping is None:
         raise ValueError("a reward-model judge needs a RewardScoreMapping to grade on MT-Bench's 1-10 scale")
@@ -133,7 +140,8 @@ def _fields(question: dict, answer: dict, reference: list[str] | None, turn: int
 
 
 def summarize(grades: list[dict]) -> dict:
-    """Mean score overall, per turn and per category x turn (NaN grades, i.e. judge failures, left out)."""
+    """Mean score overall, per turn and per category x turn. NaN grades (a judge output without a rating)
+    are left out of every mean rather than given a stand-in grade, and counted in failed / unparsed."""
     valid = [g for g in grades if g["score"] == g["score"]]
 
     def mean(rows):
@@ -141,7 +149,8 @@ def summarize(grades: list[dict]) -> dict:
 
     out = {"score": mean(valid), "turn_1": mean([g for g in valid if g["turn"] == 1]),
            "turn_2": mean([g for g in valid if g["turn"] == 2]), "failed": len(grades) - len(valid),
-           "by_category": {}}
+           "unparsed": len(grades) - len(valid),
+           "unparsed_fraction": (len(grades) - len(valid)) / len(grades) if grades else 0.0, "by_category": {}}
     for category in sorted({g["category"] for g in valid}):
         rows = [g for g in valid if g["category"] == category]
         out["by_category"][category] = {"turn_1": mean([g for g in rows if g["turn"] == 1]),
