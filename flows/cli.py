@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 
 from rmens.cli import add_library_commands, config_args, job_config, run_command
-from rmens.config import apply_overrides, load_yaml
+from rmens.config import apply_overrides, load_yaml, merge
 
 PRESETS = {
     "smoke": "tiny random Llama, synthetic pairs; every stage in about a minute, no data or network needed",
@@ -46,8 +47,8 @@ def pipeline_config(args):
     from rmens.config import PipelineConfig
 
     data = preset_data(args.preset)
-    if args.config:
-        data = {**data, **load_yaml(args.config)}
+    if args.config:  # layered over the preset: nested sections merge, so `ppo: {steps: 3}` keeps ppo.lr
+        data = merge(data, load_yaml(args.config))
     return PipelineConfig.model_validate(apply_overrides(data, args.set or []))
 
 
@@ -61,7 +62,7 @@ QUIET_ENV = {
 }
 
 
-def prepare_environment(project_dir: str) -> None:
+def prepare_environment(project_dir: str, announce: bool = True) -> None:
     """Settings Prefect and MLflow read at import: keep their state in the project, no telemetry."""
     home = Path(os.environ.get("RMENS_HOME", Path(project_dir).parent)).resolve()
     os.environ.setdefault("PREFECT_HOME", str(home / ".prefect"))
@@ -75,7 +76,7 @@ def prepare_environment(project_dir: str) -> None:
         url = running_server_url()
         if url:
             os.environ["PREFECT_API_URL"] = url
-        else:
+        elif announce:
             logging.info("no Prefect API: using a temporary local server (~18 s to start); "
                          "`rmens server start` keeps one running for faster repeated runs")
 
@@ -84,12 +85,35 @@ def _server_pidfile() -> Path:
     return Path(os.environ.get("PREFECT_HOME", "runs/.prefect")).resolve() / "rmens-server.pid"
 
 
-def running_server_url() -> str | None:
-    """The URL of a server started by `rmens server start`, if it is up."""
-    import urllib.request
+def _our_server_pid() -> int | None:
+    """The pid in the pidfile, if that process is alive and is a Prefect server (a pid may be reused)."""
+    import psutil
 
     pidfile = _server_pidfile()
-    if not pidfile.is_file():
+    try:
+        pid = int(pidfile.read_text().split()[0])
+        cmdline = " ".join(psutil.Process(pid).cmdline())
+    except (OSError, ValueError, IndexError, psutil.Error):
+        return None
+    return pid if "prefect" in cmdline and "server" in cmdline else None
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def running_server_url() -> str | None:
+    """The URL of the server started by `rmens server start`, if that process is alive and answers."""
+    import urllib.request
+
+    if _our_server_pid() is None:
         return None
     url = f"http://127.0.0.1:{SERVER_PORT}/api"
     try:
@@ -100,38 +124,45 @@ def running_server_url() -> str | None:
 
 
 def cmd_server(args) -> int:
-    prepare_environment(args.project_dir)
+    prepare_environment(args.project_dir, announce=False)
     pidfile = _server_pidfile()
-    url = running_server_url()
+    pid = _our_server_pid()
     if args.action == "status":
-        print(f"running at {url}" if url else "not running")
+        url = running_server_url()
+        print(f"running at {url} (pid {pid})" if url else "not running")
         return 0
     if args.action == "stop":
-        if pidfile.is_file():
-            pid = int(pidfile.read_text())
-            try:
-                os.killpg(pid, 15)
-            except ProcessLookupError:
-                pass
-            pidfile.unlink()
-        print("stopped")
+        if pid is not None:
+            os.killpg(pid, signal.SIGTERM)  # the server and its workers: it was started in its own session
+            print(f"stopped the Prefect server (pid {pid})")
+        else:
+            print("no rmens-started Prefect server is running" + (" (removed a stale pidfile)" if pidfile.is_file()
+                                                                     else ""))
+        pidfile.unlink(missing_ok=True)
         return 0
-    if url:
-        print(f"already running: export PREFECT_API_URL={url}")
+    if pid is not None:
+        print(f"already running (pid {pid}): export PREFECT_API_URL=http://127.0.0.1:{SERVER_PORT}/api")
         return 0
+    if not _port_free(SERVER_PORT):
+        print(f"rmens: error: port {SERVER_PORT} is in use by another program (another project's Prefect server?); "
+              f"stop it, or use it: export PREFECT_API_URL=http://127.0.0.1:{SERVER_PORT}/api", file=sys.stderr)
+        return 1
     pidfile.parent.mkdir(parents=True, exist_ok=True)
     log = open(pidfile.with_suffix(".log"), "ab")
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                              "--port", str(SERVER_PORT)], stdout=log, stderr=log, start_new_session=True)
     pidfile.write_text(str(proc.pid))
     for _ in range(120):
-        if running_server_url():
+        # Ours only while our process is alive: a health answer from a server that took the port
+        # meanwhile must not count.
+        if proc.poll() is None and running_server_url():
             print(f"Prefect server up (pid {proc.pid}); `rmens run` uses it automatically, or "
                   f"export PREFECT_API_URL=http://127.0.0.1:{SERVER_PORT}/api")
             return 0
         if proc.poll() is not None:
             break
         time.sleep(1)
+    pidfile.unlink(missing_ok=True)
     print(f"the server did not come up; see {pidfile.with_suffix('.log')}", file=sys.stderr)
     return 1
 
@@ -139,6 +170,9 @@ def cmd_server(args) -> int:
 def cmd_run(args) -> int:
     config = pipeline_config(args)
     prepare_environment(config.project_dir)
+    from rmens.models.backbone import check_max_lengths
+
+    check_max_lengths(config.trained_ensembles())  # here, not in the flow: no server start, no flow traceback
     from flows.pipeline import pipeline
 
     start = time.perf_counter()
@@ -162,6 +196,9 @@ def cmd_experiment(args) -> int:
     config = load_experiment(args.size, args.set, eval_data=args.eval_data, data_dir=args.data_dir)
     out = args.out or f"runs/experiment-{args.size}"
     prepare_environment(out)
+    from rmens.models.backbone import check_max_lengths
+
+    check_max_lengths(config.trained_ensembles())
     from flows.experiment import experiment
 
     start = time.perf_counter()
@@ -185,7 +222,14 @@ def cmd_ui(args) -> int:
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", paths.tracking_uri,
            "--host", "127.0.0.1", "--port", str(args.port)]
     print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C to stop)")
-    return subprocess.call(cmd, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    # Its own session, stopped with all its workers however this process ends (Ctrl-C, SIGTERM).
+    proc = subprocess.Popen(cmd, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, start_new_session=True)
+    try:
+        return proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
 
 
 def cmd_flow(args) -> int:
@@ -263,8 +307,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds as it does for Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser().parse_args(argv))
+    # SIGTERM ends a run as Ctrl-C does: finally blocks and exit handlers run, so temporary servers stop,
+    # MLflow runs are marked KILLED and locks are released. Prefect arms its own SIGTERM bridge while a
+    # flow runs (TerminationSignal), with the same effect.
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return run_command(build_parser().parse_args(argv))
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc)
+    except BaseException as exc:
+        if type(exc).__name__ != "TerminationSignal":  # prefect.exceptions; not imported before a flow runs
+            raise
+        return _interrupted(exc)
+
+
+def _interrupted(exc: BaseException) -> int:
+    print("rmens: stopped; finished stages are kept and the next run continues from them", file=sys.stderr)
+    return 130 if type(exc) is KeyboardInterrupt else 143
 
 
 if __name__ == "__main__":

@@ -24,18 +24,6 @@ from tasks.tracking import parent_run
 from tasks.train_ensemble import train_ensemble
 
 
-def parse_ppo_arm(spec: str, rules: list[AggregationConfig]) -> tuple[str, AggregationConfig]:
-    """'linear-k3/lcb1' -> ('linear-k3', the lcb rule with beta 1); 'single' -> ('single-s0', mean)."""
-    arm, _, rule_name = spec.partition("/")
-    if arm == "single":
-        return "single-s0", AggregationConfig(rule="mean")
-    for rule in rules:
-        if rule.name == (rule_name or "mean"):
-            return arm, rule
-    raise ValueError(f"ppo_arms entry {spec!r}: rule {rule_name!r} is not among arms.rules "
-                     f"({[r.name for r in rules]})")
-
-
 def train_judge(stage: Stager, config) -> ArtifactRef | None:
     """The offline gold judge: a reward model trained on many more pairs than the arms see."""
     if config.judge.kind != "reward_model":
@@ -70,7 +58,10 @@ def pipeline(config: PipelineConfig | None = None, preset: str = "smoke", overri
 
     Give a full `config`, or a `preset` name with dotted `overrides` (what deployments use).
     """
+    from rmens.models.backbone import check_max_lengths
+
     config = config or load_preset(preset, overrides)
+    check_max_lengths(config.trained_ensembles())  # before any stage: a too-long context fails in one line
     paths = ProjectPaths.at(config.project_dir).make()
     run_name = f"pipeline:{config.name}"
     with parent_run(paths, run_name, config, tags=flow_run_tags()) as ctx, Stager(ctx, refresh) as stage:
@@ -92,9 +83,7 @@ def pipeline(config: PipelineConfig | None = None, preset: str = "smoke", overri
         refs["eval:initial"] = stage(evaluate, "initial", label="initial", policy=config.policy, **common)
         if config.ppo is not None:
             for spec in config.ppo_arms:
-                arm, rule = parse_ppo_arm(spec, config.arms.rules)
-                if arm not in arms:
-                    raise ValueError(f"ppo_arms entry {spec!r}: no arm {arm!r} (arms: {sorted(arms)})")
+                arm, rule = config.arms.ppo_arm(spec)  # PipelineConfig validated every entry at load
                 run = stage(ppo, spec, ppo_cfg=config.ppo.model_copy(update={"policy": config.policy,
                                                                           "aggregation": rule}),
                             reward=arms[arm], prompts=config.ppo_prompts, label=spec, judge_cfg=config.judge,

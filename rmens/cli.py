@@ -17,9 +17,24 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from rmens.config import TrainJobConfig, apply_overrides, load_yaml
+from rmens.config import PPOJobConfig, TrainJobConfig, apply_overrides, load_yaml
 
 USER_ERRORS = (ValidationError, ValueError, FileNotFoundError, FileExistsError)
+
+
+def error_line(err: BaseException) -> str:
+    """A user error in one line: each invalid setting of a ValidationError as `dotted.field: problem`,
+    any other message with its line breaks folded."""
+    if isinstance(err, ValidationError):
+        problems = []
+        for item in err.errors(include_url=False):
+            field = ".".join(str(part) for part in item["loc"])
+            problem = item["msg"].removeprefix("Value error, ")
+            if item["type"] not in ("value_error", "missing", "extra_forbidden"):
+                problem += f" (got {item['input']!r:.60})"
+            problems.append(f"{field}: {problem}" if field else problem)
+        return f"invalid {err.title} settings: " + "; ".join(problems)
+    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
 
 
 def job_config(model, args) -> object:
@@ -28,13 +43,15 @@ def job_config(model, args) -> object:
 
 
 def cmd_train(args) -> int:
+    cfg = job_config(TrainJobConfig, args)  # first: a wrong setting is reported before torch is even imported
     from rmens.data import prepare_pairs
+    from rmens.models.backbone import check_max_length
     from rmens.models.ensemble import check_output_folder
     from rmens.training.trainer import train_ensemble
 
-    cfg = job_config(TrainJobConfig, args)
     output = args.output or cfg.output_dir
     check_output_folder(output, args.overwrite)  # before any work: the folder may hold a user's files
+    check_max_length(cfg.ensemble.backbone, cfg.ensemble.max_length)
     train, val = prepare_pairs(cfg.data)
     logging.info("training %s k=%d on %d pairs (%d held out)", cfg.ensemble.kind, cfg.ensemble.k, len(train), len(val))
     result = train_ensemble(cfg.ensemble, cfg.train, train, val, output, overwrite=args.overwrite)
@@ -47,12 +64,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_ppo(args) -> int:
+    cfg = job_config(PPOJobConfig, args)  # first: a wrong setting is reported before torch is even imported
     from rmens.data.prompts import load_prompts
-    from rmens.ppo.config import PPOJobConfig
     from rmens.ppo.trainer import PPOTrainer
     from rmens.reward import EnsembleReward
 
-    cfg = job_config(PPOJobConfig, args)
     output = args.output or cfg.output_dir
     reward = EnsembleReward.from_folder(cfg.reward_ensemble, cfg.ppo.aggregation, batch_size=cfg.reward_batch_size)
     judge = EnsembleReward.from_folder(cfg.judge_ensemble, batch_size=cfg.reward_batch_size) \
@@ -111,7 +127,8 @@ def run_command(args) -> int:
     try:
         return args.func(args)
     except USER_ERRORS as err:
-        print(f"rmens: error: {err}", file=sys.stderr)
+        logging.debug("the error's traceback (shown with -v):", exc_info=True)
+        print(f"rmens: error: {error_line(err)}", file=sys.stderr)
         return 2
 
 

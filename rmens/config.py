@@ -8,17 +8,53 @@ pydantic error that names the field.
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+# Learning rates (reward training, its LoRA stage, PPO) are step sizes of Adam-family optimizers, which move
+# each weight by about `lr` per step: above 1 every step is larger than the weights themselves, so such a
+# value is a typo (1e30 for 1e-3) and never a working setting. The same bound keeps weight decay, which
+# AdamW applies as `w *= 1 - lr * weight_decay`, from flipping or zeroing the weights in one step.
+MAX_LR = 1.0
+MAX_WEIGHT_DECAY = 1.0
+
+
+class ConfigError(ValueError):
+    """A config file, preset or override that cannot be read; the message names the file and line, or the key."""
+
+
+def _is_number(annotation: Any) -> bool:
+    """Whether a field's type is int or float (possibly optional or constrained) and not also a bool."""
+    if get_origin(annotation) is Annotated:
+        return _is_number(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [arg for arg in get_args(annotation) if arg is not type(None)]
+        return bool(args) and all(_is_number(arg) for arg in args)
+    return annotation in (int, float)
 
 
 class StrictModel(BaseModel):
-    """Base for all configs: unknown keys are errors, not silently ignored."""
+    """Base for all configs: unknown keys are errors, not silently ignored; so are non-finite floats
+    (`.inf`, `nan`) and booleans where a number belongs (pydantic would read `k: true` as k=1)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # Numbers written as text stay accepted ("1e-5": PyYAML reads exponents without a dot as strings),
+        # and so do ints for floats; only a boolean passing as a number is refused.
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and _is_number(annotation):
+            raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+        if (isinstance(value, (list, tuple)) and get_origin(annotation) is list and get_args(annotation)
+                and _is_number(get_args(annotation)[0]) and any(isinstance(item, bool) for item in value)):
+            raise ValueError(f"expected a list of numbers, got {value!r}")
+        return value
 
 
 class LoraSettings(StrictModel):
@@ -126,11 +162,11 @@ class TrainConfig(StrictModel):
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
     batch_size: int = Field(8, ge=1, description="Pairs per device per micro-batch.")
     grad_accum: int = Field(1, ge=1)
-    lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(1e-5, gt=0, le=MAX_LR)
+    weight_decay: float = Field(0.0, ge=0, le=MAX_WEIGHT_DECAY)
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    lora_lr: float = Field(5e-5, gt=0, description="Learning rate of the LoRA stage (paper, Table 3).")
+    lora_lr: float = Field(5e-5, gt=0, le=MAX_LR, description="Learning rate of the LoRA stage (paper, Table 3).")
     lora_schedule: Literal["cosine", "linear", "constant"] = "constant"
     max_grad_norm: float | None = Field(1.0, gt=0)
     center_coef: float = Field(
@@ -246,7 +282,8 @@ class PPOConfig(StrictModel):
     rollout_batch_size: int = Field(8, ge=1, description="Prompts per process per step.")
     step_batch_size: int = Field(4, ge=1, description="Sequences per optimizer step (per process).")
     ppo_epochs: int = Field(2, ge=1)
-    lr: float = Field(1e-4, gt=0, description="1e-4 for LoRA; use ~1e-5 (the paper's value) for full fine-tuning.")
+    lr: float = Field(1e-4, gt=0, le=MAX_LR,
+                      description="1e-4 for LoRA; use ~1e-5 (the paper's value) for full fine-tuning.")
     warmup_steps: int = Field(5, ge=0, description="Optimizer steps of linear warm-up.")
     max_grad_norm: float = Field(1.0, gt=0)
     kl_coef: float = Field(0.02, ge=0)
@@ -312,6 +349,30 @@ class ArmsConfig(StrictModel):
             raise ValueError(f"arms.ks must be a non-empty list of sizes >= 1, got {v}")
         return v
 
+    @property
+    def labels(self) -> list[str]:
+        """Every arm the pipeline trains: single-s0 .. single-s<n-1>, then kind-kK for each kind and k."""
+        return [f"single-s{seed}" for seed in range(self.single_seeds)] + [
+            f"{kind}-k{k}" for kind in self.kinds for k in self.ks]
+
+    def ppo_arm(self, spec: str) -> tuple[str, AggregationConfig]:
+        """A `ppo_arms` entry as (arm label, rule): 'linear-k3/lcb1' -> ('linear-k3', the lcb rule with beta 1),
+        'single' -> ('single-s0', mean); an entry naming no arm or rule of this matrix is an error naming it."""
+        arm, _, rule_name = spec.partition("/")
+        arm = "single-s0" if arm == "single" else arm
+        if arm not in self.labels:
+            raise ValueError(f"ppo_arms entry {spec!r}: no arm {arm!r} (arms: {', '.join(self.labels) or 'none'})")
+        if arm.startswith("single-"):
+            if rule_name not in ("", "mean"):
+                raise ValueError(f"ppo_arms entry {spec!r}: a single reward model has only the mean rule, "
+                                 f"not {rule_name!r}")
+            return arm, AggregationConfig(rule="mean")
+        for rule in self.rules:
+            if rule.name == (rule_name or "mean"):
+                return arm, rule
+        raise ValueError(f"ppo_arms entry {spec!r}: rule {rule_name or 'mean'!r} is not among arms.rules "
+                         f"({', '.join(r.name for r in self.rules)})")
+
 
 class JudgeConfig(StrictModel):
     """The gold judge. reward_model: trained here on many more pairs than the arms see (offline default);
@@ -325,6 +386,9 @@ class JudgeConfig(StrictModel):
     model: str | None = Field(None, description="hf_reward_model / local_llm: model id or folder.")
     annotators_config: str = "weighted_alpaca_eval_gpt4_turbo"
     held_out_fraction: float = Field(0.2, gt=0, lt=1, description="Judge pairs kept back to measure agreement.")
+    max_unparsed_fraction: float = Field(
+        0.1, ge=0, le=1, description="local_llm: largest share of judged items whose output holds no [[rating]] or "
+                                     "verdict before judging fails; below it they are left out, counted and logged.")
 
 
 class EvalConfig(StrictModel):
@@ -398,27 +462,72 @@ class PipelineConfig(StrictModel):
     registered_model: str = Field("rmens-reward-ensemble", description="MLflow registered model name.")
     log_models: bool = Field(True, description="Log each ensemble as an MLflow pyfunc model (copies the weights).")
 
+    @model_validator(mode="after")
+    def _ppo_arms_exist(self) -> PipelineConfig:
+        # Checked here, not when PPO starts: by then every arm and Best-of-n have run.
+        if self.ppo is not None:
+            for spec in self.ppo_arms:
+                self.arms.ppo_arm(spec)
+        return self
+
+    def trained_ensembles(self) -> dict[str, EnsembleConfig]:
+        """The ensemble settings reward models are trained with, by section (for checks before any work)."""
+        return {"ensemble": self.ensemble,
+                **({"judge.ensemble": self.judge.ensemble} if self.judge.kind == "reward_model" else {})}
+
 
 def derive(config: BaseModel, **changes: Any) -> Any:
     """A copy of `config` with `changes` applied (nested mappings merge) and validated as a new object;
     pydantic's model_copy with an update would skip validation and let an inconsistent combination through."""
-    return type(config).model_validate(_merge(config.model_dump(), changes))
+    return type(config).model_validate(merge(config.model_dump(), changes))
 
 
-def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`changes` layered over `base`: mappings merge key by key at every depth; anything else replaces."""
     out = dict(base)
     for key, value in changes.items():
-        out[key] = _merge(out.get(key) or {}, value) if isinstance(value, dict) else value
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text read from `source` (a file name, or what else it came from); a syntax error is a ConfigError
+    naming the source, line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+        raise ConfigError(f"{where}: invalid YAML ({_yaml_problem(err)})") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What PyYAML says is wrong, in one line and without its own (nameless) position."""
+    context, mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and mark is not None:
+        context += f" at line {mark.line + 1}, column {mark.column + 1}"
+    what = ": ".join(part for part in (context, getattr(err, "problem", None)) if part)
+    return what or " ".join(str(err).split())
+
+
+def _read_yaml_file(path: str | Path) -> Any:
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x})") from None
+    return parse_yaml(text, str(path))
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _read_yaml_file(path) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: the top level of a config file must be a mapping")
+        raise ConfigError(f"{path}: the top level of a config file must be a mapping")
     return data
 
 
@@ -451,7 +560,7 @@ def load_preset(name: str, overrides: list[str] | None = None) -> PipelineConfig
     path = resources.files("rmens") / "presets" / f"{name}.yaml"
     if not path.is_file():
         raise ValueError(f"unknown preset {name!r}; choose from smoke, cpu, gpu")
-    return PipelineConfig.model_validate(apply_overrides(yaml.safe_load(path.read_text()), overrides or []))
+    return PipelineConfig.model_validate(apply_overrides(load_yaml(Path(str(path))), overrides or []))
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -463,8 +572,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ValueError(f"override {item!r} must look like section.field=value")
         node = data
         parts = key.split(".")
-        for part in parts[:-1]:
-            node[part] = dict(node.get(part) or {})
+        for depth, part in enumerate(parts[:-1], start=1):
+            value = node.get(part)
+            if value is not None and not isinstance(value, dict):
+                section = ".".join(parts[:depth])
+                what = "a list" if isinstance(value, list) else f"the value {value!r:.40}"
+                raise ConfigError(f"override {item!r}: {section} is {what}, not a section with fields; "
+                                  f"set {section}=... as a whole")
+            node[part] = dict(value or {})
             node = node[part]
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
     return data

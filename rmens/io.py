@@ -27,8 +27,21 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    with Path(path).open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    """Every record of a JSONL file; a line that is not UTF-8 or not JSON is a ValueError naming file and line."""
+    rows = []
+    with Path(path).open("rb") as handle:  # bytes, decoded per line, so that a decoding error names its line
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                                 f"{err.start + 1})") from None
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+    return rows
 
 
 def refuse_foreign_folder(path: str | Path, ours: bool, what: str, hint: str) -> None:
@@ -39,3 +52,47 @@ def refuse_foreign_folder(path: str | Path, ours: bool, what: str, hint: str) ->
         raise FileExistsError(f"{path} exists and is not a folder")
     if path.is_dir() and not ours and any(path.iterdir()):
         raise FileExistsError(f"{path} exists and is not {what}; {hint}")
+
+
+# A folder's files as {relative path: {size, mtime_ns, sha256}}, recorded when an artifact is finished so
+# that reuse can check it cheaply: a file whose size and mtime are unchanged is trusted, any other file
+# is re-hashed. (Content hashing alone would read every model weight on every cache hit.)
+Manifest = dict[str, dict[str, int | str]]
+
+
+def file_manifest(folder: str | Path, skip: Iterable[str] = ()) -> Manifest:
+    folder, skip = Path(folder), set(skip)
+    manifest: Manifest = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in skip):
+        stat = path.stat()
+        manifest[path.relative_to(folder).as_posix()] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                                                         "sha256": file_sha256(path)}
+    return manifest
+
+
+def manifest_changes(folder: str | Path, manifest: Manifest) -> list[str]:
+    """What differs from the recorded manifest ('missing: x', 'changed: y'); [] when intact. Files added
+    since are ignored: only what the artifact was made of is checked."""
+    folder, changes = Path(folder), []
+    for name, recorded in manifest.items():
+        path = folder / name
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            changes.append(f"missing: {name}")
+            continue
+        if stat.st_size != recorded["size"]:
+            changes.append(f"changed: {name} ({stat.st_size} bytes, recorded {recorded['size']})")
+        elif stat.st_mtime_ns != recorded["mtime_ns"] and file_sha256(path) != recorded["sha256"]:
+            changes.append(f"changed: {name} (content differs from its recorded sha256)")
+    return changes
+
+
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -4,7 +4,8 @@ Formats: JSONL files of prompt/chosen/rejected, the AlpacaEval annotation files 
 Face dataset ids (for users with a network), and a small synthetic set for smoke runs and tests.
 Loaders of curated user data are strict (the first bad record is an error naming its line); the
 AlpacaEval loader drops the known-degenerate records of that corpus (self-pairs, empty outputs, the
-adversarial generators) and counts what it dropped and why.
+adversarial generators) and counts what it dropped and why, but a malformed record (a field missing or
+not text) is an error there too.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import math
 import os
 import random
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,24 +52,31 @@ def data_root() -> Path | None:
     return Path(value).expanduser().resolve() if value else None
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
-
-
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, record) from a JSONL file (optionally gzipped); bad JSON names its line."""
+    """Yield (line number, record) from a JSONL file (optionally gzipped); bad JSON, a byte that is not
+    UTF-8 or a damaged gzip stream is an error naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    with _open_text(path) as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
-            yield lineno, record
+    # Bytes, decoded line by line: a text stream decodes ahead in blocks, so its error could not name the line.
+    lineno = 0
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as handle:
+            for lineno, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                                    f"{err.start + 1})") from None
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+                yield lineno, record
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise DataError(f"{path}:{lineno + 1}: damaged gzip data ({err})") from None
 
 
 def load_jsonl_pairs(path: str | Path) -> list[PreferencePair]:
@@ -145,13 +154,14 @@ def load_alpaca_eval_pairs(
             raise ValueError(f"unknown AlpacaEval subset {name!r}; choose from {sorted(AE_FILES)} or 'both'")
         path = folder / AE_FILES[name]
         for lineno, rec in read_jsonl(path):
-            where = f"{path.name}:{lineno}"
+            where = f"{path}:{lineno}"
+            _check_ae_record(rec, where)
             generator = rec.get("generator_2")
             if (include is not None and generator not in include) or generator in exclude:
                 stats["filtered_generator"] += 1
                 continue
-            out1, out2 = rec.get("output_1"), rec.get("output_2")
-            if not isinstance(out1, str) or not isinstance(out2, str) or not out1.strip() or not out2.strip():
+            out1, out2 = rec["output_1"], rec["output_2"]
+            if not out1.strip() or not out2.strip():
                 stats["empty_output"] += 1
                 continue
             if out1 == out2:
@@ -166,7 +176,7 @@ def load_alpaca_eval_pairs(
                 "preference": rec.get("preference"),
             }
             pair = preference_to_pair(
-                rec.get("instruction", ""), out1, out2, rec.get("preference"),
+                rec["instruction"], out1, out2, rec["preference"],
                 where=where, draws=draws, soft_labels=soft_labels, source=source,
             )
             if pair is None:
@@ -176,6 +186,23 @@ def load_alpaca_eval_pairs(
             stats["kept"] += 1
     log.info("alpaca_eval %s: %s", subset, dict(stats))
     return validate_pairs(pairs, f"alpaca_eval {subset} in {folder}")
+
+
+AE_FIELDS = ("instruction", "output_1", "output_2", "preference")
+
+
+def _check_ae_record(record: Any, where: str) -> None:
+    """A malformed AlpacaEval record (not an object, a field missing, an output that is not text) is an
+    error naming it: only well-formed degenerate records (empty outputs, self-pairs, draws) are dropped."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected an AlpacaEval record (an object), got {type(record).__name__}")
+    missing = [name for name in AE_FIELDS if name not in record]
+    if missing:
+        raise DataError(f"{where}: missing field{'s' if len(missing) > 1 else ''} "
+                        f"{', '.join(repr(name) for name in missing)}")
+    for name in ("instruction", "output_1", "output_2"):
+        if not isinstance(record[name], str):
+            raise DataError(f"{where}: field {name!r} must be a string, got {record[name]!r:.60}")
 
 
 def _common_prefix_split(chosen: str, rejected: str) -> tuple[str, str, str]:

@@ -12,7 +12,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, model_validator
 
 from rmens.config import (
@@ -24,6 +23,7 @@ from rmens.config import (
     TrainConfig,
     apply_overrides,
     derive,
+    load_yaml,
 )
 
 SIZES = {
@@ -218,6 +218,11 @@ class ExperimentConfig(StrictModel):
                              f"{self.gold.ensemble.max_length} < ensemble.max_length={self.ensemble.max_length}")
         return self
 
+    def trained_ensembles(self) -> dict[str, EnsembleConfig]:
+        """The ensemble settings reward models are trained with, by section (arms change only kind, k, seed
+        and LoRA layers of the shared one)."""
+        return {"ensemble": self.ensemble, "gold.ensemble": self.gold.ensemble}
+
     def arm(self, label: str) -> ArmSpec:
         return next(arm for arm in self.arms if arm.label == label)
 
@@ -231,8 +236,7 @@ def size_preset(size: str) -> dict[str, Any]:
     """The YAML mapping of a built-in size."""
     if size not in SIZES:
         raise ValueError(f"unknown experiment size {size!r}; choose from {', '.join(SIZES)}")
-    path = resources.files("rmens") / "presets" / "experiment" / f"{size}.yaml"
-    return yaml.safe_load(path.read_text()) or {}
+    return load_yaml(Path(str(resources.files("rmens") / "presets" / "experiment" / f"{size}.yaml")))
 
 
 def load_experiment(size: str, overrides: list[str] | None = None, eval_data: str | Path | None = None,

@@ -49,6 +49,9 @@ def run_plan(cfg: ExperimentConfig, call: StepCall, part: Part = "all", sources:
     """Run the steps; `part='rewards'` stops before PPO (a GPU check runs the parts in separate calls).
     `sources` are the content hashes of the input files (rmens.experiment.data.source_fingerprints), part
     of the keys of the two data steps. Returns the report step's handle."""
+    from rmens.models.backbone import check_max_lengths
+
+    check_max_lengths(cfg.trained_ensembles())  # a context too long fails here, not after the data steps
     sources = sources or {"training": {}, "evaluation": {}}
     pairs = call("pairs", "pairs", source=cfg.data, split=cfg.split, sources=sources)
     pools = call("pools", "pools", source=cfg.data, pools=cfg.pools, sources=sources["evaluation"])

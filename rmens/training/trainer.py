@@ -32,7 +32,7 @@ from rmens.data.encoding import EncodedPairs, PairCollator, PairEncoder, encode_
 from rmens.data.schema import PreferencePair, validate_pairs
 from rmens.data.splits import member_weights, split_by_instruction
 from rmens.evaluation.rm_metrics import ensemble_metrics, length_metrics, scalar_metrics
-from rmens.models.backbone import load_tokenizer
+from rmens.models.backbone import check_max_length, load_tokenizer
 from rmens.models.ensemble import RewardEnsemble, build_ensemble, check_output_folder, to_lora
 
 log = logging.getLogger(__name__)
@@ -238,14 +238,12 @@ def train_ensemble(ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: list[
     validate_pairs(train_pairs, "training pairs")
     if output_dir is not None:
         check_output_folder(output_dir, overwrite)
+    check_max_length(ens_cfg.backbone, ens_cfg.max_length)  # from the model's config, before it is built
     start = time.perf_counter()
     acc = accelerator or Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=_precision(cfg))
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(ens_cfg.backbone)
     ensemble = build_ensemble(ens_cfg)
-    if ens_cfg.max_length > ensemble.max_length:
-        raise ValueError(f"max_length={ens_cfg.max_length} exceeds the context of {ens_cfg.backbone} "
-                         f"({ensemble.max_length} tokens)")
     encoder = PairEncoder(tokenizer, ens_cfg.max_length, ens_cfg.max_prompt_length)
     pad_id = tokenizer.pad_token_id
 

@@ -1,0 +1,312 @@
+"""Bad input fails early, in one line that names the file and line, or the setting: no traceback, no
+silent coercion, and no model built or trained before the mistake is reported."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from rmens import cli as lib_cli
+from rmens.config import (
+    ConfigError,
+    PipelineConfig,
+    TrainConfig,
+    TrainJobConfig,
+    apply_overrides,
+    load_preset,
+    load_yaml,
+)
+from rmens.data.loaders import AE_FILES, load_alpaca_eval_pairs, load_jsonl_pairs
+from rmens.data.schema import DataError
+from rmens.io import read_jsonl
+
+pytestmark = pytest.mark.reliability
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = {"prompt": "Name a fruit.", "chosen": "An apple.", "rejected": "No."}
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "error:" in line]
+
+
+def run_lib_cli(capsys, *argv: str) -> str:
+    """`python -m rmens.cli ARGV` in-process; asserts the user-error contract and returns the error line."""
+    code = lib_cli.main(list(argv))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = _error_lines(err)
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _one_line(err: Exception) -> str:
+    line = lib_cli.error_line(err)
+    assert "\n" not in line
+    return line
+
+
+# 1. a byte that is not UTF-8 in a JSONL file
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_non_utf8_byte_in_jsonl_names_file_and_line(tmp_path, gz):
+    body = (json.dumps(GOOD) + "\n").encode() * 3 + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n'
+    path = tmp_path / ("pairs.jsonl.gz" if gz else "pairs.jsonl")
+    path.write_bytes(gzip.compress(body) if gz else body)
+    with pytest.raises(DataError, match=rf"{path.name}:4: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        load_jsonl_pairs(path)
+
+
+def test_non_utf8_byte_in_an_artifact_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "samples.jsonl"
+    path.write_bytes(b'{"a": 1}\n\n{"b": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"samples.jsonl:3: not UTF-8 text"):
+        read_jsonl(path)
+    path.write_bytes(b'{"a": 1}\n{"b": \n')
+    with pytest.raises(ValueError, match=r"samples.jsonl:2: invalid JSON"):
+        read_jsonl(path)
+
+
+def test_damaged_gzip_names_the_file(tmp_path):
+    path = tmp_path / "pairs.jsonl.gz"
+    path.write_bytes(gzip.compress((json.dumps(GOOD) + "\n").encode() * 50)[:-30])
+    with pytest.raises(DataError, match=r"pairs.jsonl.gz:\d+: damaged gzip data"):
+        load_jsonl_pairs(path)
+
+
+def test_cli_reports_a_non_utf8_data_file_in_one_line(tiny_path, tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    data.write_bytes((json.dumps(GOOD) + "\n").encode() + b'{"prompt": "\xff"}\n')
+    line = run_lib_cli(capsys, "train", "--set", "data.source=jsonl", "--set", f"data.path={data}",
+                       "--set", f"output_dir={tmp_path / 'out'}")
+    assert f"{data}:2: not UTF-8 text" in line
+    assert not (tmp_path / "out").exists()
+
+
+# 2. broken YAML names its file, line and column
+
+def test_broken_yaml_names_file_line_and_column(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("train:\n  lr: 0.001\n  epochs: [1\n")
+    with pytest.raises(ConfigError, match=rf"{path}:4:1: invalid YAML \(while parsing a flow sequence at line 3"):
+        load_yaml(path)
+    path.write_bytes(b"train:\n  lr: 0.001 # \xe9\n")
+    with pytest.raises(ConfigError, match=rf"{path}:2: not UTF-8 text"):
+        load_yaml(path)
+
+
+def test_cli_reports_broken_yaml_in_one_line(tmp_path, capsys):
+    path = tmp_path / "job.yaml"
+    path.write_text("data:\n  source: jsonl\n   path: x\n")
+    line = run_lib_cli(capsys, "train", "--config", str(path))
+    assert f"{path}:3:" in line and "invalid YAML" in line and "<unicode string>" not in line
+
+
+def test_orchestrating_cli_reports_broken_yaml_without_traceback(tmp_path):
+    """`rmens run --config` (a subprocess: the user's view; it fails before Prefect or torch is imported)."""
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("arms:\n  ks: [3\n  kinds: [linear]\n")
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _error_lines(proc.stderr) == [f"rmens: error: {path}:3:8: invalid YAML (while parsing a flow sequence "
+                                         "at line 2, column 7: expected ',' or ']', but got ':')"]
+
+
+# 3. overrides that index into a value, non-finite floats, absurd learning rates
+
+@pytest.mark.parametrize("override, names", [
+    ("judge.ensemble.k.x=1", "override 'judge.ensemble.k.x=1': judge.ensemble.k is the value 1, not a section"),
+    ("arms.rules.0.beta=2", "override 'arms.rules.0.beta=2': arms.rules is a list, not a section"),
+    ("train.lr=[1", "override 'train.lr=[1': the value is not valid YAML"),
+])
+def test_unusable_override_names_the_key(override, names):
+    with pytest.raises(ConfigError) as err:
+        load_preset("smoke", [override])
+    assert _one_line(err.value).startswith(names)
+
+
+@pytest.mark.parametrize("override, names", [
+    ("ensemble.k.x=1", "ensemble.k: Input should be a valid integer"),
+    ("train.epochs=.inf", "train.epochs: Input should be a finite number (got inf)"),
+    ("train.warmup_ratio=.nan", "train.warmup_ratio: Input should be a finite number"),
+    ("judge.train.epochs=-.inf", "judge.train.epochs: Input should be a finite number"),
+    ("train.lr=1e30", "train.lr: Input should be less than or equal to 1 (got '1e30')"),
+    ("train.lora_lr=3", "train.lora_lr: Input should be less than or equal to 1"),
+    ("ppo.lr=2.5", "ppo.lr: Input should be less than or equal to 1"),
+    ("train.weight_decay=5", "train.weight_decay: Input should be less than or equal to 1"),
+])
+def test_non_finite_and_absurd_values_name_the_setting(override, names):
+    with pytest.raises(ValidationError) as err:
+        load_preset("smoke", [override])
+    assert _one_line(err.value).startswith(f"invalid PipelineConfig settings: {names}")
+
+
+def test_cli_reports_a_bad_override_in_one_line(tmp_path, capsys):
+    common = ["--set", f"output_dir={tmp_path / 'out'}", "--set", "train.max_steps=1", "--set", "data.max_pairs=16"]
+    assert run_lib_cli(capsys, "train", "--set", "train.epochs=.inf", *common) == (
+        "rmens: error: invalid TrainJobConfig settings: train.epochs: Input should be a finite number (got inf)")
+    assert "train.lr: Input should be less than or equal to 1" in run_lib_cli(
+        capsys, "train", "--set", "train.lr=1e30", *common)
+    assert "ensemble.k: Input should be a valid integer" in run_lib_cli(
+        capsys, "train", "--set", "ensemble.k.x=1", *common)
+    assert not (tmp_path / "out").exists()
+
+
+# 4. no booleans passing as numbers; ints for floats and numbers written as text still work
+
+@pytest.mark.parametrize("override, field", [
+    ("ensemble.k=true", "ensemble.k"),
+    ("train.epochs=false", "train.epochs"),
+    ("train.max_steps=true", "train.max_steps"),
+    ("ensemble.lora.top_layers=true", "ensemble.lora.top_layers"),
+    ("arms.ks=[3, true]", "arms.ks"),
+    ("bon.select_n=[true]", "bon.select_n"),
+])
+def test_a_boolean_is_not_a_number(override, field):
+    with pytest.raises(ValidationError) as err:
+        load_preset("smoke", [override])
+    line = _one_line(err.value)
+    assert f"{field}: expected a" in line and ("boolean" in line or "True" in line)
+
+
+def test_numbers_still_load_and_booleans_stay_booleans():
+    config = load_preset("smoke", ["train.lr=1", "train.epochs=2", "ensemble.lora.top_layers=2",
+                                   "train.lora_lr=1e-4", "judge.train.lr=5e-3", "train.progress=true"])
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
+    assert config.train.epochs == 2.0 and config.ensemble.lora.top_layers == 2
+    assert config.train.lora_lr == 1e-4  # PyYAML reads "1e-4" as text; it is still a number
+    assert config.train.progress is True
+    assert TrainConfig.model_validate({"lr": "2e-5"}).lr == 2e-5
+    with pytest.raises(ValidationError, match="boolean"):
+        TrainJobConfig().train.epochs = True  # assignment is validated too
+
+
+def test_every_preset_and_experiment_size_still_loads():
+    from rmens.experiment.config import SIZES, load_experiment
+
+    for name in ("smoke", "cpu", "gpu"):
+        load_preset(name)
+    for size in SIZES:
+        load_experiment(size)
+
+
+def test_cli_rejects_a_boolean_size(tmp_path, capsys):
+    assert run_lib_cli(capsys, "train", "--set", "ensemble.k=true", "--set", f"output_dir={tmp_path / 'o'}") == (
+        "rmens: error: invalid TrainJobConfig settings: ensemble.k: expected a number, got the boolean true")
+
+
+# 5. ppo_arms are checked against the arms when the config loads
+
+@pytest.mark.parametrize("entry, message", [
+    ("linear-k5", "ppo_arms entry 'linear-k5': no arm 'linear-k5' (arms: single-s0, linear-k3, lora-k3)"),
+    ("lora-k3/lcb2", "ppo_arms entry 'lora-k3/lcb2': rule 'lcb2' is not among arms.rules (mean, min, lcb1, uwo0.5)"),
+    ("single/lcb1", "ppo_arms entry 'single/lcb1': a single reward model has only the mean rule"),
+    ("full-k3", "ppo_arms entry 'full-k3': no arm 'full-k3'"),
+])
+def test_invalid_ppo_arm_fails_at_load_naming_the_entry(entry, message):
+    with pytest.raises(ValidationError) as err:
+        load_preset("smoke", [f"ppo_arms=[single, {entry}]"])
+    assert message in _one_line(err.value)
+
+
+def test_valid_ppo_arms_resolve_and_no_ppo_skips_the_check():
+    config = load_preset("smoke", ["ppo_arms=[single, linear-k3/mean, lora-k3/lcb1, linear-k3]"])
+    assert [config.arms.ppo_arm(spec)[0] for spec in config.ppo_arms] == ["single-s0", "linear-k3", "lora-k3",
+                                                                          "linear-k3"]
+    assert config.arms.ppo_arm("lora-k3/lcb1")[1].beta == 1.0
+    with pytest.raises(ValidationError, match="no arm 'single-s0'"):
+        load_preset("smoke", ["arms.single_seeds=0"])
+    assert load_preset("smoke", ["arms.single_seeds=0", "ppo=null"]).ppo is None
+
+
+# 6. max_length beyond the backbone's context, before a model is built
+
+def test_max_length_beyond_context_is_refused_from_the_config(tiny_path, monkeypatch):
+    from rmens.config import EnsembleConfig
+    from rmens.models.backbone import check_max_length, check_max_lengths
+    from rmens.training import trainer
+
+    with pytest.raises(ValueError, match=r"^ensemble.max_length=1024 exceeds the context of tiny-random-llama: "
+                                         r"its max_position_embeddings is 512$"):
+        check_max_length("tiny-random-llama", 1024)
+    check_max_length("tiny-random-llama", 512)
+    config = load_preset("smoke", ["judge.ensemble.max_length=600"])
+    with pytest.raises(ValueError, match=r"judge.ensemble.max_length=600 exceeds .* 512"):
+        check_max_lengths(config.trained_ensembles())
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model was built before max_length was checked")
+
+    monkeypatch.setattr(trainer, "build_ensemble", no_build)
+    monkeypatch.setattr(trainer, "load_tokenizer", no_build)
+    from rmens.data.loaders import synthetic_pairs
+
+    with pytest.raises(ValueError, match="max_length=1024 exceeds"):
+        trainer.train_ensemble(EnsembleConfig(k=1, max_length=1024), TrainConfig(max_steps=1), synthetic_pairs(8))
+
+
+def test_cli_refuses_a_long_max_length_before_loading_data(tiny_path, tmp_path, capsys, monkeypatch):
+    import rmens.data
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was prepared before max_length was checked")
+
+    monkeypatch.setattr(rmens.data, "prepare_pairs", no_data)
+    line = run_lib_cli(capsys, "train", "--set", "ensemble.max_length=4096", "--set", f"output_dir={tmp_path / 'o'}")
+    assert line == ("rmens: error: ensemble.max_length=4096 exceeds the context of tiny-random-llama: "
+                    "its max_position_embeddings is 512")
+
+
+# 7. a malformed AlpacaEval record is an error, not a silent drop
+
+def _write_ae(folder: Path, records: list[dict]) -> Path:
+    path = folder / AE_FILES["ae1"]
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+    return path
+
+
+def _ae(**changes):
+    record = {"instruction": "Say hi.", "output_1": "Hello!", "output_2": "Go away.", "generator_1": "ref",
+              "generator_2": "model", "preference": 1, "dataset": "d"}
+    return {key: value for key, value in {**record, **changes}.items() if value is not ...}
+
+
+@pytest.mark.parametrize("bad, message", [
+    (_ae(output_2=...), ":2: missing field 'output_2'"),
+    (_ae(output_1=..., instruction=...), ":2: missing fields 'instruction', 'output_1'"),
+    (_ae(preference=...), ":2: missing field 'preference'"),
+    (_ae(output_2=None), ":2: field 'output_2' must be a string, got None"),
+    (_ae(preference=None), ":2: preference must be a number, got None"),
+])
+def test_malformed_alpaca_eval_record_names_file_line_and_field(tmp_path, bad, message):
+    path = _write_ae(tmp_path, [_ae(), bad, _ae()])
+    with pytest.raises(DataError) as err:
+        load_alpaca_eval_pairs(tmp_path, "ae1")
+    assert str(err.value).startswith(str(path)) and message in str(err.value)
+
+
+def test_alpaca_eval_through_the_data_config_and_cli(tiny_path, tmp_path, capsys):
+    from rmens.config import DataConfig
+    from rmens.data.loaders import load_pairs
+
+    path = _write_ae(tmp_path, [_ae(), _ae(output_2=...)])
+    with pytest.raises(DataError, match=rf"{path}:2: missing field 'output_2'"):
+        load_pairs(DataConfig(source="alpaca_eval", path=str(tmp_path)))
+    line = run_lib_cli(capsys, "train", "--set", "data.source=alpaca_eval", "--set", f"data.path={tmp_path}",
+                       "--set", f"output_dir={tmp_path / 'out'}")
+    assert line == f"rmens: error: {path}:2: missing field 'output_2'"
+
+
+def test_overrides_still_create_missing_sections():
+    assert apply_overrides({}, ["train.lr=0.1"]) == {"train": {"lr": 0.1}}
+    assert PipelineConfig.model_validate(apply_overrides({}, ["ppo=null"])).ppo is None
