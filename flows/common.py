@@ -4,17 +4,51 @@ has gone missing, and recorded in MLflow as a cache hit when Prefect served the 
 from __future__ import annotations
 
 import inspect
+import signal
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from prefect import Task
 from prefect.context import FlowRunContext
+from prefect.exceptions import TerminationSignal
 
 from tasks.common import for_project
 from tasks.keys import stage_key
 from tasks.paths import ProjectPaths
-from tasks.refs import ArtifactRef
+from tasks.refs import ArtifactRef, changes_since_sealed
 from tasks.tracking import StageContext, record_cache_hit
+
+# SIGTERM during a flow: Prefect's handler raises TerminationSignal wherever the main thread is, and when that
+# is inside a garbage-collector callback Python prints "Exception ignored" and the run goes on as if no
+# signal came (seen with SQLAlchemy's weakref callbacks). So the handler also leaves a flag that every
+# stage boundary checks. Prefect looks its handler up by this module attribute (to install it and to
+# recognise it), so wrapping the attribute keeps its cancellation logic intact.
+_TERMINATION = threading.Event()
+
+
+def _remember_termination() -> None:
+    import prefect.utilities.engine as engine
+
+    original = getattr(engine, "_prefect_sigterm_handler", None)
+    if original is None or getattr(original, "rmens_wrapped", False):
+        return
+
+    def handler(signum, *args):
+        _TERMINATION.set()
+        return original(signum, *args)
+
+    handler.rmens_wrapped = True
+    engine._prefect_sigterm_handler = handler
+
+
+_remember_termination()
+
+
+def stop_if_terminated() -> None:
+    """Raise Prefect's TerminationSignal if a SIGTERM arrived and its exception was swallowed."""
+    if _TERMINATION.is_set():
+        raise TerminationSignal(signal.SIGTERM)
 
 
 class Stager:
@@ -42,19 +76,23 @@ class Stager:
             future.result()  # surface a failed tracking write
 
     def __call__(self, task_obj: Task, run_name: str, /, **params: Any) -> ArtifactRef:
+        stop_if_terminated()
         stage = task_obj.name
         bound = inspect.signature(task_obj.fn).bind(ctx=self.ctx, **params)
         bound.apply_defaults()  # the key covers every parameter, as the task's own key does
         key = stage_key(stage, dict(bound.arguments))
-        # A cached reference to a folder that was deleted would point at nothing: recompute instead.
-        missing = not (self.paths.stage_dir(stage, key) / "ref.json").is_file()
-        task_run = for_project(task_obj, self.paths, refresh=self.refresh or missing,
+        # A cached reference to a folder that was deleted or changed would serve a wrong artifact:
+        # recompute instead (run_stage says what changed).
+        folder = self.paths.stage_dir(stage, key)
+        stale = not (folder / "ref.json").is_file() or bool(changes_since_sealed(folder))
+        task_run = for_project(task_obj, self.paths, refresh=self.refresh or stale,
                                task_run_name=f"{stage}:{run_name}")
         state = task_run(ctx=self.ctx, **params, return_state=True)
         ref = state.result()
         if isinstance(ref, dict):  # JSON results come back as plain data
             ref = ArtifactRef.model_validate(ref)
         self.states[f"{stage}:{run_name}"] = state.name
+        stop_if_terminated()
         if state.name == "Cached":
             self._pending.append(self._tracking.submit(record_cache_hit, self.ctx, stage, ref,
                                                        {"rmens.label": run_name}))

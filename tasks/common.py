@@ -5,21 +5,20 @@ from __future__ import annotations
 import logging
 import shutil
 import sqlite3
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect import Task, task
 from prefect.cache_policies import CacheKeyFnPolicy
-from prefect.locking.filesystem import FileSystemLockManager
 from prefect.transactions import IsolationLevel
 
 from rmens.config import flatten
 from tasks.keys import stage_key
+from tasks.locks import ProjectLockManager
 from tasks.paths import ProjectPaths
-from tasks.refs import ArtifactRef, content_hash, read_ref, seal
-from tasks.tracking import StageContext, child_run, log_metrics, set_tags
+from tasks.refs import ArtifactRef, changes_since_sealed, fingerprint_folder, read_ref, seal
+from tasks.tracking import StageContext, child_run, log_metrics, record_cache_hit, set_tags
 
 log = logging.getLogger(__name__)
 
@@ -61,27 +60,13 @@ def stage_task(stage: str, *, timeout_seconds: float, retries: int = 2) -> Calla
     return decorate
 
 
-class SettledLockManager(FileSystemLockManager):
-    """Prefect's file lock, read safely. Prefect creates a lock file empty and writes its holder a moment
-    later; a second flow that reads it in between got an EOF error and failed its task. An unreadable
-    lock file is one being written, so read it again after a pause."""
-
-    def _get_lock_info(self, key: str, use_cache: bool = True):
-        for _ in range(100):
-            try:
-                return super()._get_lock_info(key, use_cache)
-            except ValueError:  # empty or half-written JSON
-                time.sleep(0.01)
-        return super()._get_lock_info(key, use_cache)
-
-
 def for_project(stage_task_obj: Task, paths: ProjectPaths, refresh: bool = False,
                 task_run_name: str | None = None) -> Task:
     """The task bound to a project's result store, with a file lock so that two flows never compute
     the same artifact at once (SERIALIZABLE: the second waits, then reads the cached result)."""
     policy = CacheKeyFnPolicy(cache_key_fn=stage_task_obj.cache_policy.cache_key_fn).configure(
         isolation_level=IsolationLevel.SERIALIZABLE,
-        lock_manager=SettledLockManager(lock_files_directory=paths.locks))
+        lock_manager=ProjectLockManager(lock_files_directory=paths.locks))
     # One with_options call: building a Prefect Task is not free (about 20 ms), and cached runs are short.
     return stage_task_obj.with_options(cache_policy=policy, result_storage=paths.results, refresh_cache=refresh or None,
                                        task_run_name=task_run_name or stage_task_obj.name)
@@ -99,8 +84,16 @@ def run_stage(ctx: StageContext, stage: str, params: dict[str, Any],
     key = stage_key(stage, {**params, "ctx": ctx})
     folder = ctx.paths.stage_dir(stage, key)
     if (folder / "ref.json").is_file():
-        log.info("%s: reusing %s", stage, folder)
-        return read_ref(folder)
+        changes = changes_since_sealed(folder)
+        if not changes:
+            # Another run made it while this one waited for the stage lock (or Prefect's record of it was
+            # lost): reuse it, and say so in MLflow as a cache hit does, so this flow's run lists every stage.
+            log.info("%s: reusing %s", stage, folder)
+            ref = read_ref(folder)
+            record_cache_hit(ctx, stage, ref, {"rmens.label": run_name or stage})
+            return ref
+        log.warning("%s: %s changed since it was made (%s): recomputing it", stage, folder, "; ".join(changes[:3]))
+        shutil.rmtree(folder)
     if not resume:
         shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
@@ -108,8 +101,9 @@ def run_stage(ctx: StageContext, stage: str, params: dict[str, Any],
     with child_run(ctx, stage, flat, {"rmens.key": key[:16]}, name=run_name) as run_id:
         # JSON (Prefect's result store) has no NaN: store "not available" as None from the start.
         summary = {k: (None if isinstance(v, float) and v != v else v) for k, v in build(folder, run_id).items()}
-        ref = ArtifactRef(stage=stage, key=key, path=str(folder), sha256=content_hash(folder), mlflow_run_id=run_id,
-                          summary=summary)
+        sha256, files = fingerprint_folder(folder)
+        ref = ArtifactRef(stage=stage, key=key, path=str(folder), sha256=sha256, mlflow_run_id=run_id,
+                          summary=summary, files=files)
         from tasks.tracking import client_for
 
         log_metrics(client_for(ctx), run_id, {k: v for k, v in summary.items() if isinstance(v, (int, float))})

@@ -1,40 +1,23 @@
-"""The reward ensemble as an MLflow pyfunc model: prompts and responses in, member and aggregated
-rewards out. Logged and registered by the train_ensemble task."""
+"""The reward ensemble as an MLflow model: logged from code (tasks/reward_model_code.py) with its weights as
+artifacts, registered, and read back as weights only (scoring a registered model runs no stored code)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import mlflow
 import pandas as pd
 
-
-class RewardEnsembleModel(mlflow.pyfunc.PythonModel):
-    """predict(DataFrame[prompt, response]) -> DataFrame[reward, member_0 .. member_{k-1}, std]."""
-
-    def load_context(self, context) -> None:
-        from rmens.config import AggregationConfig
-        from rmens.reward import EnsembleReward
-
-        aggregation = AggregationConfig.model_validate((context.model_config or {}).get("aggregation", {}))
-        self.reward = EnsembleReward.from_folder(context.artifacts["ensemble"], aggregation)
-
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        missing = {"prompt", "response"} - set(model_input.columns)
-        if missing:
-            raise ValueError(f"input needs columns prompt and response; missing {sorted(missing)}")
-        out = self.reward(model_input["prompt"].tolist(), model_input["response"].tolist())
-        frame = pd.DataFrame({"reward": out.scores.tolist()})
-        for i, member in enumerate(out.members):
-            frame[f"member_{i}"] = member.tolist()
-        frame["std"] = out.members.std(dim=0, unbiased=False).tolist()
-        return frame
+MODEL_CODE = Path(__file__).with_name("reward_model_code.py")
+ENSEMBLE_ARTIFACT = "ensemble"
 
 
 def log_and_register(ensemble_dir: str, registered_name: str | None, aliases: list[str], aggregation: dict):
     """Log the ensemble folder as a pyfunc model in the active run; register it and set aliases."""
     example = pd.DataFrame({"prompt": ["What is 2 + 2?"], "response": ["4"]})
     info = mlflow.pyfunc.log_model(
-        name="reward_ensemble", python_model=RewardEnsembleModel(), artifacts={"ensemble": ensemble_dir},
-        model_config={"aggregation": aggregation}, pip_requirements=["rmens"],
+        name="reward_ensemble", python_model=str(MODEL_CODE), artifacts={ENSEMBLE_ARTIFACT: ensemble_dir},
+        model_config={"aggregation": aggregation}, pip_requirements=["rmens"], input_example=example,
         signature=mlflow.models.infer_signature(example, pd.DataFrame({"reward": [0.0], "std": [0.0]})),
     )
     version = None
@@ -44,3 +27,13 @@ def log_and_register(ensemble_dir: str, registered_name: str | None, aliases: li
         for alias in aliases:
             client.set_registered_model_alias(registered_name, alias, version)
     return info.model_uri, version
+
+
+def download_ensemble(model_uri: str, dst: str | Path) -> Path:
+    """The registered model's ensemble folder (safetensors weights and JSON configs), without loading the
+    pyfunc: whoever can write to the artifact store cannot make this process run code."""
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+    folder = local / "artifacts" / ENSEMBLE_ARTIFACT
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{model_uri} holds no {ENSEMBLE_ARTIFACT}/ folder; is it an rmens reward ensemble?")
+    return folder

@@ -10,6 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from rmens.io import Manifest, file_manifest, manifest_changes
+
 REF_FILE = "ref.json"
 
 
@@ -22,6 +24,8 @@ class ArtifactRef(BaseModel):
     sha256: str
     mlflow_run_id: str | None = None
     summary: dict[str, Any] = Field(default_factory=dict)
+    # Sizes, mtimes and hashes of the files, recorded when the folder was finished (rmens.io.file_manifest).
+    files: Manifest = Field(default_factory=dict, repr=False)
 
     @property
     def folder(self) -> Path:
@@ -36,16 +40,18 @@ class ArtifactRef(BaseModel):
         return self
 
 
-def content_hash(folder: str | Path) -> str:
-    """sha256 over every file's relative path and bytes (ref.json excluded), in a stable order."""
-    folder = Path(folder)
+def fingerprint_folder(folder: str | Path) -> tuple[str, Manifest]:
+    """(content hash, manifest): the hash covers every file's relative path and bytes, ref.json excluded."""
+    manifest = file_manifest(folder, skip=(REF_FILE, REF_FILE + ".partial"))
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != REF_FILE):
-        digest.update(str(path.relative_to(folder)).encode() + b"\0")
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    for name, entry in manifest.items():
+        digest.update(f"{name}\0{entry['sha256']}\0".encode())
+    return digest.hexdigest(), manifest
+
+
+def changes_since_sealed(folder: str | Path) -> list[str]:
+    """How a finished folder differs from what its ref.json recorded ([] when intact)."""
+    return manifest_changes(folder, read_ref(folder).files)
 
 
 def seal(ref: ArtifactRef) -> ArtifactRef:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from mlflow import MlflowClient, pyfunc
+from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from rmens.data.schema import PreferencePair
@@ -11,13 +11,24 @@ from rmens.evaluation.rm_metrics import calibration, pairwise_accuracy
 
 
 def score_registered(uri: str, pairs: list[PreferencePair]) -> dict[str, float]:
-    """Accuracy and ECE of a registered pyfunc ensemble (models:/name/version or models:/name@alias)."""
-    import pandas as pd
+    """Accuracy and ECE of a registered ensemble (models:/name/version or models:/name@alias), scored from its
+    weights with the aggregation it was logged with; the model's stored code is not run."""
+    import tempfile
 
-    model = pyfunc.load_model(uri)
-    prompts = [p.prompt for p in pairs] * 2
-    responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    rewards = torch.tensor(model.predict(pd.DataFrame({"prompt": prompts, "response": responses}))["reward"].values)
+    import yaml
+
+    from rmens.config import AggregationConfig
+    from rmens.reward import EnsembleReward
+    from tasks.mlflow_model import download_ensemble
+
+    with tempfile.TemporaryDirectory(prefix="rmens-registered-") as tmp:
+        folder = download_ensemble(uri, tmp)
+        mlmodel = yaml.safe_load((folder.parents[1] / "MLmodel").read_text())
+        config = mlmodel["flavors"]["python_function"].get("model_config") or {}
+        reward = EnsembleReward.from_folder(folder, AggregationConfig.model_validate(config.get("aggregation", {})))
+        prompts = [p.prompt for p in pairs] * 2
+        responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+        rewards = reward(prompts, responses).scores.float().cpu()
     margins = rewards[: len(pairs)] - rewards[len(pairs):]
     targets = torch.tensor([p.weight for p in pairs])
     return {"accuracy": pairwise_accuracy(margins, targets), "ece": calibration(margins, targets)["ece"]}

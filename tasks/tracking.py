@@ -15,11 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from filelock import FileLock
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from prefect.exceptions import TerminationSignal
 from pydantic import BaseModel
 
 from rmens.config import flatten
+from tasks.locks import holder_is_gone, process_identity
 from tasks.paths import ProjectPaths, remember_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -39,19 +42,47 @@ class StageContext(BaseModel):
 
 
 def setup(paths: ProjectPaths, experiment: str = EXPERIMENT) -> str:
-    """Point MLflow at the project store (or MLFLOW_TRACKING_URI) and return the experiment id."""
+    """Point MLflow at the project store (or MLFLOW_TRACKING_URI) and return the experiment id.
+
+    The first use of a SQLite store creates its tables; two processes doing that at once on a fresh
+    project crashed (MLflow's migrations are not safe to run concurrently), so the store and the
+    experiment are created under a file lock. Runs that an earlier, killed process left RUNNING are
+    closed here, once per process and store.
+    """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     paths.make()
     _use(paths.tracking_uri)
-    client = MlflowClient(paths.tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is not None:
-        return found.experiment_id
-    location = None if paths.tracking_uri.startswith("http") else paths.mlflow_artifacts.as_uri()
-    try:
-        return client.create_experiment(experiment, artifact_location=location)
-    except mlflow.exceptions.MlflowException:  # created meanwhile by another process
-        return client.get_experiment_by_name(experiment).experiment_id
+    with FileLock(paths.root / ".mlflow-setup.lock"):
+        client = MlflowClient(paths.tracking_uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            location = None if paths.tracking_uri.startswith("http") else paths.mlflow_artifacts.as_uri()
+            experiment_id = client.create_experiment(experiment, artifact_location=location)
+        else:
+            experiment_id = found.experiment_id
+    if (paths.tracking_uri, experiment_id) not in _SWEPT:
+        close_orphaned_runs(client, experiment_id)
+        _SWEPT.add((paths.tracking_uri, experiment_id))
+    return experiment_id
+
+
+_SWEPT: set[tuple[str, str]] = set()
+
+
+def close_orphaned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark KILLED the runs still RUNNING whose process is gone (SIGKILL, power loss): they would
+    otherwise show as running forever in the UI."""
+    closed = []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        owner = {"host": tags.get("rmens.host"), "pid": int(tags.get("rmens.pid", -1)),
+                 "started": float(tags.get("rmens.pid_started", 0)) or None}
+        if holder_is_gone(owner):
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    if closed:
+        log.warning("closed %d MLflow run(s) left RUNNING by a process that is gone, as KILLED", len(closed))
+    return closed
 
 
 def _use(uri: str) -> None:
@@ -90,8 +121,20 @@ def log_history(client: MlflowClient, run_id: str, history: list[dict]) -> None:
         log_metrics(client, run_id, {k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
 
 
+def _owner_tags() -> dict[str, str]:
+    me = process_identity()
+    return {"rmens.host": me["host"], "rmens.pid": str(me["pid"]), "rmens.pid_started": str(me["started"])}
+
+
+def end_status(exc: BaseException | None) -> str:
+    """FINISHED, KILLED for an interrupt (Ctrl-C, SIGTERM), FAILED for an error."""
+    if exc is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit, TerminationSignal)) else "FAILED"
+
+
 def _start(client: MlflowClient, experiment_id: str, name: str, parent: str | None, tags: dict[str, str]) -> str:
-    all_tags = {**tags, "mlflow.runName": name}
+    all_tags = {**tags, **_owner_tags(), "mlflow.runName": name}
     if parent:
         all_tags["mlflow.parentRunId"] = parent
     run = client.create_run(experiment_id, run_name=name, tags=all_tags)
@@ -106,12 +149,16 @@ def parent_run(paths: ProjectPaths, flow: str, config: BaseModel, tags: dict[str
     run_id = _start(client, experiment_id, flow, None, {"rmens.flow": flow, **(tags or {})})
     log_params(client, run_id, flatten(config))
     client.log_dict(run_id, config.model_dump(mode="json"), "config.json")
-    status = "FAILED"
+    error = None
     try:
         yield StageContext(project_dir=str(paths.root), experiment_id=experiment_id, parent_run_id=run_id)
-        status = "FINISHED"
+    except BaseException as exc:
+        error = exc
+        raise
     finally:
-        client.set_terminated(run_id, status)
+        client.set_terminated(run_id, end_status(error))
+        if error is not None:
+            close_children(client, experiment_id, run_id, end_status(error))
 
 
 @contextlib.contextmanager
@@ -124,13 +171,28 @@ def child_run(ctx: StageContext, stage: str, params: dict[str, Any], tags: dict[
     run_id = _start(client, experiment_id, name or stage, ctx.parent_run_id, {"rmens.stage": stage, **(tags or {})})
     log_params(client, run_id, params)
     _use(ctx.paths.tracking_uri)
-    status = "FAILED"
+    error = None
     try:
         with mlflow.start_run(run_id=run_id, nested=True):
             yield run_id
-        status = "FINISHED"
+    except BaseException as exc:
+        error = exc
+        raise
     finally:
-        client.set_terminated(run_id, status)
+        try:
+            client.set_terminated(run_id, end_status(error))
+        except Exception:  # noqa: BLE001 - closing must not hide the error that ended the run
+            if error is None:
+                raise
+            log.warning("could not mark MLflow run %s %s; the flow's run closes it", run_id, end_status(error))
+
+
+def close_children(client: MlflowClient, experiment_id: str, parent_id: str, status: str) -> None:
+    """A signal that lands inside an MLflow write can make that child's own close fail ("database is
+    locked" while the interrupted transaction unwinds); the parent closes what is left once it can."""
+    query = f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"
+    for run in client.search_runs([experiment_id], query, max_results=1000):
+        client.set_terminated(run.info.run_id, status)
 
 
 def record_cache_hit(ctx: StageContext, stage: str, ref, extra_tags: dict[str, str] | None = None) -> str:

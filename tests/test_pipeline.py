@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import time
 
 import pytest
 
@@ -166,28 +165,6 @@ def test_two_concurrent_runs_of_one_stage_compute_it_once(harness, tmp_path):
     _, runs = runs_of(tmp_path)
     built = [r for r in runs if r.data.tags.get("rmens.stage") == "prepare_data"]
     assert len(built) == 1, "the waiting run read the result instead of building it again"
-
-
-def test_a_lock_file_being_written_reads_as_locked(tmp_path):
-    """Prefect creates a lock file empty and fills it later; a reader in between must wait, not fail."""
-    import threading
-
-    import pydantic_core
-
-    from tasks.common import SettledLockManager
-
-    lock = tmp_path / "key.lock"
-    lock.write_bytes(b"")
-
-    def fill():
-        time.sleep(0.1)
-        lock.write_bytes(pydantic_core.to_json({"holder": "first", "expiration": None}))
-
-    writer = threading.Thread(target=fill)
-    writer.start()
-    manager = SettledLockManager(lock_files_directory=tmp_path)
-    assert manager.is_locked("key") and manager.is_lock_holder("key", "first")
-    writer.join()
 
 
 def test_experiment_flow_caches_every_step_and_tracks_each_in_mlflow(harness, tmp_path):

@@ -27,7 +27,7 @@ from rmens.experiment.data import check_inputs, source_fingerprints
 from rmens.experiment.plan import RESUMABLE, STEP_CODE, Part, run_plan
 from rmens.experiment.steps import STEPS
 from rmens.fingerprint import canonical, digest, source_fingerprint
-from rmens.io import atomic_write_text, refuse_foreign_folder
+from rmens.io import atomic_write_text, file_manifest, manifest_changes, refuse_foreign_folder
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +70,16 @@ class LocalSteps:
         key = input_key(step, inputs)
         name = f"{step}:{label}"
         folder = self.out / "steps" / re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{step}-{label}")
-        if _key_in(folder / "done.json") == key:
-            self.reused.append(name)
-            log.info("%-32s reused", name)
-            return StepOutput(folder, key)
-        if folder.exists() and not (step in RESUMABLE and _key_in(folder / "started.json") == key):
+        done = _read(folder / "done.json")
+        if done.get("key") == key:
+            changes = manifest_changes(folder, done.get("files", {}))
+            if not changes:
+                self.reused.append(name)
+                log.info("%-32s reused", name)
+                return StepOutput(folder, key)
+            log.warning("%-32s changed since it was made (%s): recomputing", name, "; ".join(changes[:3]))
+            shutil.rmtree(folder)
+        if folder.exists() and not (step in RESUMABLE and _read(folder / "started.json").get("key") == key):
             shutil.rmtree(folder)  # incomplete, or made from other inputs: this runner's own folder
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / "started.json", json.dumps({"key": key}))
@@ -82,18 +87,19 @@ class LocalSteps:
         start = time.perf_counter()
         summary = STEPS[step](folder, **_resolve(inputs))
         seconds = time.perf_counter() - start
-        atomic_write_text(folder / "done.json", json.dumps({"key": key, "wall_s": seconds, "summary": summary},
-                                                           indent=2))
+        files = file_manifest(folder, skip=("done.json", "started.json"))
+        atomic_write_text(folder / "done.json", json.dumps({"key": key, "wall_s": seconds, "summary": summary,
+                                                            "files": files}, indent=2))
         self.computed.append(name)
         log.info("%-32s done in %.1f s", name, seconds)
         return StepOutput(folder, key)
 
 
-def _key_in(path: Path) -> str | None:
+def _read(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())["key"]
-    except (OSError, ValueError, KeyError):
-        return None
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def claim_output(out: str | Path, cfg: ExperimentConfig) -> Path:

@@ -1,0 +1,322 @@
+"""Kill it, run it twice, run two at once: real `rmens` processes on the smoke preset and the train flow.
+
+Each test starts the command as a user would (python -m flows.cli) in a fresh project folder, so what is
+checked is what a user gets: exit codes, what is left on disk, and the MLflow store's run statuses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.reliability
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """One Prefect server for the module's runs (a run without one starts its own, as the SIGTERM test does)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    _wait_for(lambda: _answers(f"{url}/health"), 120, "the Prefect server to start")
+    yield url
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _wait_for(condition, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+
+
+def _env(tmp_path: Path, api: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    env.update({"RMENS_HOME": str(tmp_path), "PREFECT_HOME": str(tmp_path / ".prefect"), "PYTHONPATH": str(ROOT)})
+    if api:
+        env["PREFECT_API_URL"] = api
+    return env
+
+
+def _rmens(*args: str, env: dict[str, str]) -> subprocess.Popen:
+    """The command with its output in a file (as a terminal would, it never blocks the writer)."""
+    log = Path(env["RMENS_HOME"]) / f"output-{time.monotonic_ns()}.txt"
+    with log.open("w") as handle:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, stdout=handle,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log = log
+    return proc
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> str:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError(f"the run did not finish within {timeout} s (a hang?); its output: {proc.log}") \
+            from None
+    return proc.log.read_text()
+
+
+def _lock(project: Path, stage: str) -> Path | None:
+    return next(iter(sorted((project / "locks").glob(f"{stage}-*.lock"))), None)
+
+
+def _runs(project: Path):
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, max_results=5000)
+
+
+def _sealed(project: Path) -> dict[str, int]:
+    return {str(p.parent): p.stat().st_mtime_ns for p in (project / "artifacts").glob("*/*/ref.json")}
+
+
+def test_a_run_killed_mid_stage_leaves_nothing_that_blocks_or_lies(tmp_path, prefect_api):
+    """SIGKILL during PPO: the next run takes over the dead run's lock, closes its MLflow runs as KILLED,
+    reuses every finished stage, recomputes a cached artifact that was corrupted meanwhile, and finishes."""
+    project = tmp_path / "smoke"
+    env = _env(tmp_path, prefect_api)
+    first = _rmens("run", "--set", f"project_dir={project}", env=env)
+    _wait_for(lambda: _lock(project, "ppo") or first.poll() is not None, 240, "the first run to reach PPO")
+    assert first.poll() is None, f"the first run ended before PPO; output in {first.log}"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert _lock(project, "ppo") is not None, "the scenario needs the dead run's lock left behind"
+    assert any(r.info.status == "RUNNING" for r in _runs(project))
+
+    finished = _sealed(project)
+    # A cached artifact damaged after it was made; the Best-of-n samples, which PPO does not read, so that
+    # the PPO stage keeps its key and meets the dead run's lock.
+    damaged = max((p for p in project.glob("artifacts/sample/*/*") if p.is_file() and p.name != "ref.json"),
+                  key=lambda p: p.stat().st_size)
+    damaged.write_bytes(b"")
+    out = _finish(_rmens("run", "--set", f"project_dir={project}", env=env), 300)
+
+    assert "finished in" in out, out[-3000:]
+    assert "taking it over" in out
+    assert "changed since it was made" in out and damaged.stat().st_size > 0
+    assert not any(r.info.status == "RUNNING" for r in _runs(project))
+    assert any(r.info.status == "KILLED" for r in _runs(project))
+    still = _sealed(project)
+    reused = [folder for folder, mtime in finished.items() if still.get(folder) == mtime]
+    assert len(reused) == len(finished) - 1, "every finished stage but the damaged one is reused as it was"
+    assert not list((project / "locks").glob("*.lock")), "every lock is released"
+
+
+def test_sigterm_stops_the_run_its_server_and_marks_its_runs_killed(tmp_path):
+    """Without a Prefect API the run starts a temporary server; SIGTERM must stop it too."""
+    project = tmp_path / "smoke"
+    run = _rmens("run", "--set", f"project_dir={project}", env=_env(tmp_path, None))
+    _wait_for(lambda: _lock(project, "train_ensemble") or run.poll() is not None, 240, "training to start")
+    children = psutil.Process(run.pid).children(recursive=True)
+    assert children, "the run should have started a temporary Prefect server"
+    run.send_signal(signal.SIGTERM)
+    out = _finish(run, 60)
+    assert run.returncode == 143, f"not stopped by SIGTERM; output in {run.log}"
+    assert out.rstrip().endswith("the next run continues from them"), out[-2000:]
+    _, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, f"left running: {[p.cmdline() for p in alive]}"
+    statuses = {r.info.status for r in _runs(project)}
+    assert "RUNNING" not in statuses and "KILLED" in statuses
+    assert not list((project / "locks").glob("*.lock"))
+
+
+TRAIN_CONFIG = {
+    "label": "tiny",
+    "data": {"source": "synthetic", "max_pairs": 32, "val_fraction": 0.25},
+    "ensemble": {"backbone": "tiny-random-llama", "kind": "linear", "k": 1, "max_length": 64},
+    "train": {"epochs": 1, "batch_size": 8, "progress": False, "warmup_ratio": 0.0},
+    "registered_model": "rmens-race",
+    "log_model": False,
+}
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_two_runs_started_together_on_a_fresh_folder_both_succeed_and_are_recorded(tmp_path, prefect_api, trial):
+    project = tmp_path / "fresh"
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({**TRAIN_CONFIG, "project_dir": str(project)}))
+    env = _env(tmp_path, prefect_api)
+    runs = [_rmens("flow", "train", "--config", str(config), env=env) for _ in range(2)]
+    outputs = [_finish(run, 240) for run in runs]
+    for run, out in zip(runs, outputs):
+        assert run.returncode == 0, out[-3000:]
+    recorded = _runs(project)
+    parents = [r for r in recorded if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 2 and all(r.info.status == "FINISHED" for r in recorded)
+    for parent in parents:
+        children = [r for r in recorded if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert {r.data.tags["rmens.stage"] for r in children} == {"prepare_models", "prepare_data", "train_ensemble"}
+    trained = [r for r in recorded if r.data.tags.get("rmens.stage") == "train_ensemble"
+               and r.data.tags.get("rmens.cache_hit") != "true"]
+    assert len(trained) == 1, "one run trained, the other waited and reused it"
+
+
+def test_server_start_refuses_a_port_it_does_not_own_and_stop_never_signals_a_stranger(tmp_path):
+    from flows.cli import SERVER_PORT
+
+    env = _env(tmp_path, None)
+    with socket.socket() as squatter:
+        try:
+            squatter.bind(("127.0.0.1", SERVER_PORT))
+        except OSError:
+            pytest.skip(f"port {SERVER_PORT} is taken on this machine")
+        squatter.listen()
+        start = _rmens("server", "start", "--project-dir", str(tmp_path / "p"), env=env)
+        out = _finish(start, 60)
+    assert start.returncode == 1 and f"port {SERVER_PORT} is in use" in out, out
+
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        pidfile = tmp_path / ".prefect" / "rmens-server.pid"
+        pidfile.parent.mkdir(parents=True, exist_ok=True)
+        pidfile.write_text(str(stranger.pid))
+        stop = _rmens("server", "stop", "--project-dir", str(tmp_path / "p"), env=env)
+        out = _finish(stop, 60)
+        assert stop.returncode == 0 and "no rmens-started Prefect server" in out, out
+        assert stranger.poll() is None, "server stop signalled a process that is not its server"
+        assert not pidfile.exists()
+    finally:
+        stranger.kill()
+
+
+@contextlib.contextmanager
+def _captured(caplog, name: str):
+    """caplog's handler on the named logger itself: Prefect's logging set-up replaces the root handlers."""
+    logger = logging.getLogger(name)
+    logger.addHandler(caplog.handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
+def _dead_process_identity() -> dict:
+    from tasks.locks import process_identity
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    identity = process_identity(proc.pid)
+    proc.kill()
+    proc.wait()
+    return identity
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over_and_a_live_one_is_waited_on(tmp_path, caplog):
+    import pydantic_core
+
+    from tasks.locks import ProjectLockManager, process_identity
+
+    manager = ProjectLockManager(lock_files_directory=tmp_path)
+    (tmp_path / "ppo-dead.lock").write_bytes(pydantic_core.to_json(
+        {"holder": "killed-run", "expiration": None, **_dead_process_identity()}))
+    with _captured(caplog, "tasks.locks"):
+        assert manager.acquire_lock("ppo-dead", holder="next-run", acquire_timeout=5)
+    assert manager.is_lock_holder("ppo-dead", "next-run")
+    assert "which is gone" in caplog.text and "taking it over" in caplog.text
+
+    (tmp_path / "ppo-live.lock").write_bytes(pydantic_core.to_json(
+        {"holder": "running", "expiration": None, **process_identity()}))
+    caplog.clear()
+    with _captured(caplog, "tasks.locks"):
+        assert not manager.acquire_lock("ppo-live", holder="second", acquire_timeout=1)
+    assert "waiting for ppo-live" in caplog.text and f"pid {os.getpid()}" in caplog.text
+
+
+def test_a_lock_file_being_written_reads_as_locked(tmp_path):
+    """Older lock files were created empty and filled later; a reader in between must wait, not fail."""
+    import threading
+
+    import pydantic_core
+
+    from tasks.locks import ProjectLockManager
+
+    lock = tmp_path / "key.lock"
+    lock.write_bytes(b"")
+
+    def fill():
+        time.sleep(0.1)
+        lock.write_bytes(pydantic_core.to_json({"holder": "first", "expiration": None}))
+
+    writer = threading.Thread(target=fill)
+    writer.start()
+    manager = ProjectLockManager(lock_files_directory=tmp_path)
+    assert manager.is_locked("key") and manager.is_lock_holder("key", "first")
+    writer.join()
+
+
+def test_runs_left_running_by_a_dead_process_are_closed_as_killed(tmp_path):
+    from tasks.paths import ProjectPaths
+    from tasks.tracking import close_orphaned_runs, setup
+
+    paths = ProjectPaths.at(tmp_path)
+    experiment = setup(paths)
+    client = MlflowClient(paths.tracking_uri)
+    dead = _dead_process_identity()
+    orphan = client.create_run(experiment, tags={"rmens.host": dead["host"], "rmens.pid": str(dead["pid"]),
+                                                 "rmens.pid_started": str(dead["started"])}).info.run_id
+    live = client.create_run(experiment, tags={"rmens.host": socket.gethostname(), "rmens.pid": str(os.getpid()),
+                                               "rmens.pid_started": str(psutil.Process().create_time())}).info.run_id
+    assert close_orphaned_runs(client, experiment) == [orphan]
+    assert client.get_run(orphan).info.status == "KILLED" and client.get_run(live).info.status == "RUNNING"
+
+
+def test_a_changed_artifact_is_rebuilt_not_reused(tmp_path, caplog):
+    from tasks.common import run_stage
+    from tasks.paths import ProjectPaths
+    from tasks.tracking import StageContext, setup
+
+    paths = ProjectPaths.at(tmp_path)
+    ctx = StageContext(project_dir=str(tmp_path), experiment_id=setup(paths))
+    builds = []
+
+    def build(folder: Path, run_id: str) -> dict:
+        (folder / "weights.bin").write_bytes(b"\1" * 64)
+        builds.append(folder)
+        return {}
+
+    first = run_stage(ctx, "report", {"x": 1}, build)
+    assert run_stage(ctx, "report", {"x": 1}, build).sha256 == first.sha256 and len(builds) == 1
+    (first.folder / "weights.bin").write_bytes(b"\2" * 64)  # same size, new content
+    with _captured(caplog, "tasks.common"):
+        again = run_stage(ctx, "report", {"x": 1}, build)
+    assert len(builds) == 2 and again.sha256 == first.sha256
+    assert "changed since it was made" in caplog.text and "weights.bin" in caplog.text
