@@ -26,7 +26,7 @@ import torch
 import transformers
 from results import OUT, save_results
 
-from rmens.config import EnsembleConfig, LoraSettings, TrainConfig
+from rmens.config import EnsembleConfig, LoraSettings, TrainConfig, derive
 from rmens.data.loaders import synthetic_pairs
 from rmens.models.backbone import SMOLLM2_ALIAS, TINY_ALIAS, load_tokenizer, resolve_model
 from rmens.models.ensemble import build_ensemble, to_lora
@@ -38,7 +38,7 @@ def make_arm(backbone: str, kind: str, k: int, top: float = 0.25):
                          lora=LoraSettings(top_layers=top))
     ensemble = build_ensemble(cfg)
     if kind == "lora":
-        ensemble = to_lora(ensemble, cfg.model_copy(update={"kind": "lora"}))
+        ensemble = to_lora(ensemble, derive(cfg, kind="lora"))
     return ensemble
 
 

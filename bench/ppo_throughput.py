@@ -25,7 +25,7 @@ import torch
 import transformers
 from results import save_results
 
-from rmens.config import EnsembleConfig, GenerationConfig, LoraSettings, PPOConfig
+from rmens.config import EnsembleConfig, GenerationConfig, LoraSettings, PPOConfig, derive
 from rmens.data.loaders import synthetic_pairs
 from rmens.models.backbone import SMOLLM2_ALIAS, TINY_ALIAS, load_tokenizer
 from rmens.models.ensemble import build_ensemble, to_lora
@@ -52,7 +52,7 @@ def reward_arm(backbone: str, kind: str, k: int, tokenizer, max_length: int) -> 
                          lora=LoraSettings(top_layers=0.25))
     ensemble = build_ensemble(cfg)
     if kind == "lora":
-        ensemble = to_lora(ensemble, cfg.model_copy(update={"kind": "lora"}))
+        ensemble = to_lora(ensemble, derive(cfg, kind="lora"))
     return TimedReward(EnsembleReward(ensemble.eval(), tokenizer, batch_size=16, max_length=max_length))
 
 

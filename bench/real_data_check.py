@@ -20,7 +20,7 @@ import time
 import transformers
 from results import save_results, write_json
 
-from rmens.config import DataConfig, EnsembleConfig, LoraSettings, TrainConfig
+from rmens.config import DataConfig, EnsembleConfig, LoraSettings, TrainConfig, derive
 from rmens.data.loaders import load_pairs
 from rmens.data.splits import split_by_instruction
 from rmens.evaluation.offline_judge import agreement_report, length_rule_accuracy
@@ -52,9 +52,9 @@ def main() -> int:
                           lora=LoraSettings(top_layers=0.25, rank=8))
     train_cfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=args.lr, lora_lr=5e-5, warmup_ratio=0.03,
                             schedule="cosine", eval_every=0, progress=True)
-    arms = {"single": base.model_copy(update={"kind": "linear", "k": 1}),
-            "linear-k5": base.model_copy(update={"kind": "linear", "k": 5}),
-            "lora-k5": base.model_copy(update={"kind": "lora", "k": 5})}
+    arms = {"single": derive(base, kind="linear", k=1),
+            "linear-k5": derive(base, kind="linear", k=5),
+            "lora-k5": derive(base, kind="lora", k=5)}
     results = {"length_rule_accuracy": length_rule_accuracy(held), "train_pairs": len(train),
                "held_out_pairs": len(held), "max_length": args.max_length, "arms": {}}
     for name in args.arms.split(","):

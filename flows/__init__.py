@@ -1,1 +1,2 @@
-"""Prefect flows: they compose tasks and nothing else; and `cli`, the `rmens` command that runs them."""
+"""Prefect flows: they compose stage tasks and nothing else (steps.py holds what several flows compose);
+and `cli`, the `rmens` command, which sits above the flows because it runs them."""

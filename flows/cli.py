@@ -69,9 +69,6 @@ def prepare_environment(project_dir: str, announce: bool = True) -> None:
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level
     for key, value in {**QUIET_ENV, "PREFECT_LOGGING_LEVEL": "WARNING"}.items():
         os.environ.setdefault(key, value)
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
     if "PREFECT_API_URL" not in os.environ:
         url = running_server_url()
         if url:
@@ -170,14 +167,14 @@ def cmd_server(args) -> int:
 def cmd_run(args) -> int:
     config = pipeline_config(args)
     prepare_environment(config.project_dir)
-    from rmens.models.backbone import check_max_lengths
+    from rmens.models.context import check_max_lengths
 
     check_max_lengths(config.trained_ensembles())  # here, not in the flow: no server start, no flow traceback
     from flows.pipeline import pipeline
 
     start = time.perf_counter()
     result = pipeline(config=config, refresh=args.refresh)
-    from tasks.paths import ProjectPaths
+    from tasks.runtime.paths import ProjectPaths
 
     paths = ProjectPaths.at(config.project_dir)
     print(f"\nrmens pipeline '{config.name}' finished in {time.perf_counter() - start:.1f} s")
@@ -196,7 +193,7 @@ def cmd_experiment(args) -> int:
     config = load_experiment(args.size, args.set, eval_data=args.eval_data, data_dir=args.data_dir)
     out = args.out or f"runs/experiment-{args.size}"
     prepare_environment(out)
-    from rmens.models.backbone import check_max_lengths
+    from rmens.models.context import check_max_lengths
 
     check_max_lengths(config.trained_ensembles())
     from flows.experiment import experiment
@@ -214,7 +211,7 @@ def cmd_experiment(args) -> int:
 
 def cmd_ui(args) -> int:
     project = args.project_dir or preset_data(args.preset)["project_dir"]
-    from tasks.paths import ProjectPaths
+    from tasks.runtime.paths import ProjectPaths
 
     paths = ProjectPaths.at(project)
     if not paths.mlflow_db.is_file() and "MLFLOW_TRACKING_URI" not in os.environ:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from flows.common import Stager, flow_run_tags
-from flows.pipeline import train_judge
+from flows.steps import train_judge
 from rmens.config import EvaluateFlowConfig
 from tasks.evaluate import evaluate as evaluate_task
-from tasks.paths import ProjectPaths
 from tasks.prepare_models import prepare_models
-from tasks.tracking import parent_run
+from tasks.runtime.paths import ProjectPaths
+from tasks.runtime.stager import Stager, flow_run_tags
+from tasks.runtime.tracking import parent_run
 
 
 @flow(name="rmens-evaluate", validate_parameters=True)

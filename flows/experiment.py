@@ -9,15 +9,15 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from flows.common import Stager, flow_run_tags
 from rmens.experiment.config import ExperimentConfig, load_experiment
 from rmens.experiment.data import check_inputs, source_fingerprints
 from rmens.experiment.plan import Part, run_plan
 from rmens.experiment.runner import claim_output, publish
 from tasks.experiment import EXPERIMENT_TASKS
-from tasks.paths import ProjectPaths
-from tasks.refs import ArtifactRef
-from tasks.tracking import client_for, parent_run
+from tasks.runtime.paths import ProjectPaths
+from tasks.runtime.refs import ArtifactRef
+from tasks.runtime.stager import Stager, flow_run_tags
+from tasks.runtime.tracking import client_for, parent_run
 
 
 @flow(name="rmens-experiment", validate_parameters=True)

@@ -45,7 +45,7 @@ def job_config(model, args) -> object:
 def cmd_train(args) -> int:
     cfg = job_config(TrainJobConfig, args)  # first: a wrong setting is reported before torch is even imported
     from rmens.data import prepare_pairs
-    from rmens.models.backbone import check_max_length
+    from rmens.models.context import check_max_length
     from rmens.models.ensemble import check_output_folder
     from rmens.training.trainer import train_ensemble
 

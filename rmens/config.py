@@ -1,9 +1,10 @@
 """Typed configuration for every stage.
 
-One pydantic model per stage; the pipeline config (added by the orchestration layer) is their
-composition. The same objects drive the Python API, the YAML presets in ``configs/`` and the Prefect
-flow parameters, so a wrong key or a value out of range fails the same way everywhere: with a
-pydantic error that names the field.
+One pydantic model per stage; the pipeline config is their composition, with the arms, rules and
+Best-of-n picks it implies as typed objects (Arm, PPOArm, Selection). The same objects drive the Python
+API, the YAML presets in ``rmens/presets/`` and the Prefect flow parameters, so a wrong key or a value
+out of range fails the same way everywhere: with a pydantic error that names the field. Derived
+configs go through `derive`, which validates them again.
 """
 
 from __future__ import annotations
@@ -349,29 +350,85 @@ class ArmsConfig(StrictModel):
             raise ValueError(f"arms.ks must be a non-empty list of sizes >= 1, got {v}")
         return v
 
-    @property
-    def labels(self) -> list[str]:
+    def arms(self) -> list[Arm]:
         """Every arm the pipeline trains: single-s0 .. single-s<n-1>, then kind-kK for each kind and k."""
-        return [f"single-s{seed}" for seed in range(self.single_seeds)] + [
-            f"{kind}-k{k}" for kind in self.kinds for k in self.ks]
+        return [Arm(kind="single", seed=seed) for seed in range(self.single_seeds)] + [
+            Arm(kind=kind, k=k) for kind in self.kinds for k in self.ks]
 
-    def ppo_arm(self, spec: str) -> tuple[str, AggregationConfig]:
-        """A `ppo_arms` entry as (arm label, rule): 'linear-k3/lcb1' -> ('linear-k3', the lcb rule with beta 1),
-        'single' -> ('single-s0', mean); an entry naming no arm or rule of this matrix is an error naming it."""
-        arm, _, rule_name = spec.partition("/")
-        arm = "single-s0" if arm == "single" else arm
-        if arm not in self.labels:
-            raise ValueError(f"ppo_arms entry {spec!r}: no arm {arm!r} (arms: {', '.join(self.labels) or 'none'})")
-        if arm.startswith("single-"):
-            if rule_name not in ("", "mean"):
+    def ppo_arm(self, spec: str) -> PPOArm:
+        """A `ppo_arms` entry as a typed arm and rule: 'linear-k3/lcb1' -> linear-k3 with the lcb rule of
+        beta 1, 'single' -> single-s0 with the mean; an entry naming no arm or rule of this matrix is an
+        error naming it. (User input, parsed once when the config loads.)"""
+        name, _, rule_name = spec.partition("/")
+        name = "single-s0" if name == "single" else name
+        arms = {arm.label: arm for arm in self.arms()}
+        arm = arms.get(name)
+        if arm is None:
+            raise ValueError(f"ppo_arms entry {spec!r}: no arm {name!r} (arms: {', '.join(arms) or 'none'})")
+        rules = {rule.name: rule for rule in arm.rules(self.rules)}
+        rule = rules.get(rule_name or "mean")
+        if rule is None:
+            if arm.kind == "single":
                 raise ValueError(f"ppo_arms entry {spec!r}: a single reward model has only the mean rule, "
                                  f"not {rule_name!r}")
-            return arm, AggregationConfig(rule="mean")
-        for rule in self.rules:
-            if rule.name == (rule_name or "mean"):
-                return arm, rule
-        raise ValueError(f"ppo_arms entry {spec!r}: rule {rule_name or 'mean'!r} is not among arms.rules "
-                         f"({', '.join(r.name for r in self.rules)})")
+            raise ValueError(f"ppo_arms entry {spec!r}: rule {rule_name or 'mean'!r} is not among arms.rules "
+                             f"({', '.join(rules)})")
+        return PPOArm(label=spec, arm=arm, rule=rule)
+
+
+class Arm(StrictModel):
+    """One reward model of the pipeline's matrix: a single model (one seed) or an ensemble (kind, k)."""
+
+    model_config = ConfigDict(frozen=True)
+    kind: Literal["single", "full", "linear", "lora"]
+    k: int = Field(1, ge=1)
+    seed: int = Field(0, ge=0, description="single: added to the ensemble seed, one model per seed.")
+
+    @property
+    def label(self) -> str:
+        return f"single-s{self.seed}" if self.kind == "single" else f"{self.kind}-k{self.k}"
+
+    def rule_label(self, rule: AggregationConfig) -> str:
+        """This arm under one rule, as reports and metric names show it: linear-k3/lcb1."""
+        return f"{self.label}/{rule.name}"
+
+    def rule_folder(self, rule: AggregationConfig) -> str:
+        """The same as a file or folder name: linear-k3_lcb1."""
+        return f"{self.label}_{rule.name}"
+
+    def rules(self, rules: list[AggregationConfig]) -> list[AggregationConfig]:
+        """A single model has one reward and nothing to aggregate: it gets the mean only."""
+        return [AggregationConfig(rule="mean")] if self.kind == "single" else list(rules)
+
+    def ensemble(self, base: EnsembleConfig) -> EnsembleConfig:
+        """This arm's ensemble settings, derived from the pipeline's and validated."""
+        if self.kind == "single":
+            return derive(base, kind="linear", k=1, seed=base.seed + self.seed)
+        return derive(base, kind=self.kind, k=self.k)
+
+
+class PPOArm(StrictModel):
+    """A `ppo_arms` entry: the arm whose reward PPO optimises, with one rule; `label` is the entry as written."""
+
+    label: str
+    arm: Arm
+    rule: AggregationConfig
+
+
+class Selection(StrictModel):
+    """The Best-of-n pick of one arm under one rule at one n: its label and the file the best_of_n stage writes."""
+
+    arm: Arm
+    rule: AggregationConfig
+    n: int = Field(ge=1)
+
+    @property
+    def label(self) -> str:
+        return f"bon:{self.arm.rule_label(self.rule)}:n{self.n}"
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.arm.rule_folder(self.rule)}_n{self.n}.jsonl"
 
 
 class JudgeConfig(StrictModel):
@@ -464,11 +521,16 @@ class PipelineConfig(StrictModel):
 
     @model_validator(mode="after")
     def _ppo_arms_exist(self) -> PipelineConfig:
-        # Checked here, not when PPO starts: by then every arm and Best-of-n have run.
-        if self.ppo is not None:
-            for spec in self.ppo_arms:
-                self.arms.ppo_arm(spec)
+        self.ppo_runs()  # checked here, not when PPO starts: by then every arm and Best-of-n have run
         return self
+
+    def ppo_runs(self) -> list[PPOArm]:
+        return [self.arms.ppo_arm(spec) for spec in self.ppo_arms] if self.ppo is not None else []
+
+    def selections(self) -> list[Selection]:
+        """Every Best-of-n pick the pipeline evaluates: each arm under each of its rules at each n."""
+        return [Selection(arm=arm, rule=rule, n=n) for arm in self.arms.arms() for rule in arm.rules(self.arms.rules)
+                for n in sorted(set(self.evaluate.bon_select_n))]
 
     def trained_ensembles(self) -> dict[str, EnsembleConfig]:
         """The ensemble settings reward models are trained with, by section (for checks before any work)."""
@@ -479,7 +541,8 @@ class PipelineConfig(StrictModel):
 def derive(config: BaseModel, **changes: Any) -> Any:
     """A copy of `config` with `changes` applied (nested mappings merge) and validated as a new object;
     pydantic's model_copy with an update would skip validation and let an inconsistent combination through."""
-    return type(config).model_validate(merge(config.model_dump(), changes))
+    dumped = {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in changes.items()}
+    return type(config).model_validate(merge(config.model_dump(), dumped))
 
 
 def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:

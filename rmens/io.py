@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
-from collections.abc import Iterable
+import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
+
+from rmens.data.schema import DataError
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -26,22 +31,36 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     return atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Every record of a JSONL file; a line that is not UTF-8 or not JSON is a ValueError naming file and line."""
-    rows = []
-    with Path(path).open("rb") as handle:  # bytes, decoded per line, so that a decoding error names its line
-        for lineno, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
-                                 f"{err.start + 1})") from None
-            if line.strip():
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, record) from a JSONL file (optionally gzipped); bad JSON, a byte that is not
+    UTF-8 or a damaged gzip stream is an error naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    # Bytes, decoded line by line: a text stream decodes ahead in blocks, so its error could not name the line.
+    lineno = 0
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as handle:
+            for lineno, raw in enumerate(handle, start=1):
                 try:
-                    rows.append(json.loads(line))
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                                    f"{err.start + 1})") from None
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
-    return rows
+                    raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+                yield lineno, record
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise DataError(f"{path}:{lineno + 1}: damaged gzip data ({err})") from None
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Every record of a JSONL file (optionally gzipped), with iter_jsonl's errors."""
+    return [record for _, record in iter_jsonl(path)]
 
 
 def refuse_foreign_folder(path: str | Path, ours: bool, what: str, hint: str) -> None:

@@ -106,10 +106,10 @@ class EnsembleReward:
         return out
 
     def __call__(self, prompts: list[str], responses: list[str]) -> Rewards:
+        # Not checked here: aggregation refuses non-finite member rewards, and whoever consumes a reward
+        # function (PPO, Best-of-n) checks what enters it, whatever its source.
         members = self.member_scores(prompts, responses)
-        rewards = Rewards(scores=members.mean(dim=0), members=members).check(len(prompts), "ensemble reward")
-        rewards.scores = aggregate_with(members, self.aggregation)
-        return rewards
+        return Rewards(scores=aggregate_with(members, self.aggregation), members=members)
 
 
 class CallableReward:

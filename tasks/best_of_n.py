@@ -7,11 +7,11 @@ from pathlib import Path
 
 import mlflow
 
-from rmens.config import AggregationConfig
+from rmens.config import AggregationConfig, Arm, Selection
 from rmens.io import write_jsonl
-from tasks.common import run_stage, stage_task
-from tasks.refs import ArtifactRef
-from tasks.tracking import StageContext, client_for, log_metrics
+from tasks.runtime.refs import ArtifactRef
+from tasks.runtime.stage import run_stage, stage_task
+from tasks.runtime.tracking import StageContext, client_for, log_metrics
 
 
 def proxy_matrix(score_ref: ArtifactRef, name: str, rule: AggregationConfig):
@@ -25,8 +25,8 @@ def proxy_matrix(score_ref: ArtifactRef, name: str, rule: AggregationConfig):
 
 @stage_task("best_of_n", timeout_seconds=3600)
 def best_of_n(ctx: StageContext, samples: ArtifactRef, proxies: dict[str, ArtifactRef], judge: ArtifactRef | None,
-              rules: list[AggregationConfig], select_n: list[int]) -> ArtifactRef:
-    """`proxies` maps arm names to score artifacts; rules apply to every arm with more than one member."""
+              arms: list[Arm], rules: list[AggregationConfig], select_n: list[int]) -> ArtifactRef:
+    """`proxies` maps arm labels to score artifacts; each arm is aggregated with each of its rules."""
 
     def build(folder: Path, run_id: str) -> dict:
         from rmens.bon import bon_curve, load_member_scores, select_best
@@ -34,19 +34,19 @@ def best_of_n(ctx: StageContext, samples: ArtifactRef, proxies: dict[str, Artifa
 
         gold = {"judge": load_member_scores(judge.require().folder / "judge.jsonl")[0]} if judge else {}
         results, summary = {}, {}
-        for arm, ref in proxies.items():
-            arm_rules = rules if not arm.startswith("single") else [AggregationConfig(rule="mean")]
-            for rule in arm_rules:
-                name = f"{arm}/{rule.name}"
-                proxy = proxy_matrix(ref, arm, rule)
+        for arm in arms:
+            for rule in arm.rules(rules):
+                name = arm.rule_label(rule)
+                proxy = proxy_matrix(proxies[arm.label], arm.label, rule)
                 rows = bon_curve(proxy, gold)
                 results[name] = rows
-                curve_dir = folder / "curves" / name.replace("/", "_")
+                curve_dir = folder / "curves" / arm.rule_folder(rule)
                 save_curves(curve_from_bon(rows, ["proxy", *gold]), "bon", curve_dir, f"Best-of-n: {name}")
-                mlflow.log_artifacts(str(curve_dir), f"curves/{name.replace('/', '_')}")
+                mlflow.log_artifacts(str(curve_dir), f"curves/{arm.rule_folder(rule)}")
                 for n in select_n:
-                    picked = select_best(samples.folder, arm, n, scores=proxy)
-                    write_jsonl(folder / "selected" / f"{name.replace('/', '_')}_n{n}.jsonl", picked)
+                    selection = Selection(arm=arm, rule=rule, n=n)
+                    picked = select_best(samples.folder, arm.label, n, scores=proxy)
+                    write_jsonl(folder / "selected" / selection.file_name, picked)
                 last = rows[-1]
                 summary[f"{name}/proxy_at_N"] = last["proxy"]
                 if gold:
@@ -59,5 +59,5 @@ def best_of_n(ctx: StageContext, samples: ArtifactRef, proxies: dict[str, Artifa
         mlflow.log_artifact(str(folder / "bon_curves.json"))
         return summary
 
-    return run_stage(ctx, "best_of_n", {"samples": samples, "proxies": proxies, "judge": judge, "rules": rules,
-                                       "select_n": select_n}, build)
+    return run_stage(ctx, "best_of_n", {"samples": samples, "proxies": proxies, "judge": judge, "arms": arms,
+                                       "rules": rules, "select_n": select_n}, build)

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import mlflow
 
-from rmens.config import EvalConfig, JudgeConfig
+from rmens.config import EvalConfig, JudgeConfig, Selection
 from rmens.io import read_jsonl, write_jsonl
-from tasks.common import run_stage, stage_task
-from tasks.judging import load_judge, write_unparsed
-from tasks.refs import ArtifactRef
-from tasks.tracking import StageContext
+from tasks.runtime.judging import load_judge, write_unparsed
+from tasks.runtime.refs import ArtifactRef
+from tasks.runtime.stage import run_stage, stage_task
+from tasks.runtime.tracking import StageContext
 
 
 def eval_set(cfg: EvalConfig) -> tuple[list[str], list[str]]:
@@ -65,9 +65,9 @@ def run_mt_bench(cfg: EvalConfig, judge, policy, tokenizer, instructions, refere
 @stage_task("evaluate", timeout_seconds=12 * 3600)
 def evaluate(ctx: StageContext, label: str, eval_cfg: EvalConfig, judge_cfg: JudgeConfig, judge: ArtifactRef | None,
              policy: str | None = None, ppo_run: ArtifactRef | None = None, bon: ArtifactRef | None = None,
-             bon_selection: str | None = None, proxy: ArtifactRef | None = None) -> ArtifactRef:
+             bon_selection: Selection | None = None, proxy: ArtifactRef | None = None) -> ArtifactRef:
     """Exactly one source: `policy` (a model), `ppo_run` (its trained policy and checkpoints), or `bon` with
-    `bon_selection` (a file under the BoN artifact's selected/ folder)."""
+    `bon_selection` (which of the best_of_n stage's picks)."""
     if sum(x is not None for x in (policy, ppo_run, bon)) != 1:
         raise ValueError("evaluate needs exactly one of policy, ppo_run or bon")
 
@@ -92,7 +92,7 @@ def evaluate(ctx: StageContext, label: str, eval_cfg: EvalConfig, judge_cfg: Jud
         model = tokenizer = None
         if bon is not None:
             picked = {row["prompt"]: row["response"]
-                      for row in read_jsonl(bon.require().folder / "selected" / bon_selection)}
+                      for row in read_jsonl(bon.require().folder / "selected" / bon_selection.file_name)}
             missing = [i for i in instructions if i not in picked]
             if missing:
                 raise ValueError(f"the Best-of-n samples do not cover {len(missing)} evaluation instructions; "

@@ -10,10 +10,10 @@ from typing import Any
 from prefect import Task
 
 from rmens.experiment.plan import RESUMABLE, STEP_CODE
-from tasks.common import params_for_tracking, run_stage, stage_task
-from tasks.keys import experiment_stage
-from tasks.refs import ArtifactRef
-from tasks.tracking import StageContext, client_for, set_tags
+from tasks.runtime.keys import experiment_stage
+from tasks.runtime.refs import ArtifactRef
+from tasks.runtime.stage import params_for_tracking, run_stage, stage_task
+from tasks.runtime.tracking import StageContext, client_for, set_tags
 
 # What each step's MLflow run keeps besides its metrics: the small result files at the top of its folder.
 LOGGED_SUFFIXES = (".json", ".csv", ".png", ".md")

@@ -7,10 +7,10 @@ from pathlib import Path
 import mlflow
 
 from rmens.config import JudgeConfig, PPOConfig, PromptsConfig
-from tasks.common import run_stage, stage_task
-from tasks.judging import load_judge
-from tasks.refs import ArtifactRef
-from tasks.tracking import StageContext, client_for, log_metrics, set_tags
+from tasks.runtime.judging import load_judge
+from tasks.runtime.refs import ArtifactRef
+from tasks.runtime.stage import run_stage, stage_task
+from tasks.runtime.tracking import StageContext, client_for, log_metrics, set_tags
 
 
 @stage_task("ppo", timeout_seconds=24 * 3600)

@@ -12,9 +12,9 @@ import pandas as pd
 from rmens.config import DataConfig
 from rmens.data.schema import PreferencePair
 from rmens.io import write_jsonl
-from tasks.common import run_stage, stage_task
-from tasks.refs import ArtifactRef
-from tasks.tracking import StageContext
+from tasks.runtime.refs import ArtifactRef
+from tasks.runtime.stage import run_stage, stage_task
+from tasks.runtime.tracking import StageContext
 
 
 def read_pairs(ref: ArtifactRef, split: str) -> list[PreferencePair]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tasks.common import run_stage, stage_task
-from tasks.refs import ArtifactRef
-from tasks.tracking import StageContext
+from tasks.runtime.refs import ArtifactRef
+from tasks.runtime.stage import run_stage, stage_task
+from tasks.runtime.tracking import StageContext
 
 
 @stage_task("prepare_models", timeout_seconds=3600)

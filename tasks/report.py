@@ -9,9 +9,9 @@ from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.common import run_stage, stage_task
-from tasks.refs import ArtifactRef
-from tasks.tracking import StageContext, client_for
+from tasks.runtime.refs import ArtifactRef
+from tasks.runtime.stage import run_stage, stage_task
+from tasks.runtime.tracking import StageContext, client_for
 
 
 def _fmt(value) -> str:

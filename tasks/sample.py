@@ -7,9 +7,9 @@ from pathlib import Path
 import mlflow
 
 from rmens.config import BonConfig, PromptsConfig
-from tasks.common import run_stage, stage_task
-from tasks.refs import ArtifactRef
-from tasks.tracking import StageContext
+from tasks.runtime.refs import ArtifactRef
+from tasks.runtime.stage import run_stage, stage_task
+from tasks.runtime.tracking import StageContext
 
 
 @stage_task("sample", timeout_seconds=12 * 3600)

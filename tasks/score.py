@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from rmens.config import JudgeConfig
-from tasks.common import run_stage, stage_task
-from tasks.judging import load_judge
-from tasks.refs import ArtifactRef
-from tasks.tracking import StageContext
+from tasks.runtime.judging import load_judge
+from tasks.runtime.refs import ArtifactRef
+from tasks.runtime.stage import run_stage, stage_task
+from tasks.runtime.tracking import StageContext
 
 
 @stage_task("score", timeout_seconds=12 * 3600)

@@ -8,10 +8,10 @@ from pathlib import Path
 import mlflow
 
 from rmens.config import AggregationConfig, EnsembleConfig, TrainConfig
-from tasks.common import run_stage, stage_task
 from tasks.prepare_data import read_pairs
-from tasks.refs import ArtifactRef
-from tasks.tracking import StageContext, client_for, log_metrics, set_tags
+from tasks.runtime.refs import ArtifactRef
+from tasks.runtime.stage import run_stage, stage_task
+from tasks.runtime.tracking import StageContext, client_for, log_metrics, set_tags
 
 
 @stage_task("train_ensemble", timeout_seconds=12 * 3600)
@@ -46,7 +46,7 @@ def train_ensemble(ctx: StageContext, data: ArtifactRef, ensemble: EnsembleConfi
                    "steps": sum(s.steps for s in result.stages.values()),
                    "param_mib": result.ensemble.parameter_bytes() / 2**20}
         if log_model:
-            from tasks.mlflow_model import log_and_register
+            from tasks.runtime.mlflow_model import log_and_register
 
             uri, version = log_and_register(str(folder / "ensemble"), registered_model, [label],
                                             AggregationConfig().model_dump())

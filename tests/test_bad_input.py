@@ -219,9 +219,9 @@ def test_invalid_ppo_arm_fails_at_load_naming_the_entry(entry, message):
 
 def test_valid_ppo_arms_resolve_and_no_ppo_skips_the_check():
     config = load_preset("smoke", ["ppo_arms=[single, linear-k3/mean, lora-k3/lcb1, linear-k3]"])
-    assert [config.arms.ppo_arm(spec)[0] for spec in config.ppo_arms] == ["single-s0", "linear-k3", "lora-k3",
+    assert [config.arms.ppo_arm(spec).arm.label for spec in config.ppo_arms] == ["single-s0", "linear-k3", "lora-k3",
                                                                           "linear-k3"]
-    assert config.arms.ppo_arm("lora-k3/lcb1")[1].beta == 1.0
+    assert config.arms.ppo_arm("lora-k3/lcb1").rule.beta == 1.0
     with pytest.raises(ValidationError, match="no arm 'single-s0'"):
         load_preset("smoke", ["arms.single_seeds=0"])
     assert load_preset("smoke", ["arms.single_seeds=0", "ppo=null"]).ppo is None
@@ -231,7 +231,7 @@ def test_valid_ppo_arms_resolve_and_no_ppo_skips_the_check():
 
 def test_max_length_beyond_context_is_refused_from_the_config(tiny_path, monkeypatch):
     from rmens.config import EnsembleConfig
-    from rmens.models.backbone import check_max_length, check_max_lengths
+    from rmens.models.context import check_max_length, check_max_lengths
     from rmens.training import trainer
 
     with pytest.raises(ValueError, match=r"^ensemble.max_length=1024 exceeds the context of tiny-random-llama: "

@@ -30,3 +30,35 @@ def test_set_applies_over_the_file_and_both_are_validated(tmp_path):
     assert pipeline_config(_args(tmp_path, "ppo: {steps: 3}\n", "ppo.steps=4")).ppo.steps == 4
     with pytest.raises(ValidationError, match="steps"):
         pipeline_config(_args(tmp_path, "ppo: {steps: 0}\n"))
+
+
+def test_a_derived_config_is_validated_at_once():
+    """pydantic's model_copy(update=...) skips validation; derive does not, so an inconsistent
+    combination fails where it is made, not when a saved ensemble is reloaded."""
+    from pydantic import ValidationError
+
+    from rmens.config import Arm, EnsembleConfig, derive
+
+    frozen = EnsembleConfig(kind="linear", k=3, freeze_backbone=True)
+    assert frozen.model_copy(update={"kind": "lora"}).kind == "lora"  # what derive exists to prevent
+    with pytest.raises(ValidationError, match="freeze_backbone"):
+        derive(frozen, kind="lora")
+    with pytest.raises(ValidationError, match="freeze_backbone"):
+        Arm(kind="lora", k=5).ensemble(frozen)
+    assert Arm(kind="single", seed=2).ensemble(frozen).model_dump() == {
+        **frozen.model_dump(), "k": 1, "seed": frozen.seed + 2}
+
+
+def test_arms_rules_and_selections_are_typed_with_one_label_and_path_each():
+    from rmens.config import load_preset
+
+    config = load_preset("smoke")
+    arms = {arm.label: arm for arm in config.arms.arms()}
+    assert list(arms) == ["single-s0", "linear-k3", "lora-k3"]
+    assert [r.name for r in arms["single-s0"].rules(config.arms.rules)] == ["mean"]
+    assert [r.name for r in arms["lora-k3"].rules(config.arms.rules)] == ["mean", "min", "lcb1", "uwo0.5"]
+    runs = {run.label: run for run in config.ppo_runs()}
+    assert runs["linear-k3/mean"].arm == arms["linear-k3"] and runs["single"].arm == arms["single-s0"]
+    picks = {s.label: s for s in config.selections()}
+    assert picks["bon:lora-k3/lcb1:n4"].file_name == "lora-k3_lcb1_n4.jsonl"
+    assert len(picks) == 1 + 4 + 4  # single under the mean only, each ensemble under every rule

@@ -142,10 +142,10 @@ def test_two_concurrent_runs_of_one_stage_compute_it_once(harness, tmp_path):
     from prefect import flow
 
     from rmens.config import DataConfig
-    from tasks.common import for_project
-    from tasks.paths import ProjectPaths
     from tasks.prepare_data import prepare_data
-    from tasks.tracking import parent_run
+    from tasks.runtime.paths import ProjectPaths
+    from tasks.runtime.stage import for_project
+    from tasks.runtime.tracking import parent_run
 
     paths = ProjectPaths.at(tmp_path).make()
     config = DataConfig(source="synthetic", max_pairs=32)

@@ -25,20 +25,29 @@ pytestmark = pytest.mark.reliability
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    """One Prefect server for the module's runs (a run without one starts its own, as the SIGTERM test does)."""
+@pytest.fixture(scope="module", autouse=True)
+def _server_process(tmp_path_factory):
+    """One Prefect server for the module's runs, started at once so that it boots while the first tests
+    (which do not need it) run. A run without PREFECT_API_URL starts its own, as the SIGTERM test checks."""
     home = tmp_path_factory.mktemp("prefect-home")
     port = _free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-    _wait_for(lambda: _answers(f"{url}/health"), 120, "the Prefect server to start")
-    yield url
+    yield f"http://127.0.0.1:{port}/api"
     os.killpg(server.pid, signal.SIGTERM)
     server.wait(timeout=30)
+
+
+@pytest.fixture()
+def prefect_api(_server_process):
+    _wait_for(lambda: _answers(f"{_server_process}/health"), 180, "the Prefect server to start")
+    return _server_process
+
+
+# The smoke preset cut to one ensemble arm and one PPO arm: every kind of stage still runs, in less time.
+SMALL = ["--set", "arms.kinds=[linear]", "--set", "ppo_arms=[single]"]
 
 
 def _free_port() -> int:
@@ -110,12 +119,30 @@ def _sealed(project: Path) -> dict[str, int]:
     return {str(p.parent): p.stat().st_mtime_ns for p in (project / "artifacts").glob("*/*/ref.json")}
 
 
+def test_sigterm_stops_the_run_its_server_and_marks_its_runs_killed(tmp_path):
+    """Without a Prefect API the run starts a temporary server; SIGTERM must stop it too."""
+    project = tmp_path / "smoke"
+    run = _rmens("run", "--set", f"project_dir={project}", *SMALL, env=_env(tmp_path, None))
+    _wait_for(lambda: _lock(project, "train_ensemble") or run.poll() is not None, 240, "training to start")
+    children = psutil.Process(run.pid).children(recursive=True)
+    assert children, "the run should have started a temporary Prefect server"
+    run.send_signal(signal.SIGTERM)
+    out = _finish(run, 60)
+    assert run.returncode == 143, f"not stopped by SIGTERM; output in {run.log}"
+    assert out.rstrip().endswith("the next run continues from them"), out[-2000:]
+    _, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, f"left running: {[p.cmdline() for p in alive]}"
+    statuses = {r.info.status for r in _runs(project)}
+    assert "RUNNING" not in statuses and "KILLED" in statuses
+    assert not list((project / "locks").glob("*.lock"))
+
+
 def test_a_run_killed_mid_stage_leaves_nothing_that_blocks_or_lies(tmp_path, prefect_api):
     """SIGKILL during PPO: the next run takes over the dead run's lock, closes its MLflow runs as KILLED,
     reuses every finished stage, recomputes a cached artifact that was corrupted meanwhile, and finishes."""
     project = tmp_path / "smoke"
     env = _env(tmp_path, prefect_api)
-    first = _rmens("run", "--set", f"project_dir={project}", env=env)
+    first = _rmens("run", "--set", f"project_dir={project}", *SMALL, env=env)
     _wait_for(lambda: _lock(project, "ppo") or first.poll() is not None, 240, "the first run to reach PPO")
     assert first.poll() is None, f"the first run ended before PPO; output in {first.log}"
     os.killpg(first.pid, signal.SIGKILL)
@@ -129,7 +156,7 @@ def test_a_run_killed_mid_stage_leaves_nothing_that_blocks_or_lies(tmp_path, pre
     damaged = max((p for p in project.glob("artifacts/sample/*/*") if p.is_file() and p.name != "ref.json"),
                   key=lambda p: p.stat().st_size)
     damaged.write_bytes(b"")
-    out = _finish(_rmens("run", "--set", f"project_dir={project}", env=env), 300)
+    out = _finish(_rmens("run", "--set", f"project_dir={project}", *SMALL, env=env), 300)
 
     assert "finished in" in out, out[-3000:]
     assert "taking it over" in out
@@ -140,24 +167,6 @@ def test_a_run_killed_mid_stage_leaves_nothing_that_blocks_or_lies(tmp_path, pre
     reused = [folder for folder, mtime in finished.items() if still.get(folder) == mtime]
     assert len(reused) == len(finished) - 1, "every finished stage but the damaged one is reused as it was"
     assert not list((project / "locks").glob("*.lock")), "every lock is released"
-
-
-def test_sigterm_stops_the_run_its_server_and_marks_its_runs_killed(tmp_path):
-    """Without a Prefect API the run starts a temporary server; SIGTERM must stop it too."""
-    project = tmp_path / "smoke"
-    run = _rmens("run", "--set", f"project_dir={project}", env=_env(tmp_path, None))
-    _wait_for(lambda: _lock(project, "train_ensemble") or run.poll() is not None, 240, "training to start")
-    children = psutil.Process(run.pid).children(recursive=True)
-    assert children, "the run should have started a temporary Prefect server"
-    run.send_signal(signal.SIGTERM)
-    out = _finish(run, 60)
-    assert run.returncode == 143, f"not stopped by SIGTERM; output in {run.log}"
-    assert out.rstrip().endswith("the next run continues from them"), out[-2000:]
-    _, alive = psutil.wait_procs(children, timeout=15)
-    assert not alive, f"left running: {[p.cmdline() for p in alive]}"
-    statuses = {r.info.status for r in _runs(project)}
-    assert "RUNNING" not in statuses and "KILLED" in statuses
-    assert not list((project / "locks").glob("*.lock"))
 
 
 TRAIN_CONFIG = {
@@ -231,7 +240,7 @@ def _captured(caplog, name: str):
 
 
 def _dead_process_identity() -> dict:
-    from tasks.locks import process_identity
+    from tasks.runtime.locks import process_identity
 
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
     identity = process_identity(proc.pid)
@@ -243,12 +252,12 @@ def _dead_process_identity() -> dict:
 def test_a_lock_left_by_a_dead_process_is_taken_over_and_a_live_one_is_waited_on(tmp_path, caplog):
     import pydantic_core
 
-    from tasks.locks import ProjectLockManager, process_identity
+    from tasks.runtime.locks import ProjectLockManager, process_identity
 
     manager = ProjectLockManager(lock_files_directory=tmp_path)
     (tmp_path / "ppo-dead.lock").write_bytes(pydantic_core.to_json(
         {"holder": "killed-run", "expiration": None, **_dead_process_identity()}))
-    with _captured(caplog, "tasks.locks"):
+    with _captured(caplog, "tasks.runtime.locks"):
         assert manager.acquire_lock("ppo-dead", holder="next-run", acquire_timeout=5)
     assert manager.is_lock_holder("ppo-dead", "next-run")
     assert "which is gone" in caplog.text and "taking it over" in caplog.text
@@ -256,7 +265,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over_and_a_live_one_is_waited_on
     (tmp_path / "ppo-live.lock").write_bytes(pydantic_core.to_json(
         {"holder": "running", "expiration": None, **process_identity()}))
     caplog.clear()
-    with _captured(caplog, "tasks.locks"):
+    with _captured(caplog, "tasks.runtime.locks"):
         assert not manager.acquire_lock("ppo-live", holder="second", acquire_timeout=1)
     assert "waiting for ppo-live" in caplog.text and f"pid {os.getpid()}" in caplog.text
 
@@ -267,7 +276,7 @@ def test_a_lock_file_being_written_reads_as_locked(tmp_path):
 
     import pydantic_core
 
-    from tasks.locks import ProjectLockManager
+    from tasks.runtime.locks import ProjectLockManager
 
     lock = tmp_path / "key.lock"
     lock.write_bytes(b"")
@@ -284,8 +293,8 @@ def test_a_lock_file_being_written_reads_as_locked(tmp_path):
 
 
 def test_runs_left_running_by_a_dead_process_are_closed_as_killed(tmp_path):
-    from tasks.paths import ProjectPaths
-    from tasks.tracking import close_orphaned_runs, setup
+    from tasks.runtime.paths import ProjectPaths
+    from tasks.runtime.tracking import close_orphaned_runs, setup
 
     paths = ProjectPaths.at(tmp_path)
     experiment = setup(paths)
@@ -300,9 +309,9 @@ def test_runs_left_running_by_a_dead_process_are_closed_as_killed(tmp_path):
 
 
 def test_a_changed_artifact_is_rebuilt_not_reused(tmp_path, caplog):
-    from tasks.common import run_stage
-    from tasks.paths import ProjectPaths
-    from tasks.tracking import StageContext, setup
+    from tasks.runtime.paths import ProjectPaths
+    from tasks.runtime.stage import run_stage
+    from tasks.runtime.tracking import StageContext, setup
 
     paths = ProjectPaths.at(tmp_path)
     ctx = StageContext(project_dir=str(tmp_path), experiment_id=setup(paths))
@@ -316,7 +325,7 @@ def test_a_changed_artifact_is_rebuilt_not_reused(tmp_path, caplog):
     first = run_stage(ctx, "report", {"x": 1}, build)
     assert run_stage(ctx, "report", {"x": 1}, build).sha256 == first.sha256 and len(builds) == 1
     (first.folder / "weights.bin").write_bytes(b"\2" * 64)  # same size, new content
-    with _captured(caplog, "tasks.common"):
+    with _captured(caplog, "tasks.runtime.stage"):
         again = run_stage(ctx, "report", {"x": 1}, build)
     assert len(builds) == 2 and again.sha256 == first.sha256
     assert "changed since it was made" in caplog.text and "weights.bin" in caplog.text

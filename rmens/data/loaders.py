@@ -10,20 +10,17 @@ not text) is an error there too.
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 import math
 import os
 import random
-import zlib
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from rmens.config import DataConfig
 from rmens.data.schema import DataError, PreferencePair, validate_pair, validate_pairs
+from rmens.io import iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -52,36 +49,9 @@ def data_root() -> Path | None:
     return Path(value).expanduser().resolve() if value else None
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, record) from a JSONL file (optionally gzipped); bad JSON, a byte that is not
-    UTF-8 or a damaged gzip stream is an error naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    # Bytes, decoded line by line: a text stream decodes ahead in blocks, so its error could not name the line.
-    lineno = 0
-    try:
-        with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as handle:
-            for lineno, raw in enumerate(handle, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
-                                    f"{err.start + 1})") from None
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
-                yield lineno, record
-    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
-        raise DataError(f"{path}:{lineno + 1}: damaged gzip data ({err})") from None
-
-
 def load_jsonl_pairs(path: str | Path) -> list[PreferencePair]:
     """Read prompt/chosen/rejected[/weight/source] records; the first bad record is an error."""
-    pairs = [validate_pair(record, f"{path}:{lineno}") for lineno, record in read_jsonl(path)]
+    pairs = [validate_pair(record, f"{path}:{lineno}") for lineno, record in iter_jsonl(path)]
     return validate_pairs(pairs, str(path))
 
 
@@ -153,7 +123,7 @@ def load_alpaca_eval_pairs(
         if name not in AE_FILES:
             raise ValueError(f"unknown AlpacaEval subset {name!r}; choose from {sorted(AE_FILES)} or 'both'")
         path = folder / AE_FILES[name]
-        for lineno, rec in read_jsonl(path):
+        for lineno, rec in iter_jsonl(path):
             where = f"{path}:{lineno}"
             _check_ae_record(rec, where)
             generator = rec.get("generator_2")

@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rmens.data.loaders import alpaca_eval_folder, read_jsonl, synthetic_pairs
+from rmens.data.loaders import alpaca_eval_folder, synthetic_pairs
 from rmens.data.schema import DataError
+from rmens.io import iter_jsonl
 
 
 def alpaca_eval_instructions(split: str | None = None, folder: str | Path | None = None) -> list[dict]:
     """AlpacaEval's 805 instructions (`instruction`, `dataset`, `split`), optionally one split."""
     path = Path(alpaca_eval_folder(str(folder) if folder else None)) / "instructions.jsonl"
-    rows = [record for _, record in read_jsonl(path)]
+    rows = [record for _, record in iter_jsonl(path)]
     if split is not None:
         if split not in {"train", "test"}:
             raise ValueError(f"AlpacaEval split must be 'train' or 'test', got {split!r}")
@@ -33,7 +34,7 @@ def load_prompt_file(path: str | Path) -> list[str]:
     path = Path(path)
     if path.suffix in (".jsonl", ".gz"):
         prompts = []
-        for lineno, record in read_jsonl(path):
+        for lineno, record in iter_jsonl(path):
             text = record.get("prompt", record.get("instruction")) if isinstance(record, dict) else None
             if not isinstance(text, str) or not text.strip():
                 raise DataError(f"{path}:{lineno}: needs a non-empty 'prompt' or 'instruction'")

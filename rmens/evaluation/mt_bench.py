@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rmens.config import GenerationConfig
+from rmens.config import GenerationConfig, derive
 from rmens.evaluation.judges import Judge, LocalLLMJudge
 
 NEED_REFERENCE = {"math", "reasoning", "coding"}  # FastChat's NEED_REF_CATS
@@ -50,7 +50,7 @@ def answer_questions(policy, tokenizer, questions: list[dict], cfg: GenerationCo
     first = generate(policy, tokenizer, [q["turns"][0] for q in questions], cfg).texts
     conversations = [[{"role": "user", "content": q["turns"][0]}, {"role": "assistant", "content": a},
                       {"role": "user", "content": q["turns"][1]}] for q, a in zip(questions, first)]
-    second = generate(policy, tokenizer, conversations, cfg.model_copy(update={"seed": cfg.seed + 1})).texts
+    second = generate(policy, tokenizer, conversations, derive(cfg, seed=cfg.seed + 1)).texts
     return [{"question_id": q["question_id"], "category": q["category"], "turns": [a1, a2]}
             for q, a1, a2 in zip(questions, first, second)]
 

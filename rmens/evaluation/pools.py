@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmens.data.loaders import JUDGE_FILES, judge_files, preference_probability, read_jsonl
+from rmens.data.loaders import JUDGE_FILES, judge_files, preference_probability
 from rmens.data.schema import DataError
 from rmens.data.splits import unit_hash
-from rmens.io import write_jsonl
+from rmens.io import iter_jsonl, write_jsonl
 
 # Adversarial entries of AE2 (a constant nonsense string, and outputs written to game the judge).
 GAMED_GENERATORS = ("example", "gpt4_gamed")
@@ -71,7 +71,7 @@ def read_annotations(paths: Sequence[Path]) -> list[dict]:
     """Every record of the files, validated; the first malformed one is an error naming file, line and field."""
     records = []
     for path in paths:
-        for lineno, record in read_jsonl(path):
+        for lineno, record in iter_jsonl(path):
             where = f"{path}:{lineno}"
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected an annotation object, got {type(record).__name__}")
@@ -153,7 +153,7 @@ def write_pools(path: str | Path, pools: list[Pool]) -> Path:
 
 def read_pools(path: str | Path) -> list[Pool]:
     return [Pool(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()})
-            for _, record in read_jsonl(path)]
+            for _, record in iter_jsonl(path)]
 
 
 # -- scoring: every response once per reward model ------------------------------------------------

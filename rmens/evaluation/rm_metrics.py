@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from rmens.models.aggregate import member_std
+
 
 def pairwise_accuracy(margins: torch.Tensor, targets: torch.Tensor | None = None) -> float:
     """Share of decided pairs whose margin has the label's sign; a zero margin counts one half.
@@ -51,7 +53,7 @@ def disagreement_buckets(member_margins: torch.Tensor, targets: torch.Tensor | N
     """Ensemble accuracy by quantile bucket of member disagreement (std of the member margins)."""
     k, n = member_margins.shape
     targets = torch.ones(n) if targets is None else targets
-    spread = member_margins.std(dim=0, unbiased=False)
+    spread = member_std(member_margins)
     ensemble = member_margins.mean(dim=0)
     order = torch.argsort(spread, stable=True)
     out = []
@@ -75,13 +77,13 @@ def ensemble_metrics(member_margins: torch.Tensor, targets: torch.Tensor | None 
         "ece": cal["ece"],
         "member_ece": [calibration(m, targets, bins)["ece"] for m in member_margins],
         "reliability": cal["reliability"],
-        "margin_std": float(member_margins.std(dim=0, unbiased=False).mean()),
+        "margin_std": float(member_std(member_margins).mean()),
         "disagreement": disagreement_buckets(member_margins, targets, buckets),
         "n_pairs": int(member_margins.shape[1]),
     }
     out["member_accuracy_mean"] = sum(out["member_accuracy"]) / len(out["member_accuracy"])
     if member_chosen is not None:
-        out["reward_std"] = float(member_chosen.float().std(dim=0, unbiased=False).mean())
+        out["reward_std"] = float(member_std(member_chosen.float()).mean())
     return out
 
 

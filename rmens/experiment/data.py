@@ -28,7 +28,6 @@ from rmens.data.loaders import (
     data_root,
     judge_files,
     load_alpaca_eval_pairs,
-    read_jsonl,
     subsample,
 )
 from rmens.data.schema import DataError, PreferencePair, validate_pairs
@@ -36,7 +35,7 @@ from rmens.data.splits import unit_hash
 from rmens.evaluation.pools import Pool, load_pools, read_pools, subsample_pools, write_pools
 from rmens.experiment.config import DataSource, PoolConfig, SplitConfig
 from rmens.experiment.plan import GOLD_PAIRS, PROXY_PAIRS
-from rmens.io import write_json, write_jsonl
+from rmens.io import iter_jsonl, write_json, write_jsonl
 
 EVAL_SALT, PROXY_SALT = "rmens-eval-pools", "rmens-proxy-share"
 
@@ -88,7 +87,7 @@ def source_fingerprints(source: DataSource) -> dict[str, dict[str, str]]:
 def instructions_in(folder: Path) -> set[str]:
     """Every instruction (stripped) of the annotation files in `folder`."""
     found = {str(record.get("instruction", "")).strip() for judge in JUDGE_FILES
-             for path in judge_files(folder, judge) for _, record in read_jsonl(path) if isinstance(record, dict)}
+             for path in judge_files(folder, judge) for _, record in iter_jsonl(path) if isinstance(record, dict)}
     return found - {""}
 
 

@@ -49,7 +49,7 @@ def run_plan(cfg: ExperimentConfig, call: StepCall, part: Part = "all", sources:
     """Run the steps; `part='rewards'` stops before PPO (a GPU check runs the parts in separate calls).
     `sources` are the content hashes of the input files (rmens.experiment.data.source_fingerprints), part
     of the keys of the two data steps. Returns the report step's handle."""
-    from rmens.models.backbone import check_max_lengths
+    from rmens.models.context import check_max_lengths
 
     check_max_lengths(cfg.trained_ensembles())  # a context too long fails here, not after the data steps
     sources = sources or {"training": {}, "evaluation": {}}

@@ -11,14 +11,17 @@ single-member "ensemble" has zero spread and every rule reduces to its one rewar
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 
-from rmens.config import AggregationConfig  # noqa: F401  (re-exported: configs live in rmens.config)
+from rmens.config import AggregationConfig, Rule
 
-RULES: tuple[str, ...] = ("mean", "min", "lcb", "uwo")
+RULES: tuple[str, ...] = get_args(Rule)  # the names live once, in the config's type
 
 
 def member_std(member_rewards: torch.Tensor) -> torch.Tensor:
+    """The members' spread per example [batch]: the one definition every metric and rule uses."""
     return member_rewards.std(dim=0, unbiased=False)
 
 

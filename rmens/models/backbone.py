@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from rmens.models.context import SMOLLM2_ALIAS, TINY_ALIAS, context_field
+
 log = logging.getLogger(__name__)
 
-SMOLLM2_ALIAS = "smollm2-135m"
-TINY_ALIAS = "tiny-random-llama"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # ChatML without a default system prompt; used when a tokenizer ships no template of its own.
@@ -174,36 +174,9 @@ def load_tokenizer(name_or_path: str, padding_side: str = "right") -> PreTrained
     return tokenizer
 
 
-CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
-
-
 def context_length(config) -> int:
-    """The longest sequence a model's positions support."""
-    return _context_field(config)[1]
-
-
-def _context_field(config) -> tuple[str, int]:
-    for name in CONTEXT_FIELDS:
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return name, value
-    raise ValueError(f"cannot tell the context length of a {type(config).__name__}")
-
-
-def check_max_length(backbone: str, max_length: int, field: str = "ensemble.max_length") -> None:
-    """Refuse a `max_length` beyond the backbone's positions, from its config.json alone: before any weights
-    load, so that the mistake costs no model building or training. `field` names the setting in the error."""
-    from transformers import AutoConfig
-
-    name, context = _context_field(AutoConfig.from_pretrained(resolve_model(backbone)))
-    if max_length > context:
-        raise ValueError(f"{field}={max_length} exceeds the context of {backbone}: its {name} is {context}")
-
-
-def check_max_lengths(ensembles: dict) -> None:
-    """check_max_length for each {section name: EnsembleConfig}, e.g. {"judge.ensemble": ...}."""
-    for section, config in ensembles.items():
-        check_max_length(config.backbone, config.max_length, f"{section}.max_length")
+    """The longest sequence a loaded model's config (a transformers PretrainedConfig) supports."""
+    return context_field(config.to_dict())[1]
 
 
 def load_backbone(name_or_path: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

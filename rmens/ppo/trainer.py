@@ -36,6 +36,7 @@ from rmens.config import flatten
 from rmens.data.schema import DataError
 from rmens.generation import generate
 from rmens.io import refuse_foreign_folder
+from rmens.models.aggregate import member_std
 from rmens.models.backbone import load_backbone, load_policy, load_tokenizer
 from rmens.ppo.config import PPOConfig
 from rmens.ppo.core import (
@@ -326,7 +327,7 @@ class PPOTrainer:
         if rewards.members is not None:
             for i, member in enumerate(rewards.members):
                 stats[f"reward_m{i}"] = self._reduce_mean(member.mean())
-            stats["reward_std"] = self._reduce_mean(rewards.members.std(dim=0, unbiased=False).mean())
+            stats["reward_std"] = self._reduce_mean(member_std(rewards.members).mean())
         if self.judge_fn is not None and self.cfg.judge_every and step % self.cfg.judge_every == 0:
             judged = self.judge_fn(prompts, samples.texts).check(len(prompts), f"judge at PPO step {step}")
             stats["judge"] = self._reduce_mean(judged.scores.mean())

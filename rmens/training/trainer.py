@@ -32,7 +32,8 @@ from rmens.data.encoding import EncodedPairs, PairCollator, PairEncoder, encode_
 from rmens.data.schema import PreferencePair, validate_pairs
 from rmens.data.splits import member_weights, split_by_instruction
 from rmens.evaluation.rm_metrics import ensemble_metrics, length_metrics, scalar_metrics
-from rmens.models.backbone import check_max_length, load_tokenizer
+from rmens.models.backbone import load_tokenizer
+from rmens.models.context import check_max_length
 from rmens.models.ensemble import RewardEnsemble, build_ensemble, check_output_folder, to_lora
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rmens.config import JudgeConfig
-from tasks.refs import ArtifactRef
+from tasks.runtime.refs import ArtifactRef
 
 
 def load_judge(cfg: JudgeConfig, trained: ArtifactRef | None):

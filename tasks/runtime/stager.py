@@ -13,11 +13,11 @@ from prefect import Task
 from prefect.context import FlowRunContext
 from prefect.exceptions import TerminationSignal
 
-from tasks.common import for_project
-from tasks.keys import stage_key
-from tasks.paths import ProjectPaths
-from tasks.refs import ArtifactRef, changes_since_sealed
-from tasks.tracking import StageContext, record_cache_hit
+from tasks.runtime.keys import stage_key
+from tasks.runtime.paths import ProjectPaths
+from tasks.runtime.refs import ArtifactRef, changes_since_sealed
+from tasks.runtime.stage import for_project
+from tasks.runtime.tracking import StageContext, record_cache_hit
 
 # SIGTERM during a flow: Prefect's handler raises TerminationSignal wherever the main thread is, and when that
 # is inside a garbage-collector callback Python prints "Exception ignored" and the run goes on as if no
@@ -80,14 +80,14 @@ class Stager:
         stage = task_obj.name
         bound = inspect.signature(task_obj.fn).bind(ctx=self.ctx, **params)
         bound.apply_defaults()  # the key covers every parameter, as the task's own key does
-        key = stage_key(stage, dict(bound.arguments))
+        key = stage_key(stage, dict(bound.arguments))  # once: the task's cache policy and run_stage reuse it
         # A cached reference to a folder that was deleted or changed would serve a wrong artifact:
         # recompute instead (run_stage says what changed).
         folder = self.paths.stage_dir(stage, key)
         stale = not (folder / "ref.json").is_file() or bool(changes_since_sealed(folder))
         task_run = for_project(task_obj, self.paths, refresh=self.refresh or stale,
                                task_run_name=f"{stage}:{run_name}")
-        state = task_run(ctx=self.ctx, **params, return_state=True)
+        state = task_run(ctx=self.ctx.for_stage(key), **params, return_state=True)
         ref = state.result()
         if isinstance(ref, dict):  # JSON results come back as plain data
             ref = ArtifactRef.model_validate(ref)

@@ -14,11 +14,11 @@ from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.transactions import IsolationLevel
 
 from rmens.config import flatten
-from tasks.keys import stage_key
-from tasks.locks import ProjectLockManager
-from tasks.paths import ProjectPaths
-from tasks.refs import ArtifactRef, changes_since_sealed, fingerprint_folder, read_ref, seal
-from tasks.tracking import StageContext, child_run, log_metrics, record_cache_hit, set_tags
+from tasks.runtime.keys import stage_key
+from tasks.runtime.locks import ProjectLockManager
+from tasks.runtime.paths import ProjectPaths
+from tasks.runtime.refs import ArtifactRef, changes_since_sealed, fingerprint_folder, read_ref, seal
+from tasks.runtime.tracking import StageContext, child_run, log_metrics, record_cache_hit, set_tags
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ def _retry_condition(task_obj, task_run, state) -> bool:
 
 def _cache_key(stage: str) -> Callable:
     def key(context, parameters: dict[str, Any]) -> str:
-        return f"{stage}-{stage_key(stage, parameters)}"
+        ctx = parameters.get("ctx")
+        return f"{stage}-{(ctx.stage_key if ctx is not None else None) or stage_key(stage, parameters)}"
 
     return key
 
@@ -81,7 +82,7 @@ def run_stage(ctx: StageContext, stage: str, params: dict[str, Any],
     A folder without ref.json is incomplete (a crash mid-build): it is rebuilt from scratch, or, with
     `resume`, handed back to `build` as it is (PPO continues from its last checkpoint).
     """
-    key = stage_key(stage, {**params, "ctx": ctx})
+    key = ctx.stage_key or stage_key(stage, {**params, "ctx": ctx})
     folder = ctx.paths.stage_dir(stage, key)
     if (folder / "ref.json").is_file():
         changes = changes_since_sealed(folder)
@@ -98,17 +99,26 @@ def run_stage(ctx: StageContext, stage: str, params: dict[str, Any],
         shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     flat = log_params if log_params is not None else params_for_tracking(params)
+    _quiet_model_loading()
     with child_run(ctx, stage, flat, {"rmens.key": key[:16]}, name=run_name) as run_id:
         # JSON (Prefect's result store) has no NaN: store "not available" as None from the start.
         summary = {k: (None if isinstance(v, float) and v != v else v) for k, v in build(folder, run_id).items()}
         sha256, files = fingerprint_folder(folder)
         ref = ArtifactRef(stage=stage, key=key, path=str(folder), sha256=sha256, mlflow_run_id=run_id,
                           summary=summary, files=files)
-        from tasks.tracking import client_for
+        from tasks.runtime.tracking import client_for
 
         log_metrics(client_for(ctx), run_id, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
         set_tags(client_for(ctx), run_id, {"rmens.artifact": ref.path, "rmens.sha256": ref.sha256})
     return seal(ref)
+
+
+def _quiet_model_loading() -> None:
+    """No per-file "Loading weights" bars from transformers in the console; imported here, where a stage is
+    about to compute (and load models), so that a fully cached run never pays for the import."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
 
 
 def params_for_tracking(params: dict[str, Any]) -> dict[str, Any]:

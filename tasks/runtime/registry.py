@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -19,7 +21,7 @@ def score_registered(uri: str, pairs: list[PreferencePair]) -> dict[str, float]:
 
     from rmens.config import AggregationConfig
     from rmens.reward import EnsembleReward
-    from tasks.mlflow_model import download_ensemble
+    from tasks.runtime.mlflow_model import download_ensemble
 
     with tempfile.TemporaryDirectory(prefix="rmens-registered-") as tmp:
         folder = download_ensemble(uri, tmp)
@@ -52,3 +54,46 @@ def decide(metric: str, candidate: dict[str, float], champion: dict[str, float] 
     verdict = "promoted" if better else "kept the champion"
     return better, (f"{verdict}: candidate {metric} {candidate[metric]:.4f} vs champion {champion[metric]:.4f} "
                     f"({direction} is better, margin {min_improvement})")
+
+
+@dataclass
+class Decision:
+    """What the retrain flow decided about a freshly registered candidate, and why."""
+
+    promote: bool
+    reason: str
+    candidate_version: str
+    champion_version: str | None  # before the decision
+    candidate: dict[str, float]
+    champion: dict[str, float] | None
+
+    @property
+    def champion_after(self) -> str | None:
+        return self.candidate_version if self.promote else self.champion_version
+
+    def markdown(self, name: str) -> str:
+        rows = [f"| candidate | {self.candidate_version} | {self.candidate['accuracy']:.4f} | "
+                f"{self.candidate['ece']:.4f} |"]
+        if self.champion is not None and self.champion_version:
+            rows.append(f"| champion | {self.champion_version} | {self.champion['accuracy']:.4f} | "
+                        f"{self.champion['ece']:.4f} |")
+        return (f"# Retrain: {name}\n\n**{'Promoted' if self.promote else 'Kept the champion'}** — {self.reason}\n\n"
+                "| model | version | accuracy | ECE |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
+def promote_if_better(client: MlflowClient, name: str, alias: str, candidate_version: str,
+                      held_out: list[PreferencePair], metric: str, min_improvement: float) -> Decision:
+    """Score the candidate and the current champion on the same held-out pairs, move `alias` to the candidate
+    only when it is better, and record the reason on the candidate's model version."""
+    current = champion_version(client, name, alias)
+    candidate = score_registered(f"models:/{name}/{candidate_version}", held_out)
+    if current == candidate_version:
+        promote, reason = False, f"the candidate (version {current}) already is the champion: nothing changed"
+        champion = candidate
+    else:
+        champion = score_registered(f"models:/{name}@{alias}", held_out) if current else None
+        promote, reason = decide(metric, candidate, champion, min_improvement)
+    if promote:
+        client.set_registered_model_alias(name, alias, candidate_version)
+    client.set_model_version_tag(name, candidate_version, "rmens.retrain_decision", reason)
+    return Decision(promote, reason, candidate_version, current, candidate, champion)

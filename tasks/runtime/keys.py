@@ -11,7 +11,7 @@ from typing import Any
 
 from rmens.experiment.plan import STEP_CODE
 from rmens.fingerprint import canonical, digest, source_fingerprint
-from tasks.refs import ArtifactRef
+from tasks.runtime.refs import ArtifactRef
 
 # Modules whose source decides each stage's output.
 STAGE_CODE: dict[str, tuple[str, ...]] = {
@@ -20,11 +20,11 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "train_ensemble": ("rmens.training", "rmens.models", "rmens.data", "rmens.evaluation.rm_metrics"),
     "sample": ("rmens.generation", "rmens.bon", "rmens.data.encoding", "rmens.data.prompts"),
     "score": ("rmens.bon", "rmens.reward", "rmens.models", "rmens.evaluation.judges", "rmens.data.encoding",
-              "tasks.judging"),
+              "tasks.runtime.judging"),
     "best_of_n": ("rmens.bon", "rmens.models.aggregate", "rmens.evaluation.curves"),
     "ppo": ("rmens.ppo", "rmens.generation", "rmens.reward", "rmens.models", "rmens.data"),
     "evaluate": ("rmens.evaluation", "rmens.generation", "rmens.reward", "rmens.models", "rmens.data",
-                 "tasks.judging"),
+                 "tasks.runtime.judging"),
     "report": (),
 }
 

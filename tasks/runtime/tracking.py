@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -22,8 +21,8 @@ from prefect.exceptions import TerminationSignal
 from pydantic import BaseModel
 
 from rmens.config import flatten
-from tasks.locks import holder_is_gone, process_identity
-from tasks.paths import ProjectPaths, remember_tracking_uri
+from tasks.runtime.locks import holder_is_gone, process_identity
+from tasks.runtime.paths import ProjectPaths, remember_tracking_uri
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "rmens"
@@ -35,6 +34,12 @@ class StageContext(BaseModel):
     project_dir: str
     experiment_id: str | None = None
     parent_run_id: str | None = None
+    # The key of the stage call this context is passed to, computed once by the Stager and reused by
+    # Prefect's cache policy and by run_stage (a stage key serialises the whole config and hashes code).
+    stage_key: str | None = None
+
+    def for_stage(self, key: str) -> StageContext:
+        return StageContext.model_validate({**self.model_dump(), "stage_key": key})
 
     @property
     def paths(self) -> ProjectPaths:
@@ -113,12 +118,6 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], st
              if isinstance(v, (int, float)) and v == v]
     for start in range(0, len(items), 1000):
         client.log_batch(run_id, metrics=items[start: start + 1000])
-
-
-def log_history(client: MlflowClient, run_id: str, history: list[dict]) -> None:
-    """Per-step metric curves (training, PPO) from a list of {step, name: value} rows."""
-    for row in history:
-        log_metrics(client, run_id, {k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
 
 
 def _owner_tags() -> dict[str, str]:
@@ -206,12 +205,3 @@ def record_cache_hit(ctx: StageContext, stage: str, ref, extra_tags: dict[str, s
     log_metrics(client, run_id, {k: v for k, v in ref.summary.items() if isinstance(v, (int, float))})
     client.set_terminated(run_id, "FINISHED")
     return run_id
-
-
-def log_artifacts(paths: list[Path] | Path, artifact_path: str | None = None) -> None:
-    """Log files or folders to the active (child) run."""
-    for path in [paths] if isinstance(paths, Path) else paths:
-        if path.is_dir():
-            mlflow.log_artifacts(str(path), artifact_path)
-        elif path.is_file():
-            mlflow.log_artifact(str(path), artifact_path)

@@ -18,6 +18,8 @@ class RewardEnsembleModel(mlflow.pyfunc.PythonModel):
         self.reward = EnsembleReward.from_folder(context.artifacts["ensemble"], aggregation)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        from rmens.models.aggregate import member_std
+
         missing = {"prompt", "response"} - set(model_input.columns)
         if missing:
             raise ValueError(f"input needs columns prompt and response; missing {sorted(missing)}")
@@ -25,7 +27,7 @@ class RewardEnsembleModel(mlflow.pyfunc.PythonModel):
         frame = pd.DataFrame({"reward": out.scores.tolist()})
         for i, member in enumerate(out.members):
             frame[f"member_{i}"] = member.tolist()
-        frame["std"] = out.members.std(dim=0, unbiased=False).tolist()
+        frame["std"] = member_std(out.members).tolist()
         return frame
 
 

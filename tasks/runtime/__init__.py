@@ -1,0 +1,11 @@
+"""The stage runtime: what every stage task and every flow shares, below the stages themselves.
+
+    stage.py      the stage-task decorator, Prefect cache policy and lock, and run_stage (folder, MLflow child run)
+    stager.py     how flows call stage tasks (one key per call, stale artifacts recomputed, cache hits recorded)
+    keys.py       cache keys: config + input content hashes + a fingerprint of the stage's code
+    refs.py       ArtifactRef, the small JSON a stage returns, and the manifest that verifies a reuse
+    paths.py      where a project's artifacts, stores and locks live
+    locks.py      stage locks that a killed run cannot leave behind
+    tracking.py   MLflow parent and child runs, cache-hit records, closing runs a dead process left open
+    judging.py    the judge a config names; registry.py, mlflow_model.py, reward_model_code.py: MLflow models
+"""
