@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -62,8 +63,30 @@ QUIET_ENV = {
 }
 
 
+def show_progress() -> None:
+    """The console's stage lines (tasks.runtime.stager logs one as each stage starts and ends), on their own
+    handler: Prefect's logging set-up, which quiets the other loggers to WARNING, leaves this one alone."""
+    progress = logging.getLogger("rmens.progress")
+    if not progress.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s  %(message)s", "%H:%M:%S"))
+        progress.addHandler(handler)
+        progress.setLevel(logging.INFO)
+        progress.propagate = False
+
+
+def quiet_known_warnings() -> None:
+    """Known-harmless third-party warnings, silenced by message (the rest still show)."""
+    # alpaca_eval imports pkg_resources; setuptools is pinned below 81, where it still exists.
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # per-file bars when logging models
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its INFO lines (table creation, signature checks)
+
+
 def prepare_environment(project_dir: str, announce: bool = True) -> None:
     """Settings Prefect and MLflow read at import: keep their state in the project, no telemetry."""
+    show_progress()
+    quiet_known_warnings()
     home = Path(os.environ.get("RMENS_HOME", Path(project_dir).parent)).resolve()
     os.environ.setdefault("PREFECT_HOME", str(home / ".prefect"))
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level

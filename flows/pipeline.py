@@ -46,7 +46,7 @@ def pipeline(config: PipelineConfig | None = None, preset: str = "smoke", overri
                                         **{arm.label: ref for arm, ref in arms.items()}}
 
         samples = stage(sample, "bon", policy=config.policy, prompts=config.bon_prompts, bon=config.bon)
-        proxies = {arm.label: stage(score, arm.label, samples=samples, scorer=ref, name=arm.label)
+        proxies = {arm.label: stage(score, arm.label, tags=arm.describe(), samples=samples, scorer=ref, name=arm.label)
                    for arm, ref in arms.items()}
         judge_scores = stage(score, "judge", samples=samples, scorer=judge, name="judge", judge=config.judge) \
             if config.judge.kind in ("reward_model", "hf_reward_model", "local_llm") else None
@@ -58,16 +58,16 @@ def pipeline(config: PipelineConfig | None = None, preset: str = "smoke", overri
         common = {"eval_cfg": config.evaluate, "judge_cfg": config.judge, "judge": judge}
         refs["eval:initial"] = stage(evaluate, "initial", label="initial", policy=config.policy, **common)
         for run_spec in config.ppo_runs():
-            label = run_spec.label
-            run = stage(ppo, label, ppo_cfg=derive(config.ppo, policy=config.policy, aggregation=run_spec.rule),
-                        reward=arms[run_spec.arm], prompts=config.ppo_prompts, label=label, judge_cfg=config.judge,
-                        judge=judge)
+            label, tags, proxy = run_spec.label, run_spec.describe(), arms[run_spec.arm]
+            ppo_cfg = derive(config.ppo, policy=config.policy, aggregation=run_spec.rule)
+            run = stage(ppo, label, tags=tags, ppo_cfg=ppo_cfg, reward=proxy, prompts=config.ppo_prompts, label=label,
+                        judge_cfg=config.judge, judge=judge)
             refs[f"ppo:{label}"] = run
-            refs[f"eval:ppo:{label}"] = stage(evaluate, f"ppo:{label}", label=f"ppo:{label}", ppo_run=run,
-                                              proxy=arms[run_spec.arm], **common)
-        for selection in selections:
-            refs[f"eval:{selection.label}"] = stage(evaluate, selection.label, label=selection.label, bon=bon,
-                                                    bon_selection=selection, **common)
+            refs[f"eval:ppo:{label}"] = stage(evaluate, f"ppo:{label}", tags=tags, label=f"ppo:{label}", ppo_run=run,
+                                              proxy=proxy, **common)
+        for pick in selections:
+            refs[f"eval:{pick.label}"] = stage(evaluate, pick.label, tags=pick.describe(), label=pick.label, bon=bon,
+                                               bon_selection=pick, **common)
         title = f"rmens pipeline '{config.name}'"
         summary_ref = stage(report, "report", title=title, refs=refs)
         publish(ctx, summary_ref, title)

@@ -22,9 +22,9 @@ def train_judge(stage: Stager, config) -> ArtifactRef | None:
 
 def train_arms(stage: Stager, config: PipelineConfig, data: ArtifactRef) -> dict[Arm, ArtifactRef]:
     """Every arm's reward model, trained once for all its rules."""
-    return {arm: stage(train_ensemble, arm.label, data=data, train_cfg=config.train, label=arm.label,
-                       ensemble=arm.ensemble(config.ensemble), registered_model=config.registered_model,
-                       log_model=config.log_models)
+    return {arm: stage(train_ensemble, arm.label, tags=arm.describe(), data=data, train_cfg=config.train,
+                       label=arm.label, ensemble=arm.ensemble(config.ensemble),
+                       registered_model=config.registered_model, log_model=config.log_models)
             for arm in config.arms.arms()}
 
 

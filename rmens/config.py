@@ -388,6 +388,11 @@ class Arm(StrictModel):
     def label(self) -> str:
         return f"single-s{self.seed}" if self.kind == "single" else f"{self.kind}-k{self.k}"
 
+    def describe(self, rule: AggregationConfig | None = None) -> dict[str, str]:
+        """What compare views group runs by: arm, kind, k (and rule)."""
+        return {"arm": self.label, "kind": self.kind, "k": str(self.k),
+                **({"rule": rule.name} if rule is not None else {})}
+
     def rule_label(self, rule: AggregationConfig) -> str:
         """This arm under one rule, as reports and metric names show it: linear-k3/lcb1."""
         return f"{self.label}/{rule.name}"
@@ -414,6 +419,9 @@ class PPOArm(StrictModel):
     arm: Arm
     rule: AggregationConfig
 
+    def describe(self) -> dict[str, str]:
+        return self.arm.describe(self.rule)
+
 
 class Selection(StrictModel):
     """The Best-of-n pick of one arm under one rule at one n: its label and the file the best_of_n stage writes."""
@@ -425,6 +433,9 @@ class Selection(StrictModel):
     @property
     def label(self) -> str:
         return f"bon:{self.arm.rule_label(self.rule)}:n{self.n}"
+
+    def describe(self) -> dict[str, str]:
+        return {**self.arm.describe(self.rule), "n": str(self.n)}
 
     @property
     def file_name(self) -> str:

@@ -10,7 +10,7 @@ from rmens.config import JudgeConfig, PPOConfig, PromptsConfig
 from tasks.runtime.judging import load_judge
 from tasks.runtime.refs import ArtifactRef
 from tasks.runtime.stage import run_stage, stage_task
-from tasks.runtime.tracking import StageContext, client_for, log_metrics, set_tags
+from tasks.runtime.tracking import StageContext, client_for, log_metrics
 
 
 @stage_task("ppo", timeout_seconds=24 * 3600)
@@ -22,7 +22,7 @@ def ppo(ctx: StageContext, ppo_cfg: PPOConfig, reward: ArtifactRef, prompts: Pro
         from rmens.reward import EnsembleReward
 
         client = client_for(ctx)
-        set_tags(client, run_id, {"rmens.arm": label, "rmens.rule": ppo_cfg.aggregation.name})
+        # arm, kind, k and rule come as tags from the flow (the stage context); the rule is also a param
         reward_fn = EnsembleReward.from_folder(reward.require().folder / "ensemble", ppo_cfg.aggregation)
         judge_fn = load_judge(judge_cfg, judge) if (judge_cfg is not None and ppo_cfg.judge_every) else None
         trainer = PPOTrainer(ppo_cfg, load_prompts(prompts), reward_fn, folder / "run", judge_fn=judge_fn,

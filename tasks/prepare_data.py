@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -26,7 +27,11 @@ def read_pairs(ref: ArtifactRef, split: str) -> list[PreferencePair]:
 def _log_dataset(path: Path, pairs: list[PreferencePair], name: str, context: str) -> None:
     frame = pd.DataFrame([{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "weight": p.weight}
                           for p in pairs])
-    mlflow.log_input(mlflow.data.from_pandas(frame, source=str(path), name=name), context=context)
+    with warnings.catch_warnings():
+        # MLflow registers two local-file dataset sources and warns that a path fits both; either is right.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        dataset = mlflow.data.from_pandas(frame, source=str(path), name=name)
+    mlflow.log_input(dataset, context=context)
 
 
 @stage_task("prepare_data", timeout_seconds=3600)

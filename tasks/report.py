@@ -81,9 +81,19 @@ def publish(ctx: StageContext, ref: ArtifactRef, title: str) -> None:
     markdown = (ref.folder / "report.md").read_text()
     rows = json.loads((ref.folder / "rows.json").read_text())
     create_markdown_artifact(markdown=markdown, key="rmens-report", description=title)
-    create_table_artifact(table=[{k: _fmt(v) for k, v in r.items()} for r in rows], key="rmens-arms",
-                          description=f"{title}: every stage output and its numbers")
+    table = comparison_table(rows)
+    # Prefect takes a table's columns from its first row: every row carries every column.
+    create_table_artifact(table=table, key="rmens-arms", description=f"{title}: every stage output and its numbers")
     if ctx.parent_run_id:
         client = client_for(ctx)
         for name in ("report.md", "summary.csv"):
             client.log_artifact(ctx.parent_run_id, str(ref.folder / name))
+        # MLflow's table logging: the parent run's Artifacts tab shows it as a sortable table.
+        client.log_table(ctx.parent_run_id, data={k: [row[k] for row in table] for k in table[0]} if table else {},
+                         artifact_file="comparison.json")
+
+
+def comparison_table(rows: list[dict]) -> list[dict[str, str]]:
+    """One row per stage output (label, stage, then every number any of them has), formatted."""
+    columns = ["label", "stage", *sorted({k for r in rows for k in r} - {"label", "stage", "artifact"})]
+    return [{k: _fmt(r.get(k, "")) for k in columns} for r in rows]

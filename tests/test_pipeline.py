@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -28,7 +29,7 @@ def runs_of(project):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
-    experiment = client.get_experiment_by_name("rmens")
+    experiment = client.get_experiment_by_name(f"rmens-{Path(project).name}")
     return client, client.search_runs([experiment.experiment_id], max_results=1000)
 
 
@@ -69,7 +70,8 @@ def test_mlflow_parent_child_structure_metrics_and_cache_links(pipeline_runs):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     stages = {r.data.tags["rmens.stage"] for r in children}
     assert {"prepare_data", "train_ensemble", "sample", "score", "best_of_n", "ppo", "evaluate", "report"} <= stages
-    train = next(r for r in children if r.data.tags.get("rmens.arm") == "linear-k3")
+    train = next(r for r in children if r.data.tags.get("rmens.arm") == "linear-k3"
+                 and r.data.tags["rmens.stage"] == "train_ensemble")
     assert train.data.params["ensemble.kind"] == "linear" and "val_accuracy" in train.data.metrics
     history = client.get_metric_history(train.info.run_id, "train.loss")
     assert len(history) > 1 and len({m.step for m in history}) == len(history)
@@ -83,6 +85,30 @@ def test_mlflow_parent_child_structure_metrics_and_cache_links(pipeline_runs):
     assert all(r.data.tags["rmens.cached_from_run_id"] in by_id for r in cached)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"report.md", "summary.csv", "config.json"} <= artifacts
+
+
+def test_runs_name_themselves_and_carry_what_compare_views_group_by(pipeline_runs):
+    project, first, second, _ = pipeline_runs
+    client, runs = runs_of(project)
+    experiment = client.get_experiment_by_name(f"rmens-{Path(project).name}")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on the runs table
+    parent = client.get_run(first["parent_run_id"])
+    assert parent.info.run_name == f"pipeline:smoke · {parent.data.tags['rmens.config_digest']}"
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert {"train_ensemble:linear-k3", "train_ensemble:judge", "score:lora-k3", "evaluate:ppo:single",
+            "evaluate:bon:linear-k3/lcb1:n4", "ppo:single", "report:report"} <= set(children)
+    lora = children["train_ensemble:lora-k3"]
+    assert (lora.data.tags["rmens.kind"], lora.data.tags["rmens.k"], lora.data.params["kind"]) == ("lora", "3", "lora")
+    pick = children["evaluate:bon:linear-k3/lcb1:n4"].data
+    assert (pick.tags["rmens.arm"], pick.tags["rmens.rule"], pick.tags["rmens.n"]) == ("linear-k3", "lcb1", "4")
+    assert (children["ppo:single"].data.tags["rmens.arm"], children["ppo:single"].data.tags["rmens.rule"]) == (
+        "single-s0", "mean")
+    cached = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == second["parent_run_id"]}
+    assert "train_ensemble:linear-k3 (cached)" in cached
+    table = client.load_table(experiment.experiment_id, "comparison.json", run_ids=[parent.info.run_id])
+    assert {"label", "stage", "win_rate", "win_rate_se", "judge_at_N", "proxy_at_N"} <= set(table.columns)
+    labels = set(table["label"])
+    assert {"eval:ppo:single", "eval:bon:lora-k3/uwo0.5:n4", "linear-k3/lcb1", "lora-k3"} <= labels, labels
 
 
 def test_registered_model_predicts_members_and_reward(pipeline_runs):

@@ -91,7 +91,7 @@ def run_stage(ctx: StageContext, stage: str, params: dict[str, Any],
             # lost): reuse it, and say so in MLflow as a cache hit does, so this flow's run lists every stage.
             log.info("%s: reusing %s", stage, folder)
             ref = read_ref(folder)
-            record_cache_hit(ctx, stage, ref, {"rmens.label": run_name or stage})
+            record_cache_hit(ctx, stage, ref)
             return ref
         log.warning("%s: %s changed since it was made (%s): recomputing it", stage, folder, "; ".join(changes[:3]))
         shutil.rmtree(folder)
@@ -100,7 +100,9 @@ def run_stage(ctx: StageContext, stage: str, params: dict[str, Any],
     folder.mkdir(parents=True, exist_ok=True)
     flat = log_params if log_params is not None else params_for_tracking(params)
     _quiet_model_loading()
-    with child_run(ctx, stage, flat, {"rmens.key": key[:16]}, name=run_name) as run_id:
+    flat.update(ctx.stage_tags)  # arm, kind, k, rule: as params too, which compare views list and plot
+    with child_run(ctx, stage, flat, {**ctx.run_tags(stage), "rmens.key": key[:16]},
+                   name=run_name or ctx.run_name(stage)) as run_id:
         # JSON (Prefect's result store) has no NaN: store "not available" as None from the start.
         summary = {k: (None if isinstance(v, float) and v != v else v) for k, v in build(folder, run_id).items()}
         sha256, files = fingerprint_folder(folder)

@@ -4,8 +4,10 @@ has gone missing, and recorded in MLflow as a cache hit when Prefect served the 
 from __future__ import annotations
 
 import inspect
+import logging
 import signal
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -18,6 +20,10 @@ from tasks.runtime.paths import ProjectPaths
 from tasks.runtime.refs import ArtifactRef, changes_since_sealed
 from tasks.runtime.stage import for_project
 from tasks.runtime.tracking import StageContext, record_cache_hit
+
+# One line per stage as it starts and ends, for the console (flows/cli.py gives this logger its handler;
+# Prefect's logging set-up, which governs the other loggers, leaves it alone).
+progress = logging.getLogger("rmens.progress")
 
 # SIGTERM during a flow: Prefect's handler raises TerminationSignal wherever the main thread is, and when that
 # is inside a garbage-collector callback Python prints "Exception ignored" and the run goes on as if no
@@ -75,27 +81,33 @@ class Stager:
         for future in self._pending:
             future.result()  # surface a failed tracking write
 
-    def __call__(self, task_obj: Task, run_name: str, /, **params: Any) -> ArtifactRef:
+    def __call__(self, task_obj: Task, label: str, /, *, tags: dict[str, str] | None = None,
+                 **params: Any) -> ArtifactRef:
+        """Run `task_obj` for `label` (the arm or role it is computed for) with `params`; `tags` are what
+        MLflow compare views group by (Arm.describe()). Returns the artifact reference."""
         stop_if_terminated()
-        stage = task_obj.name
+        stage, name = task_obj.name, f"{task_obj.name}:{label}"
         bound = inspect.signature(task_obj.fn).bind(ctx=self.ctx, **params)
         bound.apply_defaults()  # the key covers every parameter, as the task's own key does
         key = stage_key(stage, dict(bound.arguments))  # once: the task's cache policy and run_stage reuse it
+        ctx = self.ctx.for_stage(key, label, tags)
         # A cached reference to a folder that was deleted or changed would serve a wrong artifact:
         # recompute instead (run_stage says what changed).
         folder = self.paths.stage_dir(stage, key)
         stale = not (folder / "ref.json").is_file() or bool(changes_since_sealed(folder))
-        task_run = for_project(task_obj, self.paths, refresh=self.refresh or stale,
-                               task_run_name=f"{stage}:{run_name}")
-        state = task_run(ctx=self.ctx.for_stage(key), **params, return_state=True)
+        task_run = for_project(task_obj, self.paths, refresh=self.refresh or stale, task_run_name=name)
+        progress.info("%-40s started", name)
+        start = time.perf_counter()
+        state = task_run(ctx=ctx, **params, return_state=True)
         ref = state.result()
         if isinstance(ref, dict):  # JSON results come back as plain data
             ref = ArtifactRef.model_validate(ref)
-        self.states[f"{stage}:{run_name}"] = state.name
+        self.states[name] = state.name
+        cached = state.name == "Cached"
+        progress.info("%-40s %s in %.1f s", name, "cached" if cached else "computed", time.perf_counter() - start)
         stop_if_terminated()
-        if state.name == "Cached":
-            self._pending.append(self._tracking.submit(record_cache_hit, self.ctx, stage, ref,
-                                                       {"rmens.label": run_name}))
+        if cached:
+            self._pending.append(self._tracking.submit(record_cache_hit, ctx, stage, ref))
         return ref
 
 

@@ -18,14 +18,21 @@ from filelock import FileLock
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from prefect.exceptions import TerminationSignal
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from rmens.config import flatten
+from rmens.fingerprint import digest
 from tasks.runtime.locks import holder_is_gone, process_identity
 from tasks.runtime.paths import ProjectPaths, remember_tracking_uri
 
 log = logging.getLogger(__name__)
-EXPERIMENT = "rmens"
+# MLflow 3 opens an experiment on its GenAI (traces) page unless it is marked as model development.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def experiment_name(paths: ProjectPaths) -> str:
+    """One MLflow experiment per project folder (runs/<preset>), so presets stay apart on a shared server."""
+    return f"rmens-{paths.root.name}"
 
 
 class StageContext(BaseModel):
@@ -34,19 +41,31 @@ class StageContext(BaseModel):
     project_dir: str
     experiment_id: str | None = None
     parent_run_id: str | None = None
-    # The key of the stage call this context is passed to, computed once by the Stager and reused by
-    # Prefect's cache policy and by run_stage (a stage key serialises the whole config and hashes code).
+    # The stage call this context is passed to, set by the Stager: its key, computed once and reused by
+    # Prefect's cache policy and by run_stage (a stage key serialises the whole config and hashes code),
+    # its label (the arm or role: child runs are named `stage:label`) and what MLflow compare views group
+    # by (arm, kind, k, rule), logged as rmens.* tags and as params.
     stage_key: str | None = None
+    stage_label: str | None = None
+    stage_tags: dict[str, str] = Field(default_factory=dict)
 
-    def for_stage(self, key: str) -> StageContext:
-        return StageContext.model_validate({**self.model_dump(), "stage_key": key})
+    def for_stage(self, key: str, label: str, tags: dict[str, str] | None = None) -> StageContext:
+        return StageContext.model_validate({**self.model_dump(), "stage_key": key, "stage_label": label,
+                                            "stage_tags": tags or {}})
+
+    def run_name(self, stage: str) -> str:
+        return f"{stage}:{self.stage_label}" if self.stage_label else stage
+
+    def run_tags(self, stage: str) -> dict[str, str]:
+        return {"rmens.stage": stage, **({"rmens.label": self.stage_label} if self.stage_label else {}),
+                **{f"rmens.{k}": v for k, v in self.stage_tags.items()}}
 
     @property
     def paths(self) -> ProjectPaths:
         return ProjectPaths.at(self.project_dir)
 
 
-def setup(paths: ProjectPaths, experiment: str = EXPERIMENT) -> str:
+def setup(paths: ProjectPaths, experiment: str | None = None) -> str:
     """Point MLflow at the project store (or MLFLOW_TRACKING_URI) and return the experiment id.
 
     The first use of a SQLite store creates its tables; two processes doing that at once on a fresh
@@ -57,12 +76,13 @@ def setup(paths: ProjectPaths, experiment: str = EXPERIMENT) -> str:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     paths.make()
     _use(paths.tracking_uri)
+    experiment = experiment or experiment_name(paths)
     with FileLock(paths.root / ".mlflow-setup.lock"):
         client = MlflowClient(paths.tracking_uri)
         found = client.get_experiment_by_name(experiment)
         if found is None:
             location = None if paths.tracking_uri.startswith("http") else paths.mlflow_artifacts.as_uri()
-            experiment_id = client.create_experiment(experiment, artifact_location=location)
+            experiment_id = client.create_experiment(experiment, artifact_location=location, tags=EXPERIMENT_KIND)
         else:
             experiment_id = found.experiment_id
     if (paths.tracking_uri, experiment_id) not in _SWEPT:
@@ -145,7 +165,9 @@ def parent_run(paths: ProjectPaths, flow: str, config: BaseModel, tags: dict[str
                ) -> Iterator[StageContext]:
     experiment_id = setup(paths)
     client = MlflowClient(paths.tracking_uri)
-    run_id = _start(client, experiment_id, flow, None, {"rmens.flow": flow, **(tags or {})})
+    short = digest(config.model_dump(mode="json"))[:7]
+    run_id = _start(client, experiment_id, f"{flow} · {short}", None,
+                    {"rmens.flow": flow, "rmens.config_digest": short, **(tags or {})})
     log_params(client, run_id, flatten(config))
     client.log_dict(run_id, config.model_dump(mode="json"), "config.json")
     error = None
@@ -201,7 +223,8 @@ def record_cache_hit(ctx: StageContext, stage: str, ref, extra_tags: dict[str, s
             "rmens.cached_from_run_id": ref.mlflow_run_id or "",
             "mlflow.note.content": f"Cache hit: the artifact was produced by run {ref.mlflow_run_id}.",
             **(extra_tags or {})}
-    run_id = _start(client, ctx.experiment_id or setup(ctx.paths), f"{stage} (cached)", ctx.parent_run_id, tags)
+    run_id = _start(client, ctx.experiment_id or setup(ctx.paths), f"{ctx.run_name(stage)} (cached)",
+                    ctx.parent_run_id, {**ctx.run_tags(stage), **tags})
     log_metrics(client, run_id, {k: v for k, v in ref.summary.items() if isinstance(v, (int, float))})
     client.set_terminated(run_id, "FINISHED")
     return run_id
