@@ -69,11 +69,29 @@ def report(ctx: StageContext, title: str, refs: dict[str, ArtifactRef]) -> Artif
             lines += ["| " + r["label"] + " | " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |"
                       for r in stage_rows]
             lines.append("")
+        figures = overlay_figures(refs, folder)
+        lines += [f"![{name}]({name})" for name in figures]
         (folder / "report.md").write_text("\n".join(lines))
         (folder / "rows.json").write_text(json.dumps(rows, indent=2))
         return {"rows": len(rows)}
 
     return run_stage(ctx, "report", {"title": title, "refs": refs}, build)
+
+
+def overlay_figures(refs: dict[str, ArtifactRef], folder: Path) -> list[str]:
+    """Every arm in one figure: Best-of-n (proxy and judge against KL_bon) and PPO (judge and proxy against KL)."""
+    from rmens.evaluation.overlay import plot_bon_overlay, plot_ppo_overlay
+
+    made = []
+    bon = [ref for ref in refs.values() if ref.stage == "best_of_n"]
+    if bon and plot_bon_overlay(json.loads((bon[0].folder / "bon_curves.json").read_text()),
+                                folder / "bon_overlay.png"):
+        made.append("bon_overlay.png")
+    ppo = {label.removeprefix("eval:ppo:"): json.loads((ref.folder / "ppo_points.json").read_text())
+           for label, ref in refs.items() if (ref.folder / "ppo_points.json").is_file()}
+    if plot_ppo_overlay(ppo, folder / "ppo_overlay.png"):
+        made.append("ppo_overlay.png")
+    return made
 
 
 def publish(ctx: StageContext, ref: ArtifactRef, title: str) -> None:
@@ -86,8 +104,9 @@ def publish(ctx: StageContext, ref: ArtifactRef, title: str) -> None:
     create_table_artifact(table=table, key="rmens-arms", description=f"{title}: every stage output and its numbers")
     if ctx.parent_run_id:
         client = client_for(ctx)
-        for name in ("report.md", "summary.csv"):
-            client.log_artifact(ctx.parent_run_id, str(ref.folder / name))
+        for name in ("report.md", "summary.csv", "bon_overlay.png", "ppo_overlay.png"):
+            if (ref.folder / name).is_file():
+                client.log_artifact(ctx.parent_run_id, str(ref.folder / name))
         # MLflow's table logging: the parent run's Artifacts tab shows it as a sortable table.
         client.log_table(ctx.parent_run_id, data={k: [row[k] for row in table] for k in table[0]} if table else {},
                          artifact_file="comparison.json")

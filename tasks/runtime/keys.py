@@ -25,7 +25,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "ppo": ("rmens.ppo", "rmens.generation", "rmens.reward", "rmens.models", "rmens.data"),
     "evaluate": ("rmens.evaluation", "rmens.generation", "rmens.reward", "rmens.models", "rmens.data",
                  "tasks.runtime.judging"),
-    "report": (),
+    "report": ("rmens.evaluation.overlay",),
 }
 
 
