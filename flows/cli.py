@@ -189,10 +189,13 @@ def cmd_server(args) -> int:
 
 def cmd_run(args) -> int:
     config = pipeline_config(args)
-    prepare_environment(config.project_dir)
+    from rmens.data.loaders import check_sources
     from rmens.models.context import check_max_lengths
 
-    check_max_lengths(config.trained_ensembles())  # here, not in the flow: no server start, no flow traceback
+    # Here as well as in the flow: before a temporary server starts, and without a flow's traceback.
+    check_sources(config.data_sources())
+    check_max_lengths(config.trained_ensembles())
+    prepare_environment(config.project_dir)
     from flows.pipeline import pipeline
 
     start = time.perf_counter()

@@ -10,11 +10,11 @@ from rmens.config import EvaluateFlowConfig
 from tasks.evaluate import evaluate as evaluate_task
 from tasks.prepare_models import prepare_models
 from tasks.runtime.paths import ProjectPaths
-from tasks.runtime.stager import Stager, flow_run_tags
+from tasks.runtime.stager import Stager, flow_run_name, flow_run_tags
 from tasks.runtime.tracking import parent_run
 
 
-@flow(name="rmens-evaluate", validate_parameters=True)
+@flow(name="rmens-evaluate", flow_run_name=flow_run_name("evaluate"), validate_parameters=True)
 def evaluate(config: EvaluateFlowConfig = EvaluateFlowConfig(), refresh: bool = False) -> dict:
     paths = ProjectPaths.at(config.project_dir).make()
     run_name = f"evaluate:{config.label}"

@@ -16,11 +16,11 @@ from rmens.experiment.runner import claim_output, publish
 from tasks.experiment import EXPERIMENT_TASKS
 from tasks.runtime.paths import ProjectPaths
 from tasks.runtime.refs import ArtifactRef
-from tasks.runtime.stager import Stager, flow_run_tags
+from tasks.runtime.stager import Stager, flow_run_name, flow_run_tags
 from tasks.runtime.tracking import client_for, parent_run
 
 
-@flow(name="rmens-experiment", validate_parameters=True)
+@flow(name="rmens-experiment", flow_run_name=flow_run_name("experiment"), validate_parameters=True)
 def experiment(config: ExperimentConfig | None = None, size: str = "tiny", overrides: list[str] | None = None,
                out: str | None = None, part: Part = "all", refresh: bool = False) -> dict:
     """Give a full `config`, or a `size` with dotted `overrides`. `out` (default runs/experiment-<size>)

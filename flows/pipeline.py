@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.steps import train_arms, train_judge
+from flows.steps import check_before_work, train_arms, train_judge
 from rmens.config import PipelineConfig, derive, load_preset
 from tasks.best_of_n import best_of_n
 from tasks.evaluate import evaluate
@@ -18,23 +18,21 @@ from tasks.prepare_models import prepare_models
 from tasks.report import publish, report
 from tasks.runtime.paths import ProjectPaths
 from tasks.runtime.refs import ArtifactRef
-from tasks.runtime.stager import Stager, flow_run_tags
+from tasks.runtime.stager import Stager, flow_run_name, flow_run_tags
 from tasks.runtime.tracking import parent_run
 from tasks.sample import sample
 from tasks.score import score
 
 
-@flow(name="rmens-pipeline", validate_parameters=True)
+@flow(name="rmens-pipeline", flow_run_name=flow_run_name("pipeline"), validate_parameters=True)
 def pipeline(config: PipelineConfig | None = None, preset: str = "smoke", overrides: list[str] | None = None,
              refresh: bool = False) -> dict:
     """Run every stage of the experiment; returns {label: summary} and the Prefect state of each stage.
 
     Give a full `config`, or a `preset` name with dotted `overrides` (what deployments use).
     """
-    from rmens.models.context import check_max_lengths
-
     config = config or load_preset(preset, overrides)
-    check_max_lengths(config.trained_ensembles())  # before any stage: a too-long context fails in one line
+    check_before_work(config)
     paths = ProjectPaths.at(config.project_dir).make()
     run_name = f"pipeline:{config.name}"
     with parent_run(paths, run_name, config, tags=flow_run_tags()) as ctx, Stager(ctx, refresh) as stage:

@@ -11,11 +11,11 @@ from rmens.config import RetrainConfig
 from tasks.prepare_data import read_pairs
 from tasks.runtime.paths import ProjectPaths
 from tasks.runtime.registry import promote_if_better
-from tasks.runtime.stager import Stager, flow_run_tags
+from tasks.runtime.stager import Stager, flow_run_name, flow_run_tags
 from tasks.runtime.tracking import client_for, log_metrics, parent_run, set_tags
 
 
-@flow(name="rmens-retrain", validate_parameters=True)
+@flow(name="rmens-retrain", flow_run_name=flow_run_name("retrain"), validate_parameters=True)
 def retrain(config: RetrainConfig = RetrainConfig(), refresh: bool = False) -> dict:
     paths = ProjectPaths.at(config.project_dir).make()
     if not config.log_model:

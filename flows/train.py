@@ -7,11 +7,11 @@ from prefect import flow
 from flows.steps import train_one
 from rmens.config import TrainFlowConfig
 from tasks.runtime.paths import ProjectPaths
-from tasks.runtime.stager import Stager, flow_run_tags
+from tasks.runtime.stager import Stager, flow_run_name, flow_run_tags
 from tasks.runtime.tracking import parent_run
 
 
-@flow(name="rmens-train", validate_parameters=True)
+@flow(name="rmens-train", flow_run_name=flow_run_name("train"), validate_parameters=True)
 def train(config: TrainFlowConfig = TrainFlowConfig(), refresh: bool = False) -> dict:
     paths = ProjectPaths.at(config.project_dir).make()
     with parent_run(paths, f"train:{config.label}", config, tags=flow_run_tags()) as ctx, \

@@ -543,6 +543,11 @@ class PipelineConfig(StrictModel):
         return [Selection(arm=arm, rule=rule, n=n) for arm in self.arms.arms() for rule in arm.rules(self.arms.rules)
                 for n in sorted(set(self.evaluate.bon_select_n))]
 
+    def data_sources(self) -> dict[str, BaseModel]:
+        """Every section that reads data, by setting name (for checks before any work)."""
+        return {"data": self.data, **({"judge.data": self.judge.data} if self.judge.kind == "reward_model" else {}),
+                "bon_prompts": self.bon_prompts, "ppo_prompts": self.ppo_prompts, "evaluate": self.evaluate}
+
     def trained_ensembles(self) -> dict[str, EnsembleConfig]:
         """The ensemble settings reward models are trained with, by section (for checks before any work)."""
         return {"ensemble": self.ensemble,

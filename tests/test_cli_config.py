@@ -62,3 +62,28 @@ def test_arms_rules_and_selections_are_typed_with_one_label_and_path_each():
     picks = {s.label: s for s in config.selections()}
     assert picks["bon:lora-k3/lcb1:n4"].file_name == "lora-k3_lcb1_n4.jsonl"
     assert len(picks) == 1 + 4 + 4  # single under the mean only, each ensemble under every rule
+
+
+def test_a_missing_data_folder_is_reported_before_any_work(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from rmens.config import load_preset
+    from rmens.data.loaders import check_sources
+
+    monkeypatch.delenv("RMENS_DATA_DIR", raising=False)
+    sections = load_preset("cpu").data_sources()
+    with pytest.raises(ValueError, match="data.source=alpaca_eval: .*RMENS_DATA_DIR"):
+        check_sources(sections)
+    monkeypatch.setenv("RMENS_DATA_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match=f"no data folder at {tmp_path / 'alpaca_eval'}"):
+        check_sources(sections)
+    # The command: one line and exit 2, before the model conversion or a Prefect server start.
+    env = {k: v for k, v in os.environ.items() if k != "RMENS_DATA_DIR"}
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--preset", "cpu", "--set",
+                           f"project_dir={tmp_path / 'p'}"], cwd=Path(__file__).parents[1], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
+    assert "data.source=alpaca_eval" in done.stderr and not (tmp_path / "p").exists()

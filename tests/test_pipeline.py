@@ -94,6 +94,7 @@ def test_runs_name_themselves_and_carry_what_compare_views_group_by(pipeline_run
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on the runs table
     parent = client.get_run(first["parent_run_id"])
     assert parent.info.run_name == f"pipeline:smoke · {parent.data.tags['rmens.config_digest']}"
+    assert parent.data.tags["prefect.flow_run_name"].startswith("pipeline:smoke ")  # not a random name
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert {"train_ensemble:linear-k3", "train_ensemble:judge", "score:lora-k3", "evaluate:ppo:single",
             "evaluate:bon:linear-k3/lcb1:n4", "ppo:single", "report:report"} <= set(children)

@@ -277,3 +277,20 @@ def alpaca_eval_folder(path: str | None = None) -> Path:
     if root is None:
         raise DataError("AlpacaEval data needs a folder: pass data.path or set RMENS_DATA_DIR to the data folder")
     return root / "alpaca_eval"
+
+
+def check_sources(sections: dict[str, Any]) -> None:
+    """Fail in one line, before any model is built or converted, when a configured data source is missing:
+    `sections` maps a setting's name (data, judge.data, bon_prompts, evaluate) to its Data/Prompts/Eval config."""
+    for name, section in sections.items():
+        source, path = getattr(section, "source", None), getattr(section, "path", None)
+        if source == "alpaca_eval":
+            try:
+                folder = alpaca_eval_folder(path)
+            except DataError as err:
+                raise DataError(f"{name}.source=alpaca_eval: {err}") from None
+            if not folder.is_dir():
+                raise DataError(f"{name}.source=alpaca_eval: no data folder at {folder} (set RMENS_DATA_DIR or "
+                                f"{name}.path)")
+        elif source in ("jsonl", "file") and path and not Path(path).expanduser().exists():
+            raise DataError(f"{name}.path: {path} does not exist")

@@ -8,6 +8,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -116,3 +117,18 @@ def flow_run_tags() -> dict[str, str]:
     if run is None or run.flow_run is None:
         return {}
     return {"prefect.flow_run_id": str(run.flow_run.id), "prefect.flow_run_name": run.flow_run.name}
+
+
+def flow_run_name(flow: str) -> Callable[[], str]:
+    """A readable Prefect flow-run name, `<flow>:<preset, size or label> <time>`, instead of a random one."""
+
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        params = flow_run.parameters
+        config = params.get("config")
+        subject = (getattr(config, "name", None) or getattr(config, "size", None) or getattr(config, "label", None)
+                   or params.get("preset") or params.get("size") or "default")
+        return f"{flow}:{subject} {time.strftime('%m-%d %H:%M:%S')}"
+
+    return name
