@@ -51,7 +51,7 @@ def train_ensemble(ctx: StageContext, data: ArtifactRef, ensemble: EnsembleConfi
             uri, version = log_and_register(str(folder / "ensemble"), registered_model, [label],
                                             AggregationConfig().model_dump())
             set_tags(client, run_id, {"rmens.model_uri": uri, "rmens.model_version": str(version)})
-            summary["model_version"] = int(version) if version else 0
+            summary["model_version"] = str(version or "")  # an id, not a measurement: text, so not a metric
         return summary
 
     return run_stage(ctx, "train_ensemble", {"data": data, "ensemble": ensemble, "train_cfg": train_cfg,

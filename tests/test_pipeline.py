@@ -100,6 +100,13 @@ def test_runs_name_themselves_and_carry_what_compare_views_group_by(pipeline_run
             "evaluate:bon:linear-k3/lcb1:n4", "ppo:single", "report:report"} <= set(children)
     lora = children["train_ensemble:lora-k3"]
     assert (lora.data.tags["rmens.kind"], lora.data.tags["rmens.k"], lora.data.params["kind"]) == ("lora", "3", "lora")
+    # One metric vocabulary: a LoRA arm's curve has the linear arm's names; no second spelling, no ids.
+    linear = children["train_ensemble:linear-k3"]
+    assert {"train.loss", "val_accuracy"} <= set(lora.data.metrics) & set(linear.data.metrics)
+    phases = {m.value for m in client.get_metric_history(lora.info.run_id, "train.phase")}
+    assert phases == {1.0, 2.0}  # heads, then adapters, on one step axis
+    every = {name for run in children.values() for name in run.data.metrics}
+    assert not any(n.startswith(("stage1", "stage2", "val.")) for n in every) and "model_version" not in every
     pick = children["evaluate:bon:linear-k3/lcb1:n4"].data
     assert (pick.tags["rmens.arm"], pick.tags["rmens.rule"], pick.tags["rmens.n"]) == ("linear-k3", "lcb1", "4")
     assert (children["ppo:single"].data.tags["rmens.arm"], children["ppo:single"].data.tags["rmens.rule"]) == (

@@ -59,7 +59,7 @@ def test_training_learns_and_saves(kind, split, tmp_path):
     history = [h for stage in result.stages.values() for h in stage.history]
     losses = [v for h in history for k, v in h.items() if k.endswith("/loss")]
     assert losses[-1] < losses[0]
-    assert any("val/accuracy" in m for _, m in log), "periodic evaluation reached the log callback"
+    assert any("val_accuracy" in m for _, m in log), "periodic evaluation reached the log callback"
     assert set(result.stages) == ({"stage1", "stage2"} if kind == "lora" else {"train"})
     saved = json.loads((tmp_path / "ens" / "train_metrics.json").read_text())
     assert saved["metrics"]["accuracy"] == result.metrics["accuracy"]

@@ -140,7 +140,8 @@ class EnsembleTrainer:
     """Trains a RewardEnsemble on encoded pairs; one instance per training stage."""
 
     def __init__(self, accelerator: Accelerator, ensemble: RewardEnsemble, cfg: TrainConfig, pad_id: int,
-                 *, lr: float, schedule: str, stage: str, log_fn: LogFn | None = None, step_offset: int = 0):
+                 *, lr: float, schedule: str, stage: str, log_fn: LogFn | None = None, step_offset: int = 0,
+                 phase: int = 1):
         self.accelerator = accelerator
         self.ensemble = ensemble
         self.cfg = cfg
@@ -150,6 +151,7 @@ class EnsembleTrainer:
         self.stage = stage
         self.log_fn = log_fn
         self.step_offset = step_offset
+        self.phase = phase  # LoRA: 1 = heads on the frozen backbone, 2 = adapters; other kinds: 1
 
     def _loader(self, data: EncodedPairs, seed: int, epoch: int) -> DataLoader:
         """This epoch's batches, in an order fixed by (seed, epoch) alone.
@@ -202,16 +204,18 @@ class EnsembleTrainer:
                     optimizer.zero_grad()
                 step += 1
                 bar.update(1)
-                metrics = {f"{self.stage}/loss": float(acc.reduce(loss.detach(), "mean")),
-                           f"{self.stage}/lr": scheduler.get_last_lr()[0]}
+                # One vocabulary whatever the kind: every phase logs train/*, on one step axis, with its
+                # phase number, so a LoRA ensemble's curve sits on the same chart as a linear one's.
+                metrics = {"train/loss": float(acc.reduce(loss.detach(), "mean")),
+                           "train/lr": scheduler.get_last_lr()[0], "train/phase": float(self.phase)}
                 if grad_norm is not None:
-                    metrics[f"{self.stage}/grad_norm"] = float(grad_norm)
+                    metrics["train/grad_norm"] = float(grad_norm)
                 reduced = acc.reduce(per_member, "mean")
-                metrics.update({f"{self.stage}/loss_m{i}": float(v) for i, v in enumerate(reduced)})
-                bar.set_postfix(loss=f"{metrics[f'{self.stage}/loss']:.4f}")
+                metrics.update({f"train/loss_m{i}": float(v) for i, v in enumerate(reduced)})
+                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
                 if val is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                     metrics.update(scalar_metrics(evaluate_pairs(model, val, self.pad_id, cfg.eval_batch_size, acc),
-                                                  "val/"))
+                                                  "val_"))
                 self._log(self.step_offset + step, metrics, history)
                 if step >= total:
                     break
@@ -261,7 +265,7 @@ def train_ensemble(ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: list[
         stages["stage1"] = trainer.train(encode(stage1_pairs, 1), val)
         ensemble = to_lora(trainer.ensemble, ens_cfg)
         trainer = EnsembleTrainer(acc, ensemble, cfg, pad_id, lr=cfg.lora_lr, schedule=cfg.lora_schedule,
-                                  stage="stage2", log_fn=log_fn, step_offset=stages["stage1"].steps)
+                                  stage="stage2", log_fn=log_fn, step_offset=stages["stage1"].steps, phase=2)
         stages["stage2"] = trainer.train(encode(stage2_pairs, 2), val)
     else:
         trainer = EnsembleTrainer(acc, ensemble, cfg, pad_id, lr=cfg.lr, schedule=cfg.schedule, stage="train",
@@ -271,7 +275,7 @@ def train_ensemble(ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: list[
     metrics = evaluate_pairs(ensemble, val, pad_id, cfg.eval_batch_size, acc, val_pairs) if val is not None else {}
     total_steps = sum(s.steps for s in stages.values())
     if metrics and log_fn is not None and acc.is_main_process:
-        log_fn(total_steps, scalar_metrics(metrics, "val/"))
+        log_fn(total_steps, scalar_metrics(metrics, "val_"))
     path = None
     if output_dir is not None:
         path = Path(output_dir)

@@ -110,7 +110,9 @@ def run_stage(ctx: StageContext, stage: str, params: dict[str, Any],
                           summary=summary, files=files)
         from tasks.runtime.tracking import client_for
 
-        log_metrics(client_for(ctx), run_id, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        # At the stage's last step (where it has steps): a final value continues its curve, e.g. val_accuracy.
+        step = int(summary.get("steps") or 0)
+        log_metrics(client_for(ctx), run_id, {k: v for k, v in summary.items() if isinstance(v, (int, float))}, step)
         set_tags(client_for(ctx), run_id, {"rmens.artifact": ref.path, "rmens.sha256": ref.sha256})
     return seal(ref)
 
