@@ -79,10 +79,17 @@ def report(ctx: StageContext, title: str, refs: dict[str, ArtifactRef]) -> Artif
 
 
 def overlay_figures(refs: dict[str, ArtifactRef], folder: Path) -> list[str]:
-    """Every arm in one figure: Best-of-n (proxy and judge against KL_bon) and PPO (judge and proxy against KL)."""
-    from rmens.evaluation.overlay import plot_bon_overlay, plot_ppo_overlay
+    """Every arm in one figure: training loss by step, Best-of-n (proxy and judge against KL_bon) and PPO
+    (judge and proxy against KL)."""
+    from rmens.evaluation.overlay import plot_bon_overlay, plot_ppo_overlay, plot_train_overlay
 
     made = []
+    trained = {label: ref.folder / "ensemble" / "train_metrics.json" for label, ref in refs.items()
+               if ref.stage == "train_ensemble"}
+    histories = {label: [row for phase in json.loads(path.read_text())["history"].values() for row in phase]
+                 for label, path in trained.items() if path.is_file()}
+    if plot_train_overlay(histories, folder / "train_overlay.png"):
+        made.append("train_overlay.png")
     bon = [ref for ref in refs.values() if ref.stage == "best_of_n"]
     if bon and plot_bon_overlay(json.loads((bon[0].folder / "bon_curves.json").read_text()),
                                 folder / "bon_overlay.png"):
@@ -104,7 +111,7 @@ def publish(ctx: StageContext, ref: ArtifactRef, title: str) -> None:
     create_table_artifact(table=table, key="rmens-arms", description=f"{title}: every stage output and its numbers")
     if ctx.parent_run_id:
         client = client_for(ctx)
-        for name in ("report.md", "summary.csv", "bon_overlay.png", "ppo_overlay.png"):
+        for name in ("report.md", "summary.csv", "train_overlay.png", "bon_overlay.png", "ppo_overlay.png"):
             if (ref.folder / name).is_file():
                 client.log_artifact(ctx.parent_run_id, str(ref.folder / name))
         # MLflow's table logging: the parent run's Artifacts tab shows it as a sortable table.

@@ -115,7 +115,8 @@ def test_runs_name_themselves_and_carry_what_compare_views_group_by(pipeline_run
     assert "train_ensemble:linear-k3 (cached)" in cached
     table = client.load_table(experiment.experiment_id, "comparison.json", run_ids=[parent.info.run_id])
     assert {"label", "stage", "win_rate", "win_rate_se", "judge_at_N", "proxy_at_N"} <= set(table.columns)
-    assert {"bon_overlay.png", "ppo_overlay.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    figures = {"train_overlay.png", "bon_overlay.png", "ppo_overlay.png"}
+    assert figures <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     labels = set(table["label"])
     assert {"eval:ppo:single", "eval:bon:lora-k3/uwo0.5:n4", "linear-k3/lcb1", "lora-k3"} <= labels, labels
 

@@ -50,3 +50,22 @@ def plot_ppo_overlay(points: dict[str, list[dict]], path: str | Path) -> Path | 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_train_overlay(histories: dict[str, list[dict]], path: str | Path) -> Path | None:
+    """`histories`: {arm: [{step, train/loss, ...}]} (every phase, in step order; rmens.training's history)."""
+    histories = {name: rows for name, rows in histories.items() if any("train/loss" in r for r in rows)}
+    if not histories:
+        return None
+    plt, fig, axes = _axes(1)
+    for name, rows in sorted(histories.items()):
+        rows = sorted((r for r in rows if "train/loss" in r), key=lambda r: r["step"])
+        axes[0].plot([r["step"] for r in rows], [r["train/loss"] for r in rows], label=name)
+    axes[0].set(xlabel="optimizer step", ylabel="Bradley-Terry loss (mean over members)",
+                title="Reward-model training")
+    axes[0].grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
