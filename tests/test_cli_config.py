@@ -87,3 +87,14 @@ def test_a_missing_data_folder_is_reported_before_any_work(tmp_path, monkeypatch
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
     assert "data.source=alpaca_eval" in done.stderr and not (tmp_path / "p").exists()
+
+
+def test_a_model_that_cannot_be_found_is_reported_in_one_line(tmp_path, monkeypatch):
+    from rmens.models.context import check_max_length
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="'no-such-org/no-such-model' is not a built-in alias"):
+        check_max_length("no-such-org/no-such-model", 64)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a model folder"):
+        check_max_length(str(tmp_path / "empty"), 64)

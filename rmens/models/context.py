@@ -29,9 +29,16 @@ def backbone_context(backbone: str) -> tuple[str, int]:
     folder = Path(backbone).expanduser()
     if (folder / "config.json").is_file():
         return context_field(json.loads((folder / "config.json").read_text()))
+    if folder.exists():
+        raise FileNotFoundError(f"{backbone} is not a model folder (no config.json)")
     from transformers import AutoConfig
 
-    return context_field(AutoConfig.from_pretrained(backbone).to_dict())
+    try:
+        return context_field(AutoConfig.from_pretrained(backbone).to_dict())
+    except OSError as err:  # not in the Hugging Face cache and no network, or no such model id
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(f"model {backbone!r} is not a built-in alias, a local folder or a Hugging Face "
+                                f"id reachable from here ({first})") from None
 
 
 def check_max_length(backbone: str, max_length: int, field: str = "ensemble.max_length") -> None:
