@@ -143,6 +143,29 @@ def running_server_url() -> str | None:
         return None
 
 
+def _answers(url: str) -> str | None:
+    """None when `url` answers HTTP 200, else why not."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return None if response.status == 200 else f"HTTP {response.status}"
+    except OSError as err:
+        return str(getattr(err, "reason", err))
+
+
+def check_servers() -> None:
+    """Servers the user pointed us at must answer before any work starts, not after the first stage."""
+    prefect = os.environ.get("PREFECT_API_URL")
+    if prefect and (why := _answers(f"{prefect.rstrip('/')}/health")):
+        raise ValueError(f"PREFECT_API_URL={prefect} does not answer ({why}); start it (rmens server start) or "
+                         "unset PREFECT_API_URL to use a temporary local server")
+    mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if mlflow_uri.startswith(("http://", "https://")) and (why := _answers(f"{mlflow_uri.rstrip('/')}/health")):
+        raise ValueError(f"MLFLOW_TRACKING_URI={mlflow_uri} does not answer ({why}); start the MLflow server or "
+                         "unset MLFLOW_TRACKING_URI to use the project's own store")
+
+
 def cmd_server(args) -> int:
     prepare_environment(args.project_dir, announce=False)
     pidfile = _server_pidfile()
@@ -195,6 +218,7 @@ def cmd_run(args) -> int:
     # Here as well as in the flow: before a temporary server starts, and without a flow's traceback.
     check_sources(config.data_sources())
     check_max_lengths(config.trained_ensembles())
+    check_servers()
     prepare_environment(config.project_dir)
     from flows.pipeline import pipeline
 
@@ -218,6 +242,7 @@ def cmd_experiment(args) -> int:
 
     config = load_experiment(args.size, args.set, eval_data=args.eval_data, data_dir=args.data_dir)
     out = args.out or f"runs/experiment-{args.size}"
+    check_servers()
     prepare_environment(out)
     from rmens.models.context import check_max_lengths
 
@@ -260,6 +285,7 @@ def cmd_flow(args) -> int:
 
     model = {"train": TrainFlowConfig, "evaluate": EvaluateFlowConfig, "retrain": RetrainConfig}[args.name]
     config = job_config(model, args)
+    check_servers()
     prepare_environment(config.project_dir)
     import flows.evaluate
     import flows.retrain

@@ -98,3 +98,23 @@ def test_a_model_that_cannot_be_found_is_reported_in_one_line(tmp_path, monkeypa
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="not a model folder"):
         check_max_length(str(tmp_path / "empty"), 64)
+
+
+def test_servers_that_do_not_answer_are_reported_before_any_work(monkeypatch):
+    import socket
+
+    from flows.cli import check_servers
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{port}/api")
+    with pytest.raises(ValueError, match="PREFECT_API_URL=.* does not answer"):
+        check_servers()
+    monkeypatch.delenv("PREFECT_API_URL")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    with pytest.raises(ValueError, match="MLFLOW_TRACKING_URI=.* does not answer"):
+        check_servers()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///x.db")  # a file store needs no server
+    check_servers()
