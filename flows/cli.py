@@ -131,24 +131,16 @@ def _port_free(port: int) -> bool:
 
 def running_server_url() -> str | None:
     """The URL of the server started by `rmens server start`, if that process is alive and answers."""
-    import urllib.request
-
-    if _our_server_pid() is None:
-        return None
     url = f"http://127.0.0.1:{SERVER_PORT}/api"
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return url if response.status == 200 else None
-    except OSError:
-        return None
+    return url if _our_server_pid() is not None and _answers(f"{url}/health", timeout=2) is None else None
 
 
-def _answers(url: str) -> str | None:
+def _answers(url: str, timeout: float = 5) -> str | None:
     """None when `url` answers HTTP 200, else why not."""
     import urllib.request
 
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             return None if response.status == 200 else f"HTTP {response.status}"
     except OSError as err:
         return str(getattr(err, "reason", err))
@@ -212,12 +204,9 @@ def cmd_server(args) -> int:
 
 def cmd_run(args) -> int:
     config = pipeline_config(args)
-    from rmens.data.loaders import check_sources
-    from rmens.models.context import check_max_lengths
+    from rmens.preflight import check_before_work
 
-    # Here as well as in the flow: before a temporary server starts, and without a flow's traceback.
-    check_sources(config.data_sources())
-    check_max_lengths(config.trained_ensembles())
+    check_before_work(config)  # here as well as in the flow: before a temporary server starts
     check_servers()
     prepare_environment(config.project_dir)
     from flows.pipeline import pipeline

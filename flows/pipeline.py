@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.steps import check_before_work, train_arms, train_judge
+from flows.steps import train_arms, train_judge
 from rmens.config import PipelineConfig, derive, load_preset
+from rmens.preflight import check_before_work
 from tasks.best_of_n import best_of_n
 from tasks.evaluate import evaluate
 from tasks.ppo import ppo

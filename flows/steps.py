@@ -36,12 +36,3 @@ def train_one(stage: Stager, config: TrainFlowConfig) -> tuple[ArtifactRef, Arti
                   label=config.label, registered_model=config.registered_model, log_model=config.log_model)
     return data, model
 
-
-def check_before_work(config: PipelineConfig) -> None:
-    """What fails in one line before any stage runs (or a model is converted): a data source that is not
-    there, a max_length beyond the backbone's context."""
-    from rmens.data.loaders import check_sources
-    from rmens.models.context import check_max_lengths
-
-    check_sources(config.data_sources())
-    check_max_lengths(config.trained_ensembles())

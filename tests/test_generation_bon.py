@@ -8,7 +8,7 @@ from conftest import TINY
 
 from rmens import bon
 from rmens.bon import bon_curve, bon_ns, draw_samples, expected_best_of_n, kl_bon, load_score_matrix, score_samples
-from rmens.config import BonConfig, EnsembleConfig, GenerationConfig
+from rmens.config import BonConfig, EnsembleConfig, GenerationConfig, derive
 from rmens.data.schema import DataError
 from rmens.generation import generate
 from rmens.models.aggregate import AggregationConfig, aggregate
@@ -28,7 +28,7 @@ def test_generation_is_seeded_bounded_and_stops_at_eos(policy, tiny_tokenizer):
     cfg = GenerationConfig(max_new_tokens=12, temperature=1.0, top_p=0.95, batch_size=2, seed=3)
     a = generate(policy, tiny_tokenizer, PROMPTS, cfg)
     b = generate(policy, tiny_tokenizer, PROMPTS, cfg)
-    c = generate(policy, tiny_tokenizer, PROMPTS, cfg.model_copy(update={"seed": 4}))
+    c = generate(policy, tiny_tokenizer, PROMPTS, derive(cfg, seed=4))
     assert a.texts == b.texts and a.response_ids == b.response_ids
     assert a.response_ids != c.response_ids
     eos = tiny_tokenizer.eos_token_id
@@ -36,7 +36,7 @@ def test_generation_is_seeded_bounded_and_stops_at_eos(policy, tiny_tokenizer):
         assert 1 <= len(ids) <= 12
         assert finished == (ids[-1] == eos) and eos not in ids[:-1]
     # batch size changes nothing but speed when each batch is seeded the same way
-    assert len(generate(policy, tiny_tokenizer, PROMPTS, cfg.model_copy(update={"batch_size": 3})).texts) == 3
+    assert len(generate(policy, tiny_tokenizer, PROMPTS, derive(cfg, batch_size=3)).texts) == 3
 
 
 def test_generation_bad_prompts(policy, tiny_tokenizer):

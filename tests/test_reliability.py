@@ -160,6 +160,9 @@ def test_a_run_killed_mid_stage_leaves_nothing_that_blocks_or_lies(tmp_path, pre
 
     assert "finished in" in out, out[-3000:]
     assert "taking it over" in out
+    # The console: a line per stage as it ends, cached or computed; no third-party warning.
+    assert "ppo:single" in out and " cached in " in out and " computed in " in out
+    assert "Warning" not in out, [line for line in out.splitlines() if "Warning" in line]
     assert "changed since it was made" in out and damaged.stat().st_size > 0
     assert not any(r.info.status == "RUNNING" for r in _runs(project))
     assert any(r.info.status == "KILLED" for r in _runs(project))
@@ -329,3 +332,39 @@ def test_a_changed_artifact_is_rebuilt_not_reused(tmp_path, caplog):
         again = run_stage(ctx, "report", {"x": 1}, build)
     assert len(builds) == 2 and again.sha256 == first.sha256
     assert "changed since it was made" in caplog.text and "weights.bin" in caplog.text
+
+
+def test_the_plain_runner_rebuilds_a_step_whose_files_changed(tmp_path, monkeypatch, caplog):
+    from rmens.experiment import runner
+
+    builds = []
+
+    def fake_pairs(folder: Path, **inputs) -> dict:
+        (folder / "pairs.jsonl").write_text('{"x": 1}\n')
+        builds.append(folder)
+        return {}
+
+    monkeypatch.setitem(runner.STEPS, "pairs", fake_pairs)
+    steps = runner.LocalSteps(tmp_path)
+    first = steps("pairs", "pairs", seed=1)
+    assert steps("pairs", "pairs", seed=1).folder == first.folder and len(builds) == 1
+    (first.folder / "pairs.jsonl").write_text('{"x": 2}\n')  # same size, other content
+    with _captured(caplog, "rmens.experiment.runner"):
+        steps("pairs", "pairs", seed=1)
+    assert len(builds) == 2 and "changed since it was made" in caplog.text and "pairs.jsonl" in caplog.text
+
+
+def test_sigterm_to_rmens_ui_stops_the_mlflow_server_it_started(tmp_path):
+    from tasks.runtime.paths import ProjectPaths
+    from tasks.runtime.tracking import setup
+
+    setup(ProjectPaths.at(tmp_path / "p"))  # a store to show
+    port = _free_port()
+    ui = _rmens("ui", "--project-dir", str(tmp_path / "p"), "--port", str(port), env=_env(tmp_path, None))
+    _wait_for(lambda: _answers(f"http://127.0.0.1:{port}/health") or ui.poll() is not None, 120, "the MLflow UI")
+    children = psutil.Process(ui.pid).children(recursive=True)
+    assert children and ui.poll() is None
+    ui.send_signal(signal.SIGTERM)
+    _finish(ui, 60)
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, f"left running: {[p.cmdline() for p in alive]}"

@@ -99,7 +99,6 @@ def run_stage(ctx: StageContext, stage: str, params: dict[str, Any],
         shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     flat = log_params if log_params is not None else params_for_tracking(params)
-    _quiet_model_loading()
     flat.update(ctx.stage_tags)  # arm, kind, k, rule: as params too, which compare views list and plot
     with child_run(ctx, stage, flat, {**ctx.run_tags(stage), "rmens.key": key[:16]},
                    name=run_name or ctx.run_name(stage)) as run_id:
@@ -115,14 +114,6 @@ def run_stage(ctx: StageContext, stage: str, params: dict[str, Any],
         log_metrics(client_for(ctx), run_id, {k: v for k, v in summary.items() if isinstance(v, (int, float))}, step)
         set_tags(client_for(ctx), run_id, {"rmens.artifact": ref.path, "rmens.sha256": ref.sha256})
     return seal(ref)
-
-
-def _quiet_model_loading() -> None:
-    """No per-file "Loading weights" bars from transformers in the console; imported here, where a stage is
-    about to compute (and load models), so that a fully cached run never pays for the import."""
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
 
 
 def params_for_tracking(params: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,14 @@
+"""What a pipeline config can be checked for before any work (no model built or converted, no server
+started): its data sources exist and each trained max_length fits its backbone's context. The CLI runs
+it before starting Prefect, and the flow runs it again at its start for deployments."""
+
+from __future__ import annotations
+
+from rmens.config import PipelineConfig
+from rmens.data.loaders import check_sources
+from rmens.models.context import check_max_lengths
+
+
+def check_before_work(config: PipelineConfig) -> None:
+    check_sources(config.data_sources())
+    check_max_lengths(config.trained_ensembles())
