@@ -21,6 +21,7 @@ from tasks.runtime.paths import ProjectPaths
 from tasks.runtime.refs import ArtifactRef
 from tasks.runtime.stager import Stager, flow_run_name, flow_run_tags
 from tasks.runtime.tracking import parent_run
+from tasks.runtime.uptodate import record_last_run
 from tasks.sample import sample
 from tasks.score import score
 
@@ -70,5 +71,6 @@ def pipeline(config: PipelineConfig | None = None, preset: str = "smoke", overri
         title = f"rmens pipeline '{config.name}'"
         summary_ref = stage(report, "report", title=title, refs=refs)
         publish(ctx, summary_ref, title)
+    record_last_run(paths, "pipeline", config, ctx.parent_run_id, summary_ref.path, stage.outputs)
     return {"report": summary_ref.path, "parent_run_id": ctx.parent_run_id, "states": stage.states,
             "summaries": {label: ref.summary for label, ref in refs.items()}}

@@ -1,7 +1,10 @@
 """The Prefect pipeline on the smoke preset, under prefect_test_harness, with MLflow in a temp folder."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,6 +61,65 @@ def test_changing_ppo_reruns_only_ppo_and_what_follows(pipeline_runs):
     rerun = {name for name, state in third["states"].items() if state != "Cached"}
     assert rerun == {"ppo:single", "evaluate:ppo:single", "report:report"}, third["states"]
     assert third["summaries"]["ppo:single"] != first["summaries"]["ppo:single"]
+
+
+LAST = ["ppo.lr=0.005"]  # the overrides of the fixture's last run
+
+
+def _cli_args(project, overrides):
+    return ["run", *[arg for o in [f"project_dir={project}", "ppo_arms=[single]", "evaluate.mt_bench_questions=1",
+                                   *overrides] for arg in ("--set", o)]]
+
+
+def test_an_unchanged_rerun_reports_the_last_run_without_prefect_or_mlflow(pipeline_runs):
+    project, *_, third = pipeline_runs
+    _, before = runs_of(project)
+    code = ("import sys; from flows.cli import main; rc = main(sys.argv[1:]); "
+            "print('heavy:', sorted(m for m in ('prefect', 'mlflow', 'torch') if m in sys.modules)); sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, *_cli_args(project, LAST)], capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "is up to date" in done.stdout and f"parent run {third['parent_run_id']}" in done.stdout
+    assert "heavy: []" in done.stdout  # no Prefect, MLflow or torch import: nothing ran
+    assert f"stages: {len(third['states'])} (all up to date" in done.stdout
+    assert len(runs_of(project)[1]) == len(before)  # and nothing new recorded
+
+
+def test_anything_a_rerun_depends_on_changing_sends_it_through_prefect(pipeline_runs, monkeypatch):
+    from tasks.runtime import uptodate
+    from tasks.runtime.paths import ProjectPaths
+
+    project, *_ = pipeline_runs
+    paths, config = ProjectPaths.at(project), smoke(project, *LAST)
+    assert uptodate.still_standing(paths, "pipeline", config) is not None
+    assert uptodate.still_standing(paths, "pipeline", smoke(project, "ppo.lr=0.004")) is None  # config
+    assert uptodate.still_standing(paths, "train", config) is None  # another flow's record
+    samples = next((project / "artifacts" / "sample").iterdir()) / "samples.jsonl"
+    original = samples.read_bytes()
+    samples.write_bytes(original + b"\n")  # a damaged artifact
+    assert uptodate.still_standing(paths, "pipeline", config) is None
+    samples.write_bytes(original)
+    assert uptodate.still_standing(paths, "pipeline", config) is not None  # same bytes again: re-hashed, intact
+    store = paths.mlflow_db.rename(project / "moved.db")  # the runs it would point at are gone
+    assert uptodate.still_standing(paths, "pipeline", config) is None
+    store.rename(paths.mlflow_db)
+    monkeypatch.setattr(uptodate, "source_fingerprint", lambda modules: "edited")  # a source file changed
+    assert uptodate.still_standing(paths, "pipeline", config) is None
+
+
+@pytest.mark.parametrize("flag", ["--record", "--refresh"])
+def test_record_and_refresh_run_the_flow_even_when_up_to_date(pipeline_runs, monkeypatch, capsys, flag):
+    import flows.cli
+    import flows.pipeline
+
+    project, *_, third = pipeline_runs
+    calls = []
+    monkeypatch.setattr(flows.cli, "check_servers", lambda: None)
+    monkeypatch.setattr(flows.cli, "prepare_environment", lambda project_dir: None)
+    monkeypatch.setattr(flows.pipeline, "pipeline", lambda config, refresh: calls.append(refresh) or
+                        {**third, "states": {"report:report": "Cached"}})
+    assert flows.cli.main([*_cli_args(project, LAST), flag]) == 0
+    assert calls == [flag == "--refresh"] and "1 (1 served from Prefect's cache)" in capsys.readouterr().out
 
 
 def test_mlflow_parent_child_structure_metrics_and_cache_links(pipeline_runs):

@@ -71,6 +71,7 @@ class Stager:
         self.paths = ProjectPaths.at(ctx.project_dir)
         self.refresh = refresh
         self.states: dict[str, str] = {}
+        self.outputs: list[tuple[str, ArtifactRef]] = []  # (stage:label, its artifact), in the order they ran
         self._tracking = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rmens-tracking")
         self._pending: list[Future] = []
 
@@ -104,6 +105,7 @@ class Stager:
         if isinstance(ref, dict):  # JSON results come back as plain data
             ref = ArtifactRef.model_validate(ref)
         self.states[name] = state.name
+        self.outputs.append((name, ref))
         cached = state.name == "Cached"
         progress.info("%-40s %s in %.1f s", name, "cached" if cached else "computed", time.perf_counter() - start)
         stop_if_terminated()
