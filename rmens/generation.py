@@ -17,6 +17,7 @@ from rmens.config import GenerationConfig
 from rmens.data.encoding import Prompt, render_prompt
 from rmens.data.schema import DataError
 from rmens.models.backbone import context_length
+from rmens.seeding import Stream, seed_for
 
 
 @dataclass
@@ -98,8 +99,9 @@ def cut_at_eos(tokens: list[int], stop: set[int]) -> tuple[list[int], bool]:
 
 @torch.no_grad()
 def generate(policy, tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], cfg: GenerationConfig,
-             *, seed_offset: int = 0, progress: bool = False) -> Samples:
-    """Sample one response per prompt (repeat prompts for several samples each)."""
+             *, stream: Stream = Stream.SAMPLE, indices: tuple[int, ...] = (), progress: bool = False) -> Samples:
+    """Sample one response per prompt (repeat prompts for several samples each); batch b draws from the
+    seed of (cfg.seed, stream, *indices, b)."""
     prompt_ids = encode_prompts(tokenizer, prompts, cfg.max_new_tokens, context_length(policy.config))
     stop = eos_ids(policy, tokenizer)
     device = next(policy.parameters()).device
@@ -111,7 +113,7 @@ def generate(policy, tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], 
     for batch_index, start in enumerate(tqdm(starts, desc="generate", disable=not progress)):
         chunk = prompt_ids[start: start + cfg.batch_size]
         ids, mask = left_pad(chunk, tokenizer.pad_token_id, device)
-        torch.manual_seed(cfg.seed * 1_000_003 + seed_offset * 7919 + batch_index)
+        torch.manual_seed(seed_for(cfg.seed, stream, *indices, batch_index))
         sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0} \
             if cfg.do_sample else {"do_sample": False}
         out = policy.generate(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rmens.config import GenerationConfig, derive
+from rmens.config import GenerationConfig
 from rmens.evaluation.judges import Judge, LocalLLMJudge
 
 NEED_REFERENCE = {"math", "reasoning", "coding"}  # FastChat's NEED_REF_CATS
@@ -47,10 +47,10 @@ def answer_questions(policy, tokenizer, questions: list[dict], cfg: GenerationCo
     """Two turns per question; the second is asked in the conversation that holds the first answer."""
     from rmens.generation import generate
 
-    first = generate(policy, tokenizer, [q["turns"][0] for q in questions], cfg).texts
+    first = generate(policy, tokenizer, [q["turns"][0] for q in questions], cfg, indices=(1,)).texts
     conversations = [[{"role": "user", "content": q["turns"][0]}, {"role": "assistant", "content": a},
                       {"role": "user", "content": q["turns"][1]}] for q, a in zip(questions, first)]
-    second = generate(policy, tokenizer, conversations, derive(cfg, seed=cfg.seed + 1)).texts
+    second = generate(policy, tokenizer, conversations, cfg, indices=(2,)).texts  # the turn
     return [{"question_id": q["question_id"], "category": q["category"], "turns": [a1, a2]}
             for q, a1, a2 in zip(questions, first, second)]
 

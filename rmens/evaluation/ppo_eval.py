@@ -14,6 +14,7 @@ from rmens.generation import generate
 from rmens.ppo.config import PPOConfig
 from rmens.ppo.trainer import build_actor_critic, pack_rollout, response_logprobs
 from rmens.reward import RewardFn
+from rmens.seeding import Stream
 
 
 def checkpoints(run_dir: str | Path) -> list[Path]:
@@ -59,7 +60,7 @@ def evaluate_run(run_dir: str | Path, prompts: list[str], scorers: dict[str, Rew
         gen = generation or cfg.generation
         tokenizer = load_tokenizer(cfg.policy, padding_side="left")
         repeated = [p for p in prompts for _ in range(samples_per_prompt)]
-        samples = generate(model.causal_lm, tokenizer, repeated, gen, seed_offset=10_000)
+        samples = generate(model.causal_lm, tokenizer, repeated, gen, stream=Stream.EVAL_SAMPLE)
         batch = pack_rollout(samples.prompt_ids, samples.response_ids, tokenizer.pad_token_id)
         kl = sequence_kl(model, reference, batch, gen.temperature)
         point = {"step": 0 if checkpoint is None else int(checkpoint.name.split("-")[1]),

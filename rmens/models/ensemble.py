@@ -30,6 +30,7 @@ from torch import nn
 from rmens.config import EnsembleConfig
 from rmens.io import refuse_foreign_folder
 from rmens.models.backbone import context_length, load_backbone, load_tokenizer
+from rmens.seeding import Stream, seed_for
 
 FORMAT = "rmens-ensemble"
 FORMAT_VERSION = 1
@@ -91,7 +92,7 @@ def init_heads(hidden_size: int, k: int, seed: int) -> nn.Linear:
     heads = nn.Linear(hidden_size, k)
     with torch.no_grad():
         for i in range(k):
-            gen = torch.Generator().manual_seed(seed * 1000 + i)
+            gen = torch.Generator().manual_seed(seed_for(seed, Stream.HEAD, i))
             heads.weight[i] = torch.randn(hidden_size, generator=gen) / math.sqrt(hidden_size + 1)
         heads.bias.zero_()
     return heads
@@ -294,7 +295,7 @@ class LoraEnsemble(RewardEnsemble):
         peft_model = None
         for i in range(heads.out_features):
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(config.seed * 1000 + 500 + i)
+                torch.manual_seed(seed_for(config.seed, Stream.ADAPTER, i))
                 if peft_model is None:
                     peft_model = get_peft_model(backbone, lora_config, adapter_name=f"m{i}")
                 else:

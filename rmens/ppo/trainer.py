@@ -50,6 +50,7 @@ from rmens.ppo.core import (
     value_loss,
 )
 from rmens.reward import RewardError, RewardFn
+from rmens.seeding import Stream, seed_for
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,8 @@ def build_actor_critic(cfg: PPOConfig, reward_folder: str | Path | None = None) 
     value_backbone = None
     value_head = nn.Linear(hidden, 1)
     with torch.no_grad():
-        value_head.weight.normal_(0.0, 1.0 / (hidden + 1) ** 0.5, generator=torch.Generator().manual_seed(cfg.seed))
+        generator = torch.Generator().manual_seed(seed_for(cfg.seed, Stream.VALUE_HEAD))
+        value_head.weight.normal_(0.0, 1.0 / (hidden + 1) ** 0.5, generator=generator)
         value_head.bias.zero_()
     if cfg.value_model == "reward":
         value_backbone, value_head = _value_from_reward(cfg, reward_folder, lora)
@@ -257,12 +259,6 @@ class PPOTrainer:
     def unwrapped(self) -> ActorCritic:
         return self.acc.unwrap_model(self.model)
 
-    def _seed(self, *parts: int) -> int:
-        value = self.cfg.seed
-        for part in parts:
-            value = value * 1_000_003 + part
-        return value % (2**63)
-
     def prompts_for_step(self, step: int) -> list[str]:
         """This process's prompts at `step`: consecutive slices of seeded per-epoch permutations."""
         size, world = self.cfg.rollout_batch_size, self.acc.num_processes
@@ -270,7 +266,8 @@ class PPOTrainer:
         out = []
         for position in range(start, start + size):
             epoch, offset = divmod(position, len(self.prompts))
-            order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self._seed(1, epoch)))
+            generator = torch.Generator().manual_seed(seed_for(self.cfg.seed, Stream.PROMPT_ORDER, epoch))
+            order = torch.randperm(len(self.prompts), generator=generator)
             out.append(self.prompts[int(order[offset])])
         return out
 
@@ -299,7 +296,7 @@ class PPOTrainer:
         cfg = self.cfg
         prompts = self.prompts_for_step(step)
         samples = generate(self.unwrapped.causal_lm, self.tokenizer, prompts, cfg.generation,
-                           seed_offset=self._seed(2, step, self.acc.process_index))
+                           stream=Stream.ROLLOUT, indices=(self.cfg.seed, step, self.acc.process_index))
         batch = {k: v.to(self.acc.device) for k, v in
                  pack_rollout(samples.prompt_ids, samples.response_ids, self.tokenizer.pad_token_id).items()}
         logprobs, entropy, values = self._forward_chunks(batch, reference=False)
@@ -352,7 +349,7 @@ class PPOTrainer:
         self.model.train()
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(len(ro.prompts), generator=torch.Generator().manual_seed(
-                self._seed(3, step, epoch, self.acc.process_index)))
+                seed_for(self.cfg.seed, Stream.MINIBATCH, step, epoch, self.acc.process_index)))
             for start in range(0, len(order), cfg.step_batch_size):
                 rows = order[start: start + cfg.step_batch_size].to(self.acc.device)
                 chunk = _slice(ro.batch, rows)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from rmens.evaluation.rm_metrics import ensemble_metrics, length_metrics, scalar
 from rmens.models.backbone import load_tokenizer
 from rmens.models.context import check_max_length
 from rmens.models.ensemble import RewardEnsemble, build_ensemble, check_output_folder, to_lora
+from rmens.seeding import Stream, seed_for
 
 log = logging.getLogger(__name__)
 
@@ -153,14 +153,15 @@ class EnsembleTrainer:
         self.step_offset = step_offset
         self.phase = phase  # LoRA: 1 = heads on the frozen backbone, 2 = adapters; other kinds: 1
 
-    def _loader(self, data: EncodedPairs, seed: int, epoch: int) -> DataLoader:
-        """This epoch's batches, in an order fixed by (seed, epoch) alone.
+    def _loader(self, data: EncodedPairs, epoch: int) -> DataLoader:
+        """This epoch's batches, in an order fixed by (seed, phase, epoch) alone.
 
         The permutation is drawn here rather than by a sampler so that accelerate's sharding (batch i
         to process i mod n) gives every process count the same global batches: 2 processes with batch
         2 see what 1 process with batch 4 sees.
         """
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        seed = seed_for(self.cfg.seed, Stream.DATA_ORDER, self.phase, epoch)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
         loader = DataLoader(order, batch_size=self.cfg.batch_size, collate_fn=PairCollator(data, self.pad_id))
         return self.accelerator.prepare_data_loader(loader)
 
@@ -175,9 +176,8 @@ class EnsembleTrainer:
         if not params:
             raise ValueError(f"{self.stage}: the ensemble has no trainable parameters")
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=cfg.weight_decay)
-        data_seed = cfg.seed * 1009 + zlib.crc32(self.stage.encode()) % 1000
         model, optimizer = acc.prepare(self.ensemble, optimizer)
-        loader = self._loader(data, data_seed, 0)
+        loader = self._loader(data, 0)
         steps_per_epoch = max(1, math.ceil(len(loader) / cfg.grad_accum))
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         # Stepped by hand once per optimizer step (not prepared): accelerate would step a prepared
@@ -189,7 +189,7 @@ class EnsembleTrainer:
         start, step, epoch = time.perf_counter(), 0, 0
         model.train()
         while step < total:
-            loader = self._loader(data, data_seed, epoch) if epoch else loader
+            loader = self._loader(data, epoch) if epoch else loader
             for batch in loader:
                 with acc.accumulate(model):
                     rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -252,8 +252,9 @@ def train_ensemble(ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: list[
     encoder = PairEncoder(tokenizer, ens_cfg.max_length, ens_cfg.max_prompt_length)
     pad_id = tokenizer.pad_token_id
 
-    def encode(pairs: list[PreferencePair], salt: int) -> EncodedPairs:
-        weights = member_weights(len(pairs), ens_cfg.k, ens_cfg.diversity, ens_cfg.seed * 7919 + salt)
+    def encode(pairs: list[PreferencePair], part: int) -> EncodedPairs:
+        weights = member_weights(len(pairs), ens_cfg.k, ens_cfg.diversity,
+                                 seed_for(ens_cfg.seed, Stream.MEMBER_WEIGHTS, part))
         return encode_pairs(encoder, pairs, weights)
 
     val = encode(val_pairs, 0) if val_pairs else None

@@ -1,0 +1,37 @@
+"""The seed of every random stream, derived from a run's seed in one way.
+
+Each random choice (member i's head and adapter, a training phase's data order in an epoch, the
+bootstrap weights, a batch of samples, PPO's prompt and minibatch orders) draws from its own generator,
+seeded by (run seed, which stream, its indices). numpy's SeedSequence does the mixing: its spawn keys
+give statistically independent seeds for distinct keys, so a stream does not move when another is added,
+and member i's draws do not depend on k.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import numpy as np
+
+
+class Stream(IntEnum):
+    """What a seed is for (the first spawn key). Append new streams: renumbering moves old results."""
+
+    HEAD = 0            # member i's reward head (init_heads)
+    ADAPTER = 1         # member i's LoRA adapter
+    DATA_ORDER = 2      # a training phase's batch order, per epoch
+    MEMBER_WEIGHTS = 3  # bootstrap / disjoint weights of a set of pairs
+    SAMPLE = 4          # a batch of sampled responses (Best-of-n samples, MT-Bench answers)
+    ROLLOUT = 5         # a batch of PPO's rollouts, per step and process
+    EVAL_SAMPLE = 6     # a batch of a policy's responses for its evaluation
+    PROMPT_ORDER = 7    # PPO's per-epoch prompt permutation
+    MINIBATCH = 8       # PPO's minibatch order within a step
+    VALUE_HEAD = 9      # PPO's fresh value head
+
+
+def seed_for(seed: int, stream: Stream, *indices: int) -> int:
+    """A 63-bit seed for `stream` at `indices` (e.g. member, epoch, step, process) under the run's `seed`."""
+    if seed < 0 or any(i < 0 for i in indices):
+        raise ValueError(f"seeds and stream indices are non-negative, got {seed} and {indices}")
+    state = np.random.SeedSequence(seed, spawn_key=(int(stream), *indices)).generate_state(1, np.uint64)[0]
+    return int(state) >> 1  # torch generators take up to 64 bits; one less keeps it a positive int64 too

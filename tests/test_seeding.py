@@ -1,0 +1,24 @@
+"""One derivation for every random stream: distinct streams and indices never share a seed, and member i's
+draws do not depend on how many members there are."""
+
+import pytest
+import torch
+
+from rmens.models.ensemble import init_heads
+from rmens.seeding import Stream, seed_for
+
+
+def test_each_stream_and_index_gets_its_own_reproducible_seed():
+    seeds = {seed_for(s, stream, *idx) for s in (0, 1) for stream in Stream for idx in [(), (0,), (1,), (0, 1), (1, 0)]}
+    assert len(seeds) == 2 * len(Stream) * 5  # no two (seed, stream, indices) collide, order matters
+    assert seed_for(7, Stream.ROLLOUT, 3, 0) == seed_for(7, Stream.ROLLOUT, 3, 0)
+    assert all(0 <= s < 2**63 for s in seeds)  # a valid torch seed and int64
+    with pytest.raises(ValueError, match="non-negative"):
+        seed_for(-1, Stream.HEAD)
+
+
+def test_member_heads_differ_and_do_not_depend_on_k():
+    three, five = init_heads(16, 3, seed=4).weight, init_heads(16, 5, seed=4).weight
+    assert torch.equal(three, five[:3])
+    assert not torch.equal(three[0], three[1])
+    assert not torch.equal(three, init_heads(16, 3, seed=5).weight)
