@@ -271,7 +271,7 @@ def cmd_ui(args) -> int:
     if not paths.mlflow_db.is_file() and "MLFLOW_TRACKING_URI" not in os.environ:
         raise FileNotFoundError(f"no MLflow store at {paths.mlflow_db}; run `rmens run` first")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", paths.tracking_uri,
-           "--host", "127.0.0.1", "--port", str(args.port)]
+           "--host", "127.0.0.1", "--port", str(args.port), "--workers", str(args.workers)]
     print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C to stop)")
     # Its own session, stopped with all its workers however this process ends (Ctrl-C, SIGTERM).
     proc = subprocess.Popen(cmd, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, start_new_session=True)
@@ -346,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
     ui.add_argument("--project-dir", help="project folder (default: the preset's)")
     ui.add_argument("--port", type=int, default=5000)
+    # One person's browser needs one worker; MLflow's default of 4 costs 4 imports of MLflow at start-up.
+    ui.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
     ui.set_defaults(func=cmd_ui)
 
     server = sub.add_parser("server", help="keep a local Prefect API running, so runs skip its start-up")

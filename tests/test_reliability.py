@@ -46,8 +46,10 @@ def prefect_api(_server_process):
     return _server_process
 
 
-# The smoke preset cut to one ensemble arm and one PPO arm: every kind of stage still runs, in less time.
-SMALL = ["--set", "arms.kinds=[linear]", "--set", "ppo_arms=[single]"]
+# The smoke preset cut to one ensemble arm, one rule, one PPO arm and one MT-Bench question: every kind of
+# stage still runs, in less time.
+SMALL = ["--set", "arms.kinds=[linear]", "--set", "arms.rules=[{rule: mean}]", "--set", "ppo_arms=[single]",
+         "--set", "evaluate.mt_bench_questions=1"]
 
 
 def _free_port() -> int:
