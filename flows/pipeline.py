@@ -21,7 +21,7 @@ from tasks.runtime.paths import ProjectPaths
 from tasks.runtime.refs import ArtifactRef
 from tasks.runtime.stager import Stager, flow_run_name, flow_run_tags
 from tasks.runtime.tracking import parent_run
-from tasks.runtime.uptodate import record_last_run
+from tasks.runtime.uptodate import code_on_disk, record_last_run
 from tasks.sample import sample
 from tasks.score import score
 
@@ -36,6 +36,7 @@ def pipeline(config: PipelineConfig | None = None, preset: str = "smoke", overri
     config = config or load_preset(preset, overrides)
     check_before_work(config)
     paths = ProjectPaths.at(config.project_dir).make()
+    code = code_on_disk()  # before any stage key: see record_last_run
     run_name = f"pipeline:{config.name}"
     with parent_run(paths, run_name, config, tags=flow_run_tags()) as ctx, Stager(ctx, refresh) as stage:
         stage(prepare_models, "models", names=[config.ensemble.backbone, config.policy])
@@ -71,6 +72,6 @@ def pipeline(config: PipelineConfig | None = None, preset: str = "smoke", overri
         title = f"rmens pipeline '{config.name}'"
         summary_ref = stage(report, "report", title=title, refs=refs)
         publish(ctx, summary_ref, title)
-    record_last_run(paths, "pipeline", config, ctx.parent_run_id, summary_ref.path, stage.outputs)
+    record_last_run(paths, "pipeline", config, code, ctx.parent_run_id, summary_ref.path, stage.outputs)
     return {"report": summary_ref.path, "parent_run_id": ctx.parent_run_id, "states": stage.states,
             "summaries": {label: ref.summary for label, ref in refs.items()}}

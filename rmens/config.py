@@ -24,6 +24,11 @@ MAX_LR = 1.0
 MAX_WEIGHT_DECAY = 1.0
 
 
+# A seed every random stream derives its own from (rmens.seeding): 32 bits, so that a bad one fails when the
+# config loads, not when the first stream is drawn after hours of training.
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+
+
 class ConfigError(ValueError):
     """A config file, preset or override that cannot be read; the message names the file and line, or the key."""
 
@@ -136,7 +141,7 @@ class EnsembleConfig(StrictModel):
     max_prompt_length: int | None = Field(
         None, description="Tokens the prompt may keep when the pair is too long (default: half of max_length)."
     )
-    seed: int = 0
+    seed: Seed = 0
 
     @field_validator("k")
     @classmethod
@@ -178,7 +183,7 @@ class TrainConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 on a GPU that supports it, fp32 otherwise (bf16 is slow on most CPUs)."
     )
-    seed: int = 0
+    seed: Seed = 0
     progress: bool = True
 
 
@@ -202,7 +207,7 @@ class DataConfig(StrictModel):
     exclude_generators: list[str] = Field(default_factory=lambda: ["example", "gpt4_gamed"])
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Held-out instructions, by hash.")
     label_noise: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of training labels flipped (seeded).")
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
@@ -219,7 +224,7 @@ class GenerationConfig(StrictModel):
     top_p: float = Field(1.0, gt=0, le=1)
     do_sample: bool = Field(True, description="False: greedy decoding (judges, deterministic answers).")
     batch_size: int = Field(8, ge=1, description="Prompts per generate() call; the main speed knob.")
-    seed: int = 0
+    seed: Seed = 0
 
 
 class BonConfig(StrictModel):
@@ -239,7 +244,7 @@ class PromptsConfig(StrictModel):
     path: str | None = Field(None, description="file: JSONL with prompt/instruction, or one prompt per line; "
                                                "alpaca_eval: the data folder (default $RMENS_DATA_DIR/alpaca_eval).")
     max_prompts: int | None = Field(None, ge=1)
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _path_needed(self) -> PromptsConfig:
@@ -310,7 +315,7 @@ class PPOConfig(StrictModel):
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int | None = Field(None, ge=1, description="Checkpoints kept (None: all, for KL curves).")
     judge_every: int = Field(0, ge=0, description="Score rollouts with the judge every N steps (0: never).")
-    seed: int = 0
+    seed: Seed = 0
     progress: bool = True
 
     @model_validator(mode="after")

@@ -23,7 +23,7 @@ class Stream(IntEnum):
     MEMBER_WEIGHTS = 3  # bootstrap / disjoint weights of a set of pairs
     SAMPLE = 4          # a batch of sampled responses (Best-of-n samples, MT-Bench answers)
     ROLLOUT = 5         # a batch of PPO's rollouts, per step and process
-    EVAL_SAMPLE = 6     # a batch of a policy's responses for its evaluation
+    EVAL_SAMPLE = 6     # a batch of a policy's responses for its evaluation (every policy: common noise)
     PROMPT_ORDER = 7    # PPO's per-epoch prompt permutation
     MINIBATCH = 8       # PPO's minibatch order within a step
     VALUE_HEAD = 9      # PPO's fresh value head
@@ -31,7 +31,8 @@ class Stream(IntEnum):
 
 def seed_for(seed: int, stream: Stream, *indices: int) -> int:
     """A 63-bit seed for `stream` at `indices` (e.g. member, epoch, step, process) under the run's `seed`."""
-    if seed < 0 or any(i < 0 for i in indices):
-        raise ValueError(f"seeds and stream indices are non-negative, got {seed} and {indices}")
+    # SeedSequence splits a larger int into 32-bit words, so (2**32 + 1, 0) would read as (1, 1, 0).
+    if not all(0 <= value < 2**32 for value in (seed, *indices)):
+        raise ValueError(f"seeds and stream indices are in [0, 2**32), got {seed} and {indices}")
     state = np.random.SeedSequence(seed, spawn_key=(int(stream), *indices)).generate_state(1, np.uint64)[0]
     return int(state) >> 1  # torch generators take up to 64 bits; one less keeps it a positive int64 too

@@ -10,6 +10,7 @@ import mlflow
 
 from rmens.config import EvalConfig, JudgeConfig, Selection
 from rmens.io import read_jsonl, write_jsonl
+from rmens.seeding import Stream
 from tasks.runtime.judging import load_judge, write_unparsed
 from tasks.runtime.refs import ArtifactRef
 from tasks.runtime.stage import run_stage, stage_task
@@ -101,7 +102,7 @@ def evaluate(ctx: StageContext, label: str, eval_cfg: EvalConfig, judge_cfg: Jud
         else:
             path = str(ppo_run.require().folder / "run" / "policy") if ppo_run is not None else policy
             model, tokenizer = load_policy(path), load_tokenizer(path, padding_side="left")
-            outputs = generate(model, tokenizer, instructions, eval_cfg.generation).texts
+            outputs = generate(model, tokenizer, instructions, eval_cfg.generation, stream=Stream.EVAL_SAMPLE).texts
         if eval_cfg.alpaca_eval:
             wr = alpaca_eval.win_rate(judge_obj, instructions, outputs, references, generator=label,
                                       reference_generator=eval_cfg.reference if eval_cfg.source == "alpaca_eval"

@@ -142,6 +142,8 @@ def test_unusable_override_names_the_key(override, names):
     ("train.lora_lr=3", "train.lora_lr: Input should be less than or equal to 1"),
     ("ppo.lr=2.5", "ppo.lr: Input should be less than or equal to 1"),
     ("train.weight_decay=5", "train.weight_decay: Input should be less than or equal to 1"),
+    ("bon.generation.seed=-1", "bon.generation.seed: Input should be greater than or equal to 0"),
+    ("ppo.seed=4294967296", "ppo.seed: Input should be less than 4294967296"),
 ])
 def test_non_finite_and_absurd_values_name_the_setting(override, names):
     with pytest.raises(ValidationError) as err:

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -85,11 +86,11 @@ def test_an_unchanged_rerun_reports_the_last_run_without_prefect_or_mlflow(pipel
     assert len(runs_of(project)[1]) == len(before)  # and nothing new recorded
 
 
-def test_anything_a_rerun_depends_on_changing_sends_it_through_prefect(pipeline_runs, monkeypatch):
+def test_anything_a_rerun_depends_on_changing_sends_it_through_prefect(pipeline_runs, monkeypatch, tmp_path):
     from tasks.runtime import uptodate
     from tasks.runtime.paths import ProjectPaths
 
-    project, *_ = pipeline_runs
+    project, *_, third = pipeline_runs
     paths, config = ProjectPaths.at(project), smoke(project, *LAST)
     assert uptodate.still_standing(paths, "pipeline", config) is not None
     assert uptodate.still_standing(paths, "pipeline", smoke(project, "ppo.lr=0.004")) is None  # config
@@ -103,8 +104,28 @@ def test_anything_a_rerun_depends_on_changing_sends_it_through_prefect(pipeline_
     store = paths.mlflow_db.rename(project / "moved.db")  # the runs it would point at are gone
     assert uptodate.still_standing(paths, "pipeline", config) is None
     store.rename(paths.mlflow_db)
-    monkeypatch.setattr(uptodate, "source_fingerprint", lambda modules: "edited")  # a source file changed
+    with sqlite3.connect(paths.mlflow_db) as db:  # its parent run deleted in the UI
+        db.execute("UPDATE runs SET lifecycle_stage = 'deleted' WHERE run_uuid = ?", (third["parent_run_id"],))
     assert uptodate.still_standing(paths, "pipeline", config) is None
+    with sqlite3.connect(paths.mlflow_db) as db:
+        db.execute("UPDATE runs SET lifecycle_stage = 'active' WHERE run_uuid = ?", (third["parent_run_id"],))
+    assert uptodate.still_standing(paths, "pipeline", config) is not None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # a tracking server: not checked here
+    assert uptodate.still_standing(paths, "pipeline", config) is None
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    elsewhere = tmp_path / "copy"  # the record and store copied beside another folder (a relative project_dir)
+    elsewhere.mkdir()
+    for name in ("last_pipeline.json", "mlflow.db"):
+        shutil.copy(project / name, elsewhere / name)
+    assert uptodate.still_standing(ProjectPaths.at(elsewhere), "pipeline", config) is None
+    code = uptodate.code_on_disk()
+    monkeypatch.setattr(uptodate, "code_on_disk", lambda: "edited")  # a source file changed
+    assert uptodate.still_standing(paths, "pipeline", config) is None
+    record = (project / "last_pipeline.json").read_text()
+    # Edited while a run was under way: that run leaves no record, and the older one goes.
+    assert uptodate.record_last_run(paths, "pipeline", config, code, third["parent_run_id"], "r", []) is None
+    assert not (project / "last_pipeline.json").exists()
+    (project / "last_pipeline.json").write_text(record)
 
 
 @pytest.mark.parametrize("flag", ["--record", "--refresh"])

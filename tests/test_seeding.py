@@ -13,8 +13,9 @@ def test_each_stream_and_index_gets_its_own_reproducible_seed():
     assert len(seeds) == 2 * len(Stream) * 5  # no two (seed, stream, indices) collide, order matters
     assert seed_for(7, Stream.ROLLOUT, 3, 0) == seed_for(7, Stream.ROLLOUT, 3, 0)
     assert all(0 <= s < 2**63 for s in seeds)  # a valid torch seed and int64
-    with pytest.raises(ValueError, match="non-negative"):
-        seed_for(-1, Stream.HEAD)
+    for bad in [(-1,), (0, -1), (0, 2**32)]:  # 2**32 + 1 would read as the two words (1, 1)
+        with pytest.raises(ValueError, match=r"in \[0, 2\*\*32\)"):
+            seed_for(bad[0], Stream.ROLLOUT, *bad[1:])
 
 
 def test_member_heads_differ_and_do_not_depend_on_k():

@@ -5,15 +5,20 @@ cache hits: every stage key would come out as before and every folder would be r
 through Prefect costs more than the answer is worth (about 5 s of Prefect and MLflow imports, then an API
 call per task), so a finished flow leaves a record of what it used, `last_<flow>.json`, and the CLI checks
 it first, as `make` checks its targets. The check is conservative: any change to the config or to any source
-file of rmens, tasks or flows, any artifact that is missing or differs from its manifest, or another MLflow
-store sends the run through Prefect as usual, where each stage decides for itself.
+file of rmens, tasks or flows, an artifact that is missing or differs from its manifest, a parent run that
+is gone from the project's MLflow store, or a store other than the project's own sends the run through
+Prefect as usual, where each stage decides for itself. It is as blind as Prefect's cache is to what no
+stage key covers (the bytes of a data file a config names by path, installed library versions).
 """
 
 from __future__ import annotations
 
 import datetime
-import json
+import logging
 import os
+import sqlite3
+import tempfile
+from contextlib import closing
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
@@ -21,6 +26,8 @@ from pydantic import BaseModel, ValidationError
 from rmens.fingerprint import digest, source_fingerprint
 from tasks.runtime.paths import ProjectPaths
 from tasks.runtime.refs import ArtifactRef, changes_since_sealed, read_ref
+
+log = logging.getLogger(__name__)
 
 # Everything that decides which stages a flow runs, with which parameters, and what each computes.
 CODE = ("rmens", "tasks", "flows")
@@ -36,9 +43,9 @@ class LastRun(BaseModel):
     """What a complete flow run used and made (its stages in the order they ran)."""
 
     flow: str
+    project: str
     config_digest: str
     code: str
-    tracking_uri: str
     parent_run_id: str
     finished_at: str
     report: str
@@ -53,17 +60,34 @@ def config_digest(config: BaseModel) -> str:
     return digest(config.model_dump(mode="json"))
 
 
-def record_last_run(paths: ProjectPaths, flow: str, config: BaseModel, parent_run_id: str, report: str,
-                    refs: list[tuple[str, ArtifactRef]]) -> LastRun:
-    """Write the record once the flow has finished (atomically: a half-written one would read as absent)."""
-    last = LastRun(flow=flow, config_digest=config_digest(config), code=source_fingerprint(CODE),
-                   tracking_uri=paths.tracking_uri, parent_run_id=parent_run_id,
-                   finished_at=datetime.datetime.now().isoformat(timespec="seconds"), report=report,
-                   stages=[StageOutput(name=name, path=ref.path, sha256=ref.sha256) for name, ref in refs])
+def code_on_disk() -> str:
+    """The source fingerprint as the files are now (source_fingerprint itself is cached per process)."""
+    return source_fingerprint.__wrapped__(CODE)
+
+
+def record_last_run(paths: ProjectPaths, flow: str, config: BaseModel, code_at_start: str, parent_run_id: str,
+                    report: str, refs: list[tuple[str, ArtifactRef]]) -> LastRun | None:
+    """Write the record of a flow that has just finished. `code_at_start` is code_on_disk() when it started:
+    stage keys were computed while it ran, so a source file edited meanwhile leaves no record (and removes
+    an older one). A record that cannot be written costs only the shortcut, so that is a warning."""
     target = _record_file(paths, flow)
-    tmp = target.with_suffix(".partial")
-    tmp.write_text(json.dumps(last.model_dump(mode="json"), indent=1))
-    os.replace(tmp, target)
+    codes = {code_at_start, code_on_disk(), source_fingerprint(CODE)}  # the last: what this process keyed with
+    if len(codes) > 1 or paths.tracking_uri != _own_store(paths):
+        target.unlink(missing_ok=True)
+        return None
+    last = LastRun(flow=flow, project=str(paths.root), config_digest=config_digest(config), code=code_at_start,
+                   parent_run_id=parent_run_id, finished_at=datetime.datetime.now().isoformat(timespec="seconds"),
+                   report=report, stages=[StageOutput(name=name, path=ref.path, sha256=ref.sha256)
+                                          for name, ref in refs])
+    try:
+        # A unique temporary name: two flows of different configs may finish in one project at once.
+        fd, tmp = tempfile.mkstemp(prefix=target.name, suffix=".partial", dir=paths.root)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(last.model_dump_json(indent=1))
+        os.replace(tmp, target)
+    except OSError as err:
+        log.warning("could not write %s (%s): the next unchanged run goes through Prefect", target, err)
+        return None
     return last
 
 
@@ -74,16 +98,37 @@ def still_standing(paths: ProjectPaths, flow: str, config: BaseModel) -> LastRun
         last = LastRun.model_validate_json(_record_file(paths, flow).read_text())
     except (OSError, ValidationError):
         return None
-    if (last.flow, last.config_digest, last.tracking_uri) != (flow, config_digest(config), paths.tracking_uri):
+    if (last.flow, last.project, last.config_digest) != (flow, str(paths.root), config_digest(config)):
+        return None  # another flow, a copied project (its keys differ), or another config
+    if paths.tracking_uri != _own_store(paths) or not _run_is_active(paths.mlflow_db, last.parent_run_id):
         return None
-    if last.tracking_uri == f"sqlite:///{paths.mlflow_db}" and not paths.mlflow_db.is_file():
-        return None  # the runs it points at are gone with the store
-    if last.code != source_fingerprint(CODE):
+    if last.code != code_on_disk():
         return None
-    return last if all(_intact(stage) for stage in last.stages) else None
+    return last if all(_intact(paths, stage) for stage in last.stages) else None
 
 
-def _intact(stage: StageOutput) -> bool:
+def _own_store(paths: ProjectPaths) -> str:
+    # Only the project's own SQLite store can be checked without MLflow; with a tracking server the run
+    # goes through Prefect and MLflow as usual.
+    return f"sqlite:///{paths.mlflow_db}"
+
+
+def _run_is_active(db: Path, run_id: str) -> bool:
+    """The parent run is still in the store, not deleted (read with sqlite3: importing MLflow is what the
+    shortcut avoids)."""
+    if not db.is_file():
+        return False
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
+            row = conn.execute("SELECT lifecycle_stage FROM runs WHERE run_uuid = ?", (run_id,)).fetchone()
+    except sqlite3.Error:
+        return False
+    return row is not None and row[0] == "active"
+
+
+def _intact(paths: ProjectPaths, stage: StageOutput) -> bool:
+    if not Path(stage.path).is_relative_to(paths.artifacts):
+        return False
     try:
         return read_ref(stage.path).sha256 == stage.sha256 and not changes_since_sealed(stage.path)
     except (OSError, ValidationError):
