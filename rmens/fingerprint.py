@@ -19,21 +19,24 @@ from typing import Any
 from pydantic import BaseModel
 
 
-def source_files(name: str) -> list[Path]:
-    """Source files of a module, or of a package and its subpackages."""
+def source_files(name: str) -> dict[str, Path]:
+    """Source files of a module, or of a package and its subpackages, by their path inside it (so that a
+    moved or renamed file or folder changes the fingerprint, not only an edited one)."""
     spec = importlib.util.find_spec(name)
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError(f"no module {name} to fingerprint")
     path = Path(spec.origin)
-    return sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
+    if path.name != "__init__.py":
+        return {name: path}
+    return {f"{name}/{file.relative_to(path.parent).as_posix()}": file for file in sorted(path.parent.rglob("*.py"))}
 
 
 @functools.cache
 def source_fingerprint(modules: tuple[str, ...]) -> str:
     digest = hashlib.sha256()
     for name in modules:
-        for path in source_files(name):
-            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        for where, path in source_files(name).items():
+            digest.update(where.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 

@@ -110,6 +110,11 @@ def test_anything_a_rerun_depends_on_changing_sends_it_through_prefect(pipeline_
     with sqlite3.connect(paths.mlflow_db) as db:
         db.execute("UPDATE runs SET lifecycle_stage = 'active' WHERE run_uuid = ?", (third["parent_run_id"],))
     assert uptodate.still_standing(paths, "pipeline", config) is not None
+    with sqlite3.connect(paths.mlflow_db) as db:  # its experiment deleted
+        db.execute("UPDATE experiments SET lifecycle_stage = 'deleted'")
+    assert uptodate.still_standing(paths, "pipeline", config) is None
+    with sqlite3.connect(paths.mlflow_db) as db:
+        db.execute("UPDATE experiments SET lifecycle_stage = 'active'")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # a tracking server: not checked here
     assert uptodate.still_standing(paths, "pipeline", config) is None
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
@@ -125,6 +130,8 @@ def test_anything_a_rerun_depends_on_changing_sends_it_through_prefect(pipeline_
     # Edited while a run was under way: that run leaves no record, and the older one goes.
     assert uptodate.record_last_run(paths, "pipeline", config, code, third["parent_run_id"], "r", []) is None
     assert not (project / "last_pipeline.json").exists()
+    (project / "last_pipeline.json").write_bytes(b"\xff\xfe")  # an unreadable record costs only the shortcut
+    assert uptodate.still_standing(paths, "pipeline", config) is None
     (project / "last_pipeline.json").write_text(record)
 
 

@@ -334,6 +334,10 @@ def test_a_changed_artifact_is_rebuilt_not_reused(tmp_path, caplog):
         again = run_stage(ctx, "report", {"x": 1}, build)
     assert len(builds) == 2 and again.sha256 == first.sha256
     assert "changed since it was made" in caplog.text and "weights.bin" in caplog.text
+    (first.folder / "ref.json").write_bytes(b"\xff\xfe")  # an unreadable reference: rebuilt, not a crash
+    assert run_stage(ctx, "report", {"x": 1}, build).sha256 == first.sha256 and len(builds) == 3
+    refresh = ctx.for_stage(first.key, "x", refresh=True)  # --refresh rebuilds a complete, intact folder
+    assert run_stage(refresh, "report", {"x": 1}, build).sha256 == first.sha256 and len(builds) == 4
 
 
 def test_the_plain_runner_rebuilds_a_step_whose_files_changed(tmp_path, monkeypatch, caplog):

@@ -50,8 +50,13 @@ def fingerprint_folder(folder: str | Path) -> tuple[str, Manifest]:
 
 
 def changes_since_sealed(folder: str | Path) -> list[str]:
-    """How a finished folder differs from what its ref.json recorded ([] when intact)."""
-    return manifest_changes(folder, read_ref(folder).files)
+    """How a finished folder differs from what its ref.json recorded ([] when intact). An unreadable
+    ref.json is a change too: the folder is rebuilt rather than the run stopped."""
+    try:
+        ref = read_ref(folder)
+    except ValueError as err:  # bad bytes, bad JSON, fields missing (pydantic's ValidationError included)
+        return [f"{REF_FILE} unreadable ({type(err).__name__})"]
+    return manifest_changes(folder, ref.files)
 
 
 def seal(ref: ArtifactRef) -> ArtifactRef:

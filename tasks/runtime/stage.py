@@ -84,7 +84,9 @@ def run_stage(ctx: StageContext, stage: str, params: dict[str, Any],
     """
     key = ctx.stage_key or stage_key(stage, {**params, "ctx": ctx})
     folder = ctx.paths.stage_dir(stage, key)
-    if (folder / "ref.json").is_file():
+    if ctx.refresh:  # asked to recompute: a complete folder is not reused either
+        shutil.rmtree(folder, ignore_errors=True)
+    elif (folder / "ref.json").is_file():
         changes = changes_since_sealed(folder)
         if not changes:
             # Another run made it while this one waited for the stage lock (or Prefect's record of it was

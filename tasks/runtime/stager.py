@@ -92,7 +92,7 @@ class Stager:
         bound = inspect.signature(task_obj.fn).bind(ctx=self.ctx, **params)
         bound.apply_defaults()  # the key covers every parameter, as the task's own key does
         key = stage_key(stage, dict(bound.arguments))  # once: the task's cache policy and run_stage reuse it
-        ctx = self.ctx.for_stage(key, label, tags)
+        ctx = self.ctx.for_stage(key, label, tags, refresh=self.refresh)
         # A cached reference to a folder that was deleted or changed would serve a wrong artifact:
         # recompute instead (run_stage says what changed).
         folder = self.paths.stage_dir(stage, key)

@@ -48,10 +48,12 @@ class StageContext(BaseModel):
     stage_key: str | None = None
     stage_label: str | None = None
     stage_tags: dict[str, str] = Field(default_factory=dict)
+    refresh: bool = False  # --refresh: rebuild the stage's folder even when it is complete and intact
 
-    def for_stage(self, key: str, label: str, tags: dict[str, str] | None = None) -> StageContext:
+    def for_stage(self, key: str, label: str, tags: dict[str, str] | None = None,
+                  refresh: bool = False) -> StageContext:
         return StageContext.model_validate({**self.model_dump(), "stage_key": key, "stage_label": label,
-                                            "stage_tags": tags or {}})
+                                            "stage_tags": tags or {}, "refresh": refresh})
 
     def run_name(self, stage: str) -> str:
         return f"{stage}:{self.stage_label}" if self.stage_label else stage

@@ -21,7 +21,7 @@ import tempfile
 from contextlib import closing
 from pathlib import Path
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from rmens.fingerprint import digest, source_fingerprint
 from tasks.runtime.paths import ProjectPaths
@@ -96,7 +96,7 @@ def still_standing(paths: ProjectPaths, flow: str, config: BaseModel) -> LastRun
     artifacts; None when anything it depended on has changed (or there is no such run)."""
     try:
         last = LastRun.model_validate_json(_record_file(paths, flow).read_text())
-    except (OSError, ValidationError):
+    except (OSError, ValueError):  # missing, or unreadable (a ValidationError is a ValueError): no shortcut
         return None
     if (last.flow, last.project, last.config_digest) != (flow, str(paths.root), config_digest(config)):
         return None  # another flow, a copied project (its keys differ), or another config
@@ -114,16 +114,17 @@ def _own_store(paths: ProjectPaths) -> str:
 
 
 def _run_is_active(db: Path, run_id: str) -> bool:
-    """The parent run is still in the store, not deleted (read with sqlite3: importing MLflow is what the
-    shortcut avoids)."""
+    """The parent run and its experiment are still in the store, not deleted (read with sqlite3: importing
+    MLflow is what the shortcut avoids)."""
     if not db.is_file():
         return False
     try:
         with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
-            row = conn.execute("SELECT lifecycle_stage FROM runs WHERE run_uuid = ?", (run_id,)).fetchone()
+            row = conn.execute("SELECT r.lifecycle_stage, e.lifecycle_stage FROM runs r JOIN experiments e "
+                               "ON r.experiment_id = e.experiment_id WHERE r.run_uuid = ?", (run_id,)).fetchone()
     except sqlite3.Error:
         return False
-    return row is not None and row[0] == "active"
+    return row == ("active", "active")
 
 
 def _intact(paths: ProjectPaths, stage: StageOutput) -> bool:
@@ -131,5 +132,5 @@ def _intact(paths: ProjectPaths, stage: StageOutput) -> bool:
         return False
     try:
         return read_ref(stage.path).sha256 == stage.sha256 and not changes_since_sealed(stage.path)
-    except (OSError, ValidationError):
+    except (OSError, ValueError):
         return False
