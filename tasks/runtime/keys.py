@@ -6,6 +6,7 @@ fingerprint here hashes the source files of every module that computes the stage
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Any
 
@@ -37,6 +38,7 @@ def experiment_stage(step: str) -> str:
 STAGE_CODE.update({experiment_stage(step): modules + ("tasks.experiment",) for step, modules in STEP_CODE.items()})
 
 
+@functools.cache  # per process, as source_fingerprint is: a stage key is computed on every stage call
 def code_fingerprint(stage: str) -> str:
     """The stage's library modules and its task module (tasks/<stage>.py, where it has one of its own)."""
     own = (f"tasks.{stage}",) if importlib.util.find_spec(f"tasks.{stage}") else ()

@@ -18,7 +18,7 @@ from tasks.runtime.keys import stage_key
 from tasks.runtime.locks import ProjectLockManager
 from tasks.runtime.paths import ProjectPaths
 from tasks.runtime.refs import ArtifactRef, changes_since_sealed, fingerprint_folder, read_ref, seal
-from tasks.runtime.tracking import StageContext, child_run, log_metrics, record_cache_hit, set_tags
+from tasks.runtime.tracking import StageContext, child_run, client_for, log_metrics, record_cache_hit, set_tags
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,8 @@ def run_stage(ctx: StageContext, stage: str, params: dict[str, Any],
     """
     key = ctx.stage_key or stage_key(stage, {**params, "ctx": ctx})
     folder = ctx.paths.stage_dir(stage, key)
-    if ctx.refresh:  # asked to recompute: a complete folder is not reused either
-        shutil.rmtree(folder, ignore_errors=True)
-    elif (folder / "ref.json").is_file():
+    rebuild = ctx.refresh  # asked to recompute: a complete folder is not reused either
+    if not rebuild and (folder / "ref.json").is_file():
         changes = changes_since_sealed(folder)
         if not changes:
             # Another run made it while this one waited for the stage lock (or Prefect's record of it was
@@ -96,8 +95,8 @@ def run_stage(ctx: StageContext, stage: str, params: dict[str, Any],
             record_cache_hit(ctx, stage, ref)
             return ref
         log.warning("%s: %s changed since it was made (%s): recomputing it", stage, folder, "; ".join(changes[:3]))
-        shutil.rmtree(folder)
-    if not resume:
+        rebuild = True
+    if rebuild or not resume:
         shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     flat = log_params if log_params is not None else params_for_tracking(params)
@@ -109,12 +108,11 @@ def run_stage(ctx: StageContext, stage: str, params: dict[str, Any],
         sha256, files = fingerprint_folder(folder)
         ref = ArtifactRef(stage=stage, key=key, path=str(folder), sha256=sha256, mlflow_run_id=run_id,
                           summary=summary, files=files)
-        from tasks.runtime.tracking import client_for
-
         # At the stage's last step (where it has steps): a final value continues its curve, e.g. val_accuracy.
         step = int(summary.get("steps") or 0)
-        log_metrics(client_for(ctx), run_id, {k: v for k, v in summary.items() if isinstance(v, (int, float))}, step)
-        set_tags(client_for(ctx), run_id, {"rmens.artifact": ref.path, "rmens.sha256": ref.sha256})
+        client = client_for(ctx)
+        log_metrics(client, run_id, {k: v for k, v in summary.items() if isinstance(v, (int, float))}, step)
+        set_tags(client, run_id, {"rmens.artifact": ref.path, "rmens.sha256": ref.sha256})
     return seal(ref)
 
 

@@ -71,8 +71,7 @@ def record_last_run(paths: ProjectPaths, flow: str, config: BaseModel, code_at_s
     stage keys were computed while it ran, so a source file edited meanwhile leaves no record (and removes
     an older one). A record that cannot be written costs only the shortcut, so that is a warning."""
     target = _record_file(paths, flow)
-    codes = {code_at_start, code_on_disk(), source_fingerprint(CODE)}  # the last: what this process keyed with
-    if len(codes) > 1 or paths.tracking_uri != _own_store(paths):
+    if code_at_start != code_on_disk() or paths.tracking_uri != _own_store(paths):
         target.unlink(missing_ok=True)
         return None
     last = LastRun(flow=flow, project=str(paths.root), config_digest=config_digest(config), code=code_at_start,
