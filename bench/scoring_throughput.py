@@ -98,7 +98,8 @@ def main() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ensemble = build_ensemble(EnsembleConfig(kind="linear", k=args.k, backbone=args.model,
                                              max_length=args.max_length)).to(device).eval()
-    reward = EnsembleReward(ensemble, load_tokenizer(args.model), batch_size=args.batch_size)
+    # untrained, so without standardisation statistics: only the time of scoring is measured
+    reward = EnsembleReward(ensemble, load_tokenizer(args.model), batch_size=args.batch_size, allow_unstandardised=True)
     prompts, texts = responses(args.responses)
     seqs = reward.encoder.encode_batch(prompts, texts)
     assert seqs == [reward.encoder.encode(p, r) for p, r in zip(prompts, texts)], "batched encoding differs"

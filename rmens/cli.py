@@ -2,6 +2,7 @@
 
     python -m rmens.cli train --config job.yaml [--output DIR] [--overwrite]   one reward ensemble
     python -m rmens.cli ppo --config ppo.yaml [--output DIR] [--restart]        PPO against a saved ensemble
+    python -m rmens.cli calibrate FOLDER --pairs FILE.jsonl [--max-pairs N]    add member standardisation
     python -m rmens.cli prepare-model NAME                                      convert/build a model alias once
 
 The `rmens` command (flows/cli.py) offers these too, next to the commands that orchestrate.
@@ -58,21 +59,23 @@ def cmd_train(args) -> int:
     keys = ("accuracy", "member_accuracy", "ece", "n_pairs", "accuracy_longer_lost", "n_longer_lost",
             "length_rule_accuracy")
     summary = {key: result.metrics[key] for key in keys if key in result.metrics}
-    print(json.dumps({"output": str(Path(output).resolve()), **summary, "wall_time_s": round(result.wall_time, 1)},
-                     indent=2))
+    print(json.dumps({"output": str(Path(output).resolve()), **summary,
+                      "calibration_responses": result.ensemble.standardisation.responses,
+                      "wall_time_s": round(result.wall_time, 1)}, indent=2))
     return 0
 
 
 def cmd_ppo(args) -> int:
     cfg = job_config(PPOJobConfig, args)  # first: a wrong setting is reported before torch is even imported
     from rmens.data.prompts import load_prompts
+    from rmens.evaluation.judges import RewardModelJudge
     from rmens.ppo.trainer import PPOTrainer
     from rmens.reward import EnsembleReward
 
     output = args.output or cfg.output_dir
     reward = EnsembleReward.from_folder(cfg.reward_ensemble, cfg.ppo.aggregation, batch_size=cfg.reward_batch_size)
-    judge = EnsembleReward.from_folder(cfg.judge_ensemble, batch_size=cfg.reward_batch_size) \
-        if cfg.judge_ensemble else None
+    # A judge reports on its own (raw) Bradley-Terry scale, as the pipeline's reward-model judge does.
+    judge = RewardModelJudge(cfg.judge_ensemble, batch_size=cfg.reward_batch_size) if cfg.judge_ensemble else None
     trainer = PPOTrainer(cfg.ppo, load_prompts(cfg.prompts), reward, output, judge_fn=judge,
                          reward_folder=cfg.reward_ensemble)
     result = trainer.train(resume=not args.restart)
@@ -80,6 +83,29 @@ def cmd_ppo(args) -> int:
     print(json.dumps({"output": str(Path(output).resolve()), "steps": len(result.history),
                       "reward": last.get("reward"), "kl": last.get("kl"),
                       "wall_time_s": round(result.wall_time, 1)}, indent=2))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    """Compute each member's standardisation on a saved ensemble's training pairs and store it in place."""
+    import torch
+
+    from rmens.data.loaders import load_jsonl_pairs
+    from rmens.models.ensemble import load_ensemble, write_standardisation
+    from rmens.models.standardise import calibrate, calibration_subset, pair_responses
+
+    pairs = calibration_subset(load_jsonl_pairs(args.pairs), args.max_pairs, args.seed)  # a bad file fails first
+    ensemble, tokenizer = load_ensemble(args.folder)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{args.folder} holds no tokenizer/ folder; save the ensemble with its tokenizer")
+    ensemble.to("cuda" if torch.cuda.is_available() else "cpu")
+    if ensemble.standardisation is not None:
+        logging.info("%s already holds standardisation statistics (%d responses); replacing them", args.folder,
+                     ensemble.standardisation.responses)
+    prompts, responses = pair_responses(pairs)
+    standardisation = calibrate(ensemble, tokenizer, prompts, responses, args.batch_size)
+    write_standardisation(args.folder, standardisation)
+    print(json.dumps({"folder": str(Path(args.folder).resolve()), **standardisation.to_json()}, indent=2))
     return 0
 
 
@@ -96,8 +122,15 @@ def config_args(parser: argparse.ArgumentParser, what: str) -> None:
                         help="override a config field (dotted path, YAML value), e.g. --set arms.ks=[3,5]")
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_library_commands(sub) -> None:
-    """Register train, ppo and prepare-model on an argparse subparsers object."""
+    """Register train, ppo, calibrate and prepare-model on an argparse subparsers object."""
     train = sub.add_parser("train", help="train one reward ensemble, no orchestration (works under accelerate launch)")
     config_args(train, "data/ensemble/train sections")
     train.add_argument("--output", help="folder for the trained ensemble (default: output_dir of the config)")
@@ -112,6 +145,18 @@ def add_library_commands(sub) -> None:
     ppo.add_argument("--output", help="output folder (checkpoints, history.json, policy/)")
     ppo.add_argument("--restart", action="store_true", help="ignore existing checkpoints")
     ppo.set_defaults(func=cmd_ppo)
+
+    cal = sub.add_parser("calibrate", help="add member standardisation statistics to a saved ensemble, in place",
+                         description="Score both responses of (a seeded subset of) the ensemble's training pairs with "
+                                     "every member and store each member's mean and sd in its ensemble.json, which "
+                                     "every use of the ensemble then applies before aggregating members.")
+    cal.add_argument("folder", help="a saved ensemble folder (with ensemble.json and tokenizer/)")
+    cal.add_argument("--pairs", required=True, help="JSONL preference pairs (prompt, chosen, rejected); use the "
+                                                    "ensemble's training pairs")
+    cal.add_argument("--max-pairs", type=positive_int, default=256, help="pairs drawn from the file (default 256)")
+    cal.add_argument("--seed", type=int, default=0, help="seed of the drawn subset (default 0)")
+    cal.add_argument("--batch-size", type=positive_int, default=16)
+    cal.set_defaults(func=cmd_calibrate)
 
     prep = sub.add_parser("prepare-model", help="build or convert a model alias once (e.g. smollm2-135m)")
     prep.add_argument("name", help="smollm2-135m, tiny-random-llama, or a Hugging Face id")

@@ -27,6 +27,8 @@ class Stream(IntEnum):
     PROMPT_ORDER = 7    # PPO's per-epoch prompt permutation
     MINIBATCH = 8       # PPO's minibatch order within a step
     VALUE_HEAD = 9      # PPO's fresh value head
+    CALIBRATION = 10    # the training pairs whose responses standardise each member's reward
+    RUN = 11            # a training run (seed) of a reference-experiment arm
 
 
 def seed_for(seed: int, stream: Stream, *indices: int) -> int:

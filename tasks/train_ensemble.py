@@ -40,9 +40,12 @@ def train_ensemble(ctx: StageContext, data: ArtifactRef, ensemble: EnsembleConfi
         mlflow.log_artifact(str(folder / "val_metrics.json"))
         mlflow.log_artifact(str(folder / "ensemble" / "ensemble.json"))
         if val_pairs:  # length bias: agreement where the longer response lost, next to the length rule
-            report = agreement_report(EnsembleReward.from_folder(folder / "ensemble"), val_pairs)
+            # Raw scores, as the val_accuracy beside it: an accuracy of the model on labelled pairs.
+            reward = EnsembleReward.from_folder(folder / "ensemble")
+            report = agreement_report(lambda p, r: reward(p, r, standardise=False), val_pairs)
             metrics.update({f"val_{k}": v for k, v in report.items()})
         summary = {**metrics, "train_wall_s": result.wall_time,
+                   "calibration_responses": result.ensemble.standardisation.responses,
                    "steps": sum(s.steps for s in result.stages.values()),
                    "param_mib": result.ensemble.parameter_bytes() / 2**20}
         if log_model:

@@ -80,7 +80,8 @@ def test_ensemble_reward_scores_members_in_one_call(tiny_tokenizer):
     ensemble = build_ensemble(EnsembleConfig(kind="linear", k=3, backbone=TINY)).eval()
     calls = []
     ensemble.backbone.register_forward_hook(lambda *a: calls.append(1))
-    reward = EnsembleReward(ensemble, tiny_tokenizer, AggregationConfig(rule="lcb", beta=1.0), batch_size=8)
+    reward = EnsembleReward(ensemble, tiny_tokenizer, AggregationConfig(rule="lcb", beta=1.0), batch_size=8,
+                            allow_unstandardised=True)  # untrained: no standardisation statistics
     out = reward(PROMPTS, ["apple", "cherry", "hello"])
     assert out.members.shape == (3, 3) and len(calls) == 1
     torch.testing.assert_close(out.scores, aggregate(out.members, "lcb", beta=1.0))
@@ -98,7 +99,8 @@ def test_samples_are_stored_once_and_rescored_without_regenerating(policy, tiny_
     monkeypatch.setattr(bon, "generate", lambda *a, **k: pytest.fail("rescoring must not generate"))
     length = CallableReward(lambda p, r: len(r))
     ensemble = build_ensemble(EnsembleConfig(kind="linear", k=2, backbone=TINY)).eval()
-    score_samples(tmp_path, {"length": length, "ens": EnsembleReward(ensemble, tiny_tokenizer)})
+    ens = EnsembleReward(ensemble, tiny_tokenizer, allow_unstandardised=True)  # untrained: no statistics
+    score_samples(tmp_path, {"length": length, "ens": ens})
     lengths = load_score_matrix(tmp_path, "length")
     assert lengths.shape == (3, 4)
     assert load_score_matrix(tmp_path, "ens", member=1).shape == (3, 4)

@@ -32,7 +32,8 @@ def test_member_scores_equal_each_members_own_forward(tiny_tokenizer, kind):
     ensemble = build_ensemble(cfg)
     if kind == "lora":
         ensemble = to_lora(ensemble, EnsembleConfig(kind="lora", k=3, backbone=TINY, max_length=48))
-    reward = EnsembleReward(ensemble.eval(), tiny_tokenizer, batch_size=2)
+    # Untrained, so no standardisation statistics: the raw scoring path is what is compared here.
+    reward = EnsembleReward(ensemble.eval(), tiny_tokenizer, batch_size=2, allow_unstandardised=True)
     scores = reward.member_scores(PROMPTS, RESPONSES)
     with torch.no_grad():
         for j, (prompt, response) in enumerate(zip(PROMPTS, RESPONSES)):
@@ -40,7 +41,8 @@ def test_member_scores_equal_each_members_own_forward(tiny_tokenizer, kind):
             for i in range(3):
                 expected = ensemble.member_forward(i, ids, torch.ones_like(ids))
                 torch.testing.assert_close(scores[i, j], expected[0], atol=1e-5, rtol=1e-4)
-    bf16 = EnsembleReward(ensemble, tiny_tokenizer, batch_size=2, precision="bf16").member_scores(PROMPTS, RESPONSES)
+    bf16 = EnsembleReward(ensemble, tiny_tokenizer, batch_size=2, precision="bf16",
+                          allow_unstandardised=True).member_scores(PROMPTS, RESPONSES)
     assert bf16.dtype == torch.float32 and torch.allclose(bf16, scores, atol=0.05, rtol=0.05)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # heads stay fp32 under autocast
         ids = torch.tensor([reward.encoder.encode(PROMPTS[0], RESPONSES[0])])

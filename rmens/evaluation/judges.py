@@ -6,7 +6,7 @@
 Every judge is also a reward function (`judge(prompts, responses) -> Rewards`), so Best-of-n and PPO
 can log or optimise it like any reward. Kinds:
 
-- RewardModelJudge: a saved RewardEnsemble (its aggregated reward) or any Hugging Face
+- RewardModelJudge: a saved RewardEnsemble (its aggregated raw reward) or any Hugging Face
   sequence-classification reward model; P(b > a) = sigmoid(r_b - r_a) (Bradley-Terry).
 - AlpacaEvalJudge: alpaca_eval's own annotators (GPT-4 and others) through the alpaca_eval library;
   needs the provider's API key.
@@ -16,6 +16,7 @@ can log or optimise it like any reward. Kinds:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -52,13 +53,21 @@ def _check_lengths(*lists) -> None:
 
 
 class RewardModelJudge(Judge):
-    """A reward model as judge: a saved RewardEnsemble folder or a sequence-classification model id."""
+    """A reward model as judge: a saved RewardEnsemble folder or a sequence-classification model id.
+
+    An ensemble judges with its members' raw scores, not the standardised ones every optimised reward
+    uses: its probabilities sigmoid(r_b - r_a) are Bradley-Terry probabilities only on the scale the
+    members were trained on, and standardising would rescale that logit. So score, compare and the judge as
+    a reward all stay on that one scale (a one-member judge ranks the same either way). Statistics are
+    therefore not required of a judge's folder.
+    """
 
     def __init__(self, source: str | Path, aggregation: AggregationConfig | None = None, batch_size: int = 16,
                  max_length: int = 512, name: str | None = None):
         self.name = name or Path(str(source)).name
         if (Path(source) / "ensemble.json").is_file():
-            self._reward = EnsembleReward.from_folder(source, aggregation, batch_size=batch_size)
+            reward = EnsembleReward.from_folder(source, aggregation, batch_size=batch_size, allow_unstandardised=True)
+            self._reward = functools.partial(reward, standardise=False)
         else:
             self._reward = _SequenceClassifierReward(str(source), batch_size, max_length)
 

@@ -12,6 +12,10 @@ Written here because no maintained library offers reward-model ensembles. Three 
 
 A reward is a linear head on the final hidden state of the last non-padding token (AlpacaFarm's
 convention), so left, right or no padding give the same rewards.
+
+`forward` returns raw member rewards (what training sees). A trained ensemble also carries each member's
+standardisation (rmens.models.standardise), saved in ensemble.json; EnsembleReward applies it before any
+rule aggregates the members.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,10 +36,13 @@ from torch import nn
 from rmens.config import EnsembleConfig
 from rmens.io import refuse_foreign_folder
 from rmens.models.backbone import context_length, load_backbone, load_tokenizer
+from rmens.models.standardise import MemberStandardisation
 from rmens.seeding import Stream, seed_for
 
 FORMAT = "rmens-ensemble"
-FORMAT_VERSION = 1
+# 2: ensemble.json may hold "standardisation" ({"center": [k], "scale": [k], "responses": n}), which every
+# use applies. Version 1 (none) still loads, with standardisation None.
+FORMAT_VERSION = 2
 
 
 def last_token_states(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -99,7 +108,12 @@ def init_heads(hidden_size: int, k: int, seed: int) -> nn.Linear:
 
 
 class RewardEnsemble(nn.Module):
-    """Common interface of all kinds: ``forward(input_ids, attention_mask) -> Tensor[k, batch]``."""
+    """Common interface of all kinds: ``forward(input_ids, attention_mask) -> Tensor[k, batch]`` (raw rewards).
+
+    `standardisation`: each member's center and scale (None until calibrated, or for a folder saved before
+    they existed); saved and loaded with the ensemble. `saved_at`: the folder it was last saved to or
+    loaded from, for messages.
+    """
 
     kind: str = ""
 
@@ -107,6 +121,8 @@ class RewardEnsemble(nn.Module):
         super().__init__()
         self.config = config
         self.heads = heads
+        self.standardisation: MemberStandardisation | None = None
+        self.saved_at: Path | None = None
 
     @property
     def k(self) -> int:
@@ -171,11 +187,19 @@ class RewardEnsemble(nn.Module):
             tokenizer.save_pretrained(tmp / "tokenizer")
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind, "k": self.k,
                 "config": self.config.model_dump(mode="json")}
+        if self.standardisation is not None:
+            meta["standardisation"] = self._checked(self.standardisation).to_json()
         (tmp / "ensemble.json").write_text(json.dumps(meta, indent=2))
         for name, obj in (extra or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2))
         replace_folder(tmp, path)
+        self.saved_at = path
         return path
+
+    def _checked(self, standardisation: MemberStandardisation) -> MemberStandardisation:
+        if standardisation.k != self.k:
+            raise ValueError(f"a standardisation of {standardisation.k} members does not fit an ensemble of {self.k}")
+        return standardisation
 
     def _save_weights(self, path: Path) -> None:
         raise NotImplementedError
@@ -441,8 +465,8 @@ def to_lora(stage1: LinearEnsemble, config: EnsembleConfig) -> LoraEnsemble:
     return LoraEnsemble.from_backbone(config, backbone, stage1.heads)
 
 
-def load_ensemble(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a saved ensemble folder -> (ensemble, tokenizer or None). Scores reproduce exactly."""
+def read_meta(path: str | Path) -> dict:
+    """The checked contents of a saved ensemble's ensemble.json (any version up to FORMAT_VERSION)."""
     path = Path(path)
     meta_file = path / "ensemble.json"
     if not meta_file.is_file():
@@ -450,6 +474,50 @@ def load_ensemble(path: str | Path, dtype: torch.dtype = torch.float32):
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_file}: not an rmens ensemble (format={meta.get('format')!r})")
+    if meta.get("version", 1) > FORMAT_VERSION:
+        raise ValueError(f"{meta_file}: format version {meta['version']} is newer than this rmens reads "
+                         f"({FORMAT_VERSION}); upgrade rmens")
+    return meta
+
+
+def read_standardisation(path: str | Path) -> MemberStandardisation | None:
+    """The member standardisation saved in a folder's ensemble.json; None when it has none (version 1)."""
+    meta = read_meta(path)
+    if "standardisation" not in meta:
+        return None
+    return MemberStandardisation.from_json(meta["standardisation"], f"{Path(path) / 'ensemble.json'}: standardisation")
+
+
+def write_standardisation(path: str | Path, standardisation: MemberStandardisation) -> None:
+    """Store `standardisation` in a saved ensemble's ensemble.json in place (the rest of the folder unchanged).
+
+    Written to a temporary file beside it and renamed over it, so a reader sees the old or the new file,
+    never a partial one. The file becomes FORMAT_VERSION, which it now satisfies.
+    """
+    meta_file = Path(path) / "ensemble.json"
+    meta = read_meta(path)
+    if standardisation.k != meta["k"]:
+        raise ValueError(f"{meta_file}: a standardisation of {standardisation.k} members does not fit k={meta['k']}")
+    meta.update(version=FORMAT_VERSION, standardisation=standardisation.to_json())
+    fd, tmp = tempfile.mkstemp(prefix=".ensemble.", suffix=".json.tmp", dir=meta_file.parent)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(meta, indent=2))
+        os.chmod(tmp, meta_file.stat().st_mode & 0o777)  # mkstemp's file is private; keep the old permissions
+        os.replace(tmp, meta_file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_ensemble(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Load a saved ensemble folder -> (ensemble, tokenizer or None). Scores reproduce exactly.
+
+    A folder saved without member standardisation (format version 1) loads with `standardisation` None.
+    """
+    path = Path(path)
+    meta_file = path / "ensemble.json"
+    meta = read_meta(path)
     config = EnsembleConfig.model_validate(meta["config"])
     state = load_file(path / "heads.safetensors")
     heads = nn.Linear(state["weight"].shape[1], state["weight"].shape[0]).to(dtype)
@@ -473,5 +541,11 @@ def load_ensemble(path: str | Path, dtype: torch.dtype = torch.float32):
         ensemble.set_adapters_trainable(False)
     else:
         raise ValueError(f"{meta_file}: unknown ensemble kind {kind!r}")
+    if "standardisation" in meta:
+        where = f"{meta_file}: standardisation"
+        ensemble.standardisation = MemberStandardisation.from_json(meta["standardisation"], where)
+        if ensemble.standardisation.k != ensemble.k:
+            raise ValueError(f"{where} has {ensemble.standardisation.k} members, the ensemble {ensemble.k}")
+    ensemble.saved_at = path
     tokenizer = load_tokenizer(str(path / "tokenizer")) if (path / "tokenizer").is_dir() else None
     return ensemble.eval(), tokenizer

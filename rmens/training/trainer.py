@@ -7,6 +7,9 @@ CPU process, several processes (``accelerate launch --cpu --num_processes 2``) o
 One forward per micro-batch scores chosen and rejected responses of every member together; the loss
 is the sum of the members' (weighted) BT losses, so a single backward trains every member and a linear
 ensemble pays for one backbone pass.
+
+After training, each member's standardisation (mean 0, sd 1) is calibrated on the responses of a seeded
+subset of the training pairs and saved with the ensemble (rmens.models.standardise).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from rmens.evaluation.rm_metrics import ensemble_metrics, length_metrics, scalar
 from rmens.models.backbone import load_tokenizer
 from rmens.models.context import check_max_length
 from rmens.models.ensemble import RewardEnsemble, build_ensemble, check_output_folder, to_lora
+from rmens.models.standardise import MemberStandardisation, calibrate, calibration_subset, pair_responses
 from rmens.seeding import Stream, seed_for
 
 log = logging.getLogger(__name__)
@@ -226,6 +230,17 @@ class EnsembleTrainer:
         return StageResult(steps=step, wall_time=time.perf_counter() - start, history=history)
 
 
+def calibrate_members(ensemble: RewardEnsemble, tokenizer, pairs: list[PreferencePair],
+                      cfg: TrainConfig) -> MemberStandardisation:
+    """Each member's standardisation on both responses of up to cfg.calibration_pairs training pairs.
+
+    Every process computes it alike (same seeded pairs, same weights, no collective call), so the
+    ensemble each one returns carries it; the main process saves it.
+    """
+    prompts, responses = pair_responses(calibration_subset(pairs, cfg.calibration_pairs, cfg.seed))
+    return calibrate(ensemble, tokenizer, prompts, responses, cfg.eval_batch_size)
+
+
 def lora_stage_split(pairs: list[PreferencePair], stage1_fraction: float):
     """Stage-1 and stage-2 pairs of the LoRA recipe, disjoint by instruction unless the fraction is 1."""
     if stage1_fraction >= 1.0:
@@ -273,6 +288,7 @@ def train_ensemble(ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: list[
                                   log_fn=log_fn)
         stages["train"] = trainer.train(encode(train_pairs, 1), val)
     ensemble = trainer.ensemble
+    ensemble.standardisation = calibrate_members(ensemble, tokenizer, train_pairs, cfg)
     metrics = evaluate_pairs(ensemble, val, pad_id, cfg.eval_batch_size, acc, val_pairs) if val is not None else {}
     total_steps = sum(s.steps for s in stages.values())
     if metrics and log_fn is not None and acc.is_main_process:
@@ -282,6 +298,7 @@ def train_ensemble(ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: list[
         path = Path(output_dir)
         if acc.is_main_process:
             summary = {"metrics": metrics, "steps": {k: s.steps for k, s in stages.items()},
+                       "calibration_responses": ensemble.standardisation.responses,
                        "wall_time": {k: s.wall_time for k, s in stages.items()},
                        "history": {k: s.history for k, s in stages.items()}}
             ensemble.save(path, tokenizer, extra={"train_metrics.json": summary}, overwrite=overwrite)

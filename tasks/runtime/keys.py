@@ -18,7 +18,7 @@ from tasks.runtime.refs import ArtifactRef
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "prepare_data": ("rmens.data",),
     "prepare_models": ("rmens.models.backbone",),
-    "train_ensemble": ("rmens.training", "rmens.models", "rmens.data", "rmens.evaluation.rm_metrics"),
+    "train_ensemble": ("rmens.training", "rmens.models", "rmens.data", "rmens.evaluation.rm_metrics", "rmens.reward"),
     "sample": ("rmens.generation", "rmens.bon", "rmens.data.encoding", "rmens.data.prompts"),
     "score": ("rmens.bon", "rmens.reward", "rmens.models", "rmens.evaluation.judges", "rmens.data.encoding",
               "tasks.runtime.judging"),

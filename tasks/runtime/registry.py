@@ -14,26 +14,42 @@ from rmens.evaluation.rm_metrics import calibration, pairwise_accuracy
 
 def score_registered(uri: str, pairs: list[PreferencePair]) -> dict[str, float]:
     """Accuracy and ECE of a registered ensemble (models:/name/version or models:/name@alias), scored from its
-    weights with the aggregation it was logged with; the model's stored code is not run."""
+    weights; the model's stored code is not run.
+
+    Accuracy is that of the reward the model serves: its standardised members under the aggregation it was
+    logged with. ECE is that of the ensemble's Bradley-Terry probability, sigmoid of the mean raw member
+    margin (as training reports it): standardising rescales the margin, and a conservative rule's margin is
+    no probability's logit, so neither would measure calibration.
+    """
     import tempfile
 
     import yaml
 
     from rmens.config import AggregationConfig
-    from rmens.reward import EnsembleReward
+    from rmens.models.aggregate import aggregate_with
+    from rmens.reward import EnsembleReward, UnstandardisedEnsembleError
     from tasks.runtime.mlflow_model import download_ensemble
 
     with tempfile.TemporaryDirectory(prefix="rmens-registered-") as tmp:
         folder = download_ensemble(uri, tmp)
         mlmodel = yaml.safe_load((folder.parents[1] / "MLmodel").read_text())
         config = mlmodel["flavors"]["python_function"].get("model_config") or {}
-        reward = EnsembleReward.from_folder(folder, AggregationConfig.model_validate(config.get("aggregation", {})))
+        aggregation = AggregationConfig.model_validate(config.get("aggregation", {}))
+        try:
+            reward = EnsembleReward.from_folder(folder, aggregation)
+        except UnstandardisedEnsembleError:
+            raise UnstandardisedEnsembleError(
+                f"{uri} was registered without member standardisation statistics (k > 1); download its ensemble "
+                "folder, add them with `python -m rmens.cli calibrate FOLDER --pairs TRAIN_PAIRS.jsonl` and "
+                "register it again") from None
         prompts = [p.prompt for p in pairs] * 2
         responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-        rewards = reward(prompts, responses).scores.float().cpu()
-    margins = rewards[: len(pairs)] - rewards[len(pairs):]
+        raw = reward.member_scores(prompts, responses, standardise=False).double()
+        served = aggregate_with(reward.standardised(raw), aggregation)
+    n = len(pairs)
     targets = torch.tensor([p.weight for p in pairs])
-    return {"accuracy": pairwise_accuracy(margins, targets), "ece": calibration(margins, targets)["ece"]}
+    margins, raw_margins = served[:n] - served[n:], (raw[:, :n] - raw[:, n:]).mean(dim=0)
+    return {"accuracy": pairwise_accuracy(margins, targets), "ece": calibration(raw_margins, targets)["ece"]}
 
 
 def champion_version(client: MlflowClient, name: str, alias: str) -> str | None:

@@ -1,6 +1,10 @@
 """The reward ensemble's MLflow pyfunc, as a models-from-code file: `mlflow.pyfunc.log_model` stores this
 source file with the model instead of a CloudPickle of a Python object, so loading the model never
 unpickles anything. predict(DataFrame[prompt, response]) -> DataFrame[reward, member_0 .. member_{k-1}, std].
+
+The member columns are the standardised members (each mean 0, sd 1 over training responses, statistics saved
+with the ensemble) that the rule aggregated into `reward`, and `std` is their spread: what Best-of-n and PPO
+optimise. An ensemble of several members saved without the statistics refuses to load (see rmens.reward).
 """
 
 from __future__ import annotations
