@@ -53,7 +53,9 @@ def reward_arm(backbone: str, kind: str, k: int, tokenizer, max_length: int) -> 
     ensemble = build_ensemble(cfg)
     if kind == "lora":
         ensemble = to_lora(ensemble, derive(cfg, kind="lora"))
-    return TimedReward(EnsembleReward(ensemble.eval(), tokenizer, batch_size=16, max_length=max_length))
+    # untrained: no standardisation statistics, and only the reward call's time is measured here
+    return TimedReward(EnsembleReward(ensemble.eval(), tokenizer, batch_size=16, max_length=max_length,
+                                      allow_unstandardised=True))
 
 
 def main() -> int:
@@ -71,7 +73,7 @@ def main() -> int:
             "lora k=5 top 1/4": reward_arm(model, "lora", 5, tokenizer, 160)}
     cfg = PPOConfig(policy=model, steps=10**6, rollout_batch_size=8, step_batch_size=4, warmup_steps=0, lr=1e-12,
                     progress=False, checkpoint_every=10**6,
-                    generation=GenerationConfig(max_new_tokens=24, temperature=0.7, top_p=0.9, batch_size=8))
+                    generation=GenerationConfig(max_new_tokens=24, temperature=0.7, batch_size=8))
     prompts = [p.prompt for p in synthetic_pairs(64, seed=3)]
     with tempfile.TemporaryDirectory() as tmp:
         trainer = PPOTrainer(cfg, prompts, arms["single"], tmp)

@@ -183,6 +183,9 @@ class TrainConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 on a GPU that supports it, fp32 otherwise (bf16 is slow on most CPUs)."
     )
+    calibration_pairs: int = Field(
+        256, ge=1, description="Training pairs (a seeded subset) whose chosen and rejected responses calibrate "
+                               "each member's standardisation (mean 0, sd 1), saved with the ensemble.")
     seed: Seed = 0
     progress: bool = True
 
@@ -273,7 +276,8 @@ class AggregationConfig(StrictModel):
 
 
 # PPO: defaults follow the paper (Zhang et al., Table 4: KL 0.02, value coefficient 0.1, 2 epochs per
-# rollout batch, temperature 0.7, top-p 0.9) at CPU-sized batches and lengths.
+# rollout batch, temperature 0.7) at CPU-sized batches and lengths. Table 4 also samples with top-p 0.9; rmens
+# samples PPO rollouts without truncation so that its log-probs and KL are exact.
 
 class PolicyLoraSettings(StrictModel):
     rank: int = Field(16, gt=0)
@@ -305,7 +309,8 @@ class PPOConfig(StrictModel):
     missing_eos_penalty: float | None = Field(
         1.0, ge=0, description="Subtracted from the score of a response that never emits EOS (None: no penalty).")
     generation: GenerationConfig = Field(
-        default_factory=lambda: GenerationConfig(temperature=0.7, top_p=0.9, max_new_tokens=32))
+        default_factory=lambda: GenerationConfig(temperature=0.7, top_p=1.0, max_new_tokens=32),
+        description="Rollout sampling: the full softmax at `temperature` (top_p 1, do_sample true).")
     use_lora: bool = Field(True, description="LoRA policy: the reference is the same model with adapters off.")
     lora: PolicyLoraSettings = Field(default_factory=PolicyLoraSettings)
     value_model: Literal["head", "reward"] = Field(
@@ -323,6 +328,17 @@ class PPOConfig(StrictModel):
         if self.rollout_batch_size % self.step_batch_size:
             raise ValueError(f"rollout_batch_size={self.rollout_batch_size} must be a multiple of "
                              f"step_batch_size={self.step_batch_size}")
+        return self
+
+    @model_validator(mode="after")
+    def _untruncated_sampling(self) -> PPOConfig:
+        # Importance ratios and the KL penalty use log-probs of the full softmax at generation.temperature,
+        # which are exact only for samples drawn from exactly that distribution.
+        why = "PPO's ratios and KL use the full softmax at the sampling temperature, so it must sample from it"
+        if self.generation.top_p < 1:
+            raise ValueError(f"generation.top_p={self.generation.top_p:g} must be 1: {why}, untruncated")
+        if not self.generation.do_sample:
+            raise ValueError(f"generation.do_sample=false is refused: {why}, not decode greedily")
         return self
 
 

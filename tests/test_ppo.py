@@ -89,7 +89,7 @@ def test_ensemble_reward_logs_members_and_spread(tmp_path, tiny_tokenizer):
     ensemble = build_ensemble(EnsembleConfig(kind="linear", k=3, backbone=TINY)).eval()
     from rmens.reward import EnsembleReward
 
-    reward = EnsembleReward(ensemble, tiny_tokenizer)
+    reward = EnsembleReward(ensemble, tiny_tokenizer, allow_unstandardised=True)  # untrained: no statistics
     judge = CallableReward(e_count)
     trainer = PPOTrainer(config(steps=1, judge_every=1), synthetic_prompts(8), reward, tmp_path, judge_fn=judge)
     stats = trainer.train().history[0]
@@ -163,7 +163,12 @@ def test_reward_initialised_value_model(tmp_path, tiny_tokenizer, use_lora):
 
 
 def test_ppo_runs_data_parallel_on_two_cpu_processes(tmp_path, tiny_tokenizer):
+    from rmens.data.loaders import synthetic_pairs
+    from rmens.models.standardise import calibrate, pair_responses
+
     ensemble = build_ensemble(EnsembleConfig(kind="linear", k=2, backbone=TINY)).eval()
+    # A saved ensemble of several members carries its standardisation (training computes it).
+    ensemble.standardisation = calibrate(ensemble, tiny_tokenizer, *pair_responses(synthetic_pairs(8)))
     ensemble.save(tmp_path / "rm", tiny_tokenizer)
     job = tmp_path / "ppo.yaml"
     job.write_text(
@@ -213,6 +218,6 @@ def test_ensemble_rewards_identify_their_source(tiny_tokenizer):
 
     a = build_ensemble(EnsembleConfig(kind="linear", k=2, backbone=TINY, seed=0))
     b = build_ensemble(EnsembleConfig(kind="linear", k=2, backbone=TINY, seed=1))
-    ids = {reward_identity(EnsembleReward(e, tiny_tokenizer, AggregationConfig(rule=rule))) for e in (a, b)
-           for rule in ("mean", "min")}
+    ids = {reward_identity(EnsembleReward(e, tiny_tokenizer, AggregationConfig(rule=rule), allow_unstandardised=True))
+           for e in (a, b) for rule in ("mean", "min")}
     assert len(ids) == 4 and reward_identity(CallableReward(e_count)) is None

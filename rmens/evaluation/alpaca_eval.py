@@ -4,7 +4,8 @@ own metric functions.
 Offline, alpaca_eval's `evaluate()` cannot run (it loads the evaluation set from the hub and defaults to
 an OpenAI judge), so preferences come from our judge and go into `alpaca_eval.metrics.get_winrate`.
 The length-controlled win rate is attempted with alpaca_eval's `get_length_controlled_winrate`; when
-it cannot be computed (offline it needs files from the hub) the exact reason is returned instead.
+it cannot be computed (offline it needs files from the hub; it needs each instruction's position in
+AlpacaEval's evaluation set) the exact reason is returned instead.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import logging
 import math
 import os
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from rmens.data.schema import DataError
 from rmens.evaluation.judges import Judge, LocalLLMJudge
 from rmens.io import atomic_write_text
 
@@ -67,8 +70,25 @@ def _lc_unavailable() -> str | None:
         return f"huggingface.co is unreachable ({err}) and df_gamed.csv is not in the Hugging Face cache"
 
 
+def evaluation_set_positions(instructions: list[str]) -> tuple[list[int] | None, str | None]:
+    """Each instruction's position in AlpacaEval's 805-instruction evaluation set, or (None, why not): its
+    line in the data folder's instructions.jsonl, which lists the set in alpaca_eval's order (the order of its
+    reference outputs, e.g. gpt4_1106_preview_model_outputs.json)."""
+    from rmens.data.prompts import alpaca_eval_instructions
+
+    try:
+        order = {row["instruction"]: n for n, row in enumerate(alpaca_eval_instructions())}
+    except (DataError, OSError) as err:
+        return None, f"AlpacaEval's instruction list is unavailable ({err})"
+    missing = sum(instruction not in order for instruction in instructions)
+    if missing:
+        return None, f"{missing} of {len(instructions)} instructions are not in AlpacaEval's evaluation set"
+    return [order[instruction] for instruction in instructions], None
+
+
 def length_controlled(annotations: pd.DataFrame) -> tuple[dict | None, str | None]:
-    """alpaca_eval's LC win rate, or (None, why it could not be computed)."""
+    """alpaca_eval's LC win rate, or (None, why it could not be computed). `annotations` must be indexed by
+    each row's instruction position in AlpacaEval's evaluation set (see win_rate)."""
     reason = _lc_unavailable()
     if reason is not None:
         return None, ("alpaca_eval's get_length_controlled_winrate needs tatsu-lab/alpaca_eval/df_gamed.csv from "
@@ -84,15 +104,30 @@ def length_controlled(annotations: pd.DataFrame) -> tuple[dict | None, str | Non
 
 def win_rate(judge: Judge, instructions: list[str], outputs: list[str], references: list[str], *,
              generator: str = "model", reference_generator: str = "gpt4_1106_preview",
-             output_dir: str | Path | None = None) -> dict:
-    """Win rate (%) of `outputs` over `references` with standard error, from alpaca_eval's metrics."""
+             output_dir: str | Path | None = None, instruction_index: Sequence[int] | None = None) -> dict:
+    """Win rate (%) of `outputs` over `references` with standard error, from alpaca_eval's metrics.
+
+    `instruction_index`: each instruction's position in AlpacaEval's 805-instruction evaluation set, which the
+    length-controlled win rate needs (None: looked up by text with `evaluation_set_positions`; instructions
+    that are not AlpacaEval's get no LC win rate, and the reason is returned)."""
     from alpaca_eval.metrics import get_winrate
 
     if not (len(instructions) == len(outputs) == len(references)) or not instructions:
         raise ValueError("win_rate needs equally many (non-zero) instructions, outputs and references")
+    if instruction_index is not None and len(instruction_index) != len(instructions):
+        raise ValueError(f"instruction_index has {len(instruction_index)} positions for {len(instructions)} "
+                         "instructions")
     start = len(judge.unparsed) if isinstance(judge, LocalLLMJudge) else 0
     p_model = judge.compare(instructions, references, outputs)
     frame = annotations_frame(instructions, references, outputs, p_model, generator, reference_generator, judge.name)
+    # alpaca_eval's LC model (metrics/glm_winrate.py, _get_featurized_data) makes the frame's index a column
+    # (reset_index) and takes each row's instruction difficulty from df_gamed.csv by that label, a position in
+    # AlpacaEval's evaluation set. So rows are indexed by their instruction's position: re-indexed 0..n-1, a
+    # split, a subset or rows left out below would be paired with other instructions' difficulties.
+    positions, no_positions = ((list(instruction_index), None) if instruction_index is not None
+                               else evaluation_set_positions(instructions))
+    if positions is not None:
+        frame.index = pd.Index(positions)
     failed = int(frame["preference"].isna().sum())
     unparsed = {"unparsed": failed, "unparsed_fraction": failed / len(instructions)}
     if isinstance(judge, LocalLLMJudge):
@@ -104,9 +139,11 @@ def win_rate(judge: Judge, instructions: list[str], outputs: list[str], referenc
     # and pulls the win rate toward 50%. Left out, the rate stays an average of real verdicts, unbiased as
     # long as failures do not depend on which output is better; the unparsed limit bounds how far a
     # dependence could move it, and the count is reported next to the rate.
-    valid = frame.dropna(subset=["preference"]).reset_index(drop=True)
+    valid = frame.dropna(subset=["preference"])  # keeps each row's instruction position
     metrics = {k: float(v) for k, v in get_winrate(valid).items()}
-    lc, lc_reason = length_controlled(valid)
+    lc, lc_reason = length_controlled(valid) if no_positions is None else (
+        None, f"alpaca_eval's get_length_controlled_winrate needs each instruction's position in AlpacaEval's "
+              f"evaluation set: {no_positions}")
     result = {**metrics, "failed_annotations": failed, **unparsed, "judge": judge.name, "generator": generator,
               "reference": reference_generator, "length_controlled": lc, "length_controlled_unavailable": lc_reason,
               "avg_output_chars": sum(map(len, outputs)) / len(outputs)}

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from rmens.config import GenerationConfig
 from rmens.generation import generate
 from rmens.ppo.config import PPOConfig
-from rmens.ppo.trainer import build_actor_critic, pack_rollout, response_logprobs
+from rmens.ppo.trainer import build_actor_critic, full_softmax_sampling, pack_rollout, response_logprobs
 from rmens.reward import RewardFn
 from rmens.seeding import Stream
 
@@ -36,7 +36,10 @@ def load_run_policy(run_dir: str | Path, checkpoint: Path | None, reward_folder=
 
 @torch.no_grad()
 def sequence_kl(model, reference, batch: dict, temperature: float) -> torch.Tensor:
-    """Per sample: sum over response tokens of log pi - log pi_init (k1, an unbiased estimate of the KL)."""
+    """Per sample: sum over response tokens of log pi - log pi_init (k1, an unbiased estimate of the KL).
+
+    The log-probs are those of the full softmax at `temperature`, so the estimate is the KL of that distribution
+    only when the samples come from it: untruncated sampling (top_p 1, no top-k) at the same temperature."""
     logp, _, _ = response_logprobs(model.causal_lm, batch, temperature)
     if reference is not None:
         ref, _, _ = response_logprobs(reference, batch, temperature)
@@ -54,13 +57,19 @@ def evaluate_run(run_dir: str | Path, prompts: list[str], scorers: dict[str, Rew
     (`samples`: {"responses": [...], <scorer>: [...]}, in the order of the repeated prompts)."""
     from rmens.models.backbone import load_tokenizer
 
+    if generation is not None and (generation.top_p < 1 or not generation.do_sample):
+        # sequence_kl scores the samples with the full softmax: other samples would give another distribution's KL
+        field = f"generation.top_p={generation.top_p:g}" if generation.top_p < 1 else "generation.do_sample=false"
+        raise ValueError(f"{field} is refused: the KL of PPO checkpoints is estimated with full-softmax log-probs, "
+                         "so their answers must be sampled from the full softmax (top_p 1, do_sample true)")
     points = []
     for checkpoint in [None] + checkpoints(run_dir):
         model, reference, cfg = load_run_policy(run_dir, checkpoint, reward_folder)
         gen = generation or cfg.generation
         tokenizer = load_tokenizer(cfg.policy, padding_side="left")
         repeated = [p for p in prompts for _ in range(samples_per_prompt)]
-        samples = generate(model.causal_lm, tokenizer, repeated, gen, stream=Stream.EVAL_SAMPLE)
+        with full_softmax_sampling(model.causal_lm):
+            samples = generate(model.causal_lm, tokenizer, repeated, gen, stream=Stream.EVAL_SAMPLE)
         batch = pack_rollout(samples.prompt_ids, samples.response_ids, tokenizer.pad_token_id)
         kl = sequence_kl(model, reference, batch, gen.temperature)
         point = {"step": 0 if checkpoint is None else int(checkpoint.name.split("-")[1]),

@@ -21,7 +21,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import GenerationConfig as HFGenerationConfig
 from transformers import get_scheduler
 
 from rmens.config import flatten
@@ -38,6 +40,7 @@ from rmens.generation import generate
 from rmens.io import refuse_foreign_folder
 from rmens.models.aggregate import member_std
 from rmens.models.backbone import load_backbone, load_policy, load_tokenizer
+from rmens.models.ensemble import read_standardisation
 from rmens.ppo.config import PPOConfig
 from rmens.ppo.core import (
     KLController,
@@ -97,8 +100,26 @@ def response_logprobs(causal_lm: nn.Module, batch: dict, temperature: float):
     """-> (log-probabilities [B, R], entropy [B, R], hidden states [B, R, H]) of the response tokens."""
     hidden = response_states(causal_lm.get_decoder(), batch)
     logits = causal_lm.get_output_embeddings()(hidden)
+    # Exact log-probs of the sampler: rollouts come from the full softmax at this temperature (PPOConfig
+    # refuses top_p < 1, rmens.generation passes top_k=0, full_softmax_sampling drops the model's own
+    # sampling defaults), so no token was drawn from a truncated or reshaped distribution.
     logprobs, entropy = logprobs_and_entropy(logits, batch["tokens"], temperature)
     return logprobs, entropy, hidden
+
+
+@contextmanager
+def full_softmax_sampling(causal_lm: nn.Module) -> Iterator[None]:
+    """While generating, keep only the special tokens of the model's own generation defaults: those from its
+    generation_config.json (repetition_penalty, min_p, typical_p, ...) apply under any arguments generate()
+    is not given, and would reshape or truncate the distribution that `response_logprobs` scores. Restored
+    afterwards, so a saved policy keeps its defaults."""
+    saved = causal_lm.generation_config
+    causal_lm.generation_config = HFGenerationConfig(
+        bos_token_id=saved.bos_token_id, eos_token_id=saved.eos_token_id, pad_token_id=saved.pad_token_id)
+    try:
+        yield
+    finally:
+        causal_lm.generation_config = saved
 
 
 @dataclass
@@ -171,7 +192,8 @@ def build_actor_critic(cfg: PPOConfig, reward_folder: str | Path | None = None) 
 
 
 def _value_from_reward(cfg: PPOConfig, reward_folder, lora) -> tuple[nn.Module, nn.Linear]:
-    """A value model initialised from the reward ensemble: its (first) backbone and mean head."""
+    """A value model initialised from the reward ensemble: its (first) backbone and mean head, with each
+    member's standardisation folded into its head (PPO's reward aggregates standardised members)."""
     if reward_folder is None:
         raise ValueError("value_model='reward' needs the reward ensemble's folder")
     folder = Path(reward_folder)
@@ -180,10 +202,14 @@ def _value_from_reward(cfg: PPOConfig, reward_folder, lora) -> tuple[nn.Module, 
         raise ValueError("value_model='reward' needs the reward model and the policy to share a tokenizer")
     backbone = load_backbone(str(backbone_dir))
     heads = load_file(folder / "heads.safetensors")
-    head = nn.Linear(heads["weight"].shape[1], 1)
+    weight, bias = heads["weight"], heads["bias"]
+    standardisation = read_standardisation(folder)
+    if standardisation is not None:
+        weight, bias = standardisation.fold_into_heads(weight, bias)
+    head = nn.Linear(weight.shape[1], 1)
     with torch.no_grad():
-        head.weight.copy_(heads["weight"].mean(dim=0, keepdim=True))
-        head.bias.copy_(heads["bias"].mean().reshape(1))
+        head.weight.copy_(weight.mean(dim=0, keepdim=True))
+        head.bias.copy_(bias.mean().reshape(1))
     if lora is not None:  # the value model trains like the policy: under LoRA, with the same settings
         from peft import get_peft_model
 
@@ -205,6 +231,9 @@ def reward_identity(reward_fn: RewardFn) -> str | None:
     digest = hashlib.sha256(ensemble.heads.weight.detach().cpu().float().numpy().tobytes())
     digest.update(ensemble.heads.bias.detach().cpu().float().numpy().tobytes())
     digest.update(reward_fn.aggregation.model_dump_json().encode())
+    standardisation = getattr(reward_fn, "standardisation", None)  # recalibrating changes the reward PPO sees
+    if standardisation is not None:
+        digest.update(json.dumps(standardisation.to_json(), sort_keys=True).encode())
     return f"{ensemble.kind}-k{ensemble.k}-{digest.hexdigest()[:16]}"
 
 
@@ -295,8 +324,9 @@ class PPOTrainer:
     def rollout(self, step: int) -> Rollout:
         cfg = self.cfg
         prompts = self.prompts_for_step(step)
-        samples = generate(self.unwrapped.causal_lm, self.tokenizer, prompts, cfg.generation,
-                           stream=Stream.ROLLOUT, indices=(self.cfg.seed, step, self.acc.process_index))
+        with full_softmax_sampling(self.unwrapped.causal_lm):
+            samples = generate(self.unwrapped.causal_lm, self.tokenizer, prompts, cfg.generation,
+                               stream=Stream.ROLLOUT, indices=(self.cfg.seed, step, self.acc.process_index))
         batch = {k: v.to(self.acc.device) for k, v in
                  pack_rollout(samples.prompt_ids, samples.response_ids, self.tokenizer.pad_token_id).items()}
         logprobs, entropy, values = self._forward_chunks(batch, reference=False)
