@@ -3,11 +3,14 @@ machine with only torch, transformers, peft and accelerate runs. `rmens experime
 as a Prefect flow with MLflow tracking.
 
     python bench/reference_experiment.py --size {tiny,cpu,gpu-check,gpu} [--eval-data DIR] [--out DIR]
-                                         [--part rewards|all] [--set key=value ...]
+                                         [--mt-bench-grades FILE] [--part rewards|all] [--set key=value ...]
 
 --eval-data names a folder of AE-format files (ae1_gpt4_pairs*.jsonl.gz, ae2_gpt4turbo_pairs*.jsonl.gz)
 whose instructions become the evaluation pools (and leave every training set); without it, a quarter
-of the training folder's instructions is held out. The output folder gets logged_bon.json, report.md,
+of the training folder's instructions is held out. A share of the generating systems is held out too
+(data.generator_fraction): the pools hold only theirs. --mt-bench-grades names MT-Bench's released GPT-4
+grades (default $RMENS_DATA_DIR/mt_bench/gpt4_single_grades.jsonl.gz). The output folder gets logged_bon.json,
+report.md,
 results.json and the curves; a second run reuses every finished step, so `--part rewards` followed by
 `--part all` runs the PPO half on top of the first. The run's wall time and headline numbers also go to
 bench/out/reference_experiment_<size>.json and .txt.
@@ -24,7 +27,6 @@ from pathlib import Path
 from results import OUT, save_results
 
 from rmens.experiment.config import SIZES, load_experiment
-from rmens.experiment.report import at_largest_n
 from rmens.experiment.runner import run_experiment
 
 
@@ -33,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", choices=list(SIZES), default="tiny")
     parser.add_argument("--eval-data", help="folder of AE-format annotation files to evaluate on")
     parser.add_argument("--data-dir", help="folder of training verdicts (default $RMENS_DATA_DIR/alpaca_eval)")
+    parser.add_argument("--mt-bench-grades", help="MT-Bench GPT-4 single-answer grades (JSONL[.gz])")
     parser.add_argument("--out", help="output folder (default runs/experiment-<size>-plain)")
     parser.add_argument("--part", choices=["rewards", "all"], default="all",
                         help="rewards: stop before PPO (a GPU check runs the two parts in separate calls)")
@@ -42,16 +45,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def headline(results: dict) -> list[str]:
-    lines = []
-    for judge, entry in results["logged_bon"]["judges"].items():
-        n = entry["ns"][-1]
-        best = sorted(entry["arms"].items(), key=lambda kv: -kv[1][-1]["win_rate"])[:3]
-        base = {name: rows[-1]["win_rate"] for name, rows in entry["baselines"].items()}
-        lines.append(f"{judge}: n={n} random {base['random']:.3f}, longest {base['longest']:.3f}, best in pool "
-                     f"{base['best']:.3f}, gold judge {entry['gold']['gold/mean'][-1]['win_rate']:.3f}; top arms: "
-                     + ", ".join(f"{name} {rows[-1]['win_rate']:.3f}" for name, rows in best))
-    lines += [f"{c['setting']}: {c['a']} vs {c['b']}: {c['diff']:+.3f} ± {c['se']:.3f} -> {c['verdict']}"
-              for c in at_largest_n(results["claims"], results["logged_bon"])]
+    c = results["primary"]
+    lines = [f"primary: {c['claim']}: {c['diff']:+.3f} ± {c['se'] if c['se'] is not None else float('nan'):.3f}, "
+             f"p {c['p']}, MDD {c['mdd']} -> {c['verdict']}"]
+    sets = {**results["logged_bon"]["judges"], **({"mt_bench": results["logged_bon"]["mt_bench"]}
+                                                   if "mt_bench" in results["logged_bon"] else {})}
+    for name, entry in sets.items():
+        metric, n = entry["metric"], entry["ns"][-1]
+        base = {b: rows[-1][metric] for b, rows in entry["baselines"].items()}
+        best = sorted(entry["arms"].items(), key=lambda kv: -kv[1][-1][metric])[:3]
+        lines.append(f"{name}: n={n} " + ", ".join(f"{b} {v:.3f}" for b, v in base.items())
+                     + f", gold judge {entry['gold']['gold/mean'][-1][metric]:.3f}; top arms: "
+                     + ", ".join(f"{s} {rows[-1][metric]:.3f}" for s, rows in best))
+    lines += [f"{c['setting']}: {c['a']} vs {c['b']}: {c['diff']:+.3f} -> {c['verdict']}"
+              for c in results["claims"] + results["checks"]]
     return lines
 
 
@@ -61,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    cfg = load_experiment(args.size, args.set, eval_data=args.eval_data, data_dir=args.data_dir)
+    cfg = load_experiment(args.size, args.set, eval_data=args.eval_data, data_dir=args.data_dir,
+                          mt_bench_grades=args.mt_bench_grades)
     run = run_experiment(cfg, args.out or f"runs/experiment-{args.size}-plain", part=args.part)
     results = json.loads(open(f"{run['out']}/results.json").read())
     lines = [f"reference experiment, size {args.size}, part {args.part}: {run['wall_s'] / 60:.1f} min "

@@ -6,7 +6,7 @@ the library's own commands (rmens/cli.py).
     rmens server start|stop|status                                              a persistent local Prefect API
     rmens experiment [--size tiny|cpu|gpu-check|gpu] [--eval-data DIR] [--out DIR]  the reference experiment
     rmens flow train|evaluate|retrain --config FILE                             the other flows
-    rmens train / ppo                                                           single stages, no Prefect/MLflow
+    rmens train / ppo / calibrate                                               single stages, no Prefect/MLflow
     rmens prepare-model NAME                                                    convert/build a model alias once
 
 It lives with the flows because it runs them; the flows are imported only once the environment they
@@ -243,7 +243,8 @@ def _print_run_summary(name: str, preset: str, paths, report: str, parent_run_id
 def cmd_experiment(args) -> int:
     from rmens.experiment.config import load_experiment
 
-    config = load_experiment(args.size, args.set, eval_data=args.eval_data, data_dir=args.data_dir)
+    config = load_experiment(args.size, args.set, eval_data=args.eval_data, data_dir=args.data_dir,
+                             mt_bench_grades=args.mt_bench_grades)
     out = args.out or f"runs/experiment-{args.size}"
     check_servers()
     prepare_environment(out)
@@ -336,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "ae2_gpt4turbo_pairs*.jsonl.gz) whose instructions are the evaluation pools; "
                                          "default: a held-out quarter of the training folder's instructions")
     exp.add_argument("--data-dir", help="folder of training verdicts (default $RMENS_DATA_DIR/alpaca_eval)")
+    exp.add_argument("--mt-bench-grades", help="MT-Bench GPT-4 single-answer grades file (JSONL[.gz], FastChat's "
+                                               "release format; default $RMENS_DATA_DIR/mt_bench/"
+                                               "gpt4_single_grades.jsonl.gz)")
     exp.add_argument("--out", help="output and project folder (default runs/experiment-<size>)")
     exp.add_argument("--part", choices=["rewards", "all"], default="all", help="rewards: stop before PPO")
     exp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. --set ppo.steps=4")

@@ -26,7 +26,7 @@ def experiment(config: ExperimentConfig | None = None, size: str = "tiny", overr
     """Give a full `config`, or a `size` with dotted `overrides`. `out` (default runs/experiment-<size>)
     holds the MLflow store, the artifacts and the published results."""
     config = config or load_experiment(size, overrides)
-    check_inputs(config.data, config.pools.judges)
+    check_inputs(config.data, config.pools.judges, config.mt_bench)
     root = claim_output(out or f"runs/experiment-{config.size}", config)
     paths = ProjectPaths.at(root).make()
     with parent_run(paths, f"experiment:{config.size}", config, tags=flow_run_tags()) as ctx, \
@@ -35,7 +35,7 @@ def experiment(config: ExperimentConfig | None = None, size: str = "tiny", overr
         def call(step: str, label: str, /, **inputs: Any) -> ArtifactRef:
             return stage(EXPERIMENT_TASKS[step], f"{step}:{label}", label=label, inputs=inputs)
 
-        report = run_plan(config, call, part, source_fingerprints(config.data))
+        report = run_plan(config, call, part, source_fingerprints(config.data, config.mt_bench))
         published = publish(report.require().folder, root)
         client = client_for(ctx)
         for path in published:

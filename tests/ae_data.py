@@ -24,7 +24,7 @@ def write_annotations(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def synthetic_annotations(folder: Path, instructions: list[str], split: str = "train", generators: int = 10,
+def synthetic_annotations(folder: Path, instructions: list[str], split: str = "train", generators: int = 20,
                           seed: int = 0) -> Path:
     """AE1 and AE2 files for `instructions`: each generator answers with a few sentences, and the judge
     prefers the answers that mention 'apple' (a learnable, length-independent signal)."""
@@ -46,3 +46,25 @@ def synthetic_annotations(folder: Path, instructions: list[str], split: str = "t
 
 def instructions(n: int, start: int = 0) -> list[str]:
     return [f"Question number {i}: say something about fruit." for i in range(start, start + n)]
+
+
+def synthetic_grades(path: Path, questions: int = 4, systems: int = 6, seed: int = 0) -> Path:
+    """An MT-Bench grades file in FastChat's release format: `questions` odd ids x 2 turns x `systems`, graded
+    higher when the answer mentions 'apple' (the same learnable signal as synthetic_annotations)."""
+    rng = random.Random(seed)
+    words = ["apple", "pear", "stone", "river", "cloud", "paper", "green", "quiet"]
+    rows = []
+    for q in range(questions):
+        qid = 81 + 2 * q
+        for s in range(systems):
+            answers = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))) for _ in range(2)]
+            for turn in (1, 2):
+                row = {"question_id": qid, "model": f"system-{s}", "turn": turn,
+                       "score": 8 if "apple" in answers[turn - 1] else rng.randint(2, 6),
+                       "judge": ["gpt-4", "single-v1" if turn == 1 else "single-v1-multi-turn"],
+                       "category": "writing", "question_1": f"First question {qid} about fruit.",
+                       "answer_1": answers[0]}
+                if turn == 2:
+                    row.update(question_2=f"Follow-up {qid}: and vegetables?", answer_2=answers[1])
+                rows.append(row)
+    return write_annotations(path, rows)

@@ -1,17 +1,22 @@
-"""The reference experiment: its configuration, its split (evaluation instructions are never trained on),
-and the tiny size end to end through the plain runner, on hand-made AlpacaEval-format folders."""
+"""The reference experiment: its configuration, its split (evaluation instructions and held-out systems are
+never trained on), the untrained twins, and the tiny size end to end through the plain runner, on hand-made
+AlpacaEval-format folders and a hand-made MT-Bench grades file."""
 
 import json
+import math
 
 import pytest
-from ae_data import instructions, synthetic_annotations
+import torch
+from ae_data import instructions, synthetic_annotations, synthetic_grades
 from conftest import real_data_dir, requires_real_data
 from pydantic import ValidationError
 
+from rmens.evaluation import stats
 from rmens.experiment.config import ArmSpec, ExperimentConfig, PPOArm, load_experiment, size_preset
 from rmens.experiment.runner import run_experiment
 
-ARMS = ["single-s0", "single-s1", "linear-k5", "lora-k5", "lora-k5-all", "full-k3"]
+ARMS = ["single", "linear-k5", "lora-k5", "lora-k5-all", "full-k3"]
+RULES = ("mean", "min", "lcb1", "uwo0.5")
 
 
 @pytest.fixture(scope="module")
@@ -20,17 +25,20 @@ def folders(tmp_path_factory):
     train = synthetic_annotations(root / "train", instructions(48))
     # held-back annotations: new instructions, and one that is also in the training folder
     held = synthetic_annotations(root / "held", instructions(9, start=100) + instructions(1), split="test", seed=1)
+    synthetic_grades(root / "grades.jsonl.gz")
     return train, held
 
 
 def tiny(folders, *overrides, held_out=True):
     train, held = folders
-    return load_experiment("tiny", list(overrides), eval_data=held if held_out else None, data_dir=train)
+    return load_experiment("tiny", list(overrides), eval_data=held if held_out else None, data_dir=train,
+                           mt_bench_grades=train.parent / "grades.jsonl.gz")
 
 
 def test_arms_have_labels_and_derived_configs_are_validated():
     assert [ArmSpec(kind="lora", k=5, top_layers=t).label for t in (None, 1.0, 0.5)] == \
         ["lora-k5", "lora-k5-all", "lora-k5-top0.5"]
+    assert ArmSpec(kind="single").label == "single"
     with pytest.raises(ValidationError, match="a single arm has k=1"):
         ArmSpec(kind="single", k=2)
     with pytest.raises(ValidationError, match="top_layers applies to lora arms only"):
@@ -41,8 +49,16 @@ def test_arms_have_labels_and_derived_configs_are_validated():
         ExperimentConfig.model_validate({**base, "ensemble": {**base["ensemble"], "freeze_backbone": True}})
     with pytest.raises(ValidationError, match="ppo_arms entry 'linear-k9/mean': no arm 'linear-k9'"):
         ExperimentConfig.model_validate({**base, "ppo_arms": [{"arm": "linear-k9"}]})
-    with pytest.raises(ValidationError, match="rule 'min' is not among the rules of arm 'single-s0'"):
-        ExperimentConfig.model_validate({**base, "ppo_arms": [{"arm": "single-s0", "rule": {"rule": "min"}}]})
+    with pytest.raises(ValidationError, match="rule 'min' is not among the rules of arm 'single'"):
+        ExperimentConfig.model_validate({**base, "ppo_arms": [{"arm": "single", "rule": {"rule": "min"}}]})
+    with pytest.raises(ValidationError, match="primary.a: no series 'linear-k9/mean'"):
+        ExperimentConfig.model_validate({**base, "primary": {"a": "linear-k9/mean", "b": "single/mean"}})
+    with pytest.raises(ValidationError, match="ppo_runs=3 but arm 'single' has only 2 training runs"):
+        ExperimentConfig.model_validate({**base, "ppo_runs": 3})
+    with pytest.raises(ValidationError, match="leaves the gold judge no instructions"):
+        load_experiment("tiny", ["split.ppo_fraction=0.7"])
+    with pytest.raises(ValidationError, match="ppo_generation must sample without truncation"):
+        load_experiment("tiny", ["ppo_generation.top_p=0.9"])
     with pytest.raises(ValidationError, match="gold judge must see at least the proxies' context"):
         load_experiment("tiny", ["gold.ensemble.max_length=32"])
     with pytest.raises(ValidationError, match="arms 'lora-k5' and 'lora-k5-top0.25' would train the same model"):
@@ -57,38 +73,92 @@ def test_arms_have_labels_and_derived_configs_are_validated():
     assert ppo.aggregation.name == "uwo0.5" and ppo.policy == cfg.policy and ppo.steps == cfg.ppo.steps
 
 
+def test_every_run_has_its_own_seed_for_members_and_data_order():
+    cfg = load_experiment("tiny")
+    seeds = [(arm.ensemble_config(cfg.ensemble, r).seed, arm.train_config(cfg.train, r).seed)
+             for arm in cfg.arms for r in range(cfg.runs_of(arm))]
+    assert len(set(seeds)) == len(seeds) == 2 * len(cfg.arms)  # each run its own (streams split them further)
+    single = cfg.arm("single")
+    assert single.ensemble_config(cfg.ensemble, 1).seed == single.ensemble_config(cfg.ensemble, 1).seed  # stable
+    assert [single.run_label(r) for r in range(2)] == ["single-r0", "single-r1"]
+
+
 @pytest.mark.parametrize("size", ["tiny", "cpu", "gpu-check", "gpu"])
 def test_every_size_has_every_arm_and_rule(size):
     cfg = load_experiment(size)
-    assert {arm.label for arm in cfg.arms} >= set(ARMS)
-    assert [rule.name for rule in cfg.rules] == ["mean", "min", "lcb1", "uwo0.5"]
+    assert {arm.label for arm in cfg.arms} >= set(ARMS) - ({"lora-k5-all"} if size == "cpu" else set())
+    assert [rule.name for rule in cfg.rules] == list(RULES)
     assert cfg.gold.ensemble.max_length > cfg.ensemble.max_length and cfg.ppo_arms
+    assert all(cfg.runs_of(arm) >= (3 if size.startswith("gpu") else 2) for arm in cfg.arms)
+    assert cfg.ppo.generation.top_p == cfg.ppo_generation.top_p == 1.0
 
 
 @pytest.mark.parametrize("held_out", [True, False])
-def test_evaluation_instructions_are_never_trained_on(folders, tmp_path, held_out):
+def test_evaluation_instructions_and_held_out_systems_are_never_trained_on(folders, tmp_path, held_out):
     from rmens.data.loaders import load_jsonl_pairs
-    from rmens.experiment.data import build_pools, read_prompts, read_split_pools, source_fingerprints, split_pairs
+    from rmens.experiment.data import (
+        build_pools,
+        held_out_generators,
+        read_prompts,
+        read_split_pools,
+        source_fingerprints,
+        split_pairs,
+    )
 
     cfg = tiny(folders, held_out=held_out)
-    sources = source_fingerprints(cfg.data)
+    sources = source_fingerprints(cfg.data, cfg.mt_bench)
     summary = split_pairs(cfg.data, cfg.split, tmp_path / "pairs", sources)
-    build_pools(cfg.data, cfg.pools, tmp_path / "pools", sources["evaluation"])
-    pools = {p.instruction for judge in ("ae1", "ae2") for p in read_split_pools(tmp_path / "pools", judge)}
-    gold = {p.prompt for p in load_jsonl_pairs(tmp_path / "pairs" / "gold_pairs.jsonl")}
-    proxy = {p.prompt for p in load_jsonl_pairs(tmp_path / "pairs" / "proxy_pairs.jsonl")}
+    build_pools(cfg.data, cfg.pools, cfg.mt_bench, tmp_path / "pools", sources)
+    judge_pools = [p for judge in ("ae1", "ae2") for p in read_split_pools(tmp_path / "pools", judge)]
+    pools = {p.instruction for p in judge_pools}
+    gold_pairs = load_jsonl_pairs(tmp_path / "pairs" / "gold_pairs.jsonl")
+    proxy_pairs = load_jsonl_pairs(tmp_path / "pairs" / "proxy_pairs.jsonl")
+    gold, proxy = {p.prompt for p in gold_pairs}, {p.prompt for p in proxy_pairs}
     ppo_prompts = set(read_prompts(tmp_path / "pairs", "ppo_prompts.json"))
     split = json.loads((tmp_path / "pairs" / "split.json").read_text())
-    assert pools and gold and proxy and not gold & proxy and ppo_prompts <= proxy
+    # three disjoint training shares: PPO's prompts carry no label any reward model saw
+    assert pools and gold and proxy and ppo_prompts and not gold & proxy and not ppo_prompts & (gold | proxy)
     assert not pools & (gold | proxy | ppo_prompts)
     assert set(read_prompts(tmp_path / "pools", "eval_prompts.json")) <= pools
     assert summary["evaluation_instructions_in_training"] == 0 and split["sources"] == sources
+    # held-out systems: 8 of the 20 synthetic ones, the same in both judge sets; no output of theirs trains,
+    # and the pools hold nothing else
+    systems = held_out_generators(cfg.data)
+    held = set(systems["ae1"])
+    assert len(held) == round(0.4 * 20) and set(systems["ae2"]) == held
+    assert not held & {p.source["generator_2"] for p in gold_pairs + proxy_pairs}
+    assert {g for p in judge_pools for g in p.generators} <= held and split["held_out_systems"] == len(held)
+    assert json.loads((tmp_path / "pools" / "held_out_generators.json").read_text()) == systems
+    prior = json.loads((tmp_path / "pools" / "system_prior_ae1.json").read_text())
+    assert held <= set(prior)  # their win rates on training instructions: the system_prior baseline
     if held_out:  # every instruction of the held-back folder left the training data, the shared one too
         assert pools <= set(instructions(9, start=100) + instructions(1))
-        assert split["filtered"]["pairs_of_evaluation_instructions_removed"] == 2 * 10
+        assert split["filtered"]["pairs_of_evaluation_instructions_removed"] == 2 * 20
         assert instructions(1)[0] not in gold | proxy
     else:
         assert pools <= set(instructions(48)) and split["evaluation_instructions"] < 48
+
+
+def test_held_out_systems_follow_a_fixed_rule(tmp_path):
+    """A share of system families, by a hash of the family name; a length-styled variant goes with its system,
+    and reference systems always train."""
+    from ae_data import record, write_annotations
+
+    from rmens.experiment.config import DataSource
+    from rmens.experiment.data import held_out_generators, system_family
+
+    names = [f"sys{i}" for i in range(10)] + ["sys3_concise", "sys3_verbose", "example"]
+    for prefix, ref in (("ae1_gpt4_pairs", "text_davinci_003"), ("ae2_gpt4turbo_pairs", "gpt4_1106_preview")):
+        rows = [record("q", "r", f"answer of {g}", g, 2, ref) for g in names + ["text_davinci_003"]]
+        write_annotations(tmp_path / f"{prefix}.train.jsonl.gz", rows)
+    source = DataSource(data_dir=str(tmp_path), generator_fraction=0.5)
+    held = held_out_generators(source)
+    families = {system_family(g) for g in held["ae1"]}
+    assert len(families) == 5 and held["ae1"] == held["ae2"]  # 10 candidate families, half held out
+    assert ("sys3" in families) == ("sys3_concise" in held["ae1"]) == ("sys3_verbose" in held["ae1"])
+    assert not {"example", "text_davinci_003", "gpt4_1106_preview"} & set(held["ae1"])
+    other_seed = held_out_generators(DataSource(data_dir=str(tmp_path), generator_fraction=0.5, seed=1))
+    assert other_seed["ae1"] != held["ae1"] and held_out_generators(source) == held
 
 
 def test_new_input_files_change_the_data_keys(folders, tmp_path):
@@ -98,10 +168,10 @@ def test_new_input_files_change_the_data_keys(folders, tmp_path):
 
     train, held = folders
     copy = shutil.copytree(held, tmp_path / "held")
-    cfg = load_experiment("tiny", eval_data=copy, data_dir=train)
-    before = source_fingerprints(cfg.data)
+    cfg = load_experiment("tiny", eval_data=copy, data_dir=train, mt_bench_grades=train.parent / "grades.jsonl.gz")
+    before = source_fingerprints(cfg.data, cfg.mt_bench)
     synthetic_annotations(copy, instructions(3, start=200), split="test", seed=5)
-    after = source_fingerprints(cfg.data)
+    after = source_fingerprints(cfg.data, cfg.mt_bench)
     assert before["training"] == after["training"] and before["evaluation"] != after["evaluation"]
 
 
@@ -118,54 +188,76 @@ def tiny_runs(folders, tmp_path_factory):
 def test_tiny_experiment_writes_logged_bon_in_the_promised_shape(tiny_runs):
     out, first, *_ = tiny_runs
     logged = json.loads((out / "logged_bon.json").read_text())
-    assert set(logged["judges"]) == {"ae1", "ae2"}
-    for entry in logged["judges"].values():
-        assert set(entry["baselines"]) == {"random", "longest", "shortest", "best"}
-        expected = {f"{arm}/{rule}" for arm in ARMS for rule in ("mean", "min", "lcb1", "uwo0.5")
-                    if not arm.startswith("single") or rule == "mean"}
-        assert set(entry["arms"]) == expected and set(entry["gold"]) == {"gold/mean"}
-        for rows in [*entry["baselines"].values(), *entry["arms"].values()]:
-            assert [r["n"] for r in rows] == [1, 2, 4, 8]
-            assert all({"n", "win_rate", "se", "mean_length"} <= set(r) and 0 <= r["win_rate"] <= 1 for r in rows)
-        first_rows = [rows[0]["win_rate"] for rows in [*entry["baselines"].values(), *entry["arms"].values()]]
-        assert max(first_rows) - min(first_rows) < 1e-12  # n = 1 is a random pick whatever the reward
-        best = [r["win_rate"] for r in entry["baselines"]["best"]]
+    assert set(logged["judges"]) == {"ae1", "ae2"} and set(logged["held_out_generators"]) == {"ae1", "ae2"}
+    expected = {f"{arm}/{rule}" for arm in ARMS for rule in RULES if arm != "single" or rule == "mean"}
+    for name, entry in [*logged["judges"].items(), ("mt_bench", logged["mt_bench"])]:
+        metric = entry["metric"]
+        assert set(entry["baselines"]) == {"random", "longest", "shortest", "best", "system_prior"}
+        assert set(entry["arms"]) == set(entry["twins"]) == expected and set(entry["gold"]) == {"gold/mean"}
+        for rows in [*entry["baselines"].values(), *entry["arms"].values(), *entry["twins"].values()]:
+            assert [r["n"] for r in rows] == [1, 2, 4]
+            assert all({"n", "kl_bon", metric, "se", "mean_length"} <= set(r) for r in rows)
+        assert all(rows[0]["runs"] == 2 and rows[0]["se"] is not None for rows in entry["arms"].values())
+        first_rows = [rows[0][metric] for rows in [*entry["baselines"].values(), *entry["arms"].values()]]
+        assert max(first_rows) - min(first_rows) < 1e-9  # n = 1 is a random pick whatever the reward
+        best = [r[metric] for r in entry["baselines"]["best"]]
         assert best == sorted(best)  # picking by the judge's own verdict only gains with n, and is the ceiling
-        assert all(rows[-1]["win_rate"] <= best[-1] + 1e-12 for rows in entry["arms"].values())
+        assert all(rows[-1][metric] <= best[-1] + 1e-9 for rows in entry["arms"].values())
         assert entry["baselines"]["longest"][-1]["mean_length"] > entry["baselines"]["shortest"][-1]["mean_length"]
-    for name in ("report.md", "results.json", "logged_bon.csv", "logged_bon_ae1.png", "rm_eval.json",
-                 "ppo_curves/curves.png"):
+        # the exact KL of the pick: 0 for a random pick, and at least log n - (n-1)/n, which assumes independent draws
+        assert all(abs(row["kl_bon"]) < 1e-12 for row in entry["baselines"]["random"])
+        assert entry["baselines"]["longest"][-1]["kl_bon"] > math.log(4) - 0.75
+        pools = [json.loads(line) for line in (out / f"pools_{name}.jsonl").read_text().splitlines()]
+        assert len(pools) == entry["n_pools"]
+    ae_pools = [json.loads(line) for line in (out / "pools_ae1.jsonl").read_text().splitlines()]
+    assert all({"instruction", "generators", "outputs", "wins"} <= set(p) for p in ae_pools)
+    assert {g for p in ae_pools for g in p["generators"]} <= set(logged["held_out_generators"]["ae1"])
+    for name in ("report.md", "results.json", "logged_bon.csv", "logged_bon_ae1.png", "logged_bon_mt_bench.png",
+                 "rm_eval.json", "ppo_curves/curves.png"):
         assert (out / name).is_file(), name
-    assert {"pairs:pairs", "pools:pools"} <= set(first["computed"]) and not first["reused"]
+    assert {"pairs:pairs", "pools:pools", "twins:twins"} <= set(first["computed"]) and not first["reused"]
 
 
-def test_report_holds_the_tables_and_a_verdict_for_each_claim(tiny_runs):
+def test_report_holds_the_tables_and_a_corrected_verdict_for_each_claim(tiny_runs):
     out, *_ = tiny_runs
     report = (out / "report.md").read_text()
-    for heading in ("The paper's table", "What agrees with the papers", "cost and held-out agreement",
-                    "Best-of-n over logged outputs", "PPO judged by the gold reward model"):
-        assert heading in report
+    headings = ["## The primary comparison", "## Do the pools test Best-of-n", "## The paper's table",
+                "## What agrees with the papers", "## Checks of the design", "## Reward models: cost",
+                "## Best-of-n over logged outputs", "## The gold judge and PPO"]
+    assert [report.index(h) for h in headings] == sorted(report.index(h) for h in headings)  # primary first
     results = json.loads((out / "results.json").read_text())
-    sources = {c["source"] for c in results["claims"]}
-    assert {"Zhang et al. 2024", "Coste et al. 2023"} <= sources
-    verdicts = ("agrees", "no significant difference", "better here", "disagrees", "not reproduced")
-    assert all(c["verdict"].startswith(verdicts) and c["se"] >= 0 for c in results["claims"])
-    for judge in ("ae1", "ae2"):
-        rm = results["reward_models"][judge]
-        assert set(rm) == {"gold", *ARMS}
-        assert all({"accuracy", "accuracy_longer_lost", "length_rule_accuracy", "ece"} <= set(m) for m in rm.values())
-    for label, ppo in results["ppo"].items():
-        assert [p["step"] for p in ppo["points"]] == [0, 1, 2], label
-        assert all({"kl", "gold", "proxy", "response_chars", "gold_win_rate_ae1"} <= set(p) for p in ppo["points"])
+    primary = results["primary"]
+    assert primary["a"] == "lora-k5/mean" and primary["b"] == "single/mean" and primary["p_holm"] == primary["p"]
+    assert primary["mdd"] > 0 and primary["plan"]["target"] == 0.03
+    claims = [c for c in results["claims"] if not c["verdict"].startswith("withheld")]
+    assert {c["source"] for c in claims} >= {"Zhang et al. 2024", "Coste et al. 2023"}
+    assert {c["set"] for c in claims} == {"ae1", "ae2", "mt_bench"}
+    for c in claims + results["checks"]:
+        assert c["p_holm"] >= c["p"] and c["runs_a"] >= 2 and c["mdd"] > 0
+        assert c["verdict"] in (stats.AGREES, stats.DISAGREES, stats.NOT_REPRODUCED, stats.NO_DIFFERENCE,
+                                stats.DIFFERS_BETTER, stats.DIFFERS_WORSE)
+    p = sorted(c["p"] for c in claims)
+    assert min(c["p_holm"] for c in claims) == pytest.approx(min(1.0, p[0] * len(p)))  # Holm's first step
+    assert {r["set"] for r in results["recognition"]} == {"ae1", "ae2", "mt_bench"}
+    for name in ("ae1", "ae2", "mt_bench"):
+        rm = results["reward_models"][name]
+        runs = {f"{arm}-r{r}" for arm in ARMS for r in range(2)}
+        assert set(rm) == {"gold"} | runs | {f"twin:{label}" for label in runs}
+        assert all({"accuracy", "accuracy_longer_lost", "length_rule_accuracy"} <= set(m) for m in rm.values())
+    assert len(results["ppo"]) == 3 and all([p["step"] for p in ppo["points"]] == [0, 1, 2]
+                                            for ppo in results["ppo"].values())
+    ppo = [c for c in results["claims"] if c["setting"].startswith("PPO")]
+    assert ppo and all("matched KL" in c["setting"] for c in ppo)
+    assert all(c["verdict"].startswith("withheld") for c in ppo) == (not results["gold_check"]["ok"])
     assert all(t["train_wall_s"] > 0 and t["train_peak_mib"] > 0 for t in results["train"].values())
 
 
 def test_a_second_run_reuses_every_step_and_a_ppo_change_reruns_only_ppo(tiny_runs):
     _, first, second, third, fourth = tiny_runs
     assert second["computed"] == [] and second["reused"] == first["computed"]
-    assert set(third["computed"]) == {"ppo:single-s0/mean", "ppo_eval:single-s0/mean", "ppo:linear-k5/mean",
-                                      "ppo_eval:linear-k5/mean", "ppo:linear-k5/uwo0.5", "ppo_eval:linear-k5/uwo0.5",
-                                      "report:report"}
+    assert set(third["computed"]) == {"ppo:single/mean-r0", "ppo_eval:single/mean-r0", "ppo:linear-k5/mean-r0",
+                                      "ppo_eval:linear-k5/mean-r0", "ppo:linear-k5/uwo0.5-r0",
+                                      "ppo_eval:linear-k5/uwo0.5-r0", "report:report"}
     # other evaluation pools rescore every model but retrain none
     assert "pools:pools" in fourth["computed"] and not any(step.startswith("train:") for step in fourth["computed"])
 
@@ -176,6 +268,10 @@ def test_missing_folders_fail_in_one_line_before_any_work(folders, tmp_path, mon
         run_experiment(load_experiment("tiny", eval_data=tmp_path, data_dir=train), tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="lacks ae1_gpt4_pairs.train.jsonl.gz"):
         run_experiment(load_experiment("tiny", data_dir=tmp_path), tmp_path / "out")
+    monkeypatch.delenv("RMENS_DATA_DIR", raising=False)
+    with pytest.raises(FileNotFoundError, match="MT-Bench grades file not found: .*nowhere.jsonl"):
+        run_experiment(load_experiment("tiny", data_dir=train, mt_bench_grades=tmp_path / "nowhere.jsonl"),
+                       tmp_path / "out")
     monkeypatch.delenv("RMENS_DATA_DIR", raising=False)
     with pytest.raises(FileNotFoundError, match="set RMENS_DATA_DIR"):
         run_experiment(load_experiment("tiny"), tmp_path / "out")
@@ -191,11 +287,11 @@ def test_a_folder_that_is_not_an_experiment_is_refused(folders, tmp_path):
 
 @requires_real_data
 def test_tiny_size_runs_on_the_real_verdicts(tmp_path):
-    run = run_experiment(load_experiment("tiny", ["ppo_arms=[]"]), tmp_path)
+    run_experiment(load_experiment("tiny", ["ppo_arms=[]"]), tmp_path)
     logged = json.loads((tmp_path / "logged_bon.json").read_text())
-    assert run["wall_s"] < 120
     ae1 = logged["judges"]["ae1"]
-    assert ae1["n_instructions"] == 6 and str(real_data_dir().resolve()) in (tmp_path / "report.md").read_text()
+    assert ae1["n_pools"] == 6 and str(real_data_dir().resolve()) in (tmp_path / "report.md").read_text()
+    assert logged["mt_bench"]["n_pools"] == 6 and len(logged["held_out_generators"]["ae1"]) > 15
     longest = [r["mean_length"] for r in ae1["baselines"]["longest"]]
     assert longest == sorted(longest)
 
@@ -232,7 +328,8 @@ def test_proxy_labels_follow_the_gold_model_or_get_noise(tiny_tokenizer, tmp_pat
 
 def test_the_plain_script_runs_without_the_orchestration_stack(folders, tmp_path):
     """What a GPU machine with torch, transformers, peft and accelerate but no Prefect, MLflow, alpaca_eval,
-    pandas, datasets or scipy runs: bench/reference_experiment.py, with those imports made impossible."""
+    pandas or datasets runs: bench/reference_experiment.py, with those imports made impossible (scipy, which the
+    verdicts' t-distribution needs, is on such machines: see the project's GPU notes)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -240,15 +337,43 @@ def test_the_plain_script_runs_without_the_orchestration_stack(folders, tmp_path
     train, held = folders
     root = Path(__file__).resolve().parents[1]
     script = ("import runpy, sys\n"
-              "for name in ('prefect', 'mlflow', 'alpaca_eval', 'pandas', 'datasets', 'scipy', 'flows', 'tasks'):\n"
+              "for name in ('prefect', 'mlflow', 'alpaca_eval', 'pandas', 'datasets', 'flows', 'tasks'):\n"
               "    sys.modules[name] = None  # import fails, as where the package is not installed\n"
               "sys.path.insert(0, 'bench')\n"
               "sys.argv = ['reference_experiment.py'] + sys.argv[1:]\n"
               "runpy.run_path('bench/reference_experiment.py', run_name='__main__')\n")
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-c", script, "--size", "tiny", "--data-dir", str(train), "--eval-data",
-                           str(held), "--out", str(out), "--set", "ppo_arms=[{arm: linear-k5}]", "--bench-out",
+                           str(held), "--mt-bench-grades", str(train.parent / "grades.jsonl.gz"), "--out", str(out),
+                           "--set", "ppo_arms=[{arm: linear-k5}]", "--bench-out",
                            str(tmp_path / "bench")], cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "logged_bon.json").read_text())["judges"]["ae2"]["arms"]
     assert "reference experiment, size tiny" in (tmp_path / "bench" / "reference_experiment_tiny.txt").read_text()
+
+
+def test_untrained_twins_from_one_backbone_pass_equal_each_twin_built_the_long_way(tiny_tokenizer):
+    """The twins step scores every run's untrained twin as one linear ensemble of every twin's heads: exact
+    only because an untrained full ensemble is k copies of the pretrained backbone and a fresh LoRA adapter
+    adds nothing (B = 0). Checked against building each twin as its kind."""
+    from conftest import TINY
+
+    from rmens.config import EnsembleConfig, derive
+    from rmens.experiment.twins import shared_scorer
+    from rmens.models.ensemble import build_ensemble, to_lora
+    from rmens.reward import EnsembleReward
+
+    base = EnsembleConfig(backbone=TINY, max_length=48, lora={"top_layers": 0.5, "rank": 4})
+    ensembles = {"linear": derive(base, kind="linear", k=3, seed=11), "lora": derive(base, kind="lora", k=2, seed=5),
+                 "full": derive(base, kind="full", k=2, seed=7), "single": derive(base, kind="linear", k=1, seed=9)}
+    prompts = ["Say something about fruit.", "Name a colour.", "Why is the sky blue?"]
+    responses = ["An apple is a fruit.", "Green.", "Because of Rayleigh scattering of sunlight in the air."]
+    reward, rows = shared_scorer(ensembles, batch_size=2)
+    together = reward.member_scores(prompts, responses, standardise=False)
+    for label, cfg in ensembles.items():
+        built = build_ensemble(derive(cfg, kind="linear") if cfg.kind == "lora" else cfg)
+        if cfg.kind == "lora":
+            built = to_lora(built, cfg)
+        alone = EnsembleReward(built, tiny_tokenizer, allow_unstandardised=True).member_scores(
+            prompts, responses, standardise=False)
+        assert torch.allclose(together[rows[label]], alone, atol=1e-5), label

@@ -109,7 +109,10 @@ def test_curve_baselines_and_standard_error():
     assert curves["best"][-1]["win_rate"] == 1.0
     assert curves["longest"][-1]["win_rate"] == pytest.approx(0.5) and curves["longest"][-1]["mean_length"] == 3.5
     assert curves["shortest"][-1]["mean_length"] == 1.0
-    assert curves["random"][1]["kl_bon"] == pytest.approx(math.log(2) - 0.5)
+    # the exact KL of the pick from the pool's uniform distribution: 0 for a random pick; for distinct rewards at
+    # n = 2 of m = 3 the ranks are picked with probability 0, 1/3, 2/3
+    assert curves["random"][1]["kl_bon"] == pytest.approx(0.0, abs=1e-12)
+    assert curves["longest"][1]["kl_bon"] == pytest.approx(math.log(3) + (math.log(1 / 3) + 2 * math.log(2 / 3)) / 3)
     best_n2 = [1.0 * 2 / 3 + 0.5 * 1 / 3, 1.0]  # per instruction, by enumeration of the 3 pairs
     assert curves["best"][1]["win_rate"] == pytest.approx(sum(best_n2) / 2)
     assert curves["best"][1]["se"] == pytest.approx(abs(best_n2[0] - best_n2[1]) / 2)
@@ -140,9 +143,17 @@ def test_responses_are_scored_once_and_the_table_resumes(tmp_path):
                                                                             dtype=torch.float64))
     with pytest.raises(KeyError, match="never scored"):
         table.lookup("b", ["unknown"])
-    margins, len_winner, len_loser = lb.verdict_margins(pools, table)
+    margins, len_winner, len_loser, pool_of = lb.verdict_margins(pools, table)
     # pool a: "x" (1 char) beat the reference (9); "yy" lost to it; pool b: "x" lost, "zzz" won
     assert margins[0].tolist() == [1 - 9, 9 - 2, 9 - 1, 3 - 9] and len_winner.tolist() == [1, 9, 9, 3]
+    assert pool_of.tolist() == [0, 0, 1, 1]
+    standardised = table.standardised_by([1.0, -1.0], [2.0, 4.0])
+    torch.testing.assert_close(standardised.lookup("b", ["zzz"], standardised=True),
+                               torch.tensor([[1.0], [-0.5]], dtype=torch.float64))
+    standardised.save(tmp_path / "std.npz")
+    assert pl.ScoreTable.load(tmp_path / "std.npz").lookup("b", ["zzz"], standardised=True).tolist() == [[1.0], [-0.5]]
+    with pytest.raises(ValueError, match="holds no member standardisation"):
+        table.lookup("b", ["zzz"], standardised=True)
     with pytest.raises(ValueError, match="non-finite reward"):
         pl.score_items(lambda p, r: torch.full((1, len(r)), float("nan")), items, tmp_path / "nan.npz")
     assert not (tmp_path / "nan.npz").exists()
@@ -160,10 +171,32 @@ def test_subsampling_is_seeded_and_drops_small_pools():
 def test_logged_bon_files(tmp_path):
     pools = [_pool("a", ["x", "xx"], [1.0, 0.0])]
     rows = lb.curve(pools, lb.baseline_rewards(pools)["longest"], [1, 2])
-    entry = {"judge_name": "test", "ns": [1, 2], "baselines": {"longest": rows}, "gold": {"gold/mean": rows},
-             "arms": {"arm/mean": rows, "arm/min": rows}, "rules": {"arm": ["mean", "min"]}}
-    files = lb.save_logged_bon({"judges": {"ae1": entry}}, tmp_path)
-    assert files["png_ae1"].stat().st_size > 1000
+    entry = {"judge_name": "test", "metric": "win_rate", "ns": [1, 2], "baselines": {"longest": rows},
+             "gold": {"gold/mean": rows}, "arms": {"arm/mean": rows, "arm/min": rows}, "twins": {"arm/mean": rows},
+             "rules": {"arm": ["mean", "min"]}}
+    graded = [{**row, "mean_grade": 5.0 + row.pop("win_rate")} for row in [dict(r) for r in rows]]
+    mt_bench = {"judge_name": "grades", "metric": "mean_grade", "ns": [1, 2], "baselines": {"random": graded}}
+    files = lb.save_logged_bon({"judges": {"ae1": entry}, "mt_bench": mt_bench}, tmp_path)
+    assert files["png_ae1"].stat().st_size > 1000 and files["png_mt_bench"].is_file()
     lines = files["csv"].read_text().splitlines()
-    assert lines[0] == "judge,group,series,n,kl_bon,win_rate,se,mean_length" and len(lines) == 1 + 8
-    assert lines[1].startswith("ae1,baselines,longest,1,")
+    assert lines[0] == "set,group,series,n,kl_bon,value,se,mean_length" and len(lines) == 1 + 10 + 2
+    assert lines[1].startswith("ae1,baselines,longest,1,") and lines[-1].startswith("mt_bench,baselines,random,2,")
+
+
+def test_kl_of_a_logged_pick_is_exact_and_exceeds_the_independent_draws_formula():
+    """Picking among n of m logged outputs without replacement: KL(pick || uniform) by enumerating subsets."""
+    from rmens.bon import kl_bon, kl_from_uniform
+
+    rewards = torch.tensor([0.3, 1.0, 1.0, -2.0, 0.5])  # a tie
+    for n in range(1, 6):
+        counts = torch.zeros(5, dtype=torch.float64)
+        for subset in itertools.combinations(range(5), n):
+            best = max(rewards[i] for i in subset)
+            tied = [i for i in subset if rewards[i] == best]
+            for i in tied:
+                counts[i] += 1 / len(tied)
+        probs = counts / counts.sum()
+        expected = sum(float(p * math.log(p * 5)) for p in probs if p > 0)
+        assert kl_from_uniform(selection_probabilities(rewards, n)) == pytest.approx(expected)
+    top = selection_probabilities(torch.arange(16.0), 16)
+    assert kl_from_uniform(top) == pytest.approx(math.log(16)) and kl_bon(16) == pytest.approx(1.835, abs=1e-3)

@@ -294,13 +294,14 @@ def test_two_concurrent_runs_of_one_stage_compute_it_once(harness, tmp_path):
 
 
 def test_experiment_flow_caches_every_step_and_tracks_each_in_mlflow(harness, tmp_path):
-    from ae_data import instructions, synthetic_annotations
+    from ae_data import instructions, synthetic_annotations, synthetic_grades
 
     from flows.experiment import experiment
     from rmens.experiment.config import load_experiment
 
     train = synthetic_annotations(tmp_path / "train", instructions(40))
-    config = load_experiment("tiny", ["ppo_arms=[{arm: linear-k5}]"], data_dir=train)
+    config = load_experiment("tiny", ["ppo_arms=[{arm: linear-k5}]"], data_dir=train,
+                             mt_bench_grades=synthetic_grades(tmp_path / "grades.jsonl"))
     out = tmp_path / "experiment"
     first = experiment(config=config, out=str(out))
     assert first["states"] and all(state == "Completed" for state in first["states"].values()), first["states"]
@@ -310,10 +311,11 @@ def test_experiment_flow_caches_every_step_and_tracks_each_in_mlflow(harness, tm
     assert set(logged["judges"]) == {"ae1", "ae2"} and "linear-k5/uwo0.5" in logged["judges"]["ae1"]["arms"]
     client, runs = runs_of(out)
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == first["parent_run_id"]}
-    assert {"pairs:pairs", "pools:pools", "train:gold", "train:linear-k5", "score:lora-k5-all", "rewards:rewards",
-            "ppo:linear-k5/mean", "ppo_eval:linear-k5/mean", "report:report"} <= set(children)
-    train_run = children["train:full-k3"]
-    assert train_run.data.tags["rmens.arm"] == "full-k3" and train_run.data.metrics["train_wall_s"] > 0
+    assert {"pairs:pairs", "pools:pools", "train:gold", "train:linear-k5-r0", "train:linear-k5-r1", "twins:twins",
+            "score:lora-k5-all-r1", "rewards:rewards", "ppo:linear-k5/mean-r0", "ppo_eval:linear-k5/mean-r0",
+            "report:report"} <= set(children)
+    train_run = children["train:full-k3-r1"]
+    assert train_run.data.tags["rmens.arm"] == "full-k3-r1" and train_run.data.metrics["train_wall_s"] > 0
     assert train_run.data.params["ensemble.kind"] == "full"
     assert {a.path for a in client.list_artifacts(first["parent_run_id"])} >= {"logged_bon.json", "report.md"}
     assert "rewards_step" not in (out / "report.md").read_text() and (out / "logged_bon_ae2.png").is_file()

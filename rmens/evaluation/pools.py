@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +26,9 @@ from rmens.data.loaders import JUDGE_FILES, judge_files, preference_probability
 from rmens.data.schema import DataError
 from rmens.data.splits import unit_hash
 from rmens.io import iter_jsonl, write_jsonl
+
+if TYPE_CHECKING:  # rmens.data.encoding imports transformers, which reading pools does not need
+    from rmens.data.encoding import Prompt
 
 # Adversarial entries of AE2 (a constant nonsense string, and outputs written to game the judge).
 GAMED_GENERATORS = ("example", "gpt4_gamed")
@@ -158,8 +163,10 @@ def read_pools(path: str | Path) -> list[Pool]:
 
 # -- scoring: every response once per reward model ------------------------------------------------
 
-def response_key(prompt: str, response: str) -> str:
-    return hashlib.sha256(f"{prompt}\x00{response}".encode()).hexdigest()[:32]
+def response_key(prompt: Prompt, response: str) -> str:
+    """One key per (prompt, response); a conversation (MT-Bench's second turn) by its canonical JSON."""
+    text = prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(f"{text}\x00{response}".encode()).hexdigest()[:32]
 
 
 def pool_items(pools: list[Pool]) -> list[tuple[str, str]]:
@@ -172,38 +179,64 @@ def pool_items(pools: list[Pool]) -> list[tuple[str, str]]:
 
 
 class ScoreTable:
-    """Member scores [k] of responses, keyed by (prompt, response); saved as one .npz file."""
+    """Member scores [k] of responses, keyed by (prompt, response); saved as one .npz file.
 
-    def __init__(self, keys: list[str], members: np.ndarray):
+    The scores are each member's raw reward (its own Bradley-Terry scale, what accuracy and calibration
+    read). `center` and `scale` [k], when set, are the ensemble's member standardisation: `lookup(...,
+    standardised=True)` returns (raw - center) / scale, what every aggregation rule reads.
+    """
+
+    def __init__(self, keys: list[str], members: np.ndarray, center: np.ndarray | None = None,
+                 scale: np.ndarray | None = None):
         if members.ndim != 2 or members.shape[1] != len(keys):
             raise ValueError(f"members must be [k, {len(keys)}], got {members.shape}")
+        if (center is None) != (scale is None) or (center is not None and
+                                                  (center.shape != (members.shape[0],) or scale.shape != center.shape)):
+            raise ValueError(f"center and scale must both be [k={members.shape[0]}] or both absent")
         self.members = members
+        self.center, self.scale = center, scale
         self.index = {key: i for i, key in enumerate(keys)}
 
     @property
     def k(self) -> int:
         return self.members.shape[0]
 
-    def lookup(self, prompt: str, responses: Sequence[str]) -> torch.Tensor:
-        """[k, len(responses)] member scores of these responses to `prompt`."""
+    def standardised_by(self, center, scale) -> ScoreTable:
+        """The same scores with the ensemble's member standardisation attached."""
+        return ScoreTable(list(self.index), self.members, np.asarray(center, dtype=np.float64),
+                          np.asarray(scale, dtype=np.float64))
+
+    def lookup(self, prompt: Prompt, responses: Sequence[str], standardised: bool = False) -> torch.Tensor:
+        """[k, len(responses)] member scores of these responses to `prompt`: raw, or standardised."""
+        return self.lookup_items([(prompt, r) for r in responses], standardised)
+
+    def lookup_items(self, items: Sequence[tuple[Prompt, str]], standardised: bool = False) -> torch.Tensor:
+        """[k, len(items)] member scores of (prompt, response) items: raw, or standardised."""
         try:
-            columns = [self.index[response_key(prompt, r)] for r in responses]
+            columns = [self.index[response_key(prompt, r)] for prompt, r in items]
         except KeyError:
-            raise KeyError(f"a response to {prompt[:60]!r} was never scored; score the pools first") from None
-        return torch.from_numpy(self.members[:, columns]).double()
+            raise KeyError("a response to a pool's prompt was never scored; score the pools first") from None
+        scores = self.members[:, columns]
+        if standardised:
+            if self.center is None:
+                raise ValueError("this score table holds no member standardisation (center, scale)")
+            scores = (scores - self.center[:, None]) / self.scale[:, None]
+        return torch.from_numpy(scores).double()
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".partial.npz")
-        np.savez(tmp, keys=np.array(list(self.index)), members=self.members)
+        extra = {} if self.center is None else {"center": self.center, "scale": self.scale}
+        np.savez(tmp, keys=np.array(list(self.index)), members=self.members, **extra)
         tmp.replace(path)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> ScoreTable:
         with np.load(path) as data:
-            return cls([str(k) for k in data["keys"]], data["members"])
+            stats = (data["center"], data["scale"]) if "center" in data else (None, None)
+            return cls([str(k) for k in data["keys"]], data["members"], *stats)
 
 
 def score_items(member_scores: Callable[[list[str], list[str]], torch.Tensor], items: list[tuple[str, str]],

@@ -8,6 +8,7 @@ through `model_validate`, so an inconsistent combination fails where it is made.
 
 from __future__ import annotations
 
+import hashlib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +26,7 @@ from rmens.config import (
     derive,
     load_yaml,
 )
+from rmens.seeding import Stream, seed_for
 
 SIZES = {
     "tiny": "tiny random Llama, a few pools and pairs; every step in under 2 minutes on a CPU (tested)",
@@ -35,15 +37,24 @@ SIZES = {
 Judge = Literal["ae1", "ae2"]
 
 
+def run_seed(base: int, label: str, run: int) -> int:
+    """The seed of run `run` of the arm labelled `label`: distinct per arm and run (so that runs of different
+    arms are independent, as the comparisons assume), stable when arms are added or reordered."""
+    arm_id = int.from_bytes(hashlib.sha256(label.encode()).digest()[:4], "big")
+    return seed_for(base, Stream.RUN, arm_id, run) % 2**32
+
+
 class ArmSpec(StrictModel):
-    """One reward-model arm. `single` is one reward model (k=1) with its own seed; the others are
-    ensembles of k members (Zhang et al.: full, linear, LoRA)."""
+    """One reward-model arm, trained `runs` times with different seeds (member initialisation and data order).
+    `single` is one reward model (k=1); the others are ensembles of k members (Zhang et al.: full, linear,
+    LoRA)."""
 
     kind: Literal["single", "full", "linear", "lora"]
     k: int = Field(1, ge=1)
-    seed: int = Field(0, ge=0, description="Added to the shared ensemble seed (singles differ by it).")
     top_layers: float | None = Field(None, gt=0, description="lora: layers with adapters (fraction or count); "
                                                              "None keeps the shared ensemble's setting.")
+    runs: int | None = Field(None, ge=1, description="Training runs (seeds) of this arm; None: the experiment's "
+                                                     "`runs`.")
 
     @model_validator(mode="after")
     def _consistent(self) -> ArmSpec:
@@ -58,8 +69,8 @@ class ArmSpec(StrictModel):
     @property
     def label(self) -> str:
         if self.kind == "single":
-            return f"single-s{self.seed}"
-        label = f"{self.kind}-k{self.k}" + (f"-s{self.seed}" if self.seed else "")
+            return "single"
+        label = f"{self.kind}-k{self.k}"
         if self.top_layers is not None:
             label += "-all" if self.top_layers == 1 else f"-top{self.top_layers:g}"
         return label
@@ -68,13 +79,21 @@ class ArmSpec(StrictModel):
     def is_ensemble(self) -> bool:
         return self.k > 1
 
-    def ensemble_config(self, shared: EnsembleConfig) -> EnsembleConfig:
-        """The arm's EnsembleConfig: the shared settings (backbone, lengths, LoRA) with its kind, k and seed."""
+    def run_label(self, run: int) -> str:
+        return f"{self.label}-r{run}"
+
+    def ensemble_config(self, shared: EnsembleConfig, run: int) -> EnsembleConfig:
+        """Run `run`'s EnsembleConfig: the shared settings (backbone, lengths, LoRA) with the arm's kind and k
+        and the run's seed."""
         changes: dict[str, Any] = {"kind": "linear" if self.kind == "single" else self.kind, "k": self.k,
-                                   "seed": shared.seed + self.seed}
+                                   "seed": run_seed(shared.seed, self.label, run)}
         if self.top_layers is not None:
             changes["lora"] = {"top_layers": self.top_layers}
         return derive(shared, **changes)
+
+    def train_config(self, shared: TrainConfig, run: int) -> TrainConfig:
+        """Run `run`'s TrainConfig: the shared settings with the run's seed (data order)."""
+        return derive(shared, seed=run_seed(shared.seed, self.label, run))
 
     def rules(self, rules: list[AggregationConfig]) -> list[AggregationConfig]:
         """Every rule for an ensemble; only the mean for a single model (all rules equal it there)."""
@@ -82,14 +101,32 @@ class ArmSpec(StrictModel):
 
 
 class PPOArm(StrictModel):
-    """PPO against one arm's reward under one aggregation rule."""
+    """PPO against one arm's reward under one rule (one PPO run per training run of the arm, up to `ppo_runs`)."""
 
-    arm: str = Field(..., description="The label of an arm, e.g. single-s0 or linear-k5.")
+    arm: str = Field(..., description="The label of an arm, e.g. single or linear-k5.")
     rule: AggregationConfig = Field(default_factory=AggregationConfig)
 
     @property
     def label(self) -> str:
         return f"{self.arm}/{self.rule.name}"
+
+    def run_label(self, run: int) -> str:
+        return f"{self.label}-r{run}"
+
+
+class Comparison(StrictModel):
+    """The primary comparison, named before the results are seen and reported first: series a against
+    series b (`<arm>/<rule>`, e.g. lora-k5/mean against single/mean), logged Best-of-n under one judge set at
+    one n (None: the largest)."""
+
+    a: str
+    b: str
+    judge: Judge = "ae2"
+    n: int | None = Field(None, ge=1)
+
+    @property
+    def label(self) -> str:
+        return f"{self.a} vs {self.b}, Best-of-n {self.judge}" + (f" n={self.n}" if self.n else " at the largest n")
 
 
 class GoldConfig(StrictModel):
@@ -98,6 +135,9 @@ class GoldConfig(StrictModel):
 
     ensemble: EnsembleConfig = Field(default_factory=lambda: EnsembleConfig(kind="linear", k=1, seed=101))
     train: TrainConfig = Field(default_factory=TrainConfig)
+    min_margin: float = Field(0.02, ge=0, le=1, description="PPO verdicts are printed only when the gold judge's "
+                              "held-out accuracy beats every proxy arm's (averaged over its runs) by this much "
+                              "on every judge set.")
 
     @model_validator(mode="after")
     def _single(self) -> GoldConfig:
@@ -127,16 +167,30 @@ class DataSource(StrictModel):
                                                     "ae2_gpt4turbo_pairs*.jsonl.gz) whose instructions become the "
                                                     "evaluation pools; None holds out eval_fraction of data_dir's.")
     eval_fraction: float = Field(0.25, gt=0, lt=1, description="Without eval_data: the share of instructions held out.")
-    seed: int = Field(0, description="Seeds the hash split and every subsample.")
+    generator_fraction: float = Field(
+        0.4, gt=0, lt=1, description="Share of the generating systems held out (rmens.experiment.data."
+        "held_out_generators): their outputs fill the pools and train nothing; the rest train and never "
+        "appear in a pool.")
+    seed: int = Field(0, description="Seeds the hash splits and every subsample.")
 
 
 class SplitConfig(StrictModel):
-    """The training side: the gold judge's and the proxies' verdicts (disjoint shares of the training
-    instructions) and PPO's prompts (from the proxies' share). No evaluation instruction is in any of them."""
+    """The training side, three disjoint shares of the training instructions: the proxies' verdicts, PPO's
+    unlabelled prompts, and the gold judge's verdicts (the rest). No evaluation instruction and no output of a
+    held-out system is in any of them."""
 
     gold: PairsShare = Field(default_factory=PairsShare)
     proxy: ProxyShare = Field(default_factory=ProxyShare)
-    ppo_prompts: int | None = Field(256, ge=1, description="Proxy-share instructions PPO samples from (None: all).")
+    ppo_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the training instructions kept unlabelled "
+                                                             "for PPO's prompts (no reward model sees them).")
+    ppo_prompts: int | None = Field(256, ge=1, description="PPO-share instructions PPO samples from (None: all).")
+
+    @model_validator(mode="after")
+    def _shares(self) -> SplitConfig:
+        if self.proxy.fraction + self.ppo_fraction >= 1:
+            raise ValueError(f"split.proxy.fraction + split.ppo_fraction = {self.proxy.fraction + self.ppo_fraction:g} "
+                             "leaves the gold judge no instructions")
+        return self
 
 
 class PoolConfig(StrictModel):
@@ -146,7 +200,7 @@ class PoolConfig(StrictModel):
     judges: list[Judge] = Field(default_factory=lambda: ["ae1", "ae2"], min_length=1)
     max_instructions: int | None = Field(None, ge=1)
     pool_size: int | None = Field(None, ge=1, description="Outputs kept per instruction (None: all).")
-    max_n: int = Field(32, ge=1, description="n = 1, 2, 4, ... up to this; pools smaller than it are left out.")
+    max_n: int = Field(16, ge=1, description="n = 1, 2, 4, ... up to this; pools smaller than it are left out.")
     exclude_generators: list[str] = Field(default_factory=lambda: ["example", "gpt4_gamed"])
     include_generators: list[str] | None = None
     eval_prompts: int = Field(32, ge=1, description="Pool instructions PPO checkpoints answer.")
@@ -156,6 +210,17 @@ class PoolConfig(StrictModel):
         if self.pool_size is not None and self.pool_size < self.max_n:
             raise ValueError(f"pools.pool_size={self.pool_size} is below pools.max_n={self.max_n}")
         return self
+
+
+class MtBenchConfig(StrictModel):
+    """Logged Best-of-n and agreement on MT-Bench's released GPT-4 grades (rmens.evaluation.mt_bench_grades):
+    one pool per question and turn holding every system of the grades file."""
+
+    enabled: bool = True
+    grades: str | None = Field(None, description="The grades file (default $RMENS_DATA_DIR/mt_bench/"
+                                                 "gpt4_single_grades.jsonl.gz).")
+    max_questions: int | None = Field(None, ge=1, description="A seeded subset of the questions (None: all).")
+    max_n: int = Field(16, ge=1, description="n = 1, 2, 4, ... up to this (at most the smallest pool).")
 
 
 class ProxyLabels(StrictModel):
@@ -180,18 +245,29 @@ class ExperimentConfig(StrictModel):
                                      description="What every arm shares: backbone, lengths, LoRA settings.")
     train: TrainConfig = Field(default_factory=TrainConfig)
     arms: list[ArmSpec] = Field(min_length=1)
+    runs: int = Field(3, ge=1, description="Training runs (seeds) of every arm that does not set its own; the "
+                                           "comparisons treat runs as random, so one run per arm gives no verdict.")
     rules: list[AggregationConfig] = Field(default_factory=lambda: [
         AggregationConfig(rule="mean"), AggregationConfig(rule="min"), AggregationConfig(rule="lcb", beta=1.0),
         AggregationConfig(rule="uwo", lam=0.5)])
     gold: GoldConfig = Field(default_factory=GoldConfig)
     proxy_labels: ProxyLabels = Field(default_factory=ProxyLabels)
+    mt_bench: MtBenchConfig = Field(default_factory=MtBenchConfig)
+    primary: Comparison = Field(default_factory=lambda: Comparison(a="lora-k5/mean", b="single/mean"),
+                                description="The one comparison named in advance and reported first; every other "
+                                            "verdict is one of a family corrected with Holm's method.")
+    alpha: float = Field(0.05, gt=0, lt=1,
+                         description="Significance level of every verdict (after Holm for the family).")
+    power: float = Field(0.8, gt=0, lt=1, description="Power at which minimum detectable differences are reported.")
     score_batch_size: int = Field(32, ge=1)
     policy: str = "tiny-random-llama"
     ppo: PPOConfig | None = Field(default_factory=PPOConfig, description="None: no PPO part.")
     ppo_arms: list[PPOArm] = Field(default_factory=list)
+    ppo_runs: int = Field(1, ge=1, description="PPO runs per PPO arm, run r against the arm's reward model of run r.")
     ppo_generation: GenerationConfig = Field(
-        default_factory=lambda: GenerationConfig(temperature=0.7, top_p=0.9),
-        description="How PPO checkpoints answer the held-out instructions they are judged on.")
+        default_factory=lambda: GenerationConfig(temperature=0.7),
+        description="How PPO checkpoints answer the held-out instructions they are judged on (untruncated: the KL "
+                    "of each checkpoint is estimated from these samples).")
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
@@ -203,7 +279,7 @@ class ExperimentConfig(StrictModel):
             raise ValueError(f"rules must differ, got {rule_names}")
         models: dict[str, str] = {}
         for arm in self.arms:  # every arm's ensemble config must be valid, and different, before anything runs
-            model = arm.ensemble_config(self.ensemble).model_dump_json()
+            model = derive(arm.ensemble_config(self.ensemble, 0), seed=0).model_dump_json()  # seeds differ by label
             if model in models:
                 raise ValueError(f"arms {models[model]!r} and {arm.label!r} would train the same model")
             models[model] = arm.label
@@ -213,6 +289,16 @@ class ExperimentConfig(StrictModel):
             if ppo_arm.rule.name not in [r.name for r in self.arm(ppo_arm.arm).rules(self.rules)]:
                 raise ValueError(f"ppo_arms entry {ppo_arm.label!r}: rule {ppo_arm.rule.name!r} is not among the "
                                  f"rules of arm {ppo_arm.arm!r}")
+            if self.ppo_runs > self.runs_of(self.arm(ppo_arm.arm)):
+                raise ValueError(f"ppo_runs={self.ppo_runs} but arm {ppo_arm.arm!r} has only "
+                                 f"{self.runs_of(self.arm(ppo_arm.arm))} training runs")
+        for side in ("a", "b"):
+            self.series(getattr(self.primary, side), f"primary.{side}")
+        if self.primary.judge not in self.pools.judges:
+            raise ValueError(f"primary.judge {self.primary.judge!r} is not among pools.judges {self.pools.judges}")
+        if self.ppo_generation.top_p < 1 or not self.ppo_generation.do_sample:
+            raise ValueError("ppo_generation must sample without truncation (top_p 1, do_sample true): each "
+                             "checkpoint's KL is estimated from these samples with the full softmax")
         if self.gold.ensemble.max_length < self.ensemble.max_length:
             raise ValueError(f"the gold judge must see at least the proxies' context: gold.ensemble.max_length="
                              f"{self.gold.ensemble.max_length} < ensemble.max_length={self.ensemble.max_length}")
@@ -226,10 +312,25 @@ class ExperimentConfig(StrictModel):
     def arm(self, label: str) -> ArmSpec:
         return next(arm for arm in self.arms if arm.label == label)
 
-    def ppo_config(self, ppo_arm: PPOArm) -> PPOConfig:
+    def runs_of(self, arm: ArmSpec) -> int:
+        return arm.runs or self.runs
+
+    def series(self, name: str, where: str) -> tuple[ArmSpec, AggregationConfig]:
+        """The arm and rule a series name `<arm>/<rule>` (e.g. linear-k5/uwo0.5) refers to; an unknown one is an
+        error naming `where`."""
+        label, _, rule_name = name.partition("/")
+        arm = next((a for a in self.arms if a.label == label), None)
+        rule = next((r for r in arm.rules(self.rules) if r.name == rule_name), None) if arm else None
+        if rule is None:
+            known = [f"{a.label}/{r.name}" for a in self.arms for r in a.rules(self.rules)]
+            raise ValueError(f"{where}: no series {name!r}; choose from {', '.join(known)}")
+        return arm, rule
+
+    def ppo_config(self, ppo_arm: PPOArm, run: int = 0) -> PPOConfig:
         if self.ppo is None:
             raise ValueError("this experiment has no PPO part (ppo: null)")
-        return derive(self.ppo, policy=self.policy, aggregation=ppo_arm.rule.model_dump())
+        return derive(self.ppo, policy=self.policy, aggregation=ppo_arm.rule.model_dump(),
+                      seed=run_seed(self.ppo.seed, ppo_arm.label, run))
 
 
 def size_preset(size: str) -> dict[str, Any]:
@@ -240,15 +341,19 @@ def size_preset(size: str) -> dict[str, Any]:
 
 
 def load_experiment(size: str, overrides: list[str] | None = None, eval_data: str | Path | None = None,
-                    data_dir: str | Path | None = None) -> ExperimentConfig:
-    """A size preset with dotted `key=value` overrides and the training/evaluation folders applied."""
+                    data_dir: str | Path | None = None, mt_bench_grades: str | Path | None = None) -> ExperimentConfig:
+    """A size preset with dotted `key=value` overrides and the training/evaluation files applied."""
     data = apply_overrides(size_preset(size), overrides or [])
     data["size"] = size
     source = data.setdefault("data", {})
     for key, folder in (("eval_data", eval_data), ("data_dir", data_dir)):
         if folder is not None:
             source[key] = str(folder)
-    for key in ("eval_data", "data_dir"):  # absolute, so that a run's settings say which files it read
-        if source.get(key):
-            source[key] = str(Path(source[key]).expanduser().resolve())
+    mt_bench = data.setdefault("mt_bench", {})
+    if mt_bench_grades is not None:
+        mt_bench["grades"] = str(mt_bench_grades)
+    # absolute, so that a run's settings say which files it read
+    for section, key in (("data", "eval_data"), ("data", "data_dir"), ("mt_bench", "grades")):
+        if data[section].get(key):
+            data[section][key] = str(Path(data[section][key]).expanduser().resolve())
     return ExperimentConfig.model_validate(data)

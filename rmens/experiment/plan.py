@@ -6,8 +6,9 @@ steps in-process with resumable folders (the plain script, and GPU machines with
 tasks/experiment.py executes them as cached Prefect tasks with one MLflow child run each. The order of
 the steps and the inputs of each are written once, here.
 
-    pairs, pools -> gold -> [proxy labels] -> arms -> scores (gold and every arm) -> rewards (agreement
-    and logged-output Best-of-n) -> PPO of each PPO arm -> its evaluation under the gold judge -> report
+    pairs, pools -> gold -> [proxy labels] -> every run of every arm -> untrained twins of every run ->
+    scores (gold and every run) -> rewards (agreement and logged-output Best-of-n, AlpacaEval and
+    MT-Bench) -> PPO runs of each PPO arm -> their evaluation under the gold judge -> report
 """
 
 from __future__ import annotations
@@ -21,23 +22,27 @@ GOLD_PAIRS, PROXY_PAIRS = "gold_pairs.jsonl", "proxy_pairs.jsonl"  # in the pair
 SCORES = "scores.npz"  # in a score step's folder: every member's score of every pool response
 # Steps that continue an unfinished folder made from the same inputs: PPO from its last checkpoint,
 # scoring from its last saved chunk. Every other unfinished folder is computed again from scratch.
-RESUMABLE = frozenset({"ppo", "score"})
+RESUMABLE = frozenset({"ppo", "score", "twins"})
 
 # The library modules whose source decides each step's output: part of every step's cache key. (The
 # settings themselves enter the key as values.)
 STEP_CODE: dict[str, tuple[str, ...]] = {
     "pairs": ("rmens.experiment.data", "rmens.data"),
-    "pools": ("rmens.experiment.data", "rmens.evaluation.pools", "rmens.data"),
-    "train": ("rmens.experiment.train", "rmens.training", "rmens.models", "rmens.data", "rmens.evaluation.rm_metrics"),
+    "pools": ("rmens.experiment.data", "rmens.evaluation.pools", "rmens.evaluation.mt_bench_grades", "rmens.data"),
+    "train": ("rmens.experiment.train", "rmens.training", "rmens.models", "rmens.reward", "rmens.data",
+              "rmens.evaluation.rm_metrics"),
     "proxy_labels": ("rmens.experiment.train", "rmens.reward", "rmens.models", "rmens.data"),
-    "score": ("rmens.experiment.scoring", "rmens.evaluation.pools", "rmens.reward", "rmens.models",
-              "rmens.data.encoding"),
+    "score": ("rmens.experiment.scoring", "rmens.evaluation.pools", "rmens.evaluation.mt_bench_grades",
+              "rmens.reward", "rmens.models", "rmens.data.encoding"),
+    "twins": ("rmens.experiment.twins", "rmens.experiment.scoring", "rmens.evaluation.pools",
+              "rmens.evaluation.mt_bench_grades", "rmens.reward", "rmens.models", "rmens.data"),
     "rewards": ("rmens.experiment.rewards", "rmens.evaluation.logged_bon", "rmens.evaluation.pools", "rmens.bon",
-                "rmens.evaluation.rm_metrics", "rmens.models.aggregate"),
+                "rmens.evaluation.mt_bench_grades", "rmens.evaluation.rm_metrics", "rmens.evaluation.stats",
+                "rmens.models.aggregate"),
     "ppo": ("rmens.experiment.ppo", "rmens.ppo", "rmens.generation", "rmens.reward", "rmens.models", "rmens.data"),
     "ppo_eval": ("rmens.experiment.ppo_eval", "rmens.evaluation.ppo_eval", "rmens.ppo", "rmens.generation",
                  "rmens.reward", "rmens.models", "rmens.evaluation.pools", "rmens.evaluation.logged_bon"),
-    "report": ("rmens.experiment.report", "rmens.evaluation.curves"),
+    "report": ("rmens.experiment.report", "rmens.evaluation.curves", "rmens.evaluation.stats"),
 }
 
 
@@ -52,29 +57,36 @@ def run_plan(cfg: ExperimentConfig, call: StepCall, part: Part = "all", sources:
     from rmens.models.context import check_max_lengths
 
     check_max_lengths(cfg.trained_ensembles())  # a context too long fails here, not after the data steps
-    sources = sources or {"training": {}, "evaluation": {}}
+    sources = sources or {"training": {}, "evaluation": {}, "mt_bench": {}}
     pairs = call("pairs", "pairs", source=cfg.data, split=cfg.split, sources=sources)
-    pools = call("pools", "pools", source=cfg.data, pools=cfg.pools, sources=sources["evaluation"])
+    pools = call("pools", "pools", source=cfg.data, pools=cfg.pools, mt_bench=cfg.mt_bench, sources=sources)
     gold = call("train", "gold", pairs=pairs, pairs_file=GOLD_PAIRS, ensemble=cfg.gold.ensemble, train=cfg.gold.train)
     proxy_pairs = pairs
     if cfg.proxy_labels.active:
         relabel_by = gold if cfg.proxy_labels.relabel_by_gold else None
         proxy_pairs = call("proxy_labels", "proxy", pairs=pairs, gold=relabel_by,
                            label_noise=cfg.proxy_labels.label_noise, seed=cfg.data.seed)
-    arms = {arm.label: call("train", arm.label, pairs=proxy_pairs, pairs_file=PROXY_PAIRS,
-                            ensemble=arm.ensemble_config(cfg.ensemble), train=cfg.train) for arm in cfg.arms}
+    runs = {arm.run_label(r): (arm.ensemble_config(cfg.ensemble, r), arm.train_config(cfg.train, r))
+            for arm in cfg.arms for r in range(cfg.runs_of(arm))}
+    trained = {label: call("train", label, pairs=proxy_pairs, pairs_file=PROXY_PAIRS, ensemble=ensemble, train=train)
+               for label, (ensemble, train) in runs.items()}
     judges = list(cfg.pools.judges)
+    twins = call("twins", "twins", pairs=proxy_pairs, pairs_file=PROXY_PAIRS, pools=pools, judges=judges,
+                 ensembles={label: ensemble for label, (ensemble, _) in runs.items()},
+                 trains={label: train for label, (_, train) in runs.items()}, batch_size=cfg.score_batch_size)
     scores = {label: call("score", label, model=model, pools=pools, judges=judges, batch_size=cfg.score_batch_size)
-              for label, model in {"gold": gold, **arms}.items()}
-    rewards = call("rewards", "rewards", pools=pools, scores=scores, arms=cfg.arms, rules=cfg.rules,
-                   config=cfg.pools)
+              for label, model in {"gold": gold, **trained}.items()}
+    rewards = call("rewards", "rewards", pools=pools, scores=scores, twins=twins, arms=cfg.arms,
+                   runs={arm.label: cfg.runs_of(arm) for arm in cfg.arms}, rules=cfg.rules, config=cfg.pools,
+                   mt_bench=cfg.mt_bench)
     ppo_runs, ppo_evals = {}, {}
     if part == "all" and cfg.ppo is not None:
         for ppo_arm in cfg.ppo_arms:
-            run = ppo_runs[ppo_arm.label] = call("ppo", ppo_arm.label, reward=arms[ppo_arm.arm], pairs=pairs,
-                                                 ppo=cfg.ppo_config(ppo_arm))
-            ppo_evals[ppo_arm.label] = call("ppo_eval", ppo_arm.label, run=run, reward=arms[ppo_arm.arm],
-                                            rule=ppo_arm.rule, gold=gold, gold_scores=scores["gold"], pools=pools,
-                                            judges=judges, policy=cfg.policy, generation=cfg.ppo_generation)
-    return call("report", "report", experiment=cfg, pairs=pairs, pools=pools, trains={"gold": gold, **arms},
-                scores=scores, rewards=rewards, ppo_runs=ppo_runs, ppo_evals=ppo_evals, part=part)
+            for r in range(cfg.ppo_runs):
+                reward, label = trained[cfg.arm(ppo_arm.arm).run_label(r)], ppo_arm.run_label(r)
+                run = ppo_runs[label] = call("ppo", label, reward=reward, pairs=pairs, ppo=cfg.ppo_config(ppo_arm, r))
+                ppo_evals[label] = call("ppo_eval", label, run=run, reward=reward, rule=ppo_arm.rule, gold=gold,
+                                        gold_scores=scores["gold"], pools=pools, judges=judges, policy=cfg.policy,
+                                        generation=cfg.ppo_generation)
+    return call("report", "report", experiment=cfg, pairs=pairs, pools=pools, trains={"gold": gold, **trained},
+                scores=scores, twins=twins, rewards=rewards, ppo_runs=ppo_runs, ppo_evals=ppo_evals, part=part)

@@ -4,6 +4,7 @@ judge."""
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -40,8 +41,10 @@ def ppo_eval_step(folder: Path, *, run: Path, reward: Path, rule: AggregationCon
 
     # The same prompts for every PPO arm of an experiment (one policy): paired comparisons stay paired.
     prompts, too_long = prompts_that_fit(policy, read_prompts(pools, "eval_prompts.json"), generation.max_new_tokens)
+    # The gold judge's win probability is the sigmoid of a difference of its raw Bradley-Terry rewards (the
+    # references' are read raw from its score table): standardising would rescale the logit.
     scorers = {"proxy": EnsembleReward.from_folder(Path(reward) / "ensemble", rule),
-               "gold": EnsembleReward.from_folder(Path(gold) / "ensemble")}
+               "gold": functools.partial(EnsembleReward.from_folder(Path(gold) / "ensemble"), standardise=False)}
     points = evaluate_run(Path(run) / "run", prompts, scorers, generation=generation,
                           reward_folder=Path(reward) / "ensemble", keep_samples=True)
     table = pl.ScoreTable.load(Path(gold_scores) / SCORES)

@@ -1,12 +1,7 @@
-"""The experiment's report, generated from its results (never typed by hand): results.json, report.md
-with tables in the shape of Zhang et al.'s and Coste et al.'s, and, for each of their claims, what these
-results say about it with a paired standard error over instructions.
-
-A difference counts as evidence when it is at least twice its standard error; otherwise the report
-says the results show no significant difference (which is not evidence of equality). Standard errors
-are over instructions only (the seeds of the single models are averaged first), so they understate the
-spread across training runs; many claims are tested at once, so a few "significant" verdicts can be
-chance.
+"""The experiment's report, generated from its results (never typed by hand): results.json and report.md,
+with the primary comparison first, then the design's own checks (do the pools reward recognising systems;
+does training beat the untrained twin; is the gold judge better than the proxies), then the papers' claims
+with Holm-corrected verdicts (rmens.experiment.verdicts), then the tables behind them.
 """
 
 from __future__ import annotations
@@ -16,62 +11,60 @@ import math
 import shutil
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from rmens.evaluation.curves import curve_from_points, save_curves
-from rmens.evaluation.logged_bon import standard_error
-from rmens.experiment.config import ArmSpec, ExperimentConfig
+from rmens.evaluation.logged_bon import GROUPS
+from rmens.experiment.config import ExperimentConfig
+from rmens.experiment.data import pools_file
+from rmens.experiment.verdicts import (
+    Evidence,
+    bon_claims,
+    design_checks,
+    finish,
+    gold_check,
+    ppo_claims,
+    primary,
+    recognition,
+)
 from rmens.io import atomic_write_text, write_json
 
-SINGLE = "single (mean of seeds)"
-CONSERVATIVE = ("min", "lcb", "uwo")
-CAVEAT = ("Standard errors are over instructions only (single-model seeds are averaged first), so they understate "
-          "the spread across training runs; many claims are tested at once, so a few verdicts at two standard errors "
-          "can be chance. \"No significant difference\" is not evidence of equality.")
+METHOD = ("Every arm is trained several times (runs: seeds of member initialisation and data order), and every "
+          "comparison treats runs as random and pools as paired (rmens.evaluation.stats: se^2 = run variance of "
+          "each side / its runs + pool variance of the paired differences / pools; Welch-Satterthwaite df; "
+          "Student's t). The primary comparison was named in the config before the run and is tested alone; "
+          "each other family of verdicts is corrected with Holm's method (p_holm). A single run gives no verdict. "
+          "MDD is the smallest true difference a verdict detects with 80% power at its level (alpha / m for a "
+          "family of m). \"No significant difference\" is not evidence of equality.")
 
 
 def _json(folder: Path, name: str):
     return json.loads((Path(folder) / name).read_text())
 
 
-def mean_se(values: list[float]) -> tuple[float, float]:
-    """Mean and standard error over instructions; the standard error of one instruction is undefined."""
-    tensor = torch.tensor(values, dtype=torch.float64)
-    return float(tensor.mean()), standard_error(tensor) if len(values) > 1 else math.nan
-
-
-def paired(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean of a - b over instructions and its standard error."""
-    return mean_se([x - y for x, y in zip(a, b, strict=True)])
-
-
-def verdict(diff: float, se: float, expected: str) -> str:
-    """expected: 'higher' (the claim is that a beats b) or 'similar' (a matches b)."""
-    if not math.isfinite(se):
-        return "undetermined (one instruction)"
-    z = diff / se if se > 0 else math.copysign(math.inf, diff) if diff else 0.0
-    if expected == "similar":
-        if abs(z) < 2:
-            return "no significant difference (not an equivalence test)"
-        return "better here" if z > 0 else "disagrees (significantly worse)"
-    if z >= 2:
-        return "agrees"
-    return "disagrees (significantly worse)" if z <= -2 else "not reproduced (no significant difference)"
+def _clean(value):
+    """nan and inf become None, so that results.json is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
 
 
 def _fmt(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return f"{value:.2e}" if 0 < abs(value) < 10 ** -digits else f"{value:.{digits}f}"
+    return str(value)
 
 
-def _pm(value: float, se: float) -> str:
-    return f"{value:.3f} ± {se:.3f}" if math.isfinite(se) else f"{value:.3f}"
-
-
-def at_largest_n(claims: list[dict], logged_bon: dict) -> list[dict]:
-    """The PPO claims and the Best-of-n claims at each judge's largest n (the report's headline)."""
-    return [c for c in claims if "n" not in c or c["n"] == logged_bon["judges"][c["judge"]]["ns"][-1]]
+def _pm(value: float | None, se: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f} ± {se:.3f}" if se is not None and math.isfinite(se) else f"{value:.3f} (1 run: no s.e.)"
 
 
 def md_table(header: list[str], rows: list[list]) -> list[str]:
@@ -79,243 +72,268 @@ def md_table(header: list[str], rows: list[list]) -> list[str]:
         ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows] + [""]
 
 
-def _average(series: list[list[float]]) -> list[float]:
-    """Per instruction, the average of several series."""
-    return [sum(v) / len(v) for v in zip(*series, strict=True)]
-
-
-class Results:
-    """Everything the steps wrote, in one place, with the single seeds and the ensembles' rules averaged."""
-
-    def __init__(self, cfg: ExperimentConfig, pairs: Path, pools: Path, trains: dict[str, Path],
-                 scores: dict[str, Path], rewards: Path, ppo_runs: dict[str, Path], ppo_evals: dict[str, Path]):
-        self.cfg = cfg
-        self.split = _json(pairs, "split.json")
-        self.pools = _json(pools, "pools.json")
-        self.train = {label: _json(folder, "train_summary.json") for label, folder in trains.items()}
-        self.score = {label: _json(folder, "score_summary.json") for label, folder in scores.items()}
-        self.bon = _json(rewards, "logged_bon.json")
-        self.rm = _json(rewards, "rm_eval.json")
-        self.values = _json(rewards, "per_instruction.json")  # judge -> series -> n -> per-instruction verdicts
-        self.ppo_run = {label: _json(folder, "ppo_summary.json") for label, folder in ppo_runs.items()}
-        self.ppo = {label: _json(folder, "ppo_eval.json") for label, folder in ppo_evals.items()}
-        self.singles = [arm.label for arm in cfg.arms if not arm.is_ensemble]
-        self.ensembles = [arm for arm in cfg.arms if arm.is_ensemble]
-        self.judges = list(self.bon["judges"])
-        for judge, values in self.values.items():
-            for n in self.bon["judges"][judge]["ns"]:
-                if self.singles:  # the paper's baseline: the single models' per-instruction average
-                    values.setdefault(SINGLE, {})[str(n)] = _average([values[f"{s}/mean"][str(n)]
-                                                                      for s in self.singles])
-                for rule in cfg.rules if self.ensembles else []:  # a rule over every ensemble (Coste et al.)
-                    values.setdefault(f"ensembles/{rule.name}", {})[str(n)] = _average(
-                        [values[f"{arm.label}/{rule.name}"][str(n)] for arm in self.ensembles])
-        self.ppo_final = {label: res["points"][-1] for label, res in self.ppo.items()}
-        single_runs = [p.label for p in cfg.ppo_arms if p.label in self.ppo and p.arm in self.singles]
-        if single_runs:  # PPO against each single model, averaged per instruction like Best-of-n's baseline
-            self.ppo_final[SINGLE] = {key: _average([self.ppo_final[label][key] for label in single_runs])
-                                      for key in self.ppo_final[single_runs[0]] if key.startswith("gold_values_")}
-
-    def win(self, judge: str, series: str, n: int) -> tuple[float, float]:
-        return mean_se(self.values[judge][series][str(n)])
-
-    def compare(self, judge: str, a: str, b: str, n: int, expected: str, claim: str, source: str) -> dict:
-        diff, se = paired(self.values[judge][a][str(n)], self.values[judge][b][str(n)])
-        return {"source": source, "claim": claim, "setting": f"Best-of-n, {judge}, n={n}", "judge": judge, "n": n,
-                "a": a, "b": b, "a_value": self.win(judge, a, n)[0], "b_value": self.win(judge, b, n)[0],
-                "diff": diff, "se": se, "verdict": verdict(diff, se, expected)}
-
-    def ppo_win(self, label: str, judge: str) -> tuple[float, float]:
-        return mean_se(self.ppo_final[label][f"gold_values_{judge}"])
-
-
-ZHANG, AHMED, COSTE = "Zhang et al. 2024", "Zhang et al. 2024; Ahmed et al. 2024", "Coste et al. 2023"
-
-
-def bon_claims(r: Results, n_small: int = 4) -> list[dict]:
-    """Zhang et al.: ensembles beat one reward model, the LoRA ensemble is the best, efficient ensembles match
-    the full one. Coste et al.: a conservative rule beats the mean when optimisation is strongest (every rule
-    picks alike at n = 1, so the difference at the largest n is what the rule adds as n grows), each rule
-    against the mean averaged over the ensembles. At the largest n and at n = `n_small`."""
-    lora = [a.label for a in r.ensembles if a.kind == "lora"]
-    others = [a.label for a in r.ensembles if a.kind in ("linear", "full")]
-    full = [a.label for a in r.ensembles if a.kind == "full"]
-    tests = [(f"{arm.label}/mean", SINGLE, "higher", "an ensemble (mean) picks better outputs than a single reward "
-              "model", ZHANG) for arm in (r.ensembles if r.singles else [])]
-    tests += [(f"{a}/mean", f"{b}/mean", "higher", "the LoRA ensemble beats the other ensembles", ZHANG)
-              for a in lora for b in others]
-    tests += [(f"{a}/mean", f"{b}/mean", "similar", "an efficient ensemble matches the full ensemble", AHMED)
-              for a in [x.label for x in r.ensembles if x.kind != "full"] for b in full]
-    tests += [(f"ensembles/{rule.name}", "ensembles/mean", "higher", "a conservative rule beats the mean under the "
-               "strongest optimisation", COSTE) for rule in r.cfg.rules if rule.rule in CONSERVATIVE and r.ensembles]
-    claims = []
-    for judge in r.judges:
-        ns = r.bon["judges"][judge]["ns"]
-        for n in sorted({min(n_small, ns[-1]), ns[-1]}):
-            claims += [r.compare(judge, a, b, n, expected, text, source) for a, b, expected, text, source in tests]
-    return claims
-
-
-def ppo_claims(r: Results) -> list[dict]:
-    """Final policies judged by the gold model: an ensemble under the mean against the single models (seeds
-    averaged per instruction), and a conservative rule against the mean of the same ensemble."""
-    tests = []
-    for ppo_arm in r.cfg.ppo_arms:
-        if ppo_arm.label not in r.ppo or not r.cfg.arm(ppo_arm.arm).is_ensemble:
-            continue
-        mean_label = f"{ppo_arm.arm}/mean"
-        if ppo_arm.rule.rule == "mean" and SINGLE in r.ppo_final:
-            tests.append((ppo_arm.label, SINGLE, "ensemble PPO (mean) beats single-model PPO", ZHANG))
-        if ppo_arm.rule.rule in CONSERVATIVE and mean_label in r.ppo:
-            tests.append((ppo_arm.label, mean_label, "a conservative rule beats the mean in PPO", COSTE))
-    claims = []
-    for judge in r.judges:
-        for a, b, text, source in tests:
-            diff, se = paired(r.ppo_final[a][f"gold_values_{judge}"], r.ppo_final[b][f"gold_values_{judge}"])
-            claims.append({"source": source, "claim": text, "setting": f"PPO, gold judge vs {judge} references",
-                           "a": a, "b": b, "a_value": r.ppo_win(a, judge)[0], "b_value": r.ppo_win(b, judge)[0],
-                           "diff": diff, "se": se, "verdict": verdict(diff, se, "higher")})
-    return claims
-
-
-def overoptimisation(r: Results, judge: str) -> dict[str, dict]:
-    """Per series: the n with the highest win rate and how far the win rate falls from there to the largest n."""
-    out = {}
-    entry = r.bon["judges"][judge]
-    for group in ("baselines", "gold", "arms"):
-        for name, rows in entry[group].items():
-            peak = max(rows, key=lambda row: row["win_rate"])
-            out[name] = {"peak_n": peak["n"], "peak": peak["win_rate"], "at_max_n": rows[-1]["win_rate"],
-                         "drop": peak["win_rate"] - rows[-1]["win_rate"]}
+def _ppo_points(cfg: ExperimentConfig, ppo_evals: dict[str, Path]) -> dict[str, list[list[dict]]]:
+    """Each PPO arm's runs' evaluation points (initial policy and every checkpoint)."""
+    out: dict[str, list[list[dict]]] = {}
+    for ppo_arm in cfg.ppo_arms:
+        runs = [ppo_evals[ppo_arm.run_label(r)] for r in range(cfg.ppo_runs) if ppo_arm.run_label(r) in ppo_evals]
+        if runs:
+            out[ppo_arm.label] = [_json(folder, "ppo_eval.json")["points"] for folder in runs]
     return out
 
 
-def _arm_rows(r: Results) -> list[list]:
-    rows = []
-    for label in ["gold"] + [arm.label for arm in r.cfg.arms]:
-        train, score = r.train[label], r.score[label]
-        row = [label, train["pairs"], train["steps"], train["param_mib"], train["train_wall_s"],
-               train["train_peak_over_start_mib"], score["score_wall_s"], score["responses_per_s"]]
-        for judge in r.judges:
-            m = r.rm[judge][label]
-            row += [m["accuracy"], m["accuracy_longer_lost"], m["ece"]]
-        rows.append(row)
-    length = [r.rm[judge]["gold"] for judge in r.judges]
-    rows.append(["the longer output wins", "-", "-", "-", "-", "-", "-", "-"]
-                + [v for m in length for v in (m["length_rule_accuracy"], 0.0, None)])
-    return rows
-
-
-def _best_rule(r: Results, arm: ArmSpec, judge: str, n: int) -> tuple[str, float, float]:
-    return max(((rule.name, *r.win(judge, f"{arm.label}/{rule.name}", n)) for rule in arm.rules(r.cfg.rules)),
-               key=lambda named: named[1])
-
-
-def _paper_table(r: Results) -> list[list]:
-    """Zhang et al.'s Table 1 in shape: one row per reward model, Best-of-n and PPO outcomes."""
-    rows = []
-    groups = ([(SINGLE, None)] if r.singles else []) + [(arm.label, arm) for arm in r.ensembles]
-    for name, arm in groups:
-        row = [name]
-        for judge in r.judges:
-            n_max = r.bon["judges"][judge]["ns"][-1]
-            row.append(_pm(*r.win(judge, name if arm is None else f"{name}/mean", n_max)))
-            if arm is None:
-                row.append("-")
-            else:
-                rule, value, se = _best_rule(r, arm, judge, n_max)
-                row.append(f"{_pm(value, se)} ({rule})")
-        ppo = SINGLE if arm is None else f"{name}/mean"
-        row += [_pm(*r.ppo_win(ppo, judge)) if ppo in r.ppo_final else "-" for judge in r.judges]
-        rows.append(row)
-    return rows
-
-
 def report_step(folder: Path, *, experiment: ExperimentConfig, pairs: Path, pools: Path, trains: dict[str, Path],
-                scores: dict[str, Path], rewards: Path, ppo_runs: dict[str, Path], ppo_evals: dict[str, Path],
-                part: str) -> dict:
-    r = Results(experiment, pairs, pools, trains, scores, rewards, ppo_runs, ppo_evals)
-    claims = bon_claims(r) + ppo_claims(r)
-    results = {"size": experiment.size, "part": part, "split": r.split, "pools": r.pools, "train": r.train,
-               "score": r.score, "reward_models": r.rm, "logged_bon": r.bon,
-               "overoptimisation": {judge: overoptimisation(r, judge) for judge in r.judges},
-               "ppo": {label: {**r.ppo_run[label], **res["summary"], "points": res["points"]}
-                       for label, res in r.ppo.items()},
-               "claims": claims, "caveat": CAVEAT}
-    for name in ("logged_bon.json", "logged_bon.csv", *(f"logged_bon_{j}.png" for j in r.judges), "rm_eval.json"):
+                scores: dict[str, Path], twins: Path, rewards: Path, ppo_runs: dict[str, Path],
+                ppo_evals: dict[str, Path], part: str) -> dict:
+    cfg, ev = experiment, Evidence.read(rewards)
+    points = _ppo_points(cfg, ppo_evals)
+    gold_ok, gold_rows = gold_check(cfg, ev)
+    ppo = ppo_claims(cfg, points) if points else []
+    claims = finish(bon_claims(cfg, ev) + (ppo if gold_ok else []), cfg.alpha, cfg.power)
+    for claim in [] if gold_ok else ppo:
+        claim.update(p_holm=None, mdd=None, verdict="withheld (the gold judge is not better than the proxies)")
+    results = {"size": cfg.size, "part": part, "method": METHOD, "split": _json(pairs, "split.json"),
+               "pools": _json(pools, "pools.json"), "primary": primary(cfg, ev),
+               "recognition": recognition(ev), "checks": finish(design_checks(cfg, ev), cfg.alpha, cfg.power),
+               "claims": claims + ([] if gold_ok else ppo), "gold_check": {"ok": gold_ok, "rows": gold_rows,
+                                                                          "min_margin": cfg.gold.min_margin},
+               "train": {label: _json(f, "train_summary.json") for label, f in trains.items()},
+               "score": {label: _json(f, "score_summary.json") for label, f in scores.items()},
+               "twins": _json(twins, "twins_summary.json"), "reward_models": ev.agreement, "logged_bon": ev.bon,
+               "ppo": {label: {**_json(ppo_runs[label], "ppo_summary.json"), **_json(f, "ppo_eval.json")}
+                       for label, f in ppo_evals.items()}}
+    results = _clean(results)
+    names = ["logged_bon.json", "logged_bon.csv", "rm_eval.json",
+             *(f"logged_bon_{s}.png" for s in ev.sets()), *(pools_file(s) for s in ev.sets())]
+    for name in names:
         shutil.copy2(Path(rewards) / name, folder / name)
-    if r.ppo:
-        curves = {f"{label} {key}": curve for label, res in r.ppo.items()
+    if results["ppo"]:
+        curves = {f"{label} {key}": curve for label, res in results["ppo"].items()
                   for key, curve in curve_from_points(res["points"], ["gold", "proxy"]).items()}
         save_curves(curves, "rl", folder / "ppo_curves", "PPO: gold and proxy reward against sqrt(KL)")
     write_json(folder / "results.json", results)
-    atomic_write_text(folder / "report.md", "\n".join(markdown(r, claims, part)))
-    return {"claims": len(claims), "claims_agreeing": sum(c["verdict"] == "agrees" for c in claims),
-            "ppo_runs": len(r.ppo)}
+    atomic_write_text(folder / "report.md", "\n".join(markdown(cfg, results)))
+    return {"claims": len(results["claims"]), "claims_agreeing": sum(c["verdict"] == "agrees" for c in claims),
+            "primary_verdict": results["primary"]["verdict"], "ppo_runs": len(ppo_evals), "gold_check": gold_ok}
 
 
-def markdown(r: Results, claims: list[dict], part: str) -> list[str]:
-    s, p = r.split, r.pools
-    lines = [f"# rmens reference experiment: size `{r.cfg.size}`", "",
-             f"Evaluation instructions from `{s['eval_source']}`"
-             + (" (held out by a hash of the instruction)" if s["held_out_by_hash"] else "")
-             + f": {s['evaluation_instructions']}, none in any training set; pools: "
-             + ", ".join(f"{j.upper()} {p[f'pools_{j}']} instructions / {p[f'pool_outputs_{j}']} outputs"
-                         for j in r.judges)
-             + f". Training verdicts from `{s['train_source']}`: gold judge {s['gold_pairs']} pairs "
-             f"({s['gold_instructions']} instructions), proxies {s['proxy_pairs']} pairs "
-             f"({s['proxy_instructions']} other instructions). Backbone `{r.cfg.ensemble.backbone}` at "
-             f"{r.cfg.ensemble.max_length} tokens (gold judge: {r.cfg.gold.ensemble.max_length}).", ""]
-    lines += ["## The paper's table (Zhang et al. 2024, Table 1 in shape)", "",
-              "Best-of-n: AlpacaEval win rate against the reference at the largest n, judged by the real judge's "
-              "logged verdicts; PPO: the final policy's win rate against the references under the gold judge. "
-              "± is the standard error over instructions.", ""]
-    header = ["reward model"]
-    for judge in r.judges:
-        n_max = r.bon["judges"][judge]["ns"][-1]
-        header += [f"BoN {judge.upper()} n={n_max}, mean", f"BoN {judge.upper()}, best rule"]
-    header += [f"PPO (mean rule), gold vs {judge.upper()} ref" for judge in r.judges]
-    lines += md_table(header, _paper_table(r))
+# -- markdown ---------------------------------------------------------------------------------------
+
+def markdown(cfg: ExperimentConfig, r: dict) -> list[str]:
+    lines = [f"# rmens reference experiment: size `{cfg.size}`", "", *design(cfg, r)]
+    lines += primary_section(r["primary"])
+    lines += recognition_section(r)
+    lines += paper_table(cfg, r)
     lines += ["## What agrees with the papers and what does not", "",
-              "Paired over instructions; a difference of at least two standard errors counts. Best-of-n at the "
-              "largest n here (results.json also holds n=4). `ensembles/<rule>` averages a rule over every "
-              f"ensemble arm. {CAVEAT}", ""]
-    lines += md_table(["source", "claim", "setting", "a", "b", "a win rate", "b win rate", "a - b ± s.e.", "verdict"],
-                      [[c["source"], c["claim"], c["setting"], c["a"], c["b"], c["a_value"], c["b_value"],
-                        _pm(c["diff"], c["se"]), c["verdict"]] for c in at_largest_n(claims, r.bon)])
-    lines += ["## Reward models: cost and held-out agreement with the judge", "",
-              "Accuracy on decided held-out verdicts (output against reference), overall and where the longer "
-              "output lost; the last row is the length rule on the same pairs. Training peak memory: "
-              + ("PyTorch's peak allocated GPU memory." if r.train["gold"]["memory"] == "cuda" else
-                 "the process's peak resident memory above its level when the arm's training started."), ""]
-    header = ["arm", "pairs", "steps", "params MiB", "train s", "train peak MiB", "score s", "responses/s"]
-    for judge in r.judges:
-        header += [f"{judge} acc", f"{judge} acc longer lost", f"{judge} ECE"]
-    lines += md_table(header, _arm_rows(r))
-    for judge in r.judges:
-        entry = r.bon["judges"][judge]
-        lines += [f"## Best-of-n over logged outputs: {entry['judge_name']}", "",
-                  f"{entry['n_instructions']} instructions, pools of {entry['pool_sizes']} outputs. Win rate ± s.e. "
-                  f"(mean length of the picked output, characters). Curves: logged_bon_{judge}.png.", ""]
-        rows = [[name] + [f"{row['win_rate']:.3f} ± {row['se']:.3f} ({row['mean_length']:.0f})" for row in series]
-                for group in ("baselines", "gold", "arms") for name, series in entry[group].items()]
-        lines += md_table(["series"] + [f"n={n}" for n in entry["ns"]], rows)
-    if r.ppo:
-        lines += ["## PPO judged by the gold reward model", "",
-                  "Answers of the initial and final policy to held-out instructions; win rate against each judge "
-                  "set's reference output under the gold judge (sigmoid of the reward difference). Curves of gold "
-                  "and proxy reward against sqrt(KL): ppo_curves/curves.png.", ""]
-        header = ["PPO arm", "steps", "final KL", "proxy gain", "gold gain", "chars initial -> final"]
-        header += [f"gold win vs {j} ref, initial -> final" for j in r.judges] + ["PPO s"]
-        rows = []
-        for label, res in r.ppo.items():
-            sm = res["summary"]
-            row = [label, sm["final_step"], sm["final_kl"], sm["proxy_gain"], sm["gold_gain"],
-                   f"{sm['initial_response_chars']:.0f} -> {sm['final_response_chars']:.0f}"]
-            row += [f"{_pm(sm[f'initial_gold_win_rate_{j}'], sm[f'initial_gold_win_rate_{j}_se'])} -> "
-                    f"{_pm(sm[f'final_gold_win_rate_{j}'], sm[f'final_gold_win_rate_{j}_se'])}" for j in r.judges]
-            rows.append(row + [r.ppo_run[label]["ppo_wall_s"]])
-        lines += md_table(header, rows)
-    elif part != "all":
-        lines += ["PPO: not run in this part (`--part rewards`).", ""]
+              "The papers' claims at each evaluation set's largest n (and PPO at matched KL), one family: p_holm is "
+              f"Holm-corrected over its {sum(c['p'] is not None for c in r['claims'])} tests. {METHOD}", ""]
+    lines += claims_table(r["claims"])
+    lines += ["## Checks of the design: does training beat the untrained twin?", "",
+              "Each arm against its untrained twin (same seeds, no training step; rmens.experiment.twins), paired run "
+              "by run: held-out agreement per pool, and Best-of-n at the largest n under the arm's first rule. One "
+              "family, Holm-corrected.", ""]
+    lines += claims_table(r["checks"])
+    lines += cost_table(cfg, r)
+    lines += bon_tables(r["logged_bon"])
+    lines += ppo_section(r)
     return lines
+
+
+def design(cfg: ExperimentConfig, r: dict) -> list[str]:
+    s, p = r["split"], r["pools"]
+    held = r["logged_bon"]["held_out_generators"]
+    sets = [f"{j.upper()} {p[f'pools_{j}']} pools of {p[f'held_out_systems_{j}']} held-out systems"
+            for j in cfg.pools.judges]
+    if "pools_mt_bench" in p:
+        sets.append(f"MT-Bench {p['pools_mt_bench']} question-turn pools of {p['mt_bench_systems']} systems "
+                    f"({p['mt_bench_systems_with_prior']} with an AlpacaEval prior)")
+    runs = ", ".join(f"{arm.label} x{cfg.runs_of(arm)}" for arm in cfg.arms)
+    return [f"Evaluation instructions from `{s['eval_source']}`"
+            + (" (held out by a hash of the instruction)" if s["held_out_by_hash"] else "")
+            + f": {s['evaluation_instructions']}, none in any training set. Held-out systems (by a hash of the system "
+            f"family, {cfg.data.generator_fraction:g} of them; listed in logged_bon.json): "
+            + "; ".join(f"{j.upper()} {len(v)}" for j, v in held.items())
+            + "; no output of theirs is in any training set, and the pools hold only theirs. "
+            f"Pools: {'; '.join(sets)}. "
+            f"Training verdicts from `{s['train_source']}` (other systems, other instructions): gold judge "
+            f"{s['gold_pairs']} pairs ({s['gold_instructions']} instructions), proxies {s['proxy_pairs']} pairs "
+            f"({s['proxy_instructions']} instructions), PPO prompts {s['ppo_prompts']} of {s['ppo_instructions']} "
+            f"unlabelled instructions. Backbone `{cfg.ensemble.backbone}` at {cfg.ensemble.max_length} tokens (gold "
+            f"judge: {cfg.gold.ensemble.max_length}). Training runs per arm: {runs}. Every rule aggregates members "
+            "standardised on training responses; agreement and ECE use each model's raw Bradley-Terry scale.", ""]
+
+
+def primary_section(c: dict) -> list[str]:
+    plan = c["plan"]
+    needed = plan.get("runs_needed")
+    if needed:
+        power = (f"With the variance parts measured here (run sd {_fmt(plan['run_sd_a'])} / {_fmt(plan['run_sd_b'])}, "
+                 f"pool sd {_fmt(plan['pool_sd'])}), detecting {plan['target']} takes "
+                 + ", ".join(f"{v if v else 'more than 100'} runs per arm at {k} pools" for k, v in needed.items())
+                 + " (80% power, two-sided alpha).")
+    else:
+        power = "Its variance parts could not be estimated (a side with one run), so no power plan is given."
+    return ["## The primary comparison (named in the config before the run)", "",
+            f"{c['claim']}: {c['a']} {c['a_value']:.3f} against {c['b']} {c['b_value']:.3f}, difference "
+            f"{_pm(c['diff'], c['se'])} (df {_fmt(c['df'], 1)}, p {_fmt(c['p'])}; runs {c['runs_a']} and "
+            f"{c['runs_b']}, "
+            f"{c['pools']} pools). Verdict: **{c['verdict']}**. Minimum detectable difference: {_fmt(c['mdd'])}. "
+            + power, ""]
+
+
+def recognition_section(r: dict) -> list[str]:
+    lines = ["## Do the pools test Best-of-n, or recognising systems?", "",
+             "system_prior scores each output by nothing but its system's mean verdict on training instructions (for "
+             "MT-Bench: its AlpacaEval win rate, where the system appears there). Where it beats a random pick by more "
+             "than two standard errors, a reward model can gain on these pools by recognising systems rather than "
+             "better answers (their relatives, or the systems' general quality, can still be learned from the "
+             "training systems).", ""]
+    for c in r["recognition"]:
+        said = "**does**: these pools still reward recognition" if c["recognition"] else "does not"
+        lines.append(f"- {c['set']}, n={c['n']}: system_prior {c['a_value']:.3f} against random {c['b_value']:.3f}, "
+                     f"{_pm(c['diff'], c['se'])}: it {said}.")
+    return lines + [""]
+
+
+def _series(r: dict, name: str, group: str, series: str) -> dict | None:
+    entry = {**r["logged_bon"]["judges"], **({"mt_bench": r["logged_bon"]["mt_bench"]}
+                                             if "mt_bench" in r["logged_bon"] else {})}[name]
+    rows = entry.get(group, {}).get(series)
+    return rows[-1] if rows else None
+
+
+def paper_table(cfg: ExperimentConfig, r: dict) -> list[str]:
+    """Zhang et al.'s Table 1 in shape: one row per arm, Best-of-n at each set's largest n under the mean (mean
+    over runs ± s.e., runs random), its untrained twin, and the best rule."""
+    sets = list(r["logged_bon"]["judges"]) + (["mt_bench"] if "mt_bench" in r["logged_bon"] else [])
+    header = ["reward model", "runs"]
+    for name in sets:
+        header += [f"BoN {name} mean", f"{name} untrained", f"{name} best rule"]
+    rows = []
+    for arm in cfg.arms:
+        row = [arm.label, cfg.runs_of(arm)]
+        for name in sets:
+            metric = _metric(r, name)
+            mean = _series(r, name, "arms", f"{arm.label}/mean")
+            twin = _series(r, name, "twins", f"{arm.label}/mean")
+            ruled = [(rule.name, _series(r, name, "arms", f"{arm.label}/{rule.name}")) for rule in arm.rules(cfg.rules)]
+            best = max(ruled, key=lambda named: named[1][metric])
+            row += [_pm(mean[metric], mean["se"]), f"{twin[metric]:.3f}",
+                    f"{_pm(best[1][metric], best[1]['se'])} ({best[0]})"]
+        rows.append(row)
+    for base in ("random", "longest", "system_prior", "best"):
+        row = [f"{base} (baseline)", "-"]
+        for name in sets:
+            value = _series(r, name, "baselines", base)
+            row += [f"{value[_metric(r, name)]:.3f}" if value else "-", "-", "-"]
+        rows.append(row)
+    return ["## The paper's table (Zhang et al. 2024, Table 1 in shape)", "",
+            "Best-of-n over logged outputs at each set's largest n: AlpacaEval win rate against the reference (real "
+            "GPT-4 verdicts), MT-Bench mean GPT-4 grade. Mean over runs ± s.e. with runs random.", ""] + \
+        md_table(header, rows)
+
+
+def _metric(r: dict, name: str) -> str:
+    return "mean_grade" if name == "mt_bench" else "win_rate"
+
+
+def claims_table(claims: list[dict]) -> list[str]:
+    rows = [[c["source"], c["claim"], c["setting"], c["a"], c["b"], c["a_value"], c["b_value"], _pm(c["diff"], c["se"]),
+             f"{c['runs_a']}/{c['runs_b']}", c["p"], c["p_holm"], c["mdd"], c["verdict"]] for c in claims]
+    return md_table(["source", "claim", "setting", "a", "b", "a value", "b value", "a - b ± s.e.", "runs", "p",
+                     "p_holm", "MDD", "verdict"], rows)
+
+
+def _spread(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    return f"{np.mean(values):.3f}" + (f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else "")
+
+
+def cost_table(cfg: ExperimentConfig, r: dict) -> list[str]:
+    """Per arm: cost (mean over runs) and held-out agreement (mean ± sd over runs) beside its untrained twin."""
+    sets = list(r["reward_models"])
+    header = ["arm", "runs", "pairs", "steps", "train s", "train peak MiB", "score s"]
+    for name in sets:
+        header += [f"{name} acc", f"{name} untrained", f"{name} acc longer lost", f"{name} ECE",
+                   f"{name} ECE untrained"]
+    groups = [("gold", ["gold"], [])] + [(arm.label, [arm.run_label(i) for i in range(cfg.runs_of(arm))],
+                                          [f"twin:{arm.run_label(i)}" for i in range(cfg.runs_of(arm))])
+                                         for arm in cfg.arms]
+    rows = []
+    for name, labels, twins in groups:
+        train = [r["train"][label] for label in labels]
+        row = [name, len(labels), train[0]["pairs"], train[0]["steps"], _spread([t["train_wall_s"] for t in train]),
+               _spread([t["train_peak_over_start_mib"] if t["memory"] == "rss" else t["train_peak_mib"]
+                        for t in train]),
+               _spread([r["score"][label]["score_wall_s"] for label in labels])]
+        for s in sets:
+            metrics = r["reward_models"][s]
+            row += [_spread([metrics[label]["accuracy"] for label in labels]),
+                    _spread([metrics[t]["accuracy"] for t in twins]) if twins else "-",
+                    _spread([metrics[label]["accuracy_longer_lost"] for label in labels]),
+                    _spread([metrics[label].get("ece") for label in labels]),
+                    _spread([metrics[t].get("ece") for t in twins]) if twins else "-"]
+        rows.append(row)
+    row = ["the longer output wins", "-", "-", "-", "-", "-", "-"]
+    for s in sets:
+        row += [r["reward_models"][s]["gold"]["length_rule_accuracy"], "-", 0.0, "-", "-"]
+    rows.append(row)
+    memory = ("PyTorch's peak allocated GPU memory" if r["train"]["gold"]["memory"] == "cuda" else
+              "the process's peak resident memory above its level when the run's training started")
+    return ["## Reward models: cost and held-out agreement with the judge", "",
+            "Accuracy on decided held-out verdicts (AlpacaEval: output against reference; MT-Bench: two answers with "
+            "different grades), overall and where the longer output lost, mean ± sd over runs, beside the untrained "
+            f"twins; the last row is the length rule on the same pairs. Cost is per run; peak memory: {memory}. "
+            f"Untrained twins: {r['twins']['twins']} runs scored in one backbone pass, "
+            f"{r['twins']['twins_wall_s']:.0f} s.",
+            ""] + md_table(header, rows)
+
+
+def bon_tables(bon: dict) -> list[str]:
+    lines = []
+    sets = {**bon["judges"], **({"mt_bench": bon["mt_bench"]} if "mt_bench" in bon else {})}
+    for name, entry in sets.items():
+        metric = entry["metric"]
+        lines += [f"## Best-of-n over logged outputs: {entry['judge_name']}", "",
+                  f"{entry['n_pools']} pools of {entry['pool_sizes']} outputs. {metric.replace('_', ' ')} ± s.e. (runs "
+                  "random; baselines and the gold judge: over pools) and, in brackets, the mean length of the pick in "
+                  "characters. KL: the pick distribution's exact KL from the pool's uniform distribution, for picks "
+                  f"without ties (log n - (n-1)/n assumes independent draws). Curves: logged_bon_{name}.png.", ""]
+        header = ["group", "series"] + [f"n={row['n']} (KL {row['kl_bon']:.2f})"
+                                        for row in entry["baselines"]["shortest"]]
+        rows = [[group, series] + [f"{row[metric]:.3f} ± {_fmt(row['se'])} ({row['mean_length']:.0f})" for row in rows]
+                for group in GROUPS for series, rows in entry.get(group, {}).items()]
+        lines += md_table(header, rows)
+    return lines
+
+
+def ppo_section(r: dict) -> list[str]:
+    check = r["gold_check"]
+    lines = ["## The gold judge and PPO", ""]
+    failing = [row for row in check["rows"] if not row["ok"]]
+    lines += [f"PPO is judged by the gold reward model, so its verdicts stand only where the gold judge agrees with "
+              f"the held-out verdicts better than every proxy arm by {check['min_margin']} (accuracy): "
+              + ("it does on every judge set." if check["ok"] else
+                 "it does not (" + "; ".join(f"{row['set']}: gold {row['gold']:.3f} against {row['arm']} "
+                                               f"{row['proxy']:.3f}" for row in failing[:6])
+                 + "), so **the PPO verdicts are withheld** and PPO's numbers below describe the runs only."), ""]
+    if not r["ppo"]:
+        return lines + (["PPO: not run in this part (`--part rewards`).", ""] if r["part"] != "all" else [])
+    judges = list(r["logged_bon"]["judges"])
+    header = ["PPO run", "steps", "final KL", "proxy gain", "gold gain", "chars initial -> final"]
+    header += [f"gold win vs {j} ref, initial -> final" for j in judges] + ["PPO s"]
+    rows = []
+    for label, res in r["ppo"].items():
+        sm = res["summary"]
+        row = [label, sm["final_step"], sm["final_kl"], sm["proxy_gain"], sm["gold_gain"],
+               f"{sm['initial_response_chars']:.0f} -> {sm['final_response_chars']:.0f}"]
+        row += [f"{_pm(sm[f'initial_gold_win_rate_{j}'], sm[f'initial_gold_win_rate_{j}_se'])} -> "
+                f"{_pm(sm[f'final_gold_win_rate_{j}'], sm[f'final_gold_win_rate_{j}_se'])}" for j in judges]
+        rows.append(row + [res["ppo_wall_s"]])
+    return lines + ["Answers of each run's initial policy and checkpoints to held-out instructions; gold win rate "
+                    "against each judge set's reference output (sigmoid of the gold reward difference; ± over "
+                    "prompts). The verdicts above compare PPO arms at matched KL (the largest KL all their runs "
+                    "reached, interpolated between checkpoints). Curves: ppo_curves/curves.png.", ""] + \
+        md_table(header, rows)

@@ -129,11 +129,11 @@ def publish(report_folder: Path, out: Path) -> list[Path]:
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path, part: Part = "all") -> dict:
     """Run (or resume) the experiment in `out`; returns where the results are and what was computed."""
-    check_inputs(cfg.data, cfg.pools.judges)
+    check_inputs(cfg.data, cfg.pools.judges, cfg.mt_bench)
     out = claim_output(out, cfg)
     steps = LocalSteps(out)
     start = time.perf_counter()
-    report = run_plan(cfg, steps, part, source_fingerprints(cfg.data))
+    report = run_plan(cfg, steps, part, source_fingerprints(cfg.data, cfg.mt_bench))
     publish(report.folder, out)
     return {"out": str(out), "report": str(out / "report.md"), "logged_bon": str(out / "logged_bon.json"),
             "computed": steps.computed, "reused": steps.reused, "wall_s": time.perf_counter() - start}

@@ -1,4 +1,5 @@
-"""Experiment step that scores: every pool response and reference once per reward model, all members kept."""
+"""Experiment step that scores: every pool response and reference (and MT-Bench answer) once per reward
+model, all members kept raw, with the model's member standardisation stored beside them."""
 
 from __future__ import annotations
 
@@ -7,17 +8,31 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from rmens.evaluation import pools as pl
-from rmens.experiment.data import read_split_pools
+from rmens.experiment.data import MT_BENCH, pools_file, read_split_pools
 from rmens.experiment.measure import measure
 from rmens.experiment.plan import SCORES
 from rmens.io import write_json
 
 
+def scored_items(pools: Path, judges: list[str]) -> list[tuple]:
+    """Every distinct (prompt, response) a reward model scores: the AlpacaEval pools' outputs and references
+    of each judge set, and MT-Bench's graded answers when the pools step wrote them."""
+    items = pl.pool_items([pool for judge in judges for pool in read_split_pools(pools, judge)])
+    if (Path(pools) / pools_file(MT_BENCH)).is_file():
+        from rmens.evaluation import mt_bench_grades as mg
+
+        seen = {pl.response_key(*item) for item in items}
+        graded = mg.read_graded_pools(Path(pools) / pools_file(MT_BENCH))
+        items += [item for item in mg.pool_items(graded) if pl.response_key(*item) not in seen]
+    return items
+
+
 def score_step(folder: Path, *, model: Path, pools: Path, judges: list[str], batch_size: int) -> dict:
-    """Every pool response and reference scored once by every member (scores.npz), resumable."""
+    """Every pool response and reference scored once by every member (scores.npz: raw scores, and the
+    ensemble's standardisation as center and scale), resumable."""
     from rmens.reward import EnsembleReward
 
-    items = pl.pool_items([pool for judge in judges for pool in read_split_pools(pools, judge)])
+    items = scored_items(pools, judges)
     reward = EnsembleReward.from_folder(Path(model) / "ensemble", batch_size=batch_size)
     bar = tqdm(total=len(items), desc="score pools", unit="resp", mininterval=5)
 
@@ -26,8 +41,11 @@ def score_step(folder: Path, *, model: Path, pools: Path, judges: list[str], bat
         bar.refresh()
 
     with measure() as cost:
-        table = pl.score_items(reward.member_scores, items, folder / SCORES, progress=advance)
+        table = pl.score_items(lambda p, r: reward.member_scores(p, r, standardise=False), items, folder / SCORES,
+                               progress=advance)
     bar.close()
+    stats = reward.ensemble.standardisation
+    table.standardised_by(stats.center.numpy(), stats.scale.numpy()).save(folder / SCORES)
     device = next(reward.ensemble.parameters()).device
     summary = {"responses": len(items), "k": table.k, "score_wall_s": cost["wall_s"],
                "score_peak_mib": cost["peak_mib"], "responses_per_s": len(items) / max(cost["wall_s"], 1e-9),
