@@ -26,6 +26,7 @@ from pathlib import Path
 
 from results import OUT, save_results
 
+from rmens.evaluation.logged_bon import evaluation_sets
 from rmens.experiment.config import SIZES, load_experiment
 from rmens.experiment.runner import run_experiment
 
@@ -48,9 +49,7 @@ def headline(results: dict) -> list[str]:
     c = results["primary"]
     lines = [f"primary: {c['claim']}: {c['diff']:+.3f} ± {c['se'] if c['se'] is not None else float('nan'):.3f}, "
              f"p {c['p']}, MDD {c['mdd']} -> {c['verdict']}"]
-    sets = {**results["logged_bon"]["judges"], **({"mt_bench": results["logged_bon"]["mt_bench"]}
-                                                   if "mt_bench" in results["logged_bon"] else {})}
-    for name, entry in sets.items():
+    for name, entry in evaluation_sets(results["logged_bon"]).items():
         metric, n = entry["metric"], entry["ns"][-1]
         base = {b: rows[-1][metric] for b, rows in entry["baselines"].items()}
         best = sorted(entry["arms"].items(), key=lambda kv: -kv[1][-1][metric])[:3]
@@ -58,7 +57,7 @@ def headline(results: dict) -> list[str]:
                      + f", gold judge {entry['gold']['gold/mean'][-1][metric]:.3f}; top arms: "
                      + ", ".join(f"{s} {rows[-1][metric]:.3f}" for s, rows in best))
     lines += [f"{c['setting']}: {c['a']} vs {c['b']}: {c['diff']:+.3f} -> {c['verdict']}"
-              for c in results["claims"] + results["checks"]]
+              for c in results["claims"] + results["mt_bench_claims"] + results["checks"]]
     return lines
 
 

@@ -120,9 +120,12 @@ def test_minimum_detectable_difference_and_planning():
     assert minimum_detectable_difference(1.0, 5) > minimum_detectable_difference(1.0, None)
     assert math.isnan(minimum_detectable_difference(math.nan, 5))
     assert math.isnan(minimum_detectable_difference(1.0, math.nan))
-    factor = 1.959964 + 0.841621
-    se = math.sqrt((0.05**2 + 0.04**2) / 3 + 0.3**2 / 200)
-    assert planned_mdd(0.05, 0.04, 0.3, 3, 200) == pytest.approx(factor * se, rel=1e-5)
+    # planned: Student's t at the Satterthwaite df of the planned parts (here about 30), not the normal
+    parts = [0.05**2 / 3, 0.04**2 / 3, 0.3**2 / 200]
+    df = sum(parts) ** 2 / (parts[0] ** 2 / 2 + parts[1] ** 2 / 2 + parts[2] ** 2 / 199)
+    factor = sps.t(df).ppf(0.975) + sps.t(df).ppf(0.8)
+    assert planned_mdd(0.05, 0.04, 0.3, 3, 200) == pytest.approx(factor * math.sqrt(sum(parts)), rel=1e-6)
+    assert planned_mdd(0.05, 0.04, 0.3, 3, 200) > (1.959964 + 0.841621) * math.sqrt(sum(parts))
     # The instruction part alone: factor * 0.3 / sqrt(200) = 0.0594; no number of runs gets below it.
     assert runs_needed(0.05, 0.05, 0.05, 0.3, 200) is None
     target = 0.08

@@ -55,14 +55,20 @@ def test_the_gold_check_withholds_ppo_verdicts_when_the_gold_judge_is_not_better
     cfg = load_experiment("tiny", ["pools.judges=[ae1]", "primary.judge=ae1"])
     labels = [arm.run_label(r) for arm in cfg.arms for r in range(cfg.runs_of(arm))]
 
-    def evidence(gold):
-        agreement = {"ae1": {"gold": {"accuracy": gold}, **{label: {"accuracy": 0.60} for label in labels}}}
+    rng = np.random.default_rng(0)
+    proxy = {label: (0.6 + rng.normal(0, 0.01) + rng.normal(0, 0.02, 50)).tolist() for label in labels}
+
+    def evidence(gold, spread=0.02):
+        per_pool = (gold + np.random.default_rng(1).normal(0, spread, 50)).tolist()
+        agreement = {"ae1": {"gold": {"per_pool": per_pool}, **{label: {"per_pool": v} for label, v in proxy.items()}}}
         return Evidence({}, agreement, {"judges": {"ae1": {}}})
 
-    ok, rows = gold_check(cfg, evidence(0.63))
-    assert ok and all(row["margin"] == pytest.approx(0.03) for row in rows)
-    ok, rows = gold_check(cfg, evidence(0.61))
+    ok, rows = gold_check(cfg, evidence(0.66))
+    assert ok and all(row["margin"] > 0.02 and row["lower_bound"] > 0 for row in rows)
+    ok, rows = gold_check(cfg, evidence(0.61))  # better, but by less than the margin
     assert not ok and {row["arm"] for row in rows if not row["ok"]} == {arm.label for arm in cfg.arms}
+    ok, rows = gold_check(cfg, evidence(0.66, spread=0.8))  # by the margin, but too noisy to tell
+    assert not ok and all(row["margin"] > 0.02 for row in rows) and any(row["lower_bound"] <= 0 for row in rows)
 
 
 def synthetic_evidence(cfg, effect: float, run_sd: float, seed: int = 0, pools: int = 60) -> Evidence:
@@ -83,7 +89,9 @@ def synthetic_evidence(cfg, effect: float, run_sd: float, seed: int = 0, pools: 
 
 def test_a_conservative_rule_is_tested_run_by_run_and_the_family_is_holm_corrected():
     cfg = load_experiment("tiny", ["pools.judges=[ae2]", "runs=3"])
-    claims = finish(bon_claims(cfg, synthetic_evidence(cfg, effect=0.0, run_sd=0.05)), cfg.alpha, cfg.power)
+    claims = finish(bon_claims(cfg, synthetic_evidence(cfg, effect=0.0, run_sd=0.05), ["ae2"], "claims"),
+                    cfg.alpha, cfg.power)
+    assert not [c for c in claims if (c["a"], c["b"]) == ("lora-k5/mean", "single/mean")]  # the primary, alone
     rules = [c for c in claims if c["a"].startswith("ensembles/")]
     # the same runs under two rules differ by exactly 0.01 everywhere: paired, the run offsets cancel
     assert len(rules) == 3 and all(c["paired_runs"] and c["diff"] == pytest.approx(0.01) for c in rules)

@@ -198,16 +198,18 @@ def planned_mdd(
     instructions: int,
     alpha: float = 0.05,
     power: float = 0.8,
-    df: float | None = None,
 ) -> float:
-    """Detectable difference for a planned experiment with `runs` runs per arm and `instructions` instructions.
+    """Detectable difference for a planned experiment with `runs` runs per arm and `instructions` instructions,
+    with the Satterthwaite degrees of freedom the test will then have (few runs: Student's t, not the normal).
 
     run_sd_*: sd over runs of one run's mean score (0 for a fixed side); instr_sd: sd over instructions of
     D_i. From a pilot comparison c: run_sd_a = sqrt(c.components["runs_a"] * c.runs_a), instr_sd =
     sqrt(c.components["instructions"] * c.n_instructions).
     """
-    se = math.sqrt((run_sd_a**2 + run_sd_b**2) / runs + instr_sd**2 / instructions)
-    return minimum_detectable_difference(se, df, alpha, power)
+    parts = [(run_sd_a**2 / runs, runs - 1), (run_sd_b**2 / runs, runs - 1), (instr_sd**2 / instructions,
+                                                                              instructions - 1)]
+    variance = sum(v for v, _ in parts)
+    return minimum_detectable_difference(math.sqrt(variance), _satterthwaite(variance, parts), alpha, power)
 
 
 def runs_needed(

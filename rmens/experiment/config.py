@@ -296,6 +296,9 @@ class ExperimentConfig(StrictModel):
             self.series(getattr(self.primary, side), f"primary.{side}")
         if self.primary.judge not in self.pools.judges:
             raise ValueError(f"primary.judge {self.primary.judge!r} is not among pools.judges {self.pools.judges}")
+        grid = [2**i for i in range(self.pools.max_n.bit_length()) if 2**i < self.pools.max_n] + [self.pools.max_n]
+        if self.primary.n is not None and self.primary.n not in grid:
+            raise ValueError(f"primary.n={self.primary.n} is not among the Best-of-n sizes {grid} (pools.max_n)")
         if self.ppo_generation.top_p < 1 or not self.ppo_generation.do_sample:
             raise ValueError("ppo_generation must sample without truncation (top_p 1, do_sample true): each "
                              "checkpoint's KL is estimated from these samples with the full softmax")

@@ -24,9 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rmens.data.loaders import (
     AE_FILES,
@@ -47,9 +47,12 @@ from rmens.evaluation.pools import (
     subsample_pools,
     write_pools,
 )
-from rmens.experiment.config import DataSource, MtBenchConfig, PoolConfig, SplitConfig
 from rmens.experiment.plan import GOLD_PAIRS, PROXY_PAIRS
+from rmens.experiment.systems import held_out_families, system_family
 from rmens.io import iter_jsonl, write_json, write_jsonl
+
+if TYPE_CHECKING:  # types only: the settings enter every step's key as values
+    from rmens.experiment.config import DataSource, MtBenchConfig, PoolConfig, SplitConfig
 
 EVAL_SALT, PROXY_SALT, SYSTEM_SALT = "rmens-eval-pools", "rmens-proxy-share", "rmens-held-out-systems"
 MT_BENCH_GRADES = Path("mt_bench") / "gpt4_single_grades.jsonl.gz"  # under $RMENS_DATA_DIR
@@ -129,12 +132,6 @@ def held_out(instruction: str, source: DataSource) -> bool:
 
 # -- held-out systems -------------------------------------------------------------------------------
 
-def system_family(generator: str) -> str:
-    """Systems that differ only by a prompted length style (AE2's `alpaca-7b_concise`, `claude-2.1_verbose`)
-    are one system: they are held out, or trained on, together."""
-    return re.sub(r"_(concise|verbose)$", "", generator)
-
-
 def _generators(paths: list[Path]) -> tuple[set[str], set[str]]:
     """(reference systems, other systems) named in annotation files."""
     references, others = set(), set()
@@ -147,23 +144,18 @@ def _generators(paths: list[Path]) -> tuple[set[str], set[str]]:
 
 
 def held_out_generators(source: DataSource) -> dict[str, list[str]]:
-    """Per judge set, the held-out systems: the rule is fixed and text-only, so it can be checked by hand.
-
-    Candidates are the system families (`system_family`) that answer in the training or evaluation files of
-    either judge set, except the reference systems (text_davinci_003, gpt4_1106_preview, gpt4_0613: every
-    training verdict holds one of their outputs, so they always train) and the gamed generators (never used).
-    The round(generator_fraction * candidates) families with the smallest hash of their name (salted with
-    the data seed) are held out; a count rather than a hash threshold keeps the pools' size stable across
-    seeds. The same families are held out in both judge sets.
-    """
+    """Per judge set, the held-out systems: whole system families (rmens.experiment.systems.held_out_families:
+    in the order of a hash of the family name, salted with the data seed, until every judge set holds
+    data.generator_fraction of its candidate systems). Candidates are the systems that answer in the training
+    or evaluation files, except the reference systems' families (every training verdict holds a reference
+    output, so they always train) and the gamed generators (never used). The same families are held out in
+    both judge sets, and the rule reads nothing but names, so it can be checked by hand."""
     train_dir, eval_dir, _ = folders(source)
     by_judge = {judge: _generators([train_dir / AE_FILES[judge], *judge_files(eval_dir, judge)])
                 for judge in JUDGE_FILES}
-    references = {system_family(g) for refs, _ in by_judge.values() for g in refs}
-    candidates = sorted({system_family(g) for _, others in by_judge.values() for g in others}
-                        - references - {system_family(g) for g in GAMED_GENERATORS})
-    ranked = sorted(candidates, key=lambda family: unit_hash(family, f"{SYSTEM_SALT}-{source.seed}"))
-    families = set(ranked[:round(source.generator_fraction * len(candidates))])
+    references = {g for refs, _ in by_judge.values() for g in refs}
+    systems = {judge: others - set(GAMED_GENERATORS) for judge, (_, others) in by_judge.items()}
+    families = held_out_families(systems, references, source.generator_fraction, f"{SYSTEM_SALT}-{source.seed}")
     return {judge: sorted(g for g in others if system_family(g) in families)
             for judge, (_, others) in by_judge.items()}
 
@@ -189,7 +181,7 @@ def split_pairs(source: DataSource, split: SplitConfig, folder: str | Path,
     training = sorted({p.prompt for p in kept})
     if not training:
         raise DataError(f"no training instructions left in {train_dir} once the evaluation instructions are removed")
-    share = {i: _share(i, split, source.seed) for i in training}
+    share = {i: _share(i.strip(), split, source.seed) for i in training}  # stripped, as the exclusion compares
 
     def pairs_of(role: str, subset: str) -> list[PreferencePair]:
         return [p for p in kept if share[p.prompt] == role and subset in ("both", p.source.get("subset"))]
@@ -235,7 +227,8 @@ def _check_disjoint(gold: list[PreferencePair], proxy: list[PreferencePair], ppo
         raise AssertionError(f"{len(used & excluded)} evaluation instructions are in a training set")
     if {p.source.get("generator_2") for p in labelled} & systems:
         raise AssertionError("a held-out system's output is in a training set")
-    if {p.prompt for p in gold} & {p.prompt for p in proxy} or {p.prompt for p in labelled} & set(ppo_prompts):
+    gold_set, proxy_set = {p.prompt.strip() for p in gold}, {p.prompt.strip() for p in proxy}
+    if gold_set & proxy_set or (gold_set | proxy_set) & {p.strip() for p in ppo_prompts}:
         raise AssertionError("the gold, proxy and PPO shares overlap")
 
 
@@ -327,6 +320,16 @@ def build_mt_bench_pools(mt_bench: MtBenchConfig, folder: Path, rates: dict[str,
     write_json(folder / "system_prior_mt_bench.json", prior)
     return {"pools_mt_bench": len(graded), "mt_bench_systems": len(models), "mt_bench_systems_with_prior": len(prior),
             "mt_bench_dropped": dict(stats)}
+
+
+def pairs_step(folder: Path, *, source: DataSource, split: SplitConfig, sources: dict) -> dict:
+    """The experiment's step for the training side (split_pairs)."""
+    return split_pairs(source, split, folder, sources)
+
+
+def pools_step(folder: Path, *, source: DataSource, pools: PoolConfig, mt_bench: MtBenchConfig, sources: dict) -> dict:
+    """The experiment's step for the evaluation side (build_pools)."""
+    return build_pools(source, pools, mt_bench, folder, sources)
 
 
 def read_split_pools(folder: str | Path, judge: str) -> list[Pool]:

@@ -24,25 +24,35 @@ SCORES = "scores.npz"  # in a score step's folder: every member's score of every
 # scoring from its last saved chunk. Every other unfinished folder is computed again from scratch.
 RESUMABLE = frozenset({"ppo", "score", "twins"})
 
-# The library modules whose source decides each step's output: part of every step's cache key. (The
-# settings themselves enter the key as values.)
+# The library modules whose source decides each step's output: part of every step's cache key (the settings
+# themselves enter it as values). Every rmens module a step's own module imports (beyond imports for type
+# annotations only) is listed, or lies inside a listed package: tests/test_experiment.py checks it.
 STEP_CODE: dict[str, tuple[str, ...]] = {
-    "pairs": ("rmens.experiment.data", "rmens.data"),
-    "pools": ("rmens.experiment.data", "rmens.evaluation.pools", "rmens.evaluation.mt_bench_grades", "rmens.data"),
-    "train": ("rmens.experiment.train", "rmens.training", "rmens.models", "rmens.reward", "rmens.data",
-              "rmens.evaluation.rm_metrics"),
-    "proxy_labels": ("rmens.experiment.train", "rmens.reward", "rmens.models", "rmens.data"),
-    "score": ("rmens.experiment.scoring", "rmens.evaluation.pools", "rmens.evaluation.mt_bench_grades",
-              "rmens.reward", "rmens.models", "rmens.data.encoding"),
-    "twins": ("rmens.experiment.twins", "rmens.experiment.scoring", "rmens.evaluation.pools",
+    "pairs": ("rmens.experiment.data", "rmens.experiment.systems", "rmens.data", "rmens.evaluation.pools",
+              "rmens.evaluation.mt_bench_grades"),
+    "pools": ("rmens.experiment.data", "rmens.experiment.systems", "rmens.evaluation.pools",
+              "rmens.evaluation.mt_bench_grades", "rmens.data"),
+    "train": ("rmens.experiment.train", "rmens.experiment.measure", "rmens.training", "rmens.models", "rmens.reward",
+              "rmens.data", "rmens.evaluation.rm_metrics"),
+    "proxy_labels": ("rmens.experiment.train", "rmens.experiment.measure", "rmens.training", "rmens.reward",
+                     "rmens.models", "rmens.data"),
+    "score": ("rmens.experiment.scoring", "rmens.experiment.data", "rmens.experiment.measure", "rmens.evaluation.pools",
               "rmens.evaluation.mt_bench_grades", "rmens.reward", "rmens.models", "rmens.data"),
-    "rewards": ("rmens.experiment.rewards", "rmens.evaluation.logged_bon", "rmens.evaluation.pools", "rmens.bon",
+    "twins": ("rmens.experiment.twins", "rmens.experiment.scoring", "rmens.experiment.data", "rmens.experiment.measure",
+              "rmens.evaluation.pools", "rmens.evaluation.mt_bench_grades", "rmens.reward", "rmens.models",
+              "rmens.data", "rmens.config", "rmens.seeding"),
+    "rewards": ("rmens.experiment.rewards", "rmens.experiment.data", "rmens.experiment.config",
+                "rmens.experiment.twins", "rmens.evaluation.logged_bon", "rmens.evaluation.pools", "rmens.bon",
                 "rmens.evaluation.mt_bench_grades", "rmens.evaluation.rm_metrics", "rmens.evaluation.stats",
                 "rmens.models.aggregate"),
-    "ppo": ("rmens.experiment.ppo", "rmens.ppo", "rmens.generation", "rmens.reward", "rmens.models", "rmens.data"),
-    "ppo_eval": ("rmens.experiment.ppo_eval", "rmens.evaluation.ppo_eval", "rmens.ppo", "rmens.generation",
-                 "rmens.reward", "rmens.models", "rmens.evaluation.pools", "rmens.evaluation.logged_bon"),
-    "report": ("rmens.experiment.report", "rmens.evaluation.curves", "rmens.evaluation.stats"),
+    "ppo": ("rmens.experiment.ppo", "rmens.experiment.data", "rmens.experiment.measure", "rmens.ppo",
+            "rmens.generation", "rmens.reward", "rmens.models", "rmens.data"),
+    "ppo_eval": ("rmens.experiment.ppo_eval", "rmens.experiment.data", "rmens.evaluation.ppo_eval", "rmens.ppo",
+                 "rmens.generation", "rmens.reward", "rmens.models", "rmens.evaluation.pools",
+                 "rmens.evaluation.logged_bon"),
+    "report": ("rmens.experiment.report", "rmens.experiment.verdicts", "rmens.experiment.config",
+               "rmens.experiment.data", "rmens.evaluation.curves", "rmens.evaluation.logged_bon",
+               "rmens.evaluation.stats"),
 }
 
 
@@ -58,7 +68,9 @@ def run_plan(cfg: ExperimentConfig, call: StepCall, part: Part = "all", sources:
 
     check_max_lengths(cfg.trained_ensembles())  # a context too long fails here, not after the data steps
     sources = sources or {"training": {}, "evaluation": {}, "mt_bench": {}}
-    pairs = call("pairs", "pairs", source=cfg.data, split=cfg.split, sources=sources)
+    # the training side reads the AlpacaEval files only: another MT-Bench grades file must not retrain anything
+    pairs = call("pairs", "pairs", source=cfg.data, split=cfg.split,
+                 sources={side: files for side, files in sources.items() if side != "mt_bench"})
     pools = call("pools", "pools", source=cfg.data, pools=cfg.pools, mt_bench=cfg.mt_bench, sources=sources)
     gold = call("train", "gold", pairs=pairs, pairs_file=GOLD_PAIRS, ensemble=cfg.gold.ensemble, train=cfg.gold.train)
     proxy_pairs = pairs
@@ -73,7 +85,8 @@ def run_plan(cfg: ExperimentConfig, call: StepCall, part: Part = "all", sources:
     judges = list(cfg.pools.judges)
     twins = call("twins", "twins", pairs=proxy_pairs, pairs_file=PROXY_PAIRS, pools=pools, judges=judges,
                  ensembles={label: ensemble for label, (ensemble, _) in runs.items()},
-                 trains={label: train for label, (_, train) in runs.items()}, batch_size=cfg.score_batch_size)
+                 calibration={label: (train.seed, train.calibration_pairs) for label, (_, train) in runs.items()},
+                 batch_size=cfg.score_batch_size)
     scores = {label: call("score", label, model=model, pools=pools, judges=judges, batch_size=cfg.score_batch_size)
               for label, model in {"gold": gold, **trained}.items()}
     rewards = call("rewards", "rewards", pools=pools, scores=scores, twins=twins, arms=cfg.arms,

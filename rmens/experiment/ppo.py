@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rmens.config import PPOConfig
 from rmens.experiment.data import read_prompts
 from rmens.experiment.measure import measure
 from rmens.io import write_json
+
+if TYPE_CHECKING:  # types only: settings enter the step's key as values
+    from rmens.config import PPOConfig
 
 
 def ppo_step(folder: Path, *, reward: Path, pairs: Path, ppo: PPOConfig) -> dict:

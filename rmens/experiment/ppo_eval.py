@@ -7,15 +7,18 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from rmens.config import AggregationConfig, GenerationConfig
 from rmens.evaluation import logged_bon as lb
 from rmens.evaluation import pools as pl
 from rmens.experiment.data import read_prompts, read_split_pools
 from rmens.experiment.plan import SCORES
 from rmens.io import write_json, write_jsonl
+
+if TYPE_CHECKING:  # types only: settings enter the step's key as values
+    from rmens.config import AggregationConfig, GenerationConfig
 
 
 def _reference_of(pool: pl.Pool) -> str:

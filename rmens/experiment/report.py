@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from rmens.evaluation.curves import curve_from_points, save_curves
-from rmens.evaluation.logged_bon import GROUPS
+from rmens.evaluation.logged_bon import GROUPS, evaluation_sets
 from rmens.experiment.config import ExperimentConfig
-from rmens.experiment.data import pools_file
+from rmens.experiment.data import MT_BENCH, pools_file
 from rmens.experiment.verdicts import (
     Evidence,
     bon_claims,
@@ -29,13 +29,16 @@ from rmens.experiment.verdicts import (
 )
 from rmens.io import atomic_write_text, write_json
 
-METHOD = ("Every arm is trained several times (runs: seeds of member initialisation and data order), and every "
-          "comparison treats runs as random and pools as paired (rmens.evaluation.stats: se^2 = run variance of "
-          "each side / its runs + pool variance of the paired differences / pools; Welch-Satterthwaite df; "
-          "Student's t). The primary comparison was named in the config before the run and is tested alone; "
-          "each other family of verdicts is corrected with Holm's method (p_holm). A single run gives no verdict. "
-          "MDD is the smallest true difference a verdict detects with 80% power at its level (alpha / m for a "
-          "family of m). \"No significant difference\" is not evidence of equality.")
+
+def method(cfg: ExperimentConfig) -> str:
+    return ("Every arm is trained several times (runs: seeds of member initialisation and data order), and every "
+            "comparison treats runs as random and pools as paired (rmens.evaluation.stats: se^2 = run variance of "
+            "each side / its runs + pool variance of the paired differences / pools; Welch-Satterthwaite df; "
+            "Student's t). The primary comparison was named in the config before the run and is tested alone; "
+            "each other family of verdicts is corrected with Holm's method (p_holm). A single run gives no verdict. "
+            f"MDD is the smallest true difference a verdict detects with {cfg.power:.0%} power at alpha / m (the "
+            "strictest Holm step of a family of m; the primary: alpha), an upper bound for the family's later steps. "
+            "\"No significant difference\" is not evidence of equality.")
 
 
 def _json(folder: Path, name: str):
@@ -89,14 +92,17 @@ def report_step(folder: Path, *, experiment: ExperimentConfig, pairs: Path, pool
     points = _ppo_points(cfg, ppo_evals)
     gold_ok, gold_rows = gold_check(cfg, ev)
     ppo = ppo_claims(cfg, points) if points else []
-    claims = finish(bon_claims(cfg, ev) + (ppo if gold_ok else []), cfg.alpha, cfg.power)
+    alpaca_eval = [name for name in ev.sets() if name != MT_BENCH]
+    claims = finish(bon_claims(cfg, ev, alpaca_eval, "claims") + (ppo if gold_ok else []), cfg.alpha, cfg.power)
     for claim in [] if gold_ok else ppo:
         claim.update(p_holm=None, mdd=None, verdict="withheld (the gold judge is not better than the proxies)")
-    results = {"size": cfg.size, "part": part, "method": METHOD, "split": _json(pairs, "split.json"),
+    mt_bench = bon_claims(cfg, ev, [MT_BENCH], "mt_bench") if MT_BENCH in ev.sets() else []
+    results = {"size": cfg.size, "part": part, "config": cfg.model_dump(mode="json"), "method": method(cfg),
+               "split": _json(pairs, "split.json"),
                "pools": _json(pools, "pools.json"), "primary": primary(cfg, ev),
                "recognition": recognition(ev), "checks": finish(design_checks(cfg, ev), cfg.alpha, cfg.power),
-               "claims": claims + ([] if gold_ok else ppo), "gold_check": {"ok": gold_ok, "rows": gold_rows,
-                                                                          "min_margin": cfg.gold.min_margin},
+               "claims": claims + ([] if gold_ok else ppo), "mt_bench_claims": finish(mt_bench, cfg.alpha, cfg.power),
+               "gold_check": {"ok": gold_ok, "rows": gold_rows, "min_margin": cfg.gold.min_margin},
                "train": {label: _json(f, "train_summary.json") for label, f in trains.items()},
                "score": {label: _json(f, "score_summary.json") for label, f in scores.items()},
                "twins": _json(twins, "twins_summary.json"), "reward_models": ev.agreement, "logged_bon": ev.bon,
@@ -124,10 +130,16 @@ def markdown(cfg: ExperimentConfig, r: dict) -> list[str]:
     lines += primary_section(r["primary"])
     lines += recognition_section(r)
     lines += paper_table(cfg, r)
+    tested = sum(c["p_holm"] is not None for c in r["claims"])
     lines += ["## What agrees with the papers and what does not", "",
-              "The papers' claims at each evaluation set's largest n (and PPO at matched KL), one family: p_holm is "
-              f"Holm-corrected over its {sum(c['p'] is not None for c in r['claims'])} tests. {METHOD}", ""]
+              "The papers' claims at each AlpacaEval set's largest n (and PPO at matched KL, unless withheld), one "
+              f"family: p_holm is Holm-corrected over its {tested} tests. {method(cfg)}", ""]
     lines += claims_table(r["claims"])
+    if r["mt_bench_claims"]:
+        lines += ["The same claims on MT-Bench's graded pools, a family of their own (Holm within it). These pools "
+                  "hold every system of the grades file, some of which, or their relatives, answer in the training "
+                  "verdicts: read them beside MT-Bench's system_prior line above.", ""]
+        lines += claims_table(r["mt_bench_claims"])
     lines += ["## Checks of the design: does training beat the untrained twin?", "",
               "Each arm against its untrained twin (same seeds, no training step; rmens.experiment.twins), paired run "
               "by run: held-out agreement per pool, and Best-of-n at the largest n under the arm's first rule. One "
@@ -153,8 +165,8 @@ def design(cfg: ExperimentConfig, r: dict) -> list[str]:
             + f": {s['evaluation_instructions']}, none in any training set. Held-out systems (by a hash of the system "
             f"family, {cfg.data.generator_fraction:g} of them; listed in logged_bon.json): "
             + "; ".join(f"{j.upper()} {len(v)}" for j, v in held.items())
-            + "; no output of theirs is in any training set, and the pools hold only theirs. "
-            f"Pools: {'; '.join(sets)}. "
+            + "; no output of theirs, or of a system of their family, is in any training set, and the AlpacaEval "
+            f"pools hold only theirs (MT-Bench's hold every system of the grades file). Pools: {'; '.join(sets)}. "
             f"Training verdicts from `{s['train_source']}` (other systems, other instructions): gold judge "
             f"{s['gold_pairs']} pairs ({s['gold_instructions']} instructions), proxies {s['proxy_pairs']} pairs "
             f"({s['proxy_instructions']} instructions), PPO prompts {s['ppo_prompts']} of {s['ppo_instructions']} "
@@ -170,7 +182,7 @@ def primary_section(c: dict) -> list[str]:
         power = (f"With the variance parts measured here (run sd {_fmt(plan['run_sd_a'])} / {_fmt(plan['run_sd_b'])}, "
                  f"pool sd {_fmt(plan['pool_sd'])}), detecting {plan['target']} takes "
                  + ", ".join(f"{v if v else 'more than 100'} runs per arm at {k} pools" for k, v in needed.items())
-                 + " (80% power, two-sided alpha).")
+                 + " (at the power and alpha of this comparison, with the degrees of freedom those runs would give).")
     else:
         power = "Its variance parts could not be estimated (a side with one run), so no power plan is given."
     return ["## The primary comparison (named in the config before the run)", "",
@@ -184,28 +196,31 @@ def primary_section(c: dict) -> list[str]:
 def recognition_section(r: dict) -> list[str]:
     lines = ["## Do the pools test Best-of-n, or recognising systems?", "",
              "system_prior scores each output by nothing but its system's mean verdict on training instructions (for "
-             "MT-Bench: its AlpacaEval win rate, where the system appears there). Where it beats a random pick by more "
-             "than two standard errors, a reward model can gain on these pools by recognising systems rather than "
-             "better answers (their relatives, or the systems' general quality, can still be learned from the "
-             "training systems).", ""]
+             "MT-Bench: its AlpacaEval win rate, where the system appears there). The AlpacaEval pools hold only "
+             "held-out systems, none of whose outputs trained any model here, so no arm can gain by recognising "
+             "them; MT-Bench's pools hold every system of the grades file, some of which (or their relatives) "
+             "answer in the training verdicts. Where system_prior still beats a random pick by more than two "
+             "standard errors, the pools mix systems of different quality: part of what Best-of-n measures on them "
+             "is telling a better system's answer from a worse one's, which one policy's samples (the papers' "
+             "setting) would not offer. On MT-Bench only the systems with an AlpacaEval counterpart have a prior "
+             "(the rest tie at the mean prior), so its line understates what recognition could reach.", ""]
     for c in r["recognition"]:
-        said = "**does**: these pools still reward recognition" if c["recognition"] else "does not"
+        said = ("**does**: these pools still reward telling systems apart" if c["recognition"]
+                else "does not, by two standard errors")
         lines.append(f"- {c['set']}, n={c['n']}: system_prior {c['a_value']:.3f} against random {c['b_value']:.3f}, "
                      f"{_pm(c['diff'], c['se'])}: it {said}.")
     return lines + [""]
 
 
 def _series(r: dict, name: str, group: str, series: str) -> dict | None:
-    entry = {**r["logged_bon"]["judges"], **({"mt_bench": r["logged_bon"]["mt_bench"]}
-                                             if "mt_bench" in r["logged_bon"] else {})}[name]
-    rows = entry.get(group, {}).get(series)
+    rows = evaluation_sets(r["logged_bon"])[name].get(group, {}).get(series)
     return rows[-1] if rows else None
 
 
 def paper_table(cfg: ExperimentConfig, r: dict) -> list[str]:
     """Zhang et al.'s Table 1 in shape: one row per arm, Best-of-n at each set's largest n under the mean (mean
     over runs ± s.e., runs random), its untrained twin, and the best rule."""
-    sets = list(r["logged_bon"]["judges"]) + (["mt_bench"] if "mt_bench" in r["logged_bon"] else [])
+    sets = list(evaluation_sets(r["logged_bon"]))
     header = ["reward model", "runs"]
     for name in sets:
         header += [f"BoN {name} mean", f"{name} untrained", f"{name} best rule"]
@@ -229,7 +244,9 @@ def paper_table(cfg: ExperimentConfig, r: dict) -> list[str]:
         rows.append(row)
     return ["## The paper's table (Zhang et al. 2024, Table 1 in shape)", "",
             "Best-of-n over logged outputs at each set's largest n: AlpacaEval win rate against the reference (real "
-            "GPT-4 verdicts), MT-Bench mean GPT-4 grade. Mean over runs ± s.e. with runs random.", ""] + \
+            "GPT-4 verdicts), MT-Bench mean GPT-4 grade. Mean over runs ± s.e. with runs random. The best rule is "
+            "the best of the arm's rules chosen after the fact, so it is optimistic; the verdicts test each rule "
+            "named in advance.", ""] + \
         md_table(header, rows)
 
 
@@ -293,8 +310,7 @@ def cost_table(cfg: ExperimentConfig, r: dict) -> list[str]:
 
 def bon_tables(bon: dict) -> list[str]:
     lines = []
-    sets = {**bon["judges"], **({"mt_bench": bon["mt_bench"]} if "mt_bench" in bon else {})}
-    for name, entry in sets.items():
+    for name, entry in evaluation_sets(bon).items():
         metric = entry["metric"]
         lines += [f"## Best-of-n over logged outputs: {entry['judge_name']}", "",
                   f"{entry['n_pools']} pools of {entry['pool_sizes']} outputs. {metric.replace('_', ' ')} ± s.e. (runs "
@@ -314,10 +330,13 @@ def ppo_section(r: dict) -> list[str]:
     lines = ["## The gold judge and PPO", ""]
     failing = [row for row in check["rows"] if not row["ok"]]
     lines += [f"PPO is judged by the gold reward model, so its verdicts stand only where the gold judge agrees with "
-              f"the held-out verdicts better than every proxy arm by {check['min_margin']} (accuracy): "
+              f"the held-out verdicts better than every proxy arm, by at least {check['min_margin']} of accuracy and "
+              "with the one-sided lower confidence bound of the difference above 0 (per-pool accuracies paired, the "
+              "arm's runs random): "
               + ("it does on every judge set." if check["ok"] else
                  "it does not (" + "; ".join(f"{row['set']}: gold {row['gold']:.3f} against {row['arm']} "
-                                               f"{row['proxy']:.3f}" for row in failing[:6])
+                                               f"{row['proxy']:.3f}, lower bound {_fmt(row['lower_bound'])}"
+                                               for row in failing[:6])
                  + "), so **the PPO verdicts are withheld** and PPO's numbers below describe the runs only."), ""]
     if not r["ppo"]:
         return lines + (["PPO: not run in this part (`--part rewards`).", ""] if r["part"] != "all" else [])

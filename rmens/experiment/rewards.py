@@ -14,11 +14,11 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from rmens.config import AggregationConfig
 from rmens.evaluation import logged_bon as lb
 from rmens.evaluation import pools as pl
 from rmens.evaluation.rm_metrics import ensemble_metrics, length_metrics, pairwise_accuracy
@@ -29,6 +29,9 @@ from rmens.experiment.plan import SCORES
 from rmens.experiment.twins import twin_file
 from rmens.io import write_json
 from rmens.models.aggregate import aggregate_with
+
+if TYPE_CHECKING:  # types only: settings enter the step's key as values
+    from rmens.config import AggregationConfig
 
 JUDGE_NAMES = {"ae1": "GPT-4 (AlpacaEval 1, against text_davinci_003)",
                "ae2": "GPT-4-turbo (AlpacaEval 2, against gpt4_1106_preview)",
@@ -72,8 +75,8 @@ def mt_bench_set(pools: Path, mt_bench: MtBenchConfig) -> EvaluationSet:
     prior = json.loads((Path(pools) / "system_prior_mt_bench.json").read_text())
     ns = mg.capped_ns(graded, lb.bon_ns(mt_bench.max_n))
 
-    def agreement(table: pl.ScoreTable) -> dict:
-        metrics = mg.agreement(graded, mg.pool_rewards(graded, table))
+    def agreement(table: pl.ScoreTable) -> dict:  # the standardised members' order, as ae_agreement
+        metrics = mg.agreement(graded, mg.pool_rewards(graded, table, standardised=True))
         per_pool = np.full(len(graded), np.nan)
         per_pool[metrics.pop("pool_indices")] = metrics.pop("per_pool")
         return {**metrics, "per_pool": per_pool.tolist()}
@@ -86,15 +89,19 @@ def mt_bench_set(pools: Path, mt_bench: MtBenchConfig) -> EvaluationSet:
 
 
 def ae_agreement(pools: list[pl.Pool], table: pl.ScoreTable) -> dict:
-    """Agreement with the judge's held-out verdicts (output against reference) on the raw scale: accuracy,
-    ECE, member accuracies, accuracy where the longer output lost next to "the longer wins", and per pool."""
-    margins, len_winner, len_loser, pool_of = lb.verdict_margins(pools, table)
+    """Agreement with the judge's held-out verdicts (output against reference): accuracy of the ensemble's
+    mean over standardised members (the members the rules read; accuracy needs only their order), member
+    accuracies, accuracy where the longer output lost next to "the longer wins", per pool; and ECE on the raw
+    Bradley-Terry scale (a probability is the sigmoid of a raw margin)."""
+    margins, len_winner, len_loser, pool_of = lb.verdict_margins(pools, table, standardised=True)
     metrics = ensemble_metrics(margins.float())
-    keep = ("accuracy", "member_accuracy", "member_accuracy_mean", "ece", "margin_std", "n_pairs")
+    raw = ensemble_metrics(lb.verdict_margins(pools, table)[0].float())
     ensemble = margins.mean(dim=0)
     per_pool = [pairwise_accuracy(ensemble[pool_of == i]) if bool((pool_of == i).any()) else math.nan
                 for i in range(len(pools))]
-    return {**{k: metrics[k] for k in keep}, **length_metrics(ensemble, len_winner, len_loser), "per_pool": per_pool}
+    return {**{k: metrics[k] for k in ("accuracy", "member_accuracy", "member_accuracy_mean", "n_pairs")},
+            "ece": raw["ece"], "margin_std": raw["margin_std"],
+            **length_metrics(ensemble, len_winner, len_loser), "per_pool": per_pool}
 
 
 # -- series over runs -------------------------------------------------------------------------------
@@ -106,17 +113,14 @@ def _finite(value: float) -> float | None:
 def over_runs(run_rows: list[list[dict]], metric: str, fixed: bool) -> tuple[list[dict], dict[str, list]]:
     """Rows of one series averaged over its runs, and its per-run, per-pool values by n.
 
-    `se` treats training runs as random (rmens.evaluation.stats; None with a single trained run), `se_pools`
-    is over pools only (the spread a single run would show); `fixed` series (baselines) have no runs."""
+    `se` treats training runs as random (rmens.evaluation.stats; None with a single trained run); `fixed`
+    series (baselines, the gold judge) have no runs, and their se is over pools."""
     rows, values = [], {}
     for by_n in zip(*run_rows, strict=True):
         matrix = np.array([row["values"] for row in by_n], dtype=np.float64)  # [runs, pools]
         spread = compare(matrix, np.zeros((1, matrix.shape[1])), a_fixed=fixed, b_fixed=True)
-        pooled = matrix.mean(axis=0)
         rows.append({"n": by_n[0]["n"], "kl_bon": float(np.mean([r["kl_bon"] for r in by_n])),
                      metric: float(matrix.mean()), "se": _finite(spread.se),
-                     "se_pools": _finite(float(pooled.std(ddof=1) / math.sqrt(len(pooled))) if len(pooled) > 1
-                                         else math.nan),
                      "mean_length": float(np.mean([r["mean_length"] for r in by_n])), "runs": len(by_n)})
         values[str(by_n[0]["n"])] = matrix.tolist()
     return rows, values

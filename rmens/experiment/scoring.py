@@ -45,6 +45,9 @@ def score_step(folder: Path, *, model: Path, pools: Path, judges: list[str], bat
                                progress=advance)
     bar.close()
     stats = reward.ensemble.standardisation
+    if stats is None:  # every rule reads standardised members; the experiment's own training always saves them
+        raise ValueError(f"{model}: the reward model has no member standardisation statistics; add them with "
+                         f"python -m rmens.cli calibrate {Path(model) / 'ensemble'} --pairs TRAIN_PAIRS.jsonl")
     table.standardised_by(stats.center.numpy(), stats.scale.numpy()).save(folder / SCORES)
     device = next(reward.ensemble.parameters()).device
     summary = {"responses": len(items), "k": table.k, "score_wall_s": cost["wall_s"],

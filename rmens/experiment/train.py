@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rmens.config import EnsembleConfig, TrainConfig
 from rmens.data.loaders import load_jsonl_pairs
 from rmens.data.splits import flip_labels
 from rmens.experiment.measure import measure
 from rmens.experiment.plan import PROXY_PAIRS
 from rmens.io import write_json, write_jsonl
+
+if TYPE_CHECKING:  # types only: settings enter the step's key as values
+    from rmens.config import EnsembleConfig, TrainConfig
 
 
 def train_step(folder: Path, *, pairs: Path, pairs_file: str, ensemble: EnsembleConfig, train: TrainConfig) -> dict:

@@ -4,7 +4,8 @@ A trained arm's numbers mean something only beside what the same architecture an
 training: averaging random heads already makes a near-chance model less confident (lower ECE), and a
 random head on a pretrained backbone already picks by whatever its features carry (length, fluency).
 
-Every twin is computed from one backbone forward, exactly. An untrained member is the pretrained backbone
+Every twin is computed from one backbone forward (exactly in fp32; under a GPU's bf16 autocast, up to the
+rounding of other batch compositions). An untrained member is the pretrained backbone
 under a head drawn from (run seed, member) (rmens.models.ensemble.init_heads), whatever the kind: a full
 ensemble's k backbones are k copies of the pretrained one, and a LoRA member adds an adapter whose B
 matrix starts at zero (PEFT's default), so it computes the base layer alone. So the twins of all runs are
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmens.config import EnsembleConfig, TrainConfig, derive
+from rmens.config import EnsembleConfig, derive
 from rmens.data.loaders import load_jsonl_pairs
 from rmens.evaluation import pools as pl
 from rmens.experiment.measure import measure
@@ -56,16 +57,18 @@ def shared_scorer(ensembles: dict[str, EnsembleConfig], batch_size: int):
 
 
 def twins_step(folder: Path, *, pairs: Path, pairs_file: str, pools: Path, judges: list[str],
-               ensembles: dict[str, EnsembleConfig], trains: dict[str, TrainConfig], batch_size: int) -> dict:
-    """For every run (label -> its ensemble and training settings): its untrained twin's raw member scores of
-    every pool response (twin_<label>.npz, as the score step's tables) with the member standardisation its
-    training would calibrate, on the same seeded training responses (rmens.models.standardise)."""
+               ensembles: dict[str, EnsembleConfig], calibration: dict[str, tuple[int, int]],
+               batch_size: int) -> dict:
+    """For every run (label -> its ensemble settings, and its training seed and calibration_pairs): its untrained
+    twin's raw member scores of every pool response (twin_<label>.npz, as the score step's tables) with the
+    member standardisation its training would calibrate, on the same seeded training responses
+    (rmens.models.standardise)."""
     from rmens.experiment.scoring import scored_items
     from rmens.models.standardise import calibration_subset, pair_responses, standardisation_from_scores
 
     training = load_jsonl_pairs(Path(pairs) / pairs_file)
-    calibration = {label: pair_responses(calibration_subset(training, trains[label].calibration_pairs,
-                                                            trains[label].seed)) for label in ensembles}
+    calibration = {label: pair_responses(calibration_subset(training, calibration[label][1], calibration[label][0]))
+                   for label in ensembles}
     items = {pl.response_key(*item): item for item in scored_items(pools, judges)}
     items.update({pl.response_key(p, r): (p, r) for prompts, responses in calibration.values()
                   for p, r in zip(prompts, responses)})

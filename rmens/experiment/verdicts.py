@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rmens.evaluation.logged_bon import evaluation_sets
 from rmens.evaluation.stats import compare, holm, minimum_detectable_difference, runs_needed, verdict
 from rmens.experiment.config import ArmSpec, ExperimentConfig
 
@@ -48,7 +49,7 @@ class Evidence:
         return cls(load("per_instruction.json"), load("rm_eval.json"), load("logged_bon.json"))
 
     def sets(self) -> dict[str, dict]:
-        return {**self.bon["judges"], **({"mt_bench": self.bon["mt_bench"]} if "mt_bench" in self.bon else {})}
+        return evaluation_sets(self.bon)
 
     def largest_n(self, name: str) -> int:
         return self.sets()[name]["ns"][-1]
@@ -68,7 +69,7 @@ class Evidence:
         return matrix[:, ~np.isnan(matrix).any(axis=0)]
 
 
-def comparison(x: np.ndarray, y: np.ndarray, /, *, paired_runs: bool = False, a_fixed: bool = False,
+def claim_for(x: np.ndarray, y: np.ndarray, /, *, paired_runs: bool = False, a_fixed: bool = False,
                b_fixed: bool = False, **fields) -> dict:
     """One claim, series `x` (a) against `y` (b): its fields (names a and b among them), the test (runs
     random) and its means."""
@@ -94,7 +95,7 @@ def primary(cfg: ExperimentConfig, ev: Evidence) -> dict:
     spec = cfg.primary
     n = spec.n or ev.largest_n(spec.judge)
     a, b = ev.matrix(spec.judge, f"arms:{spec.a}", n), ev.matrix(spec.judge, f"arms:{spec.b}", n)
-    claim = comparison(a, b, family="primary", source="named in the config", claim=spec.label,
+    claim = claim_for(a, b, family="primary", source="named in the config", claim=spec.label,
                        setting=f"Best-of-n, {spec.judge}, n={n}", set=spec.judge, n=n, a=spec.a, b=spec.b,
                        expected="higher")
     finish([claim], cfg.alpha, cfg.power)  # a family of one: p_holm = p
@@ -116,11 +117,13 @@ def power_plan(claim: dict, alpha: float, power: float, target: float = 0.03) ->
     return {**sd, "target": target, "runs_needed": needed}
 
 
-def bon_claims(cfg: ExperimentConfig, ev: Evidence) -> list[dict]:
-    """The papers' Best-of-n claims at each set's largest n. Zhang et al.: an ensemble (mean) beats a single
-    reward model, the LoRA ensemble beats the other ensembles; Ahmed et al.: an efficient ensemble matches
-    the full one; Coste et al.: a conservative rule beats the mean (every ensemble's runs, paired run by run:
-    the same models under two rules)."""
+def bon_claims(cfg: ExperimentConfig, ev: Evidence, sets: list[str], family: str) -> list[dict]:
+    """The papers' Best-of-n claims at the largest n of each of `sets`, as one family. Zhang et al.: an
+    ensemble (mean) beats a single reward model, the LoRA ensemble beats the other ensembles; Ahmed et al.:
+    an efficient ensemble matches the full one; Coste et al.: a conservative rule beats the mean (every
+    ensemble's runs stacked, paired run by run: the same models under two rules; stacking the arms counts
+    their differences as run variance, which makes the test conservative). The primary comparison is not
+    repeated here: it is tested alone."""
     ensembles = [arm for arm in cfg.arms if arm.is_ensemble]
     lora = [a.label for a in ensembles if a.kind == "lora"]
     single = any(arm.label == SINGLE for arm in cfg.arms)
@@ -130,15 +133,17 @@ def bon_claims(cfg: ExperimentConfig, ev: Evidence) -> list[dict]:
               for a in lora for b in ensembles if b.kind in ("linear", "full")]
     tests += [(f"{a.label}/mean", f"{b.label}/mean", "similar", "an efficient ensemble matches the full ensemble",
                AHMED) for a in ensembles if a.kind != "full" for b in ensembles if b.kind == "full"]
-    claims = []
-    for name in ev.sets():
+    claims, spec = [], cfg.primary
+    for name in sets:
         n = ev.largest_n(name)
-        setting = dict(family="claims", setting=f"Best-of-n, {name}, n={n}", set=name, n=n)
+        setting = dict(family=family, setting=f"Best-of-n, {name}, n={n}", set=name, n=n)
         for a, b, expected, text, source in tests:
-            claims.append(comparison(ev.matrix(name, f"arms:{a}", n), ev.matrix(name, f"arms:{b}", n), a=a, b=b,
+            if (name, n, a, b) == (spec.judge, spec.n or ev.largest_n(spec.judge), spec.a, spec.b):
+                continue
+            claims.append(claim_for(ev.matrix(name, f"arms:{a}", n), ev.matrix(name, f"arms:{b}", n), a=a, b=b,
                                      expected=expected, claim=text, source=source, **setting))
         for rule in [r for r in cfg.rules if r.rule in CONSERVATIVE] if ensembles else []:
-            claims.append(comparison(ev.pooled(name, ensembles, rule.name, n), ev.pooled(name, ensembles, "mean", n),
+            claims.append(claim_for(ev.pooled(name, ensembles, rule.name, n), ev.pooled(name, ensembles, "mean", n),
                                      paired_runs=True, a=f"ensembles/{rule.name}", b="ensembles/mean",
                                      expected="higher", claim="a conservative rule beats the mean under the "
                                      "strongest optimisation", source=COSTE, **setting))
@@ -154,12 +159,12 @@ def design_checks(cfg: ExperimentConfig, ev: Evidence) -> list[dict]:
         for arm in cfg.arms:
             labels = [arm.run_label(r) for r in range(cfg.runs_of(arm))]
             acc = ev.accuracy(name, labels + [f"twin:{label}" for label in labels])
-            checks.append(comparison(acc[:len(labels)], acc[len(labels):], paired_runs=True, family="checks",
+            checks.append(claim_for(acc[:len(labels)], acc[len(labels):], paired_runs=True, family="checks",
                                      claim="the trained arm agrees with the judge more than its untrained twin",
                                      source="design", setting=f"held-out agreement, {name}", set=name, n=None,
                                      a=arm.label, b=f"{arm.label} untrained", expected="higher"))
             rule = arm.rules(cfg.rules)[0].name
-            checks.append(comparison(ev.matrix(name, f"arms:{arm.label}/{rule}", n),
+            checks.append(claim_for(ev.matrix(name, f"arms:{arm.label}/{rule}", n),
                                      ev.matrix(name, f"twins:{arm.label}/{rule}", n), paired_runs=True,
                                      family="checks", claim="the trained arm picks better than its untrained twin",
                                      source="design", setting=f"Best-of-n, {name}, n={n}", set=name, n=n,
@@ -173,7 +178,7 @@ def recognition(ev: Evidence) -> list[dict]:
     out = []
     for name in ev.sets():
         n = ev.largest_n(name)
-        c = comparison(ev.matrix(name, "baselines:system_prior", n), ev.matrix(name, "baselines:random", n),
+        c = claim_for(ev.matrix(name, "baselines:system_prior", n), ev.matrix(name, "baselines:random", n),
                        a_fixed=True, b_fixed=True, set=name, n=n, a="system_prior", b="random")
         c["recognition"] = bool(c["se"] > 0 and c["diff"] > 2 * c["se"])
         out.append(c)
@@ -183,16 +188,24 @@ def recognition(ev: Evidence) -> list[dict]:
 # -- PPO --------------------------------------------------------------------------------------------
 
 def gold_check(cfg: ExperimentConfig, ev: Evidence) -> tuple[bool, list[dict]]:
-    """Whether the gold judge's held-out accuracy beats every proxy arm's (mean over its runs) by
-    gold.min_margin on every AlpacaEval judge set: PPO is judged by the gold model, so a gold model no
-    better than the proxies makes every PPO verdict meaningless."""
+    """Whether the gold judge agrees with the held-out verdicts better than every proxy arm, on every
+    AlpacaEval judge set: by at least gold.min_margin of accuracy, and with the one-sided (1 - alpha) lower
+    bound of the difference above 0 (per-pool accuracies paired; the arm's runs random, the gold model one
+    fixed model). PPO is judged by the gold model, so a gold model no better than the proxies makes every
+    PPO verdict meaningless."""
+    from scipy import stats as scipy_stats
+
     rows = []
     for name in ev.bon["judges"]:
-        gold = ev.agreement[name]["gold"]["accuracy"]
         for arm in cfg.arms:
-            proxy = float(np.mean([ev.agreement[name][arm.run_label(r)]["accuracy"] for r in range(cfg.runs_of(arm))]))
-            rows.append({"set": name, "arm": arm.label, "gold": gold, "proxy": proxy, "margin": gold - proxy,
-                         "ok": gold - proxy >= cfg.gold.min_margin})
+            labels = [arm.run_label(r) for r in range(cfg.runs_of(arm))]
+            acc = ev.accuracy(name, ["gold", *labels])
+            c = claim_for(acc[:1], acc[1:], a_fixed=True, set=name, a="gold", b=arm.label)
+            lower = (c["diff"] - scipy_stats.t(c["df"]).ppf(1 - cfg.alpha) * c["se"] if c["se"] and c["se"] > 0
+                     else math.nan)
+            rows.append({"set": name, "arm": arm.label, "gold": c["a_value"], "proxy": c["b_value"],
+                         "margin": c["diff"], "se": c["se"], "lower_bound": lower,
+                         "ok": bool(c["diff"] >= cfg.gold.min_margin and lower > 0)})
     return all(row["ok"] for row in rows), rows
 
 
@@ -233,7 +246,7 @@ def ppo_claims(cfg: ExperimentConfig, points: dict[str, list[list[dict]]]) -> li
         key = f"gold_values_{judge}"
         for a, b, paired, text, source in tests:
             kl = matched_kl(points[a] + points[b])
-            claims.append(comparison(np.stack([value_at_kl(run, key, kl) for run in points[a]]),
+            claims.append(claim_for(np.stack([value_at_kl(run, key, kl) for run in points[a]]),
                                      np.stack([value_at_kl(run, key, kl) for run in points[b]]), paired_runs=paired,
                                      family="claims", claim=text, source=source, expected="higher", set=judge, n=None,
                                      setting=f"PPO at matched KL {kl:.2f}, gold judge vs {judge} references",
