@@ -2,12 +2,14 @@
 variance parts a finished reference experiment measured (its results.json).
 
     python bench/power_plan.py runs/experiment-cpu-plain/results.json [--target 0.03] [--pool-sd 0.12 ...]
+                               [--run-sd 0.02 ...]
 
 The primary comparison's standard error is sqrt(run_sd_a^2 / R + run_sd_b^2 / R + pool_sd^2 / I) (R runs per
 arm, I pools; rmens.evaluation.stats), so a pilot's run_sd and pool_sd give the detectable difference of any
 planned size. Prints a grid of minimum detectable differences (two-sided alpha and power of the experiment,
 Student's t at the Satterthwaite df of each size) and the fewest runs that reach the target, for the measured
-pool sd and for any others given (a better-trained pair of arms picks alike more often: a smaller pool sd).
+run and pool sds and for any others given (better-trained arms vary less from seed to seed, and pick alike
+more often: smaller run and pool sds; both arms are given the same run sd).
 Writes bench/out/power_plan_<size>.json and .txt.
 """
 
@@ -31,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("results", type=Path, help="results.json of a finished reference experiment")
     parser.add_argument("--target", type=float, default=0.03, help="difference to detect (win rate)")
     parser.add_argument("--pool-sd", type=float, action="append", default=[], help="other pool sds to plan for")
+    parser.add_argument("--run-sd", type=float, action="append", default=[], help="other run sds to plan for")
     parser.add_argument("--bench-out", type=Path, default=OUT)
     return parser.parse_args(argv)
 
@@ -51,14 +54,16 @@ def main(argv: list[str] | None = None) -> int:
         print("the primary comparison has a side with one run: no run variance to plan from", file=sys.stderr)
         return 1
     alpha, power = _level(results)
-    plans = [plan(measured["run_sd_a"], measured["run_sd_b"], sd, args.target, alpha, power)
-             for sd in [measured["pool_sd"], *args.pool_sd]]
+    run_sds = [(measured["run_sd_a"], measured["run_sd_b"])] + [(sd, sd) for sd in args.run_sd]
+    plans = [plan(run_a, run_b, pool_sd, args.target, alpha, power)
+             for run_a, run_b in run_sds for pool_sd in [measured["pool_sd"], *args.pool_sd]]
     lines = [f"power plan from {args.results} (size {results['size']}): primary {primary['claim']}, measured "
              f"at {primary['runs_a']}/{primary['runs_b']} runs and {primary['pools']} pools: run sd "
              f"{measured['run_sd_a']:.3f} / {measured['run_sd_b']:.3f}, pool sd {measured['pool_sd']:.3f}; "
              f"target {args.target}, alpha {alpha}, power {power}"]
     for p in plans:
-        lines.append(f"pool sd {p['pool_sd']:.3f}: runs per arm to detect {args.target}: "
+        lines.append(f"run sd {p['run_sd_a']:.3f} / {p['run_sd_b']:.3f}, pool sd {p['pool_sd']:.3f}: runs per arm to "
+                     f"detect {args.target}: "
                      + ", ".join(f"{n} at {pools} pools" if n else f"none up to 100 at {pools} pools"
                                  for pools, n in p["runs_needed"].items()))
         lines += [f"  {size}: MDD {mdd:.3f}" for size, mdd in p["mdd"].items()]

@@ -47,8 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def headline(results: dict) -> list[str]:
     c = results["primary"]
-    lines = [f"primary: {c['claim']}: {c['diff']:+.3f} ± {c['se'] if c['se'] is not None else float('nan'):.3f}, "
-             f"p {c['p']}, MDD {c['mdd']} -> {c['verdict']}"]
+    def number(value) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    lines = [f"primary: {c['claim']}: {c['diff']:+.3f} ± {number(c['se'])}, p {number(c['p'])}, MDD {number(c['mdd'])} "
+             f"-> {c['verdict']}"]
     for name, entry in evaluation_sets(results["logged_bon"]).items():
         metric, n = entry["metric"], entry["ns"][-1]
         base = {b: rows[-1][metric] for b, rows in entry["baselines"].items()}
@@ -61,6 +64,11 @@ def headline(results: dict) -> list[str]:
     return lines
 
 
+def step_times(out: Path) -> dict[str, float]:
+    """Each step's compute time, from its done.json, whether this call computed it or reused it."""
+    return {path.parent.name: json.loads(path.read_text())["wall_s"] for path in sorted(out.glob("steps/*/done.json"))}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -71,10 +79,12 @@ def main(argv: list[str] | None = None) -> int:
                           mt_bench_grades=args.mt_bench_grades)
     run = run_experiment(cfg, args.out or f"runs/experiment-{args.size}-plain", part=args.part)
     results = json.loads(open(f"{run['out']}/results.json").read())
+    steps = step_times(Path(run["out"]))
     lines = [f"reference experiment, size {args.size}, part {args.part}: {run['wall_s'] / 60:.1f} min "
-             f"({len(run['computed'])} steps computed, {len(run['reused'])} reused); results in {run['out']}"]
-    save_results(f"reference_experiment_{args.size}", {"run": run, "results": results}, lines + headline(results),
-                 args.bench_out)
+             f"({len(run['computed'])} steps computed, {len(run['reused'])} reused); the steps' own compute time, "
+             f"whenever computed: {sum(steps.values()) / 60:.1f} min; results in {run['out']}"]
+    save_results(f"reference_experiment_{args.size}", {"run": run, "step_wall_s": steps, "results": results},
+                 lines + headline(results), args.bench_out)
     return 0
 
 

@@ -439,3 +439,18 @@ def test_system_families_cover_alpaca_evals_generators():
     assert seen and set(FAMILIES) - {"openai"} >= {f for f in seen if f in FAMILIES}
     for judge, names in held.items():  # each judge set holds out about 40% of its candidate systems
         assert 15 <= len(names) <= 30, (judge, len(names))
+
+
+def test_the_power_plan_reads_a_finished_run(tiny_runs, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out, *_ = tiny_runs
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "bench/power_plan.py", str(out / "results.json"), "--run-sd", "0.01",
+                           "--bench-out", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    plans = json.loads((tmp_path / "power_plan_tiny.json").read_text())["plans"]
+    assert len(plans) == 2 and plans[1]["run_sd_a"] == 0.01 and "20 runs x 290 pools" in plans[1]["mdd"]
+    assert "runs per arm to detect 0.03" in done.stdout

@@ -92,6 +92,8 @@ def test_a_conservative_rule_is_tested_run_by_run_and_the_family_is_holm_correct
     claims = finish(bon_claims(cfg, synthetic_evidence(cfg, effect=0.0, run_sd=0.05), ["ae2"], "claims"),
                     cfg.alpha, cfg.power)
     assert not [c for c in claims if (c["a"], c["b"]) == ("lora-k5/mean", "single/mean")]  # the primary, alone
+    pairs = [(c["set"], c["a"], c["b"]) for c in claims]
+    assert len(pairs) == len(set(pairs))  # LoRA against the full ensemble is one test, not two
     rules = [c for c in claims if c["a"].startswith("ensembles/")]
     # the same runs under two rules differ by exactly 0.01 everywhere: paired, the run offsets cancel
     assert len(rules) == 3 and all(c["paired_runs"] and c["diff"] == pytest.approx(0.01) for c in rules)
