@@ -245,6 +245,9 @@ def cmd_experiment(args) -> int:
 
     config = load_experiment(args.size, args.set, eval_data=args.eval_data, data_dir=args.data_dir,
                              mt_bench_grades=args.mt_bench_grades)
+    from rmens.experiment.data import check_inputs
+
+    check_inputs(config.data, config.pools.judges, config.mt_bench)  # before a server starts or a folder is made
     out = args.out or f"runs/experiment-{args.size}"
     check_servers()
     prepare_environment(out)

@@ -11,6 +11,7 @@ from ae_data import instructions, synthetic_annotations, synthetic_grades
 from conftest import real_data_dir, requires_real_data
 from pydantic import ValidationError
 
+from rmens.data.schema import DataError
 from rmens.evaluation import stats
 from rmens.experiment.config import ArmSpec, ExperimentConfig, PPOArm, load_experiment, size_preset
 from rmens.experiment.runner import run_experiment
@@ -274,14 +275,33 @@ def test_missing_folders_fail_in_one_line_before_any_work(folders, tmp_path, mon
         run_experiment(load_experiment("tiny", eval_data=tmp_path, data_dir=train), tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="lacks ae1_gpt4_pairs.train.jsonl.gz"):
         run_experiment(load_experiment("tiny", data_dir=tmp_path), tmp_path / "out")
-    monkeypatch.delenv("RMENS_DATA_DIR", raising=False)
     with pytest.raises(FileNotFoundError, match="MT-Bench grades file not found: .*nowhere.jsonl"):
         run_experiment(load_experiment("tiny", data_dir=train, mt_bench_grades=tmp_path / "nowhere.jsonl"),
                        tmp_path / "out")
+    bad = tmp_path / "grades.jsonl"
+    bad.write_text('{"question_id": 81, "model": "a", "turn": 1}\n')
+    with pytest.raises(DataError, match="grades.jsonl:1: missing field 'score'"):
+        run_experiment(load_experiment("tiny", data_dir=train, mt_bench_grades=bad), tmp_path / "out")
     monkeypatch.delenv("RMENS_DATA_DIR", raising=False)
     with pytest.raises(FileNotFoundError, match="set RMENS_DATA_DIR"):
         run_experiment(load_experiment("tiny"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_command_reports_a_bad_grades_file_in_one_line_before_any_server_starts(folders, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    train, _ = folders
+    bad = tmp_path / "grades.jsonl"
+    bad.write_text('{"question_id": 81, "model": "a", "turn": 1}\n')
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "experiment", "--size", "tiny", "--data-dir", str(train),
+                           "--mt-bench-grades", str(bad), "--out", str(tmp_path / "out")],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"rmens: error: {bad}:1: missing field 'score'"
+    assert "temporary local server" not in proc.stderr and not (tmp_path / "out").exists()
 
 
 def test_a_folder_that_is_not_an_experiment_is_refused(folders, tmp_path):

@@ -97,6 +97,10 @@ def check_inputs(source: DataSource, judges: list[str], mt_bench: MtBenchConfig)
     if grades is not None and not grades.is_file():
         raise FileNotFoundError(f"MT-Bench grades file not found: {grades} (pass --mt-bench-grades FILE, or "
                                 "--set mt_bench.enabled=false to leave MT-Bench out)")
+    if grades is not None:  # a malformed record fails here, naming file, line and field, not after training
+        from rmens.evaluation.mt_bench_grades import read_grades
+
+        read_grades(grades)
 
 
 def _sha256(path: Path) -> str:
