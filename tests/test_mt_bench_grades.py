@@ -14,7 +14,7 @@ from conftest import real_data_dir, requires_real_data
 
 from rmens.data.schema import DataError
 from rmens.evaluation import mt_bench_grades as mb
-from rmens.evaluation.pools import ScoreTable, response_key
+from rmens.evaluation.pools import ScoreTable, alpaca_eval_win_rates, response_key
 
 
 def grade(question_id, model, turn, score, answer_1="a1", answer_2="a2", category="writing"):
@@ -246,11 +246,11 @@ def test_win_rates_are_kept_apart_by_reference_system(tmp_path):
            record("q1", "r", "o5", "claude", 2, ref_generator="gpt4_0613")]       # another reference
     write_annotations(tmp_path / "ae1_gpt4_pairs.train.jsonl.gz", ae1)
     write_annotations(tmp_path / "ae1_gpt4_pairs.test.jsonl.gz", [record("q9", "r", "o", "gpt4", 1)])
-    rates = mb.alpaca_eval_win_rates(tmp_path, judges=["ae1"], min_generators=1)
+    rates = alpaca_eval_win_rates(tmp_path, judges=["ae1"], min_generators=1)
     assert rates == {"ae1/davinci": {"gpt4": 0.75, "claude": 0.0}, "ae1/gpt4_0613": {"claude": 1.0}}
-    assert list(mb.alpaca_eval_win_rates(tmp_path, judges=["ae1"], min_generators=2)) == ["ae1/davinci"]
+    assert list(alpaca_eval_win_rates(tmp_path, judges=["ae1"], min_generators=2)) == ["ae1/davinci"]
     with pytest.raises(FileNotFoundError, match="no ae2 annotation files of split 'train'"):
-        mb.alpaca_eval_win_rates(tmp_path)
+        alpaca_eval_win_rates(tmp_path)
 
 
 def test_unmatched_systems_tie_in_the_system_prior_baseline():
@@ -275,7 +275,7 @@ def test_released_grades():
     models = sorted({m for p in pools for m in p.models})
     if not (real_data_dir() / "alpaca_eval").is_dir():
         pytest.skip("RMENS_DATA_DIR has no alpaca_eval folder")
-    rates = mb.alpaca_eval_win_rates(real_data_dir() / "alpaca_eval")
+    rates = alpaca_eval_win_rates(real_data_dir() / "alpaca_eval")
     prior = mb.system_prior_from_alpaca_eval(rates, models)
     assert 0 < len(prior) < len(models)                       # 5 of 18 (vicuna-33b-v1.3 meets only gpt4_0613)
     base = mb.baseline_rewards(pools, prior)

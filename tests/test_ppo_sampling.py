@@ -5,7 +5,7 @@ import torch
 from conftest import TINY
 from pydantic import ValidationError
 
-from rmens.config import GenerationConfig
+from rmens.config import GenerationConfig, derive
 from rmens.data.prompts import synthetic_prompts
 from rmens.generation import generate
 from rmens.models.backbone import load_policy, load_tokenizer
@@ -47,7 +47,7 @@ def sampler_logprobs(scores: list[torch.Tensor], batch: dict) -> torch.Tensor:
 
 def test_ppo_logprobs_are_those_the_sampler_used(tmp_path, monkeypatch):
     # PPO's default sampling (fails when the default truncates, as top_p 0.9 did), at test sizes.
-    sampling = PPOConfig().generation.model_copy(update={"max_new_tokens": 6, "batch_size": 4})
+    sampling = derive(PPOConfig().generation, max_new_tokens=6, batch_size=4)
     cfg = PPOConfig(policy=TINY, rollout_batch_size=4, step_batch_size=4, progress=False, generation=sampling)
     trainer = PPOTrainer(cfg, synthetic_prompts(4), CallableReward(lambda prompt, response: 0.0), tmp_path)
     causal_lm = trainer.unwrapped.causal_lm

@@ -85,10 +85,10 @@ def verdict_pairs(pools: list[Pool]) -> list[tuple[int, int, bool]]:
     return [(i, j, w > 0.5) for i, pool in enumerate(pools) for j, w in enumerate(pool.wins) if w != 0.5]
 
 
-def verdict_margins(pools: list[Pool], table: ScoreTable, standardised: bool = False) -> tuple[torch.Tensor, ...]:
-    """Member margins r(winner) - r(loser) [k, pairs] of every decided verdict (raw, or standardised), with the
-    characters of the winner and of the loser [pairs] (for accuracy overall and where the longer output lost)
-    and each pair's pool index [pairs] (for per-instruction accuracy)."""
+def verdict_margins(pools: list[Pool], table: ScoreTable) -> tuple[torch.Tensor, ...]:
+    """Raw member margins r(winner) - r(loser) [k, pairs] of every decided verdict, with the characters of the
+    winner and of the loser [pairs] (for accuracy overall and where the longer output lost) and each pair's
+    pool index [pairs] (for per-instruction accuracy)."""
     pairs = verdict_pairs(pools)
     if not pairs:
         raise ValueError("the pools hold no decided verdicts")
@@ -96,7 +96,7 @@ def verdict_margins(pools: list[Pool], table: ScoreTable, standardised: bool = F
     for i, j, output_won in pairs:
         pool = pools[i]
         output, reference = pool.outputs[j], pool.references[j]
-        scores = table.lookup(pool.instruction, [output, reference], standardised)  # [k, 2]
+        scores = table.lookup(pool.instruction, [output, reference])  # [k, 2]
         sign = 1.0 if output_won else -1.0
         margins.append(sign * (scores[:, 0] - scores[:, 1]))
         winner, loser = (output, reference) if output_won else (reference, output)

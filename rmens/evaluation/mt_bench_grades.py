@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rmens.bon import kl_from_uniform, selection_probabilities
-from rmens.data.loaders import judge_files
 from rmens.data.schema import DataError
 from rmens.data.splits import unit_hash
-from rmens.evaluation.pools import GAMED_GENERATORS, ScoreTable, read_annotations, response_key
+from rmens.evaluation.logged_bon import standard_error
+from rmens.evaluation.pools import ScoreTable, char_lengths, response_key
 from rmens.evaluation.rm_metrics import length_metrics, pairwise_accuracy
 from rmens.io import iter_jsonl, write_jsonl
 
@@ -87,7 +87,7 @@ class GradedPool:
     @functools.cached_property  # read for every n and every reward model: built once per pool
     def lengths(self) -> torch.Tensor:
         """Answer lengths in characters."""
-        return torch.tensor([float(len(a)) for a in self.answers], dtype=torch.float64)
+        return char_lengths(self.answers)
 
     @functools.cached_property
     def grade_tensor(self) -> torch.Tensor:
@@ -391,13 +391,9 @@ def bon_rows(pools: Sequence[GradedPool], rewards: Sequence[torch.Tensor], ns: S
             kls.append(kl_from_uniform(probs))
         values = torch.tensor(grades, dtype=torch.float64)
         rows.append({"n": n, "kl_bon": sum(kls) / len(kls), "mean_grade": float(values.mean()),
-                     "se": _standard_error(values), "mean_length": sum(lengths) / len(lengths),
+                     "se": standard_error(values), "mean_length": sum(lengths) / len(lengths),
                      **({"values": grades} if with_values else {})})
     return rows
-
-
-def _standard_error(values: torch.Tensor) -> float:
-    return float(values.std(unbiased=True) / math.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
 def baseline_rewards(pools: Sequence[GradedPool], system_prior: Mapping[str, float] | None = None
@@ -445,36 +441,6 @@ MT_BENCH_TO_ALPACA_EVAL: dict[str, tuple[str, ...]] = {
 }
 
 
-def alpaca_eval_win_rates(folder: str | Path, judges: Sequence[str] = ("ae1", "ae2"), split: str = "train",
-                          min_generators: int = 10, keep: Callable[[str], bool] | None = None
-                          ) -> dict[str, dict[str, float]]:
-    """{"<judge>/<reference system>": {generator: mean verdict}} from the `split` annotation files.
-
-    One judge set per judge AND reference, because a win rate means nothing without its reference: AE2's
-    training file holds 141 verdicts against gpt4_0613 (for vicuna-33b-v1.3 and two Llama-2 chats) among
-    33,000 against GPT-4-turbo, and pooling them would rank vicuna-33b-v1.3 far above systems that it
-    never met on the same terms. A reference met by fewer than `min_generators` generators is dropped
-    (AE2's gpt4_0613 meets 3): a z-score among three systems is not on the scale of one among fifty.
-    Reference systems and the gamed generators are left out, as in rmens.evaluation.pools.load_pools;
-    `keep` (instruction -> bool), when given, keeps only the verdicts on those instructions (the reference
-    experiment passes "not an evaluation instruction").
-    """
-    verdicts: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for judge in judges:
-        paths = [p for p in judge_files(folder, judge) if f".{split}." in p.name]
-        if not paths:
-            raise FileNotFoundError(f"no {judge} annotation files of split {split!r} in {folder}")
-        records = read_annotations(paths)
-        references = {r["generator_1"] for r in records}
-        for r in records:
-            generator = r["generator_2"]
-            if (generator not in references and generator not in GAMED_GENERATORS and r["output_2"] != r["output_1"]
-                    and (keep is None or keep(r["instruction"]))):
-                verdicts[f"{judge}/{r['generator_1']}"][generator].append(r["win"])
-    return {judge_set: {g: sum(v) / len(v) for g, v in by_generator.items()}
-            for judge_set, by_generator in verdicts.items() if len(by_generator) >= min_generators}
-
-
 def alpaca_eval_matches(win_rates: Mapping[str, Mapping[str, float]], models: Iterable[str]
                         ) -> dict[str, list[tuple[str, str]]]:
     """{model: [(judge set, generator), ...]} for the models whose mapped generators have a win rate;
@@ -505,8 +471,8 @@ def system_prior_from_alpaca_eval(win_rates: Mapping[str, Mapping[str, float]], 
     """{model: prior} for the MT-Bench models with a same-system AlpacaEval generator.
 
     `win_rates` is {judge set: {generator: mean verdict on the training instructions}}, every verdict
-    of a judge set against the same reference (alpaca_eval_win_rates builds it so). Each judge set
-    is z-scored across its own generators first, because the base rates differ (AE1 compares with
+    of a judge set against the same reference (rmens.evaluation.pools.alpaca_eval_win_rates builds it so).
+    Each judge set is z-scored across its own generators first, because the base rates differ (AE1 compares with
     text-davinci-003, AE2 with GPT-4-turbo, so the same system wins far more often in AE1); a model's
     prior is then the mean z-score of its matched (judge set, generator) entries. Unmatched models are
     absent: baseline_rewards gives them the mean prior.

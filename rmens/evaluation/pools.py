@@ -13,7 +13,7 @@ import functools
 import hashlib
 import json
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,11 +51,16 @@ class Pool:
     @functools.cached_property  # read for every n and every reward model: built once per pool
     def lengths(self) -> torch.Tensor:
         """Output lengths in characters (the length every report shows next to a win rate)."""
-        return torch.tensor([float(len(o)) for o in self.outputs], dtype=torch.float64)
+        return char_lengths(self.outputs)
 
     @functools.cached_property
     def win_tensor(self) -> torch.Tensor:
         return torch.tensor(self.wins, dtype=torch.float64)
+
+
+def char_lengths(texts: Sequence[str]) -> torch.Tensor:
+    """Lengths in characters, the length every report shows next to a pick's value."""
+    return torch.tensor([float(len(t)) for t in texts], dtype=torch.float64)
 
 
 def verdict(preference, where: str) -> float:
@@ -131,6 +136,36 @@ def load_pools(folder: str | Path, judge: str, *, include_generators: Sequence[s
     if not pools:
         raise DataError(f"{judge} annotations in {folder}: no outputs left after filtering ({dict(stats)})")
     return pools
+
+
+def alpaca_eval_win_rates(folder: str | Path, judges: Sequence[str] = ("ae1", "ae2"), split: str = "train",
+                          min_generators: int = 10, keep: Callable[[str], bool] | None = None
+                          ) -> dict[str, dict[str, float]]:
+    """{"<judge>/<reference system>": {generator: mean verdict}} from the `split` annotation files.
+
+    One judge set per judge AND reference, because a win rate means nothing without its reference: AE2's
+    training file holds 141 verdicts against gpt4_0613 (for vicuna-33b-v1.3 and two Llama-2 chats) among
+    33,000 against GPT-4-turbo, and pooling them would rank vicuna-33b-v1.3 far above systems that it
+    never met on the same terms. A reference met by fewer than `min_generators` generators is dropped
+    (AE2's gpt4_0613 meets 3): a z-score among three systems is not on the scale of one among fifty.
+    Reference systems and the gamed generators are left out, as in load_pools;
+    `keep` (instruction -> bool), when given, keeps only the verdicts on those instructions (the reference
+    experiment passes "not an evaluation instruction").
+    """
+    verdicts: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for judge in judges:
+        paths = [p for p in judge_files(folder, judge) if f".{split}." in p.name]
+        if not paths:
+            raise FileNotFoundError(f"no {judge} annotation files of split {split!r} in {folder}")
+        records = read_annotations(paths)
+        references = {r["generator_1"] for r in records}
+        for r in records:
+            generator = r["generator_2"]
+            if (generator not in references and generator not in GAMED_GENERATORS and r["output_2"] != r["output_1"]
+                    and (keep is None or keep(r["instruction"]))):
+                verdicts[f"{judge}/{r['generator_1']}"][generator].append(r["win"])
+    return {judge_set: {g: sum(v) / len(v) for g, v in by_generator.items()}
+            for judge_set, by_generator in verdicts.items() if len(by_generator) >= min_generators}
 
 
 def subsample_pools(pools: list[Pool], *, max_instructions: int | None, pool_size: int | None, min_size: int,

@@ -42,6 +42,7 @@ from rmens.data.splits import unit_hash
 from rmens.evaluation.pools import (
     GAMED_GENERATORS,
     Pool,
+    alpaca_eval_win_rates,
     load_pools,
     read_pools,
     subsample_pools,
@@ -241,8 +242,6 @@ def _check_disjoint(gold: list[PreferencePair], proxy: list[PreferencePair], ppo
 def training_win_rates(source: DataSource) -> dict[str, dict[str, float]]:
     """{"<judge>/<reference>": {system: mean verdict}} on the training instructions only (none of the
     evaluation ones): the text-free `system_prior` that a reward model could match by recognising systems."""
-    from rmens.evaluation.mt_bench_grades import alpaca_eval_win_rates
-
     train_dir, eval_dir, by_hash = folders(source)
     excluded = set() if by_hash else instructions_in(eval_dir)
 

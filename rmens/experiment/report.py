@@ -228,7 +228,7 @@ def paper_table(cfg: ExperimentConfig, r: dict) -> list[str]:
     for arm in cfg.arms:
         row = [arm.label, cfg.runs_of(arm)]
         for name in sets:
-            metric = _metric(r, name)
+            metric = evaluation_sets(r["logged_bon"])[name]["metric"]
             mean = _series(r, name, "arms", f"{arm.label}/mean")
             twin = _series(r, name, "twins", f"{arm.label}/mean")
             ruled = [(rule.name, _series(r, name, "arms", f"{arm.label}/{rule.name}")) for rule in arm.rules(cfg.rules)]
@@ -240,7 +240,7 @@ def paper_table(cfg: ExperimentConfig, r: dict) -> list[str]:
         row = [f"{base} (baseline)", "-"]
         for name in sets:
             value = _series(r, name, "baselines", base)
-            row += [f"{value[_metric(r, name)]:.3f}" if value else "-", "-", "-"]
+            row += [f"{value[evaluation_sets(r['logged_bon'])[name]['metric']]:.3f}" if value else "-", "-", "-"]
         rows.append(row)
     return ["## The paper's table (Zhang et al. 2024, Table 1 in shape)", "",
             "Best-of-n over logged outputs at each set's largest n: AlpacaEval win rate against the reference (real "
@@ -248,10 +248,6 @@ def paper_table(cfg: ExperimentConfig, r: dict) -> list[str]:
             "the best of the arm's rules chosen after the fact, so it is optimistic; the verdicts test each rule "
             "named in advance.", ""] + \
         md_table(header, rows)
-
-
-def _metric(r: dict, name: str) -> str:
-    return "mean_grade" if name == "mt_bench" else "win_rate"
 
 
 def claims_table(claims: list[dict]) -> list[str]:

@@ -93,9 +93,11 @@ def ae_agreement(pools: list[pl.Pool], table: pl.ScoreTable) -> dict:
     mean over standardised members (the members the rules read; accuracy needs only their order), member
     accuracies, accuracy where the longer output lost next to "the longer wins", per pool; and ECE on the raw
     Bradley-Terry scale (a probability is the sigmoid of a raw margin)."""
-    margins, len_winner, len_loser, pool_of = lb.verdict_margins(pools, table, standardised=True)
+    raw_margins, len_winner, len_loser, pool_of = lb.verdict_margins(pools, table)
+    # a standardised margin is the raw one over the member's scale (the centre cancels in a difference)
+    margins = raw_margins / torch.from_numpy(table.scale)[:, None]
     metrics = ensemble_metrics(margins.float())
-    raw = ensemble_metrics(lb.verdict_margins(pools, table)[0].float())
+    raw = ensemble_metrics(raw_margins.float())
     ensemble = margins.mean(dim=0)
     per_pool = [pairwise_accuracy(ensemble[pool_of == i]) if bool((pool_of == i).any()) else math.nan
                 for i in range(len(pools))]
