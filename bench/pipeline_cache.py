@@ -83,7 +83,7 @@ def main() -> int:
         return float(re.search(r"finished in ([\d.]+) s", text).group(1))
 
     def stages(text: str) -> str:
-        return re.search(r"stages: (\d+ \((\d+ served from Prefect's cache|all up to date))", text).group(1) + ")"
+        return re.search(r"steps: (\d+ \((\d+ served from Prefect's cache|all up to date))", text).group(1) + ")"
 
     result = {
         "ephemeral_trivial_flow_s": ephemeral, "server_trivial_flow_s": with_server,

@@ -207,16 +207,22 @@ def cmd_run(args) -> int:
     from rmens.preflight import check_before_work
 
     check_before_work(config)  # here as well as in the flow: before a temporary server starts
+    from rmens.pipeline.plan import run_pipeline
+    from rmens.steps import Store
+    from rmens.steps.runner import check
     from tasks.runtime.paths import ProjectPaths
-    from tasks.runtime.uptodate import still_standing
 
     paths = ProjectPaths.at(config.project_dir)
-    last = None if args.refresh or args.record else still_standing(paths, "pipeline", config)
-    if last is not None:  # nothing would run: say so without paying for Prefect and MLflow
-        _print_run_summary(config.name, args.preset, paths, last.report, last.parent_run_id,
-                           f"{len(last.stages)} (all up to date since {last.finished_at}: nothing ran; "
-                           "--record runs them through Prefect as cache hits)")
-        return 0
+    if not (args.refresh or args.record):
+        # Every step's key is known before anything runs: when the store holds all of them, finished and
+        # intact, nothing would run, so say so without paying for Prefect and MLflow.
+        plan = check(run_pipeline, Store.of_project(paths.root), config)
+        if not plan.missing:
+            report = plan.outputs["report:report"]
+            _print_run_summary(config.name, args.preset, paths, report.file("report"),
+                               f"MLflow run {report.run_id} made the report", f"{len(plan.outputs)} (all up to date: "
+                               "nothing ran; --record runs them through Prefect as cache hits)")
+            return 0
     check_servers()
     prepare_environment(config.project_dir)
     from flows.pipeline import pipeline
@@ -224,20 +230,20 @@ def cmd_run(args) -> int:
     start = time.perf_counter()
     result = pipeline(config=config, refresh=args.refresh)
     cached = sum(1 for s in result["states"].values() if s == "Cached")
-    _print_run_summary(config.name, args.preset, paths, result["report"], result["parent_run_id"],
+    _print_run_summary(config.name, args.preset, paths, result["report"], f"parent run {result['parent_run_id']}",
                        f"{len(result['states'])} ({cached} served from Prefect's cache)",
                        time.perf_counter() - start)
     return 0
 
 
-def _print_run_summary(name: str, preset: str, paths, report: str, parent_run_id: str, stages: str,
+def _print_run_summary(name: str, preset: str, paths, report, run: str, steps: str,
                        seconds: float | None = None) -> None:
     print(f"\nrmens pipeline '{name}' " + (f"finished in {seconds:.1f} s" if seconds is not None else "is up to date"))
-    print(f"  report:          {report}/report.md")
+    print(f"  report:          {report}")
     print(f"  artifacts:       {paths.artifacts}")
-    print(f"  MLflow store:    {paths.tracking_uri}  (parent run {parent_run_id})")
+    print(f"  MLflow store:    {paths.tracking_uri}  ({run})")
     print(f"  compare the arms in the MLflow UI:  rmens ui --preset {preset}")
-    print(f"  stages: {stages}")
+    print(f"  steps: {steps}")
 
 
 def cmd_experiment(args) -> int:

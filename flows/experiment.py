@@ -4,8 +4,6 @@ folder and attached to the flow's MLflow run and Prefect artifacts."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
@@ -13,9 +11,7 @@ from rmens.experiment.config import ExperimentConfig, load_experiment
 from rmens.experiment.data import check_inputs, source_fingerprints
 from rmens.experiment.plan import Part, run_plan
 from rmens.experiment.runner import claim_output, publish
-from tasks.experiment import EXPERIMENT_TASKS
 from tasks.runtime.paths import ProjectPaths
-from tasks.runtime.refs import ArtifactRef
 from tasks.runtime.stager import Stager, flow_run_name, flow_run_tags
 from tasks.runtime.tracking import client_for, parent_run
 
@@ -31,11 +27,7 @@ def experiment(config: ExperimentConfig | None = None, size: str = "tiny", overr
     paths = ProjectPaths.at(root).make()
     with parent_run(paths, f"experiment:{config.size}", config, tags=flow_run_tags()) as ctx, \
             Stager(ctx, refresh) as stage:
-
-        def call(step: str, label: str, /, **inputs: Any) -> ArtifactRef:
-            return stage(EXPERIMENT_TASKS[step], f"{step}:{label}", label=label, inputs=inputs)
-
-        report = run_plan(config, call, part, source_fingerprints(config.data, config.mt_bench))
+        report = run_plan(config, stage, part, source_fingerprints(config.data, config.mt_bench))
         published = publish(report.require().folder, root)
         client = client_for(ctx)
         for path in published:

@@ -6,9 +6,9 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from flows.steps import train_one
 from rmens.config import RetrainConfig
-from tasks.prepare_data import read_pairs
+from rmens.pipeline.data import read_pairs
+from rmens.pipeline.plan import train_one
 from tasks.runtime.paths import ProjectPaths
 from tasks.runtime.registry import promote_if_better
 from tasks.runtime.stager import Stager, flow_run_name, flow_run_tags
@@ -21,7 +21,7 @@ def retrain(config: RetrainConfig = RetrainConfig(), refresh: bool = False) -> d
     if not config.log_model:
         raise ValueError("retrain compares registered models: log_model must be true")
     with parent_run(paths, f"retrain:{config.label}", config, tags=flow_run_tags()) as ctx, \
-            Stager(ctx, refresh) as stage:
+            Stager(ctx, refresh, config.log_model, config.registered_model) as stage:
         data, model = train_one(stage, config)
         held_out = read_pairs(data, "val")
         if not held_out:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.steps import train_one
 from rmens.config import TrainFlowConfig
+from rmens.pipeline.plan import train_one
 from tasks.runtime.paths import ProjectPaths
 from tasks.runtime.stager import Stager, flow_run_name, flow_run_tags
 from tasks.runtime.tracking import parent_run
@@ -15,7 +15,7 @@ from tasks.runtime.tracking import parent_run
 def train(config: TrainFlowConfig = TrainFlowConfig(), refresh: bool = False) -> dict:
     paths = ProjectPaths.at(config.project_dir).make()
     with parent_run(paths, f"train:{config.label}", config, tags=flow_run_tags()) as ctx, \
-            Stager(ctx, refresh) as stage:
+            Stager(ctx, refresh, config.log_model, config.registered_model) as stage:
         _, model = train_one(stage, config)
     return {"ensemble": model.path, "summary": model.summary, "states": stage.states,
             "parent_run_id": ctx.parent_run_id}

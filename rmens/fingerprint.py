@@ -8,6 +8,7 @@ fingerprint hashes every source file of the named modules and packages, found wi
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import importlib.util
@@ -37,6 +38,65 @@ def source_fingerprint(modules: tuple[str, ...]) -> str:
     for name in modules:
         for where, path in source_files(name).items():
             digest.update(where.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+@functools.cache
+def imported_closure(module: str, prefix: str = "rmens") -> tuple[str, ...]:
+    """`module` and every `prefix` module it imports, directly or through others, read from their source
+    without importing them: the code a step's output can depend on. Imports inside functions count;
+    imports for type annotations only (under `if TYPE_CHECKING:`) do not. A package stands for its
+    __init__.py here (a step that reads a whole package declares it)."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        todo.extend(_imports_of(name, prefix) - seen)
+    return tuple(sorted(seen))
+
+
+@functools.cache
+def _source_of(module: str, prefix: str) -> Path | None:
+    """The file of a module (a package's __init__.py); a `prefix` module is found by path, as find_spec would
+    import its parents. A module outside `prefix` (a step declared in a test) is found by find_spec."""
+    if module != prefix and not module.startswith(prefix + "."):
+        spec = importlib.util.find_spec(module)
+        return Path(spec.origin) if spec is not None and spec.origin else None
+    root = Path(importlib.util.find_spec(prefix).origin).parent
+    base = root.joinpath(*module.split(".")[1:])
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+@functools.cache
+def _imports_of(module: str, prefix: str) -> frozenset[str]:
+    tree = ast.parse(_source_of(module, prefix).read_text(encoding="utf-8"))
+    typing_only = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and getattr(block.test, "id", None) == "TYPE_CHECKING" for node in ast.walk(block)}
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}  # `from package import module`
+    ours = {name for name in found if name == prefix or name.startswith(prefix + ".")}
+    return frozenset(name for name in ours if _source_of(name, prefix) is not None)
+
+
+@functools.cache  # per process: a key is computed for every step call
+def closure_fingerprint(module: str, prefix: str = "rmens") -> str:
+    """The hash of the source of `module` and of every `prefix` module it imports (imported_closure)."""
+    digest = hashlib.sha256()
+    for name in imported_closure(module, prefix):
+        digest.update(name.encode() + b"\0" + _source_of(name, prefix).read_bytes())
     return digest.hexdigest()
 
 

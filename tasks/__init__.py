@@ -1,3 +1,3 @@
-"""Prefect tasks, one module per pipeline stage. Each wraps a capability of `rmens` with a cache key,
-retries, a lock and an MLflow child run, and returns a small JSON reference to its output folder; what the
-stages share (keys, references, paths, locks, tracking, the Stager) is the runtime in tasks/runtime/."""
+"""Prefect and MLflow around the library's steps: tasks/steps.py turns any declared step (rmens.steps) into
+a cached, locked, retried Prefect task with an MLflow child run; tasks/publish.py puts a pipeline's
+comparison where people look; what flows share is the runtime in tasks/runtime/."""

@@ -86,7 +86,7 @@ def test_secrets_come_only_from_the_env_file():
 def test_gpu_image_installs_a_pinned_torch_and_the_project():
     text = (ROOT / "docker" / "Dockerfile.gpu").read_text()
     assert re.search(r'ARG TORCH_VERSION=2\.\d+', text) and 'pip install "torch==${TORCH_VERSION}"' in text
-    assert "import rmens, flows.pipeline, tasks.runtime.stage" in text
+    assert "import rmens, flows.pipeline, tasks.steps" in text
 
 
 # --- security of the stack -------------------------------------------------------------------------------
@@ -318,7 +318,7 @@ def test_gpu_image_build_context_leaves_out_the_env_file():
     patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     for secret in ("docker/.env", ".env", ".venv/bin/python", "runs/cpu/mlflow.db"):
         assert dockerignored(secret, patterns), secret
-    for needed in ("docker/mlflow_credentials.py", "rmens/__init__.py", "flows/pipeline.py", "tasks/runtime/stage.py",
+    for needed in ("docker/mlflow_credentials.py", "rmens/__init__.py", "flows/pipeline.py", "tasks/steps.py",
                    "pyproject.toml", "README.md", "docker/.env.example"):
         assert not dockerignored(needed, patterns), needed
 

@@ -115,12 +115,12 @@ def test_evaluation_instructions_and_held_out_systems_are_never_trained_on(folde
     gold_pairs = load_jsonl_pairs(tmp_path / "pairs" / "gold_pairs.jsonl")
     proxy_pairs = load_jsonl_pairs(tmp_path / "pairs" / "proxy_pairs.jsonl")
     gold, proxy = {p.prompt for p in gold_pairs}, {p.prompt for p in proxy_pairs}
-    ppo_prompts = set(read_prompts(tmp_path / "pairs", "ppo_prompts.json"))
+    ppo_prompts = set(read_prompts(tmp_path / "pairs" / "ppo_prompts.json"))
     split = json.loads((tmp_path / "pairs" / "split.json").read_text())
     # three disjoint training shares: PPO's prompts carry no label any reward model saw
     assert pools and gold and proxy and ppo_prompts and not gold & proxy and not ppo_prompts & (gold | proxy)
     assert not pools & (gold | proxy | ppo_prompts)
-    assert set(read_prompts(tmp_path / "pools", "eval_prompts.json")) <= pools
+    assert set(read_prompts(tmp_path / "pools" / "eval_prompts.json")) <= pools
     assert summary["evaluation_instructions_in_training"] == 0 and split["sources"] == sources
     # held-out systems: 8 of the 20 synthetic ones, the same in both judge sets; no output of theirs trains,
     # and the pools hold nothing else
@@ -262,9 +262,9 @@ def test_report_holds_the_tables_and_a_corrected_verdict_for_each_claim(tiny_run
 def test_a_second_run_reuses_every_step_and_a_ppo_change_reruns_only_ppo(tiny_runs):
     _, first, second, third, fourth = tiny_runs
     assert second["computed"] == [] and second["reused"] == first["computed"]
-    assert set(third["computed"]) == {"ppo:single/mean-r0", "ppo_eval:single/mean-r0", "ppo:linear-k5/mean-r0",
-                                      "ppo_eval:linear-k5/mean-r0", "ppo:linear-k5/uwo0.5-r0",
-                                      "ppo_eval:linear-k5/uwo0.5-r0", "report:report"}
+    assert set(third["computed"]) == {"ppo_run:single/mean-r0", "ppo_eval:single/mean-r0", "ppo_run:linear-k5/mean-r0",
+                                      "ppo_eval:linear-k5/mean-r0", "ppo_run:linear-k5/uwo0.5-r0",
+                                      "ppo_eval:linear-k5/uwo0.5-r0", "experiment_report:report"}
     # other evaluation pools rescore every model but retrain none
     assert "pools:pools" in fourth["computed"] and not any(step.startswith("train:") for step in fourth["computed"])
 
@@ -331,6 +331,7 @@ def test_proxy_labels_follow_the_gold_model_or_get_noise(tiny_tokenizer, tmp_pat
     from rmens.io import write_jsonl
     from rmens.models.ensemble import build_ensemble
     from rmens.reward import EnsembleReward
+    from rmens.steps import Output
 
     build_ensemble(EnsembleConfig(kind="linear", k=1, backbone=TINY, max_length=64, seed=3)).save(
         tmp_path / "gold" / "ensemble", tiny_tokenizer)
@@ -342,12 +343,13 @@ def test_proxy_labels_follow_the_gold_model_or_get_noise(tiny_tokenizer, tmp_pat
     def margins(rows):
         return gold(prompts, [p.chosen for p in rows]).scores - gold(prompts, [p.rejected for p in rows]).scores
 
-    summary = proxy_labels_step(tmp_path / "relabelled", pairs=tmp_path / "data", gold=tmp_path / "gold",
-                                label_noise=0.0, seed=0)
+    data = Output(step="pairs", key="d", path=str(tmp_path / "data"))
+    trained = Output(step="train", key="g", path=str(tmp_path / "gold"))
+    summary = proxy_labels_step(tmp_path / "relabelled", pairs=data, gold=trained, label_noise=0.0, seed=0)
     relabelled = load_jsonl_pairs(tmp_path / "relabelled" / "proxy_pairs.jsonl")
     assert summary["relabelled_by_gold"] == int((margins(pairs) < 0).sum()) > 0
     assert bool((margins(relabelled) >= 0).all()) and all(p.weight == 1.0 for p in relabelled)
-    summary = proxy_labels_step(tmp_path / "noisy", pairs=tmp_path / "data", gold=None, label_noise=0.25, seed=0)
+    summary = proxy_labels_step(tmp_path / "noisy", pairs=data, gold=None, label_noise=0.25, seed=0)
     noisy = load_jsonl_pairs(tmp_path / "noisy" / "proxy_pairs.jsonl")
     assert summary["flipped"] == 10 == sum(a.chosen != b.chosen for a, b in zip(pairs, noisy))
 
@@ -405,40 +407,19 @@ def test_untrained_twins_from_one_backbone_pass_equal_each_twin_built_the_long_w
         assert torch.allclose(together[rows[label]], alone, atol=1e-5), label
 
 
-def test_every_module_a_step_imports_is_in_its_cache_key():
-    """A step's key fingerprints the source of STEP_CODE[step]: a module the step's code imports but the key
-    misses would let an edit to it serve stale results."""
-    import ast
-    import importlib.util
-    from pathlib import Path
+def test_every_step_is_keyed_by_all_the_code_it_imports():
+    """Both pipelines' steps, declared once: a unique name each, and a key over the source of every rmens module
+    their module imports, directly or not (a helper two imports away, e.g. the seeding of the data split)."""
+    from rmens.experiment.plan import STEPS
+    from rmens.pipeline.plan import STEPS as PIPELINE_STEPS
 
-    from rmens.experiment.plan import STEP_CODE
-    from rmens.experiment.steps import STEPS
-
-    exempt = {"rmens.io", "rmens.experiment.plan"}  # file helpers, and the steps' file names
-
-    def imported(module: str) -> set[str]:
-        tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
-        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
-                       and getattr(block.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(block)}
-        found = set()
-        for node in ast.walk(tree):
-            if id(node) in typing_only:
-                continue
-            if isinstance(node, ast.Import):
-                found |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                for alias in node.names:
-                    full = f"{node.module}.{alias.name}"
-                    found.add(full if importlib.util.find_spec(node.module).submodule_search_locations
-                              and importlib.util.find_spec(full) else node.module)
-        return {name for name in found if name.startswith("rmens")}
-
-    for step, function in STEPS.items():
-        listed = STEP_CODE[step]
-        missing = [name for name in imported(function.__module__) | {function.__module__} - exempt
-                   if not any(name == m or name.startswith(m + ".") for m in listed) and name not in exempt]
-        assert not missing, f"{step}: {missing}"
+    steps = (*STEPS, *PIPELINE_STEPS)
+    assert len({step.name for step in steps}) == len(steps) == 19
+    for step in steps:
+        assert step.fn.__module__ in step.modules and "rmens.steps.contract" in step.modules
+    pairs = next(step for step in STEPS if step.name == "pairs")
+    assert {"rmens.seeding", "rmens.data.splits", "rmens.evaluation.pools"} <= set(pairs.modules)
+    assert "rmens.ppo.trainer" not in pairs.modules
 
 
 @requires_real_data

@@ -150,7 +150,7 @@ def test_config_bounds_and_load_judge_passes_the_limit(tmp_path, monkeypatch):
         "".join(json.dumps({"name": k, **v}) + "\n" for k, v in PROMPTS.items()))
     import rmens.data.loaders as loaders
     import rmens.models.backbone as backbone
-    from tasks.runtime.judging import load_judge
+    from rmens.pipeline.judging import load_judge
 
     monkeypatch.setattr(loaders, "data_root", lambda: tmp_path)
     monkeypatch.setattr(backbone, "load_policy", lambda *a, **k: object())
@@ -162,7 +162,7 @@ def test_config_bounds_and_load_judge_passes_the_limit(tmp_path, monkeypatch):
 @pytest.mark.reliability
 def test_evaluate_writes_unparsed_records_to_the_stage_folder(tmp_path):
     from rmens.io import read_jsonl
-    from tasks.runtime.judging import write_unparsed
+    from rmens.pipeline.judging import write_unparsed
 
     judge = LocalLLMJudge(PROMPTS, generate_fn=stub_generate({"q3"}))
     assert write_unparsed(tmp_path, judge) == 0 and not (tmp_path / "unparsed.jsonl").exists()

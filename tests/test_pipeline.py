@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -80,59 +79,31 @@ def test_an_unchanged_rerun_reports_the_last_run_without_prefect_or_mlflow(pipel
     done = subprocess.run([sys.executable, "-c", code, *_cli_args(project, LAST)], capture_output=True, text=True,
                           env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert "is up to date" in done.stdout and f"parent run {third['parent_run_id']}" in done.stdout
+    assert "is up to date" in done.stdout and third["report"] in done.stdout
     assert "heavy: []" in done.stdout  # no Prefect, MLflow or torch import: nothing ran
-    assert f"stages: {len(third['states'])} (all up to date" in done.stdout
+    assert f"steps: {len(third['states'])} (all up to date" in done.stdout
     assert len(runs_of(project)[1]) == len(before)  # and nothing new recorded
 
 
-def test_anything_a_rerun_depends_on_changing_sends_it_through_prefect(pipeline_runs, monkeypatch, tmp_path):
-    from tasks.runtime import uptodate
-    from tasks.runtime.paths import ProjectPaths
+def test_the_plan_checks_against_the_store_by_keys_alone(pipeline_runs):
+    """What decides the shortcut: every step's key found finished and intact; a setting, a damaged output
+    or another folder sends the run through Prefect, and the same bytes again do not."""
+    from rmens.pipeline.plan import run_pipeline
+    from rmens.steps import Store
+    from rmens.steps.runner import check
 
     project, *_, third = pipeline_runs
-    paths, config = ProjectPaths.at(project), smoke(project, *LAST)
-    assert uptodate.still_standing(paths, "pipeline", config) is not None
-    assert uptodate.still_standing(paths, "pipeline", smoke(project, "ppo.lr=0.004")) is None  # config
-    assert uptodate.still_standing(paths, "train", config) is None  # another flow's record
+    store, config = Store.of_project(project), smoke(project, *LAST)
+    assert check(run_pipeline, store, config).missing == []
+    assert check(run_pipeline, store, smoke(project, "ppo.lr=0.004")).missing == [
+        "ppo:single", "evaluate:ppo:single", "report:report"]  # only what the setting reaches
     samples = next((project / "artifacts" / "sample").iterdir()) / "samples.jsonl"
     original = samples.read_bytes()
-    samples.write_bytes(original + b"\n")  # a damaged artifact
-    assert uptodate.still_standing(paths, "pipeline", config) is None
+    samples.write_bytes(original + b"\n")  # a damaged output
+    assert check(run_pipeline, store, config).missing == ["sample:bon"]
     samples.write_bytes(original)
-    assert uptodate.still_standing(paths, "pipeline", config) is not None  # same bytes again: re-hashed, intact
-    store = paths.mlflow_db.rename(project / "moved.db")  # the runs it would point at are gone
-    assert uptodate.still_standing(paths, "pipeline", config) is None
-    store.rename(paths.mlflow_db)
-    with sqlite3.connect(paths.mlflow_db) as db:  # its parent run deleted in the UI
-        db.execute("UPDATE runs SET lifecycle_stage = 'deleted' WHERE run_uuid = ?", (third["parent_run_id"],))
-    assert uptodate.still_standing(paths, "pipeline", config) is None
-    with sqlite3.connect(paths.mlflow_db) as db:
-        db.execute("UPDATE runs SET lifecycle_stage = 'active' WHERE run_uuid = ?", (third["parent_run_id"],))
-    assert uptodate.still_standing(paths, "pipeline", config) is not None
-    with sqlite3.connect(paths.mlflow_db) as db:  # its experiment deleted
-        db.execute("UPDATE experiments SET lifecycle_stage = 'deleted'")
-    assert uptodate.still_standing(paths, "pipeline", config) is None
-    with sqlite3.connect(paths.mlflow_db) as db:
-        db.execute("UPDATE experiments SET lifecycle_stage = 'active'")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # a tracking server: not checked here
-    assert uptodate.still_standing(paths, "pipeline", config) is None
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    elsewhere = tmp_path / "copy"  # the record and store copied beside another folder (a relative project_dir)
-    elsewhere.mkdir()
-    for name in ("last_pipeline.json", "mlflow.db"):
-        shutil.copy(project / name, elsewhere / name)
-    assert uptodate.still_standing(ProjectPaths.at(elsewhere), "pipeline", config) is None
-    code = uptodate.code_on_disk()
-    monkeypatch.setattr(uptodate, "code_on_disk", lambda: "edited")  # a source file changed
-    assert uptodate.still_standing(paths, "pipeline", config) is None
-    record = (project / "last_pipeline.json").read_text()
-    # Edited while a run was under way: that run leaves no record, and the older one goes.
-    assert uptodate.record_last_run(paths, "pipeline", config, code, third["parent_run_id"], "r", []) is None
-    assert not (project / "last_pipeline.json").exists()
-    (project / "last_pipeline.json").write_bytes(b"\xff\xfe")  # an unreadable record costs only the shortcut
-    assert uptodate.still_standing(paths, "pipeline", config) is None
-    (project / "last_pipeline.json").write_text(record)
+    assert check(run_pipeline, store, config).missing == []  # same bytes again: re-hashed, intact
+    assert len(check(run_pipeline, Store.of_project(project / "elsewhere"), config).missing) == len(third["states"])
 
 
 @pytest.mark.parametrize("flag", ["--record", "--refresh"])
@@ -147,7 +118,7 @@ def test_record_and_refresh_run_the_flow_even_when_up_to_date(pipeline_runs, mon
     monkeypatch.setattr(flows.pipeline, "pipeline", lambda config, refresh: calls.append(refresh) or
                         {**third, "states": {"report:report": "Cached"}})
     assert flows.cli.main([*_cli_args(project, LAST), flag]) == 0
-    assert calls == [flag == "--refresh"] and "1 (1 served from Prefect's cache)" in capsys.readouterr().out
+    assert calls == [flag == "--refresh"] and "steps: 1 (1 served from Prefect's cache)" in capsys.readouterr().out
 
 
 def test_mlflow_parent_child_structure_metrics_and_cache_links(pipeline_runs):
@@ -224,7 +195,7 @@ def test_registered_model_predicts_members_and_reward(pipeline_runs):
 
 def test_report_and_curves_are_written(pipeline_runs):
     project, first, *_ = pipeline_runs
-    report = (first["report"] + "/report.md")
+    report = first["report"]
     text = open(report).read()
     assert "linear-k3" in text and "best_of_n" in text
     bon = first["summaries"]["best_of_n"]
@@ -240,7 +211,7 @@ def test_a_deleted_artifact_is_recomputed(harness, pipeline_runs):
     shutil.rmtree(sample_dirs[0])
     again = pipeline(config=smoke(project))
     assert again["states"]["sample:bon"] == "Completed"
-    assert (sample_dirs[0] / "ref.json").is_file()
+    assert (sample_dirs[0] / "done.json").is_file()
 
 
 def test_retrain_promotes_only_a_better_model(harness, tmp_path):
@@ -264,23 +235,26 @@ def test_retrain_promotes_only_a_better_model(harness, tmp_path):
     json.dumps(worse)
 
 
-def test_two_concurrent_runs_of_one_stage_compute_it_once(harness, tmp_path):
+def test_two_concurrent_runs_of_one_step_compute_it_once(harness, tmp_path):
     from prefect import flow
 
     from rmens.config import DataConfig
-    from tasks.prepare_data import prepare_data
+    from rmens.pipeline.data import prepare_data
+    from rmens.steps import step_key
     from tasks.runtime.paths import ProjectPaths
-    from tasks.runtime.stage import for_project
     from tasks.runtime.tracking import parent_run
+    from tasks.steps import for_project
 
     paths = ProjectPaths.at(tmp_path).make()
     config = DataConfig(source="synthetic", max_pairs=32)
+    inputs = {"data": config}
 
     @flow
     def twice():
         with parent_run(paths, "lock-test", config) as ctx:
             bound = for_project(prepare_data, paths)
-            futures = [bound.submit(ctx=ctx, data=config) for _ in range(2)]
+            ctx = ctx.for_stage(step_key(prepare_data, inputs), "arms")
+            futures = [bound.submit(ctx=ctx, step_name="prepare_data", label="arms", inputs=inputs) for _ in range(2)]
             for future in futures:
                 future.wait()
             return [future.state for future in futures]
@@ -312,10 +286,53 @@ def test_experiment_flow_caches_every_step_and_tracks_each_in_mlflow(harness, tm
     client, runs = runs_of(out)
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == first["parent_run_id"]}
     assert {"pairs:pairs", "pools:pools", "train:gold", "train:linear-k5-r0", "train:linear-k5-r1", "twins:twins",
-            "score:lora-k5-all-r1", "rewards:rewards", "ppo:linear-k5/mean-r0", "ppo_eval:linear-k5/mean-r0",
-            "report:report"} <= set(children)
+            "score_pools:lora-k5-all-r1", "rewards:rewards", "ppo_run:linear-k5/mean-r0",
+            "ppo_eval:linear-k5/mean-r0", "experiment_report:report"} <= set(children)
     train_run = children["train:full-k3-r1"]
     assert train_run.data.tags["rmens.arm"] == "full-k3-r1" and train_run.data.metrics["train_wall_s"] > 0
     assert train_run.data.params["ensemble.kind"] == "full"
     assert {a.path for a in client.list_artifacts(first["parent_run_id"])} >= {"logged_bon.json", "report.md"}
     assert "rewards_step" not in (out / "report.md").read_text() and (out / "logged_bon_ae2.png").is_file()
+    # the same plan under the plain runner: the same keys, the same numbers
+    from rmens.experiment.runner import run_experiment
+
+    plain = run_experiment(config, tmp_path / "plain")
+    assert len(plain["computed"]) == len(first["states"]) and not plain["reused"]
+    ours, flows = _finished(tmp_path / "plain" / "artifacts"), _finished(out / "artifacts")
+    assert set(ours) == set(flows)
+    differ = [name for name in ours if not _same_numbers(ours[name], flows[name])]
+    assert not differ, {name: (ours[name], flows[name]) for name in differ}
+    assert json.loads((tmp_path / "plain" / "logged_bon.json").read_text()) == logged
+
+
+def _finished(root: Path) -> dict[str, dict]:
+    """Every finished output under a store root, `step/key`: its summary without what measures the machine
+    (wall times, memory) or names a tracking record (the registered model's version)."""
+    volatile = ("wall", "peak", "memory", "per_s", "model_version", "device")
+    return {done.parent.relative_to(root).as_posix(): {k: v for k, v in json.loads(done.read_text())["summary"].items()
+                                                       if not any(word in k for word in volatile)}
+            for done in root.glob("*/*/done.json")}
+
+
+def _same_numbers(a: dict, b: dict) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True) or all(
+        k in b and (a[k] == b[k] or (isinstance(a[k], float) and a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9)))
+        for k in a)
+
+
+def test_the_plain_runner_computes_what_prefect_computed_with_the_same_keys(pipeline_runs, tmp_path):
+    """One plan, two runners: in-process without Prefect or MLflow, every step of the smoke pipeline gets the
+    key (and so the folder name) the Prefect flow gave it, and the same numbers."""
+    from rmens.pipeline.plan import run_pipeline
+    from rmens.steps import Store
+    from rmens.steps.runner import LocalRunner
+
+    project, *_ = pipeline_runs
+    plain = tmp_path / "plain"
+    runner = LocalRunner(Store.of_project(plain))
+    run_pipeline(smoke(project), runner)  # the first run's settings; its project_dir only names MLflow's store
+    assert not runner.reused and len(runner.computed) == len(_finished(plain / "artifacts"))
+    ours, flows = _finished(plain / "artifacts"), _finished(project / "artifacts")
+    assert set(ours) <= set(flows)
+    differ = [name for name in ours if not _same_numbers(ours[name], flows[name])]
+    assert not differ, {name: (ours[name], flows[name]) for name in differ}

@@ -7,6 +7,7 @@ checked is what a user gets: exit codes, what is left on disk, and the MLflow st
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -118,7 +119,7 @@ def _runs(project: Path):
 
 
 def _sealed(project: Path) -> dict[str, int]:
-    return {str(p.parent): p.stat().st_mtime_ns for p in (project / "artifacts").glob("*/*/ref.json")}
+    return {str(p.parent): p.stat().st_mtime_ns for p in (project / "artifacts").glob("*/*/done.json")}
 
 
 def test_sigterm_stops_the_run_its_server_and_marks_its_runs_killed(tmp_path):
@@ -155,8 +156,8 @@ def test_a_run_killed_mid_stage_leaves_nothing_that_blocks_or_lies(tmp_path, pre
     finished = _sealed(project)
     # A cached artifact damaged after it was made; the Best-of-n samples, which PPO does not read, so that
     # the PPO stage keeps its key and meets the dead run's lock.
-    damaged = max((p for p in project.glob("artifacts/sample/*/*") if p.is_file() and p.name != "ref.json"),
-                  key=lambda p: p.stat().st_size)
+    damaged = max((p for p in project.glob("artifacts/sample/*/*")
+                   if p.is_file() and p.name not in ("done.json", "started.json")), key=lambda p: p.stat().st_size)
     damaged.write_bytes(b"")
     out = _finish(_rmens("run", "--set", f"project_dir={project}", *SMALL, env=env), 300)
 
@@ -313,51 +314,52 @@ def test_runs_left_running_by_a_dead_process_are_closed_as_killed(tmp_path):
     assert client.get_run(orphan).info.status == "KILLED" and client.get_run(live).info.status == "RUNNING"
 
 
-def test_a_changed_artifact_is_rebuilt_not_reused(tmp_path, caplog):
-    from tasks.runtime.paths import ProjectPaths
-    from tasks.runtime.stage import run_stage
-    from tasks.runtime.tracking import StageContext, setup
+def _counting_step(name: str, builds: list, content: bytes = b"\1" * 64, resumable: bool = False):
+    from rmens.steps import step
 
-    paths = ProjectPaths.at(tmp_path)
-    ctx = StageContext(project_dir=str(tmp_path), experiment_id=setup(paths))
-    builds = []
+    def build(folder: Path, *, x: int) -> dict:
+        builds.append(sorted(p.name for p in folder.iterdir()))
+        (folder / "weights.bin").write_bytes(content)
+        return {"x": x}
 
-    def build(folder: Path, run_id: str) -> dict:
-        (folder / "weights.bin").write_bytes(b"\1" * 64)
-        builds.append(folder)
-        return {}
+    build.__qualname__ = f"build_{name}"
+    return step(name, resumable=resumable)(build)
 
-    first = run_stage(ctx, "report", {"x": 1}, build)
-    assert run_stage(ctx, "report", {"x": 1}, build).sha256 == first.sha256 and len(builds) == 1
+
+def test_a_changed_output_is_rebuilt_not_reused_and_refresh_rebuilds(tmp_path, caplog):
+    """The one store's rule, which every runner follows: reuse a finished, intact folder of the same key;
+    compute again one whose files changed, whose done.json is unreadable, or that --refresh names."""
+    from rmens.steps import Store
+
+    builds: list = []
+    step = _counting_step("test_changed", builds)
+    store = Store(tmp_path)
+    first, computed = store.run(step, {"x": 1})
+    assert computed and store.run(step, {"x": 1}) == (first, False) and len(builds) == 1
     (first.folder / "weights.bin").write_bytes(b"\2" * 64)  # same size, new content
-    with _captured(caplog, "tasks.runtime.stage"):
-        again = run_stage(ctx, "report", {"x": 1}, build)
-    assert len(builds) == 2 and again.sha256 == first.sha256
+    with _captured(caplog, "rmens.steps.store"):
+        again, computed = store.run(step, {"x": 1})
+    assert computed and len(builds) == 2 and again.folder == first.folder
     assert "changed since it was made" in caplog.text and "weights.bin" in caplog.text
-    (first.folder / "ref.json").write_bytes(b"\xff\xfe")  # an unreadable reference: rebuilt, not a crash
-    assert run_stage(ctx, "report", {"x": 1}, build).sha256 == first.sha256 and len(builds) == 3
-    refresh = ctx.for_stage(first.key, "x", refresh=True)  # --refresh rebuilds a complete, intact folder
-    assert run_stage(refresh, "report", {"x": 1}, build).sha256 == first.sha256 and len(builds) == 4
+    (first.folder / "done.json").write_bytes(b"\xff\xfe")  # an unreadable marker: rebuilt, not a crash
+    assert store.run(step, {"x": 1})[1] and len(builds) == 3
+    assert store.run(step, {"x": 1}, refresh=True)[1] and len(builds) == 4  # --refresh: a complete, intact folder
+    assert store.run(step, {"x": 2})[0].folder != first.folder  # another input: another key and folder
 
 
-def test_the_plain_runner_rebuilds_a_step_whose_files_changed(tmp_path, monkeypatch, caplog):
-    from rmens.experiment import runner
+def test_an_unfinished_folder_is_resumed_only_by_a_resumable_step(tmp_path):
+    from rmens.steps import Store, step_key
 
-    builds = []
-
-    def fake_pairs(folder: Path, **inputs) -> dict:
-        (folder / "pairs.jsonl").write_text('{"x": 1}\n')
-        builds.append(folder)
-        return {}
-
-    monkeypatch.setitem(runner.STEPS, "pairs", fake_pairs)
-    steps = runner.LocalSteps(tmp_path)
-    first = steps("pairs", "pairs", seed=1)
-    assert steps("pairs", "pairs", seed=1).folder == first.folder and len(builds) == 1
-    (first.folder / "pairs.jsonl").write_text('{"x": 2}\n')  # same size, other content
-    with _captured(caplog, "rmens.experiment.runner"):
-        steps("pairs", "pairs", seed=1)
-    assert len(builds) == 2 and "changed since it was made" in caplog.text and "pairs.jsonl" in caplog.text
+    builds: list = []
+    store = Store(tmp_path)
+    for name, resumable in (("test_fresh", False), ("test_resumes", True)):
+        declared = _counting_step(name, builds, resumable=resumable)
+        folder = store.folder(declared, step_key(declared, {"x": 1}))
+        folder.mkdir(parents=True)
+        (folder / "started.json").write_text(json.dumps({"key": step_key(declared, {"x": 1})}))
+        (folder / "checkpoint").write_text("half")  # what a killed run left
+        store.run(declared, {"x": 1})
+    assert builds == [["started.json"], ["checkpoint", "started.json"]]
 
 
 def test_sigterm_to_rmens_ui_stops_the_mlflow_server_it_started(tmp_path):

@@ -48,14 +48,16 @@ from rmens.evaluation.pools import (
     subsample_pools,
     write_pools,
 )
-from rmens.experiment.plan import GOLD_PAIRS, PROXY_PAIRS
 from rmens.experiment.systems import held_out_families, system_family
 from rmens.io import iter_jsonl, write_json, write_jsonl
+from rmens.steps import step
 
 if TYPE_CHECKING:  # types only: the settings enter every step's key as values
     from rmens.experiment.config import DataSource, MtBenchConfig, PoolConfig, SplitConfig
 
 EVAL_SALT, PROXY_SALT, SYSTEM_SALT = "rmens-eval-pools", "rmens-proxy-share", "rmens-held-out-systems"
+GOLD_PAIRS, PROXY_PAIRS = "gold_pairs.jsonl", "proxy_pairs.jsonl"
+PPO_PROMPTS, EVAL_PROMPTS = "ppo_prompts.json", "eval_prompts.json"
 MT_BENCH_GRADES = Path("mt_bench") / "gpt4_single_grades.jsonl.gz"  # under $RMENS_DATA_DIR
 MT_BENCH = "mt_bench"  # the pools step's name for MT-Bench's graded pools, beside the judge sets
 
@@ -203,7 +205,7 @@ def split_pairs(source: DataSource, split: SplitConfig, folder: str | Path,
     folder.mkdir(parents=True, exist_ok=True)
     write_jsonl(folder / GOLD_PAIRS, (p.to_dict() for p in gold_pairs))
     write_jsonl(folder / PROXY_PAIRS, (p.to_dict() for p in proxy_pairs))
-    write_json(folder / "ppo_prompts.json", ppo_prompts)
+    write_json(folder / PPO_PROMPTS, ppo_prompts)
     roles = Counter(share.values())
     summary = {"train_source": str(train_dir), "eval_source": str(eval_dir), "held_out_by_hash": by_hash,
                "evaluation_instructions": len(excluded), "training_instructions": len(training),
@@ -295,7 +297,7 @@ def build_pools(source: DataSource, pools: PoolConfig, mt_bench: MtBenchConfig, 
     write_json(folder / "training_win_rates.json", rates)
     for judge in pools.judges:
         write_json(folder / f"system_prior_{judge}.json", pool_system_prior(rates, judge))
-    write_json(folder / "eval_prompts.json", eval_prompts)
+    write_json(folder / EVAL_PROMPTS, eval_prompts)
     summary = {"eval_source": str(eval_dir), "eval_prompts": len(eval_prompts),
                **{f"pools_{judge}": len(p) for judge, p in chosen.items()},
                **{f"pool_outputs_{judge}": sum(map(len, p)) for judge, p in chosen.items()},
@@ -325,11 +327,13 @@ def build_mt_bench_pools(mt_bench: MtBenchConfig, folder: Path, rates: dict[str,
             "mt_bench_dropped": dict(stats)}
 
 
+@step("pairs", files={"gold_pairs": GOLD_PAIRS, "proxy_pairs": PROXY_PAIRS, "ppo_prompts": PPO_PROMPTS})
 def pairs_step(folder: Path, *, source: DataSource, split: SplitConfig, sources: dict) -> dict:
     """The experiment's step for the training side (split_pairs)."""
     return split_pairs(source, split, folder, sources)
 
 
+@step("pools", files={"eval_prompts": EVAL_PROMPTS})
 def pools_step(folder: Path, *, source: DataSource, pools: PoolConfig, mt_bench: MtBenchConfig, sources: dict) -> dict:
     """The experiment's step for the evaluation side (build_pools)."""
     return build_pools(source, pools, mt_bench, folder, sources)
@@ -339,6 +343,6 @@ def read_split_pools(folder: str | Path, judge: str) -> list[Pool]:
     return read_pools(Path(folder) / pools_file(judge))
 
 
-def read_prompts(folder: str | Path, name: str) -> list[str]:
-    """'ppo_prompts.json' of the pairs step or 'eval_prompts.json' of the pools step."""
-    return json.loads((Path(folder) / name).read_text())
+def read_prompts(path: str | Path) -> list[str]:
+    """The pairs step's "ppo_prompts" or the pools step's "eval_prompts" (their `Output.file`)."""
+    return json.loads(Path(path).read_text())

@@ -8,21 +8,23 @@ from typing import TYPE_CHECKING
 from rmens.experiment.data import read_prompts
 from rmens.experiment.measure import measure
 from rmens.io import write_json
+from rmens.steps import Output, step
 
 if TYPE_CHECKING:  # types only: settings enter the step's key as values
     from rmens.config import PPOConfig
 
 
-def ppo_step(folder: Path, *, reward: Path, pairs: Path, ppo: PPOConfig) -> dict:
+@step("ppo_run", resumable=True, devices=1, memory_gib=6, files={"run": "run"})
+def ppo_step(folder: Path, *, reward: Output, pairs: Output, ppo: PPOConfig) -> dict:
     """PPO of the policy against one arm's reward under one rule; resumes from its last checkpoint."""
     from rmens.generation import prompts_that_fit
     from rmens.ppo.trainer import PPOTrainer
     from rmens.reward import EnsembleReward
 
-    prompts, too_long = prompts_that_fit(ppo.policy, read_prompts(pairs, "ppo_prompts.json"),
+    prompts, too_long = prompts_that_fit(ppo.policy, read_prompts(pairs.file("ppo_prompts")),
                                          ppo.generation.max_new_tokens)
-    reward_fn = EnsembleReward.from_folder(Path(reward) / "ensemble", ppo.aggregation)
-    trainer = PPOTrainer(ppo, prompts, reward_fn, folder / "run", reward_folder=Path(reward) / "ensemble")
+    reward_fn = EnsembleReward.from_folder(reward.file("ensemble"), ppo.aggregation)
+    trainer = PPOTrainer(ppo, prompts, reward_fn, folder / "run", reward_folder=reward.file("ensemble"))
     with measure() as cost:
         result = trainer.train(resume=True)
     last = result.history[-1]

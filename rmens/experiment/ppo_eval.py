@@ -14,8 +14,8 @@ import torch
 from rmens.evaluation import logged_bon as lb
 from rmens.evaluation import pools as pl
 from rmens.experiment.data import read_prompts, read_split_pools
-from rmens.experiment.plan import SCORES
 from rmens.io import write_json, write_jsonl
+from rmens.steps import Output, step
 
 if TYPE_CHECKING:  # types only: settings enter the step's key as values
     from rmens.config import AggregationConfig, GenerationConfig
@@ -34,8 +34,10 @@ def sigmoid_wins(answer_scores: list[float], reference_scores: list[float]) -> t
                          - torch.tensor(reference_scores, dtype=torch.float64))
 
 
-def ppo_eval_step(folder: Path, *, run: Path, reward: Path, rule: AggregationConfig, gold: Path, gold_scores: Path,
-                  pools: Path, judges: list[str], policy: str, generation: GenerationConfig) -> dict:
+@step("ppo_eval", devices=1, memory_gib=4)
+def ppo_eval_step(folder: Path, *, run: Output, reward: Output, rule: AggregationConfig, gold: Output,
+                  gold_scores: Output, pools: Output, judges: list[str], policy: str,
+                  generation: GenerationConfig) -> dict:
     """Gold and proxy scores of every PPO checkpoint's answers to held-out instructions against KL, and
     the gold judge's win rate of those answers against each judge set's reference outputs."""
     from rmens.evaluation.ppo_eval import evaluate_run
@@ -43,14 +45,14 @@ def ppo_eval_step(folder: Path, *, run: Path, reward: Path, rule: AggregationCon
     from rmens.reward import EnsembleReward
 
     # The same prompts for every PPO arm of an experiment (one policy): paired comparisons stay paired.
-    prompts, too_long = prompts_that_fit(policy, read_prompts(pools, "eval_prompts.json"), generation.max_new_tokens)
+    prompts, too_long = prompts_that_fit(policy, read_prompts(pools.file("eval_prompts")), generation.max_new_tokens)
     # The gold judge's win probability is the sigmoid of a difference of its raw Bradley-Terry rewards (the
     # references' are read raw from its score table): standardising would rescale the logit.
-    scorers = {"proxy": EnsembleReward.from_folder(Path(reward) / "ensemble", rule),
-               "gold": functools.partial(EnsembleReward.from_folder(Path(gold) / "ensemble"), standardise=False)}
-    points = evaluate_run(Path(run) / "run", prompts, scorers, generation=generation,
-                          reward_folder=Path(reward) / "ensemble", keep_samples=True)
-    table = pl.ScoreTable.load(Path(gold_scores) / SCORES)
+    scorers = {"proxy": EnsembleReward.from_folder(reward.file("ensemble"), rule),
+               "gold": functools.partial(EnsembleReward.from_folder(gold.file("ensemble")), standardise=False)}
+    points = evaluate_run(run.file("run"), prompts, scorers, generation=generation,
+                          reward_folder=reward.file("ensemble"), keep_samples=True)
+    table = pl.ScoreTable.load(gold_scores.file("scores"))
     references = {judge: {p.instruction: _reference_of(p) for p in read_split_pools(pools, judge)}
                   for judge in judges}
     for point in points:

@@ -28,6 +28,7 @@ from rmens.experiment.verdicts import (
     recognition,
 )
 from rmens.io import atomic_write_text, write_json
+from rmens.steps import Output, step
 
 
 def method(cfg: ExperimentConfig) -> str:
@@ -85,9 +86,10 @@ def _ppo_points(cfg: ExperimentConfig, ppo_evals: dict[str, Path]) -> dict[str, 
     return out
 
 
-def report_step(folder: Path, *, experiment: ExperimentConfig, pairs: Path, pools: Path, trains: dict[str, Path],
-                scores: dict[str, Path], twins: Path, rewards: Path, ppo_runs: dict[str, Path],
-                ppo_evals: dict[str, Path], part: str) -> dict:
+@step("experiment_report")
+def report_step(folder: Path, *, experiment: ExperimentConfig, pairs: Output, pools: Output, trains: dict[str, Output],
+                scores: dict[str, Output], twins: Output, rewards: Output, ppo_runs: dict[str, Output],
+                ppo_evals: dict[str, Output], part: str) -> dict:
     cfg, ev = experiment, Evidence.read(rewards)
     points = _ppo_points(cfg, ppo_evals)
     gold_ok, gold_rows = gold_check(cfg, ev)

@@ -25,10 +25,10 @@ from rmens.evaluation.rm_metrics import ensemble_metrics, length_metrics, pairwi
 from rmens.evaluation.stats import compare
 from rmens.experiment.config import ArmSpec, MtBenchConfig, PoolConfig
 from rmens.experiment.data import MT_BENCH, pools_file, read_split_pools
-from rmens.experiment.plan import SCORES
 from rmens.experiment.twins import twin_file
 from rmens.io import write_json
 from rmens.models.aggregate import aggregate_with
+from rmens.steps import Output, step
 
 if TYPE_CHECKING:  # types only: settings enter the step's key as values
     from rmens.config import AggregationConfig
@@ -157,14 +157,15 @@ def evaluate_set(es: EvaluationSet, tables: dict[str, pl.ScoreTable], twins: dic
     return entry, values, agreement
 
 
-def rewards_step(folder: Path, *, pools: Path, scores: dict[str, Path], twins: Path, arms: list[ArmSpec],
+@step("rewards", memory_gib=4)
+def rewards_step(folder: Path, *, pools: Output, scores: dict[str, Output], twins: Output, arms: list[ArmSpec],
                  runs: dict[str, int], rules: list[AggregationConfig], config: PoolConfig,
                  mt_bench: MtBenchConfig) -> dict:
     """Held-out agreement and logged-output Best-of-n curves of every arm x rule (over its runs), its
     untrained twins, the gold judge and the baselines, from stored scores (no forward pass). Writes
     logged_bon.{json,csv}, logged_bon_<set>.png, the pools they were computed on (pools_<set>.jsonl),
     rm_eval.json and per_instruction.json (per-run, per-pool values, for the report's comparisons)."""
-    tables = {label: pl.ScoreTable.load(Path(path) / SCORES) for label, path in scores.items()}
+    tables = {label: pl.ScoreTable.load(output.file("scores")) for label, output in scores.items()}
     twin_tables = {label: pl.ScoreTable.load(Path(twins) / twin_file(label)) for label in tables if label != GOLD}
     sets = [alpaca_eval_set(pools, judge, config) for judge in config.judges]
     if (Path(pools) / pools_file(MT_BENCH)).is_file():

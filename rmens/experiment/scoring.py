@@ -10,8 +10,10 @@ from tqdm.auto import tqdm
 from rmens.evaluation import pools as pl
 from rmens.experiment.data import MT_BENCH, pools_file, read_split_pools
 from rmens.experiment.measure import measure
-from rmens.experiment.plan import SCORES
 from rmens.io import write_json
+from rmens.steps import Output, step
+
+SCORES = "scores.npz"  # every member's score of every pool response
 
 
 def scored_items(pools: Path, judges: list[str]) -> list[tuple]:
@@ -27,13 +29,14 @@ def scored_items(pools: Path, judges: list[str]) -> list[tuple]:
     return items
 
 
-def score_step(folder: Path, *, model: Path, pools: Path, judges: list[str], batch_size: int) -> dict:
+@step("score_pools", resumable=True, devices=1, files={"scores": SCORES})
+def score_step(folder: Path, *, model: Output, pools: Path, judges: list[str], batch_size: int) -> dict:
     """Every pool response and reference scored once by every member (scores.npz: raw scores, and the
     ensemble's standardisation as center and scale), resumable."""
     from rmens.reward import EnsembleReward
 
     items = scored_items(pools, judges)
-    reward = EnsembleReward.from_folder(Path(model) / "ensemble", batch_size=batch_size)
+    reward = EnsembleReward.from_folder(model.file("ensemble"), batch_size=batch_size)
     bar = tqdm(total=len(items), desc="score pools", unit="resp", mininterval=5)
 
     def advance(done: int, total: int) -> None:
@@ -47,7 +50,7 @@ def score_step(folder: Path, *, model: Path, pools: Path, judges: list[str], bat
     stats = reward.ensemble.standardisation
     if stats is None:  # every rule reads standardised members; the experiment's own training always saves them
         raise ValueError(f"{model}: the reward model has no member standardisation statistics; add them with "
-                         f"python -m rmens.cli calibrate {Path(model) / 'ensemble'} --pairs TRAIN_PAIRS.jsonl")
+                         f"python -m rmens.cli calibrate {model.file('ensemble')} --pairs TRAIN_PAIRS.jsonl")
     table.standardised_by(stats.center.numpy(), stats.scale.numpy()).save(folder / SCORES)
     device = next(reward.ensemble.parameters()).device
     summary = {"responses": len(items), "k": table.k, "score_wall_s": cost["wall_s"],

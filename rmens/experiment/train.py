@@ -9,19 +9,21 @@ from typing import TYPE_CHECKING
 
 from rmens.data.loaders import load_jsonl_pairs
 from rmens.data.splits import flip_labels
+from rmens.experiment.data import PROXY_PAIRS
 from rmens.experiment.measure import measure
-from rmens.experiment.plan import PROXY_PAIRS
 from rmens.io import write_json, write_jsonl
+from rmens.steps import Output, step
 
 if TYPE_CHECKING:  # types only: settings enter the step's key as values
     from rmens.config import EnsembleConfig, TrainConfig
 
 
-def train_step(folder: Path, *, pairs: Path, pairs_file: str, ensemble: EnsembleConfig, train: TrainConfig) -> dict:
+@step("train", devices=1, memory_gib=4, files={"ensemble": "ensemble"})
+def train_step(folder: Path, *, pairs: Output, pairs_file: str, ensemble: EnsembleConfig, train: TrainConfig) -> dict:
     """One reward model or ensemble on the pairs of an earlier step; wall time and peak memory measured."""
     from rmens.training.trainer import train_ensemble
 
-    training = load_jsonl_pairs(Path(pairs) / pairs_file)
+    training = load_jsonl_pairs(pairs.file(pairs_file))
     with measure() as cost:
         result = train_ensemble(ensemble, train, training, None, folder / "ensemble")
     trainable = sum(p.numel() for p in result.ensemble.parameters() if p.requires_grad)
@@ -34,15 +36,16 @@ def train_step(folder: Path, *, pairs: Path, pairs_file: str, ensemble: Ensemble
     return summary
 
 
-def proxy_labels_step(folder: Path, *, pairs: Path, gold: Path | None, label_noise: float, seed: int) -> dict:
+@step("proxy_labels", devices=1, files={"proxy_pairs": PROXY_PAIRS})
+def proxy_labels_step(folder: Path, *, pairs: Output, gold: Output | None, label_noise: float, seed: int) -> dict:
     """The proxies' pairs relabelled by the gold judge (the higher gold reward wins) and/or with a share of
     labels flipped (Coste et al.)."""
     from rmens.reward import EnsembleReward
 
-    training = load_jsonl_pairs(Path(pairs) / PROXY_PAIRS)
+    training = load_jsonl_pairs(pairs.file("proxy_pairs"))
     relabelled = 0
     if gold is not None:
-        judge = EnsembleReward.from_folder(Path(gold) / "ensemble")
+        judge = EnsembleReward.from_folder(gold.file("ensemble"))
         prompts = [p.prompt for p in training]
         margin = (judge(prompts, [p.chosen for p in training]).scores
                   - judge(prompts, [p.rejected for p in training]).scores)

@@ -25,6 +25,7 @@ from rmens.data.loaders import load_jsonl_pairs
 from rmens.evaluation import pools as pl
 from rmens.experiment.measure import measure
 from rmens.io import write_json
+from rmens.steps import Output, step
 
 
 def twin_file(label: str) -> str:
@@ -56,7 +57,8 @@ def shared_scorer(ensembles: dict[str, EnsembleConfig], batch_size: int):
                           allow_unstandardised=True), rows
 
 
-def twins_step(folder: Path, *, pairs: Path, pairs_file: str, pools: Path, judges: list[str],
+@step("twins", resumable=True, devices=1)
+def twins_step(folder: Path, *, pairs: Output, pairs_file: str, pools: Path, judges: list[str],
                ensembles: dict[str, EnsembleConfig], calibration: dict[str, tuple[int, int]],
                batch_size: int) -> dict:
     """For every run (label -> its ensemble settings, and its training seed and calibration_pairs): its untrained
@@ -66,7 +68,7 @@ def twins_step(folder: Path, *, pairs: Path, pairs_file: str, pools: Path, judge
     from rmens.experiment.scoring import scored_items
     from rmens.models.standardise import calibration_subset, pair_responses, standardisation_from_scores
 
-    training = load_jsonl_pairs(Path(pairs) / pairs_file)
+    training = load_jsonl_pairs(pairs.file(pairs_file))
     calibration = {label: pair_responses(calibration_subset(training, calibration[label][1], calibration[label][0]))
                    for label in ensembles}
     items = {pl.response_key(*item): item for item in scored_items(pools, judges)}

@@ -1,12 +1,10 @@
-"""The stage runtime: what every stage task and every flow shares, below the stages themselves.
+"""What every flow shares, below the steps (which are library code: rmens.steps, rmens.pipeline,
+rmens.experiment) and their Prefect adapter (tasks/steps.py).
 
-    stage.py      the stage-task decorator, Prefect cache policy and lock, and run_stage (folder, MLflow child run)
-    stager.py     how flows call stage tasks (one key per call, stale artifacts recomputed, cache hits recorded)
-    keys.py       cache keys: config + input content hashes + a fingerprint of the stage's code
-    refs.py       ArtifactRef, the small JSON a stage returns, and the manifest that verifies a reuse
+    stager.py     how flows run a plan's steps as Prefect tasks (one key per call, stale outputs recomputed,
+                  cache hits recorded)
     paths.py      where a project's artifacts, stores and locks live
-    locks.py      stage locks that a killed run cannot leave behind
+    locks.py      step locks that a killed run cannot leave behind
     tracking.py   MLflow parent and child runs, cache-hit records, closing runs a dead process left open
-    uptodate.py   the record of a flow's last complete run, and whether an unchanged re-run may just report it
-    judging.py    the judge a config names; registry.py, mlflow_model.py, reward_model_code.py: MLflow models
+    registry.py, mlflow_model.py, reward_model_code.py: the reward ensemble as a registered MLflow model
 """

@@ -1,10 +1,9 @@
-"""How flows call stage tasks: bound to the project's result store, refreshed when an artifact folder
-has gone missing, and recorded in MLflow as a cache hit when Prefect served the result from cache."""
+"""How flows run a plan's steps under Prefect: each call keyed by the library's store, submitted as the
+step's task bound to the project (refreshed when its folder is gone or changed), and recorded in MLflow as a
+cache hit when Prefect served the result from its cache. A Stager is the `call` of rmens plans."""
 
 from __future__ import annotations
 
-import inspect
-import logging
 import signal
 import threading
 import time
@@ -12,19 +11,14 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from prefect import Task
 from prefect.context import FlowRunContext
 from prefect.exceptions import TerminationSignal
 
-from tasks.runtime.keys import stage_key
+from rmens.steps import Output, Step, Store, step_key
+from rmens.steps.runner import progress
 from tasks.runtime.paths import ProjectPaths
-from tasks.runtime.refs import ArtifactRef, changes_since_sealed
-from tasks.runtime.stage import for_project
 from tasks.runtime.tracking import StageContext, record_cache_hit
-
-# One line per stage as it starts and ends, for the console (flows/cli.py gives this logger its handler;
-# Prefect's logging set-up, which governs the other loggers, leaves it alone).
-progress = logging.getLogger("rmens.progress")
+from tasks.steps import for_project
 
 # SIGTERM during a flow: Prefect's handler raises TerminationSignal wherever the main thread is, and when that
 # is inside a garbage-collector callback Python prints "Exception ignored" and the run goes on as if no
@@ -59,19 +53,22 @@ def stop_if_terminated() -> None:
 
 
 class Stager:
-    """Calls stage tasks for one flow run and remembers which were cache hits.
+    """Runs plan calls as Prefect tasks for one flow run and remembers which were cache hits.
 
     Use it as a context manager inside the flow's parent MLflow run: the cache-hit records are written
     on a background thread (MLflow's store and Prefect's API are separate, so the writes overlap the
-    orchestration of the next stages) and are flushed, errors included, when the block ends.
+    orchestration of the next steps) and are flushed, errors included, when the block ends.
     """
 
-    def __init__(self, ctx: StageContext, refresh: bool = False):
-        self.ctx = ctx
+    def __init__(self, ctx: StageContext, refresh: bool = False, log_models: bool = False,
+                 registered_model: str | None = None):
+        """`log_models`: log trained reward models as MLflow models, registered under `registered_model`."""
+        self.ctx = ctx.model_copy(update={"log_models": log_models, "registered_model": registered_model})
         self.paths = ProjectPaths.at(ctx.project_dir)
+        self.store = Store(self.paths.artifacts)
         self.refresh = refresh
         self.states: dict[str, str] = {}
-        self.outputs: list[tuple[str, ArtifactRef]] = []  # (stage:label, its artifact), in the order they ran
+        self.outputs: dict[str, Output] = {}  # step:label -> its output, in the order they ran
         self._tracking = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rmens-tracking")
         self._pending: list[Future] = []
 
@@ -83,35 +80,31 @@ class Stager:
         for future in self._pending:
             future.result()  # surface a failed tracking write
 
-    def __call__(self, task_obj: Task, label: str, /, *, tags: dict[str, str] | None = None,
-                 **params: Any) -> ArtifactRef:
-        """Run `task_obj` for `label` (the arm or role it is computed for) with `params`; `tags` are what
-        MLflow compare views group by (Arm.describe()). Returns the artifact reference."""
+    def __call__(self, step: Step, label: str, /, *, tags: dict[str, str] | None = None, **inputs: Any) -> Output:
+        """Run `step` for `label` (the arm or role it is computed for) on `inputs`; `tags` are what MLflow
+        compare views group by (Arm.describe()). Returns the step's output."""
         stop_if_terminated()
-        stage, name = task_obj.name, f"{task_obj.name}:{label}"
-        bound = inspect.signature(task_obj.fn).bind(ctx=self.ctx, **params)
-        bound.apply_defaults()  # the key covers every parameter, as the task's own key does
-        key = stage_key(stage, dict(bound.arguments))  # once: the task's cache policy and run_stage reuse it
+        name = f"{step.name}:{label}"
+        key = step_key(step, inputs)  # once: the task's cache policy and the store reuse it
         ctx = self.ctx.for_stage(key, label, tags, refresh=self.refresh)
-        # A cached reference to a folder that was deleted or changed would serve a wrong artifact:
-        # recompute instead (run_stage says what changed).
-        folder = self.paths.stage_dir(stage, key)
-        stale = not (folder / "ref.json").is_file() or bool(changes_since_sealed(folder))
-        task_run = for_project(task_obj, self.paths, refresh=self.refresh or stale, task_run_name=name)
+        # A cached result pointing at a folder that was deleted or changed would serve a wrong output:
+        # recompute instead (the store says what changed).
+        stale = self.store.finished(step, key) is None
+        task_run = for_project(step, self.paths, refresh=self.refresh or stale, task_run_name=name)
         progress.info("%-40s started", name)
         start = time.perf_counter()
-        state = task_run(ctx=ctx, **params, return_state=True)
-        ref = state.result()
-        if isinstance(ref, dict):  # JSON results come back as plain data
-            ref = ArtifactRef.model_validate(ref)
+        state = task_run(ctx=ctx, step_name=step.name, label=label, inputs=inputs, return_state=True)
+        output = state.result()
+        if isinstance(output, dict):  # JSON results come back as plain data
+            output = Output.model_validate(output)
         self.states[name] = state.name
-        self.outputs.append((name, ref))
+        self.outputs[name] = output
         cached = state.name == "Cached"
         progress.info("%-40s %s in %.1f s", name, "cached" if cached else "computed", time.perf_counter() - start)
         stop_if_terminated()
         if cached:
-            self._pending.append(self._tracking.submit(record_cache_hit, ctx, stage, ref))
-        return ref
+            self._pending.append(self._tracking.submit(record_cache_hit, ctx, step.name, output))
+        return output
 
 
 def flow_run_tags() -> dict[str, str]:

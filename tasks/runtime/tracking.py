@@ -49,6 +49,9 @@ class StageContext(BaseModel):
     stage_label: str | None = None
     stage_tags: dict[str, str] = Field(default_factory=dict)
     refresh: bool = False  # --refresh: rebuild the stage's folder even when it is complete and intact
+    # Trained reward models are logged as MLflow models, and registered under `registered_model` when set.
+    log_models: bool = False
+    registered_model: str | None = None
 
     def for_stage(self, key: str, label: str, tags: dict[str, str] | None = None,
                   refresh: bool = False) -> StageContext:
@@ -222,8 +225,8 @@ def record_cache_hit(ctx: StageContext, stage: str, ref, extra_tags: dict[str, s
     """A child run that says this stage was a cache hit, linked to the run that made the artifact."""
     client = client_for(ctx)
     tags = {"rmens.stage": stage, "rmens.cache_hit": "true", "rmens.artifact": ref.path,
-            "rmens.cached_from_run_id": ref.mlflow_run_id or "",
-            "mlflow.note.content": f"Cache hit: the artifact was produced by run {ref.mlflow_run_id}.",
+            "rmens.cached_from_run_id": ref.run_id or "",
+            "mlflow.note.content": f"Cache hit: the artifact was produced by run {ref.run_id}.",
             **(extra_tags or {})}
     run_id = _start(client, ctx.experiment_id or setup(ctx.paths), f"{ctx.run_name(stage)} (cached)",
                     ctx.parent_run_id, {**ctx.run_tags(stage), **tags})

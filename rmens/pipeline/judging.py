@@ -1,14 +1,14 @@
-"""Turning the pipeline's judge config (and the trained judge, if any) into a Judge object."""
+"""The pipeline's judge config (and the trained judge, if any) as a Judge object."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from rmens.config import JudgeConfig
-from tasks.runtime.refs import ArtifactRef
+from rmens.steps import Output
 
 
-def load_judge(cfg: JudgeConfig, trained: ArtifactRef | None):
+def load_judge(cfg: JudgeConfig, trained: Output | None):
     """-> a rmens.evaluation.judges.Judge."""
     from rmens.data.loaders import data_root
     from rmens.evaluation.judges import AlpacaEvalJudge, LocalLLMJudge, RewardModelJudge, load_judge_prompts
@@ -16,7 +16,7 @@ def load_judge(cfg: JudgeConfig, trained: ArtifactRef | None):
     if cfg.kind == "reward_model":
         if trained is None:
             raise ValueError("judge.kind='reward_model' needs the trained judge artifact")
-        return RewardModelJudge(trained.require().folder / "ensemble", name="judge")
+        return RewardModelJudge(trained.require().file("ensemble"), name="judge")
     if cfg.kind == "hf_reward_model":
         return RewardModelJudge(cfg.model, name=cfg.model)
     if cfg.kind == "alpaca_eval":

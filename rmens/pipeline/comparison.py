@@ -1,0 +1,102 @@
+"""Pipeline step: one table comparing every arm (report.md, summary.csv, rows.json) and overlay figures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from rmens.io import atomic_write_text, write_json
+from rmens.steps import Output, step
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+# The columns the markdown report shows per stage (summary.csv keeps everything).
+REPORT_COLUMNS = {
+    "prepare_data": ["n_train", "n_val", "flipped"],
+    "train_ensemble": ["val_accuracy", "val_member_accuracy_mean", "val_ece", "val_agreement_longer_lost",
+                       "val_length_rule_agreement", "val_margin_std", "steps", "train_wall_s", "param_mib"],
+    "best_of_n": ["judge_at_N", "judge_gain", "proxy_at_N"],
+    "ppo": ["final_reward", "final_kl", "final_judge", "ppo_wall_s"],
+    "evaluate": ["win_rate", "win_rate_se", "lc_win_rate", "mt_bench_score", "mt_bench_turn_1", "mt_bench_turn_2",
+                 "avg_output_chars"],
+}
+
+
+def rows_from(outputs: dict[str, Output]) -> list[dict]:
+    """One row per artifact (per arm and rule for Best-of-n): label, stage, numbers, folder."""
+    rows = []
+    for label, ref in outputs.items():
+        values = {k: v for k, v in ref.summary.items() if isinstance(v, (int, float, str))}
+        if ref.step == "best_of_n":  # keys are "<arm>/<rule>/<metric>"
+            arms: dict[str, dict] = {}
+            for key, value in values.items():
+                name, _, metric = key.rpartition("/")
+                arms.setdefault(name, {})[metric] = value
+            rows += [{"label": name, "stage": ref.step, **metrics, "artifact": ref.path}
+                     for name, metrics in arms.items()]
+        else:
+            rows.append({"label": label, "stage": ref.step, **values, "artifact": ref.path})
+    return rows
+
+
+@step("report", files={"report": "report.md", "rows": "rows.json"})
+def report(folder: Path, *, title: str, outputs: dict[str, Output]) -> dict:
+    """Every output's summary as one comparison: a markdown table per step, a CSV with everything."""
+    rows = rows_from(outputs)
+    columns = sorted({k for row in rows for k in row} - {"label", "stage", "artifact"})
+    with (folder / "summary.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["label", "stage", *columns, "artifact"])
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"# {title}", ""]
+    for stage in dict.fromkeys(r["stage"] for r in rows):
+        stage_rows = [r for r in rows if r["stage"] == stage]
+        present = {k for r in stage_rows for k in r}
+        keys = [k for k in REPORT_COLUMNS.get(stage, sorted(present - {"label", "stage", "artifact"}))
+                if k in present]
+        lines += [f"## {stage}", "", "| label | " + " | ".join(keys) + " |",
+                  "|---|" + "---|" * len(keys)]
+        lines += ["| " + r["label"] + " | " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |"
+                  for r in stage_rows]
+        lines.append("")
+    figures = overlay_figures(outputs, folder)
+    lines += [f"![{name}]({name})" for name in figures]
+    atomic_write_text(folder / "report.md", "\n".join(lines))
+    write_json(folder / "rows.json", rows)
+    return {"rows": len(rows)}
+
+
+def overlay_figures(outputs: dict[str, Output], folder: Path) -> list[str]:
+    """Every arm in one figure: training loss by step, Best-of-n (proxy and judge against KL_bon) and PPO
+    (judge and proxy against KL)."""
+    from rmens.evaluation.overlay import plot_bon_overlay, plot_ppo_overlay, plot_train_overlay
+
+    made = []
+    trained = {label: ref.file("ensemble") / "train_metrics.json" for label, ref in outputs.items()
+               if ref.step == "train_ensemble"}
+    histories = {label: [row for phase in json.loads(path.read_text())["history"].values() for row in phase]
+                 for label, path in trained.items() if path.is_file()}
+    if plot_train_overlay(histories, folder / "train_overlay.png"):
+        made.append("train_overlay.png")
+    bon = [ref for ref in outputs.values() if ref.step == "best_of_n"]
+    if bon and plot_bon_overlay(json.loads((bon[0].file("curves")).read_text()),
+                                folder / "bon_overlay.png"):
+        made.append("bon_overlay.png")
+    ppo = {label.removeprefix("eval:ppo:"): json.loads(ref.file("ppo_points").read_text())
+           for label, ref in outputs.items() if ref.step == "evaluate" and ref.file("ppo_points").is_file()}
+    if plot_ppo_overlay(ppo, folder / "ppo_overlay.png"):
+        made.append("ppo_overlay.png")
+    return made
+
+
+def comparison_table(rows: list[dict]) -> list[dict[str, str]]:
+    """One row per stage output (label, stage, then every number any of them has), formatted."""
+    columns = ["label", "stage", *sorted({k for r in rows for k in r} - {"label", "stage", "artifact"})]
+    return [{k: _fmt(r.get(k, "")) for k in columns} for r in rows]

@@ -1,0 +1,123 @@
+"""Pipeline step: evaluate one policy (or one Best-of-n selection) with the judge: AlpacaEval-style win rate
+against reference outputs, MT-Bench grades, and for PPO runs the judge/proxy-versus-KL curve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rmens.config import EvalConfig, JudgeConfig, Selection
+from rmens.io import read_jsonl, write_json, write_jsonl
+from rmens.pipeline.judging import load_judge, write_unparsed
+from rmens.seeding import Stream
+from rmens.steps import Output, step
+
+
+def eval_set(cfg: EvalConfig) -> tuple[list[str], list[str]]:
+    """(instructions, reference outputs) of the evaluation split."""
+    from rmens.data.loaders import synthetic_pairs
+    from rmens.data.prompts import alpaca_eval_instructions, reference_outputs
+
+    if cfg.source == "synthetic":
+        pairs = synthetic_pairs(cfg.max_instructions or 16, seed=1234)
+        return [p.prompt for p in pairs], [p.chosen for p in pairs]
+    rows = alpaca_eval_instructions(cfg.split)
+    if cfg.max_instructions:
+        rows = rows[: cfg.max_instructions]
+    refs = reference_outputs(cfg.reference)
+    return [r["instruction"] for r in rows], [refs[r["instruction"]] for r in rows]
+
+
+def _mt_bench_source(cfg: EvalConfig) -> str | None:
+    from rmens.data.loaders import data_root
+
+    if cfg.mt_bench_path:
+        return cfg.mt_bench_path
+    root = data_root()
+    return str(root / "mt_bench") if root and (root / "mt_bench" / "question.jsonl").is_file() else None
+
+
+def run_mt_bench(cfg: EvalConfig, judge, policy, tokenizer, instructions, references, folder: Path) -> dict:
+    from rmens.evaluation import mt_bench
+    from rmens.evaluation.judges import AlpacaEvalJudge, LocalLLMJudge
+
+    if isinstance(judge, AlpacaEvalJudge):
+        return {"mt_bench_skipped": "alpaca_eval annotators compare pairs and cannot grade; use a local_llm judge"}
+    source = _mt_bench_source(cfg)
+    if source is None:
+        return {"mt_bench_skipped": "no MT-Bench questions: set evaluate.mt_bench_path or RMENS_DATA_DIR"}
+    questions = mt_bench.load_questions(source)[: cfg.mt_bench_questions]
+    answers = mt_bench.answer_questions(policy, tokenizer, questions, cfg.generation)
+    mapping = None if isinstance(judge, LocalLLMJudge) else \
+        mt_bench.RewardScoreMapping.calibrate(judge, instructions, references)
+    refs = mt_bench.load_reference_answers(source) if Path(source).is_dir() else {}
+    grades = mt_bench.grade(judge, questions, answers, refs, mapping)
+    summary = mt_bench.summarize(grades)
+    write_jsonl(folder / "mt_bench_answers.jsonl", answers)
+    write_json(folder / "mt_bench.json", {"summary": summary, "grades": grades,
+                                         "mapping": mapping.__dict__ if mapping else None})
+    return summary
+
+
+@step("evaluate", devices=1, memory_gib=4,
+      files={"alpaca_eval": "alpaca_eval", "ppo_points": "ppo_points.json"})
+def evaluate(folder: Path, *, label: str, eval_cfg: EvalConfig, judge_cfg: JudgeConfig, judge: Output | None,
+             policy: str | None = None, ppo_run: Output | None = None, bon: Output | None = None,
+             bon_selection: Selection | None = None, proxy: Output | None = None) -> dict:
+    """Exactly one source: `policy` (a model), `ppo_run` (its trained policy and checkpoints), or `bon` with
+    `bon_selection` (which of the best_of_n step's picks)."""
+    if sum(x is not None for x in (policy, ppo_run, bon)) != 1:
+        raise ValueError("evaluate needs exactly one of policy, ppo_run or bon")
+    judge_obj = load_judge(judge_cfg, judge)
+    try:
+        summary = _judge_all(folder, judge_obj, label, eval_cfg, policy, ppo_run, bon, bon_selection, proxy)
+    finally:  # also when judging failed on too many unparsed outputs: the records show what the judge wrote
+        unparsed = write_unparsed(folder, judge_obj)
+    return {**summary, "judge_unparsed": unparsed}
+
+
+def _judge_all(folder: Path, judge_obj, label: str, eval_cfg: EvalConfig, policy: str | None, ppo_run: Output | None,
+               bon: Output | None, bon_selection: Selection | None, proxy: Output | None) -> dict:
+    from rmens.evaluation import alpaca_eval
+    from rmens.evaluation.curves import curve_from_points, save_curves
+    from rmens.generation import generate
+    from rmens.models.backbone import load_policy, load_tokenizer
+
+    instructions, references = eval_set(eval_cfg)
+    summary: dict = {}
+    model = tokenizer = None
+    if bon is not None:
+        picked = {row["prompt"]: row["response"]
+                  for row in read_jsonl(bon.require().file("selected") / bon_selection.file_name)}
+        missing = [i for i in instructions if i not in picked]
+        if missing:
+            raise ValueError(f"the Best-of-n samples do not cover {len(missing)} evaluation instructions; "
+                             "draw them on the evaluation split (bon_prompts)")
+        outputs = [picked[i] for i in instructions]
+    else:
+        path = str(ppo_run.require().file("policy")) if ppo_run is not None else policy
+        model, tokenizer = load_policy(path), load_tokenizer(path, padding_side="left")
+        outputs = generate(model, tokenizer, instructions, eval_cfg.generation, stream=Stream.EVAL_SAMPLE).texts
+    if eval_cfg.alpaca_eval:
+        wr = alpaca_eval.win_rate(judge_obj, instructions, outputs, references, generator=label,
+                                  reference_generator=eval_cfg.reference if eval_cfg.source == "alpaca_eval"
+                                  else "synthetic-reference", output_dir=folder / "alpaca_eval")
+        summary.update({"win_rate": wr["win_rate"], "win_rate_se": wr["standard_error"],
+                        "avg_output_chars": wr["avg_output_chars"], "win_rate_unparsed": wr["unparsed"],
+                        "win_rate_unparsed_fraction": wr["unparsed_fraction"]})
+        if wr["length_controlled"]:
+            summary["lc_win_rate"] = wr["length_controlled"].get("length_controlled_winrate", float("nan"))
+        else:
+            summary["lc_win_rate_unavailable"] = wr["length_controlled_unavailable"]
+    if eval_cfg.mt_bench and model is not None:
+        mt = run_mt_bench(eval_cfg, judge_obj, model, tokenizer, instructions, references, folder)
+        summary.update({f"mt_bench_{k}": v for k, v in mt.items() if isinstance(v, (int, float, str))})
+    if ppo_run is not None and proxy is not None:
+        from rmens.evaluation.ppo_eval import evaluate_run
+        from rmens.reward import EnsembleReward
+
+        proxy_fn = EnsembleReward.from_folder(proxy.file("ensemble"))
+        points = evaluate_run(ppo_run.file("run"), instructions[:8], {"judge": judge_obj, "proxy": proxy_fn},
+                              reward_folder=proxy.file("ensemble"))
+        write_json(folder / "ppo_points.json", points)
+        save_curves(curve_from_points(points, ["judge", "proxy"]), "rl", folder / "ppo_curve", f"PPO: {label}")
+    return summary

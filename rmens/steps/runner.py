@@ -1,0 +1,72 @@
+"""The plain runner: a plan's steps in this process over a Store, with no Prefect and no MLflow; and
+`check`, which keys a plan against a store without computing anything (is a re-run up to date?).
+
+A plan is a function that calls `call(step, label, /, *, tags=None, **inputs)` for each of its steps in
+order and hands each returned Output to the steps that read it (rmens.pipeline.plan,
+rmens.experiment.plan). `label` names the call (the arm or role it is for) in progress lines and
+tracking runs; `tags` are what a tracker groups runs by. Neither enters the key.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Protocol
+
+from rmens.steps.contract import Step
+from rmens.steps.store import Output, Store, step_key
+
+# One line per step as it starts and ends (the CLI gives this logger its console handler).
+progress = logging.getLogger("rmens.progress")
+
+
+class Call(Protocol):
+    def __call__(self, step: Step, label: str, /, *, tags: dict[str, str] | None = None, **inputs: Any) -> Output: ...
+
+
+class LocalRunner:
+    """Executes plan calls in-process, reusing finished outputs from `store`."""
+
+    def __init__(self, store: Store, refresh: bool = False):
+        self.store = store
+        self.refresh = refresh
+        self.computed: list[str] = []
+        self.reused: list[str] = []
+        self.outputs: dict[str, Output] = {}  # step:label -> output, in the order they ran
+
+    def __call__(self, step: Step, label: str, /, *, tags: dict[str, str] | None = None, **inputs: Any) -> Output:
+        name = f"{step.name}:{label}"
+        progress.info("%-40s started", name)
+        output, computed = self.store.run(step, inputs, refresh=self.refresh)
+        (self.computed if computed else self.reused).append(name)
+        self.outputs[name] = output
+        progress.info("%-40s %s", name, f"computed in {output.wall_s:.1f} s" if computed else "reused")
+        return output
+
+
+class Check:
+    """Keys every call of a plan and looks it up in `store`, computing nothing: `missing` lists the calls a
+    run would compute. Downstream keys need only upstream keys, so a missing output still keys the rest."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.missing: list[str] = []
+        self.outputs: dict[str, Output] = {}
+
+    def __call__(self, step: Step, label: str, /, *, tags: dict[str, str] | None = None, **inputs: Any) -> Output:
+        key = step_key(step, inputs)
+        found = self.store.finished(step, key)
+        name = f"{step.name}:{label}"
+        if found is None:
+            self.missing.append(name)
+            found = Output(step=step.name, key=key, path=str(self.store.folder(step, key)))
+        self.outputs[name] = found
+        return found
+
+
+def check(plan, store: str | Path | Store, *args: Any, **kwargs: Any) -> Check:
+    """Walk `plan(*args, call=checker, **kwargs)` against `store` without computing anything; the checker's
+    `missing` lists the calls a run would compute, `outputs` every call's (found or expected) output."""
+    checker = Check(store if isinstance(store, Store) else Store(store))
+    plan(*args, call=checker, **kwargs)
+    return checker
