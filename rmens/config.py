@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -48,6 +48,18 @@ class StrictModel(BaseModel):
     (`.inf`, `nan`) and booleans where a number belongs (pydantic would read `k: true` as k=1)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    # Settings a model no longer has, each with where its job is done now: a config that still sets one is
+    # told so in one line, instead of only "Extra inputs are not permitted".
+    retired: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_retired_settings(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name in sorted(cls.retired.keys() & data.keys()):
+                raise ValueError(f"{name} is no longer a setting; {cls.retired[name]}")
+        return data
 
     @field_validator("*", mode="before")
     @classmethod
@@ -236,7 +248,9 @@ class BonConfig(StrictModel):
     n_samples: int = Field(16, ge=1, description="N, samples drawn per prompt.")
     n_prompts: int | None = Field(None, ge=1)
     generation: GenerationConfig = Field(default_factory=lambda: GenerationConfig(temperature=1.0, top_p=0.9))
-    select_n: list[int] = Field(default_factory=list, description="Write the selected response per prompt for these n.")
+
+    retired: ClassVar[dict[str, str]] = {
+        "select_n": "set evaluate.bon_select_n (the n whose Best-of-n picks are written and evaluated)"}
 
 
 class PromptsConfig(StrictModel):
