@@ -3,7 +3,7 @@ Flows share them through this module instead of importing each other."""
 
 from __future__ import annotations
 
-from rmens.config import Arm, PipelineConfig, TrainFlowConfig, derive
+from rmens.config import Arm, PipelineConfig, TrainFlowConfig
 from tasks.prepare_data import prepare_data
 from tasks.prepare_models import prepare_models
 from tasks.runtime.refs import ArtifactRef
@@ -15,7 +15,7 @@ def train_judge(stage: Stager, config) -> ArtifactRef | None:
     """The offline gold judge: a reward model trained on many more pairs than the arms see."""
     if config.judge.kind != "reward_model":
         return None
-    data = stage(prepare_data, "judge", data=derive(config.judge.data, val_fraction=config.judge.held_out_fraction))
+    data = stage(prepare_data, "judge", data=config.judge.data)
     return stage(train_ensemble, "judge", data=data, ensemble=config.judge.ensemble, train_cfg=config.judge.train,
                  label="judge", registered_model=None, log_model=False)
 

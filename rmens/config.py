@@ -231,6 +231,14 @@ class DataConfig(StrictModel):
         return self
 
 
+class JudgeDataConfig(DataConfig):
+    """The gold judge's pairs: a DataConfig whose held-out share is the judge's own, 0.2 unless set (also when
+    a config writes a judge.data section without it), and never 0."""
+
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Judge pairs (by instruction hash) kept back "
+                                                                  "from its training to measure its agreement.")
+
+
 class GenerationConfig(StrictModel):
     """Sampling from a policy with its chat template."""
 
@@ -483,15 +491,17 @@ class JudgeConfig(StrictModel):
     (API key needed); local_llm: a local causal LM with FastChat's judge prompts."""
 
     kind: Literal["reward_model", "hf_reward_model", "alpaca_eval", "local_llm"] = "reward_model"
-    data: DataConfig = Field(default_factory=lambda: DataConfig(max_pairs=512, seed=11))
+    data: JudgeDataConfig = Field(default_factory=lambda: JudgeDataConfig(max_pairs=512, seed=11))
     ensemble: EnsembleConfig = Field(default_factory=lambda: EnsembleConfig(kind="linear", k=1, seed=101))
     train: TrainConfig = Field(default_factory=TrainConfig)
     model: str | None = Field(None, description="hf_reward_model / local_llm: model id or folder.")
     annotators_config: str = "weighted_alpaca_eval_gpt4_turbo"
-    held_out_fraction: float = Field(0.2, gt=0, lt=1, description="Judge pairs kept back to measure agreement.")
     max_unparsed_fraction: float = Field(
         0.1, ge=0, le=1, description="local_llm: largest share of judged items whose output holds no [[rating]] or "
                                      "verdict before judging fails; below it they are left out, counted and logged.")
+
+    retired: ClassVar[dict[str, str]] = {
+        "held_out_fraction": "set judge.data.val_fraction (the judge pairs kept back to measure agreement)"}
 
 
 class EvalConfig(StrictModel):

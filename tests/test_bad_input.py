@@ -181,6 +181,7 @@ def test_a_boolean_is_not_a_number(override, field):
 
 @pytest.mark.parametrize("override, message", [
     ("bon.select_n=[4]", "bon: select_n is no longer a setting; set evaluate.bon_select_n"),
+    ("judge.held_out_fraction=0.3", "judge: held_out_fraction is no longer a setting; set judge.data.val_fraction"),
 ])
 def test_a_retired_setting_names_its_replacement(override, message):
     with pytest.raises(ValidationError) as err:
