@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import types
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -49,6 +49,18 @@ class StrictModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
+    # Settings a model no longer has, each with where its job is done now: a config that still sets one is
+    # told so in one line, instead of only "Extra inputs are not permitted".
+    retired: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_retired_settings(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name in sorted(cls.retired.keys() & data.keys()):
+                raise ValueError(f"{name} is no longer a setting; {cls.retired[name]}")
+        return data
+
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
@@ -67,9 +79,10 @@ class LoraSettings(StrictModel):
     """LoRA members of a `lora` ensemble (stage 2 of Zhang et al.'s recipe)."""
 
     rank: int = Field(8, description="LoRA rank r; must be positive.")
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha: each adapter's update is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapters' input while training.")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"],
+                                      description="Names of the modules given adapters in the top_layers layers.")
     top_layers: float = Field(
         0.25,
         gt=0,
@@ -119,7 +132,9 @@ class LoraSettings(StrictModel):
 class EnsembleConfig(StrictModel):
     """What ensemble to build: kind, size, backbone and how members differ."""
 
-    kind: Literal["full", "linear", "lora"] = "linear"
+    kind: Literal["full", "linear", "lora"] = Field(
+        "linear", description="full: k fine-tuned backbones; linear: one backbone under k heads; lora: a linear "
+                              "stage 1, then k adapters on its frozen top layers (see lora).")
     k: int = Field(3, description="Number of members; at least 1.")
     backbone: str = Field(
         "tiny-random-llama",
@@ -136,12 +151,13 @@ class EnsembleConfig(StrictModel):
             "sees a seeded bootstrap resample (as per-pair counts); disjoint: pairs are dealt to members."
         ),
     )
-    lora: LoraSettings = Field(default_factory=LoraSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="kind lora only: the adapters.")
     max_length: int = Field(256, ge=8, description="Tokens per prompt+response, after truncation.")
     max_prompt_length: int | None = Field(
         None, description="Tokens the prompt may keep when the pair is too long (default: half of max_length)."
     )
-    seed: Seed = 0
+    seed: Seed = Field(0, description="Seeds the heads' and adapters' initialisation and, for bootstrap and "
+                                      "disjoint, which pairs each member sees.")
 
     @field_validator("k")
     @classmethod
@@ -164,36 +180,47 @@ class EnsembleConfig(StrictModel):
 class TrainConfig(StrictModel):
     """Bradley-Terry training of all members at once."""
 
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training pairs, fractions allowed (lora: over each "
+                                                 "stage's pairs); ignored when max_steps is set.")
+    max_steps: int | None = Field(None, ge=1,
+                                  description="Optimizer steps (lora: per stage); overrides epochs when set.")
     batch_size: int = Field(8, ge=1, description="Pairs per device per micro-batch.")
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(1e-5, gt=0, le=MAX_LR)
-    weight_decay: float = Field(0.0, ge=0, le=MAX_WEIGHT_DECAY)
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated into one optimizer step.")
+    lr: float = Field(1e-5, gt=0, le=MAX_LR, description="Peak AdamW learning rate (lora: of stage 1).")
+    weight_decay: float = Field(0.0, ge=0, le=MAX_WEIGHT_DECAY, description="AdamW weight decay (every stage).")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of a stage's optimizer steps warming the rate up "
+                                                              "linearly from 0; the constant schedule has none.")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning rate after warm-up (lora: stage 1): cosine or linear decay to 0, or constant "
+                              "(which has no warm-up).")
     lora_lr: float = Field(5e-5, gt=0, le=MAX_LR, description="Learning rate of the LoRA stage (paper, Table 3).")
-    lora_schedule: Literal["cosine", "linear", "constant"] = "constant"
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    lora_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "constant", description="The schedule of the LoRA stage (stage 2); constant has no warm-up.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient norm each optimizer step is clipped to "
+                                                               "(None: no clipping).")
     center_coef: float = Field(
         0.0, ge=0, description="Reward centring (Eisenstein et al.): adds coef * (r_chosen + r_rejected)^2."
     )
     eval_every: int = Field(0, ge=0, description="Evaluate every N optimizer steps (0: only at the end).")
-    eval_batch_size: int = Field(16, ge=1)
+    eval_batch_size: int = Field(16, ge=1, description="Pairs per batch when scoring held-out pairs; responses per "
+                                                       "batch when calibrating the members.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 on a GPU that supports it, fp32 otherwise (bf16 is slow on most CPUs)."
     )
     calibration_pairs: int = Field(
         256, ge=1, description="Training pairs (a seeded subset) whose chosen and rejected responses calibrate "
                                "each member's standardisation (mean 0, sd 1), saved with the ensemble.")
-    seed: Seed = 0
-    progress: bool = True
+    seed: Seed = Field(0, description="Seeds the order of the pairs in every epoch, the global random generators "
+                                      "and the calibration subset.")
+    progress: bool = Field(True, description="Show a progress bar per training stage.")
 
 
 class DataConfig(StrictModel):
     """Where preference pairs come from and how they are split."""
 
-    source: Literal["synthetic", "jsonl", "alpaca_eval", "hf"] = "synthetic"
+    source: Literal["synthetic", "jsonl", "alpaca_eval", "hf"] = Field(
+        "synthetic", description="synthetic: generated fruit-question pairs (no files); jsonl: a file of pairs; "
+                                 "alpaca_eval: the offline AlpacaEval judgements; hf: a Hugging Face dataset.")
     path: str | None = Field(
         None,
         description=(
@@ -201,16 +228,24 @@ class DataConfig(StrictModel):
             "hf: the dataset id, e.g. Anthropic/hh-rlhf."
         ),
     )
-    subset: Literal["ae1", "ae2", "both"] = Field("ae1", description="alpaca_eval only: which judgements.")
-    hf_split: str = "train"
-    max_pairs: int | None = Field(None, ge=1)
-    draws: Literal["drop", "weight"] = Field("drop", description="Ties: dropped, or kept with weight 0.5.")
+    subset: Literal["ae1", "ae2", "both"] = Field(
+        "ae1", description="alpaca_eval only: which judgements, AE1's (GPT-4), AE2's (GPT-4-turbo) or both.")
+    hf_split: str = Field("train", description="hf only: the dataset split to read.")
+    max_pairs: int | None = Field(None, ge=1, description="A seeded subset of this many pairs, before the split "
+                                                          "(None: all; synthetic: how many are made, default 256).")
+    draws: Literal["drop", "weight"] = Field(
+        "drop", description="alpaca_eval and hf: ties dropped, or kept with weight 0.5.")
     soft_labels: bool = Field(False, description="AE2: keep GPT-4-turbo's preference probability as weight.")
-    include_generators: list[str] | None = None
-    exclude_generators: list[str] = Field(default_factory=lambda: ["example", "gpt4_gamed"])
+    include_generators: list[str] | None = Field(
+        None, description="alpaca_eval only: keep just the pairs whose compared (non-reference) system is listed "
+                          "(None: every system).")
+    exclude_generators: list[str] = Field(default_factory=lambda: ["example", "gpt4_gamed"],
+                                          description="alpaca_eval only: drop the pairs whose compared system is "
+                                                      "listed.")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Held-out instructions, by hash.")
     label_noise: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of training labels flipped (seeded).")
-    seed: Seed = 0
+    seed: Seed = Field(0, description="Seeds the subset, the synthetic pairs, the held-out split's hash and the "
+                                      "flipped labels.")
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
@@ -219,35 +254,50 @@ class DataConfig(StrictModel):
         return self
 
 
+class JudgeDataConfig(DataConfig):
+    """The gold judge's pairs: a DataConfig whose held-out share is the judge's own, 0.2 unless set (also when
+    a config writes a judge.data section without it), and never 0."""
+
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Judge pairs (by instruction hash) kept back "
+                                                                  "from its training to measure its agreement.")
+
+
 class GenerationConfig(StrictModel):
     """Sampling from a policy with its chat template."""
 
-    max_new_tokens: int = Field(64, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, ge=1, description="Longest response, in tokens; a longer one is cut.")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of sampling; ignored when greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: the smallest set of tokens with this "
+                                                      "probability (1: no truncation); ignored when greedy.")
     do_sample: bool = Field(True, description="False: greedy decoding (judges, deterministic answers).")
     batch_size: int = Field(8, ge=1, description="Prompts per generate() call; the main speed knob.")
-    seed: Seed = 0
+    seed: Seed = Field(0, description="Seeds the sampling of every batch.")
 
 
 class BonConfig(StrictModel):
     """Best-of-n: draw N samples per prompt once, score them with every scorer, report n = 1, 2, 4 ... N."""
 
     n_samples: int = Field(16, ge=1, description="N, samples drawn per prompt.")
-    n_prompts: int | None = Field(None, ge=1)
-    generation: GenerationConfig = Field(default_factory=lambda: GenerationConfig(temperature=1.0, top_p=0.9))
-    select_n: list[int] = Field(default_factory=list, description="Write the selected response per prompt for these n.")
+    n_prompts: int | None = Field(None, ge=1, description="The first N of bon_prompts' prompts (None: all).")
+    generation: GenerationConfig = Field(default_factory=lambda: GenerationConfig(temperature=1.0, top_p=0.9),
+                                         description="How the initial policy draws the samples.")
+
+    retired: ClassVar[dict[str, str]] = {
+        "select_n": "set evaluate.bon_select_n (the n whose Best-of-n picks are written and evaluated)"}
 
 
 class PromptsConfig(StrictModel):
     """Prompts to sample from: AlpacaEval instructions of a split, a file, or the synthetic set."""
 
-    source: Literal["synthetic", "alpaca_eval", "file"] = "synthetic"
+    source: Literal["synthetic", "alpaca_eval", "file"] = Field(
+        "synthetic", description="synthetic: generated fruit questions; alpaca_eval: the instructions of a split; "
+                                 "file: prompts read from path.")
     split: Literal["train", "test"] = Field("train", description="alpaca_eval: which instructions.")
     path: str | None = Field(None, description="file: JSONL with prompt/instruction, or one prompt per line; "
                                                "alpaca_eval: the data folder (default $RMENS_DATA_DIR/alpaca_eval).")
-    max_prompts: int | None = Field(None, ge=1)
-    seed: Seed = 0
+    max_prompts: int | None = Field(None, ge=1, description="A seeded subset of this many prompts (None: all; "
+                                                            "synthetic: how many are made, default 32).")
+    seed: Seed = Field(0, description="Seeds the subset and the synthetic prompts.")
 
     @model_validator(mode="after")
     def _path_needed(self) -> PromptsConfig:
@@ -262,7 +312,8 @@ Rule = Literal["mean", "min", "lcb", "uwo"]
 class AggregationConfig(StrictModel):
     """A rule and its coefficient; `name` is how arms are labelled in reports."""
 
-    rule: Rule = "mean"
+    rule: Rule = Field("mean", description="How member rewards become one: mean, min (worst member), lcb (mean - "
+                                           "beta * sd) or uwo (mean - lam * variance), over the members.")
     beta: float = Field(1.0, ge=0, description="lcb: weight of the member standard deviation.")
     lam: float = Field(0.5, ge=0, description="uwo: weight of the member variance (Coste et al.: 0.5).")
 
@@ -280,48 +331,65 @@ class AggregationConfig(StrictModel):
 # samples PPO rollouts without truncation so that its log-probs and KL are exact.
 
 class PolicyLoraSettings(StrictModel):
-    rank: int = Field(16, gt=0)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    rank: int = Field(16, gt=0, description="LoRA rank r of the policy's adapters.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha: each adapter's update is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input while training.")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      description="Names of the modules given adapters, in every layer.")
 
 
 class PPOConfig(StrictModel):
-    policy: str = Field("tiny-random-llama", description="Hugging Face id, folder or alias of the initial policy.")
+    policy: str = Field("tiny-random-llama", description="Hugging Face id, folder or alias of the initial policy "
+                                                         "(the pipeline and experiment replace it with theirs).")
     steps: int = Field(20, ge=1, description="Rollout-and-update iterations.")
     rollout_batch_size: int = Field(8, ge=1, description="Prompts per process per step.")
     step_batch_size: int = Field(4, ge=1, description="Sequences per optimizer step (per process).")
-    ppo_epochs: int = Field(2, ge=1)
+    ppo_epochs: int = Field(2, ge=1, description="Passes over each step's rollouts, in minibatches of "
+                                                 "step_batch_size.")
     lr: float = Field(1e-4, gt=0, le=MAX_LR,
                       description="1e-4 for LoRA; use ~1e-5 (the paper's value) for full fine-tuning.")
     warmup_steps: int = Field(5, ge=0, description="Optimizer steps of linear warm-up.")
-    max_grad_norm: float = Field(1.0, gt=0)
-    kl_coef: float = Field(0.02, ge=0)
-    adaptive_kl: bool = False
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient norm each optimizer step is clipped to.")
+    kl_coef: float = Field(0.02, ge=0, description="Weight of the per-token KL penalty to the reference policy "
+                                                   "(adaptive_kl: its starting value).")
+    adaptive_kl: bool = Field(False, description="Adapt kl_coef towards kl_target (Ziegler et al.); false: fixed.")
     kl_target: float = Field(6.0, gt=0, description="Adaptive KL: target KL per sequence (nats).")
-    kl_horizon: int = Field(10_000, gt=0)
-    vf_coef: float = Field(0.1, ge=0)
-    cliprange: float = Field(0.2, gt=0)
-    cliprange_value: float = Field(0.2, gt=0)
-    gamma: float = Field(1.0, gt=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    whiten_advantages: bool = True
+    kl_horizon: int = Field(10_000, gt=0, description="Adaptive KL: horizon in rollout samples; larger adapts "
+                                                      "kl_coef more slowly.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss next to the policy loss.")
+    cliprange: float = Field(0.2, gt=0, description="Policy clip: the objective gains nothing from probability "
+                                                    "ratios beyond 1 - cliprange and 1 + cliprange.")
+    cliprange_value: float = Field(0.2, gt=0, description="Value clip: the value loss also scores the new values "
+                                                          "clipped to the rollout's +- this, and keeps the worse.")
+    gamma: float = Field(1.0, gt=0, le=1, description="Discount per token in GAE.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda: 0 bootstraps from the next value, 1 sums the "
+                                                     "rewards to the end.")
+    whiten_advantages: bool = Field(True, description="Normalise each step's advantages to mean 0, sd 1 (over "
+                                                      "every process's tokens).")
     missing_eos_penalty: float | None = Field(
         1.0, ge=0, description="Subtracted from the score of a response that never emits EOS (None: no penalty).")
     generation: GenerationConfig = Field(
         default_factory=lambda: GenerationConfig(temperature=0.7, top_p=1.0, max_new_tokens=32),
         description="Rollout sampling: the full softmax at `temperature` (top_p 1, do_sample true).")
     use_lora: bool = Field(True, description="LoRA policy: the reference is the same model with adapters off.")
-    lora: PolicyLoraSettings = Field(default_factory=PolicyLoraSettings)
+    lora: PolicyLoraSettings = Field(default_factory=PolicyLoraSettings,
+                                     description="use_lora only: the adapters of the policy (and of a reward value "
+                                                 "model).")
     value_model: Literal["head", "reward"] = Field(
         "head", description="head: a value head on the policy's hidden states; reward: a separate value model "
                             "initialised from the reward model's backbone and head (same tokenizer required).")
-    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
-    checkpoint_every: int = Field(10, ge=1)
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig,
+                                           description="Rule combining the reward ensemble's members into PPO's "
+                                                       "reward (the pipeline and experiment replace it with the "
+                                                       "ppo_arms entry's).")
+    checkpoint_every: int = Field(10, ge=1, description="Save a checkpoint (weights, optimizer, history) every N "
+                                                        "steps and after the last.")
     keep_checkpoints: int | None = Field(None, ge=1, description="Checkpoints kept (None: all, for KL curves).")
-    judge_every: int = Field(0, ge=0, description="Score rollouts with the judge every N steps (0: never).")
-    seed: Seed = 0
-    progress: bool = True
+    judge_every: int = Field(0, ge=0, description="Score rollouts with the judge every N steps (0: never; the "
+                                                  "experiment has no judge here).")
+    seed: Seed = Field(0, description="Seeds the adapters' and value head's initialisation, prompt order, rollouts "
+                                      "and minibatches (the experiment derives each run's seed from it).")
+    progress: bool = Field(True, description="Show a progress bar over the steps.")
 
     @model_validator(mode="after")
     def _batches(self) -> PPOConfig:
@@ -345,23 +413,27 @@ class PPOConfig(StrictModel):
 class PPOJobConfig(StrictModel):
     """`rmens ppo`: a policy optimised against a saved reward ensemble on a prompt set."""
 
-    ppo: PPOConfig = Field(default_factory=PPOConfig)
-    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="The PPO run: policy, rule, optimisation.")
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Prompts the rollouts answer.")
     reward_ensemble: str = Field(..., description="Folder of a saved RewardEnsemble.")
     judge_ensemble: str | None = Field(None, description="Optional reward-model judge, logged every judge_every steps.")
-    reward_batch_size: int = Field(16, ge=1)
-    output_dir: str = "runs/ppo"
+    reward_batch_size: int = Field(16, ge=1, description="Responses per batch when the reward ensemble or judge "
+                                                         "scores them.")
+    output_dir: str = Field("runs/ppo", description="Folder of the run (checkpoints, policy, history); --output "
+                                                    "replaces it.")
 
 # -- the pipeline ------------------------------------------------------------------------------------
 
 class ArmsConfig(StrictModel):
     """The matrix of arms: every (kind, k) ensemble is trained once and used with every rule."""
 
-    kinds: list[Literal["full", "linear", "lora"]] = Field(default_factory=lambda: ["linear", "lora"])
-    ks: list[int] = Field(default_factory=lambda: [3])
+    kinds: list[Literal["full", "linear", "lora"]] = Field(default_factory=lambda: ["linear", "lora"],
+                                                           description="Ensemble kinds trained at every size in ks.")
+    ks: list[int] = Field(default_factory=lambda: [3], description="Ensemble sizes (members) trained for every kind.")
     rules: list[AggregationConfig] = Field(default_factory=lambda: [
         AggregationConfig(rule="mean"), AggregationConfig(rule="min"), AggregationConfig(rule="lcb", beta=1.0),
-        AggregationConfig(rule="uwo", lam=0.5)])
+        AggregationConfig(rule="uwo", lam=0.5)], description="Rules every ensemble arm is used with (single models: "
+                                                             "the mean only).")
     single_seeds: int = Field(1, ge=0, description="Single reward models (k=1) trained with seeds 0..n-1.")
 
     @field_validator("ks")
@@ -401,8 +473,9 @@ class Arm(StrictModel):
     """One reward model of the pipeline's matrix: a single model (one seed) or an ensemble (kind, k)."""
 
     model_config = ConfigDict(frozen=True)
-    kind: Literal["single", "full", "linear", "lora"]
-    k: int = Field(1, ge=1)
+    kind: Literal["single", "full", "linear", "lora"] = Field(
+        description="single: one reward model (a linear ensemble of one); full, linear, lora: an ensemble of k.")
+    k: int = Field(1, ge=1, description="Members (1 for single).")
     seed: int = Field(0, ge=0, description="single: added to the ensemble seed, one model per seed.")
 
     @property
@@ -436,9 +509,9 @@ class Arm(StrictModel):
 class PPOArm(StrictModel):
     """A `ppo_arms` entry: the arm whose reward PPO optimises, with one rule; `label` is the entry as written."""
 
-    label: str
-    arm: Arm
-    rule: AggregationConfig
+    label: str = Field(description="The ppo_arms entry as written (e.g. 'single', 'linear-k3/mean'); names the run.")
+    arm: Arm = Field(description="The arm whose reward model PPO optimises.")
+    rule: AggregationConfig = Field(description="The rule combining that arm's members into PPO's reward.")
 
     def describe(self) -> dict[str, str]:
         return self.arm.describe(self.rule)
@@ -447,9 +520,9 @@ class PPOArm(StrictModel):
 class Selection(StrictModel):
     """The Best-of-n pick of one arm under one rule at one n: its label and the file the best_of_n stage writes."""
 
-    arm: Arm
-    rule: AggregationConfig
-    n: int = Field(ge=1)
+    arm: Arm = Field(description="The arm whose reward picks.")
+    rule: AggregationConfig = Field(description="The rule combining its members' rewards.")
+    n: int = Field(ge=1, description="The pick is the best of each prompt's first n samples.")
 
     @property
     def label(self) -> str:
@@ -468,44 +541,58 @@ class JudgeConfig(StrictModel):
     hf_reward_model: a Hugging Face sequence-classification reward model; alpaca_eval: its annotators
     (API key needed); local_llm: a local causal LM with FastChat's judge prompts."""
 
-    kind: Literal["reward_model", "hf_reward_model", "alpaca_eval", "local_llm"] = "reward_model"
-    data: DataConfig = Field(default_factory=lambda: DataConfig(max_pairs=512, seed=11))
-    ensemble: EnsembleConfig = Field(default_factory=lambda: EnsembleConfig(kind="linear", k=1, seed=101))
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    kind: Literal["reward_model", "hf_reward_model", "alpaca_eval", "local_llm"] = Field(
+        "reward_model", description="reward_model (trained here), hf_reward_model, alpaca_eval or local_llm; data, "
+                                    "ensemble and train serve reward_model only.")
+    data: JudgeDataConfig = Field(default_factory=lambda: JudgeDataConfig(max_pairs=512, seed=11),
+                                  description="reward_model: the judge's pairs and the share of them held back.")
+    ensemble: EnsembleConfig = Field(default_factory=lambda: EnsembleConfig(kind="linear", k=1, seed=101),
+                                     description="reward_model: the judge model.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="reward_model: the judge's training.")
     model: str | None = Field(None, description="hf_reward_model / local_llm: model id or folder.")
-    annotators_config: str = "weighted_alpaca_eval_gpt4_turbo"
-    held_out_fraction: float = Field(0.2, gt=0, lt=1, description="Judge pairs kept back to measure agreement.")
+    annotators_config: str = Field("weighted_alpaca_eval_gpt4_turbo",
+                                   description="alpaca_eval: the name of alpaca_eval's annotators config.")
     max_unparsed_fraction: float = Field(
         0.1, ge=0, le=1, description="local_llm: largest share of judged items whose output holds no [[rating]] or "
                                      "verdict before judging fails; below it they are left out, counted and logged.")
+
+    retired: ClassVar[dict[str, str]] = {
+        "held_out_fraction": "set judge.data.val_fraction (the judge pairs kept back to measure agreement)"}
 
 
 class EvalConfig(StrictModel):
     source: Literal["alpaca_eval", "synthetic"] = Field(
         "alpaca_eval", description="Instructions and reference outputs: AlpacaEval's (offline data folder), or the "
                                    "synthetic set with its preferred answers as references (smoke runs).")
-    alpaca_eval: bool = True
-    split: Literal["train", "test"] = "test"
-    max_instructions: int | None = Field(None, ge=1)
+    alpaca_eval: bool = Field(True, description="Judge the outputs against the reference outputs for a win rate "
+                                                "(false: skip it).")
+    split: Literal["train", "test"] = Field("test", description="alpaca_eval: which instructions are evaluated.")
+    max_instructions: int | None = Field(None, ge=1, description="alpaca_eval: the split's first N instructions "
+                                                                 "(None: all); synthetic: N made (default 16).")
     reference: str = Field("gpt4_1106_preview", description="Reference outputs (alpaca_eval model_outputs name).")
-    generation: GenerationConfig = Field(default_factory=lambda: GenerationConfig(temperature=0.7, top_p=0.9))
-    mt_bench: bool = True
+    generation: GenerationConfig = Field(default_factory=lambda: GenerationConfig(temperature=0.7, top_p=0.9),
+                                         description="How an evaluated policy answers the instructions and MT-Bench "
+                                                     "(Best-of-n picks are answers already).")
+    mt_bench: bool = Field(True, description="Also answer and grade MT-Bench (policies and PPO runs, not Best-of-n "
+                                             "picks; skipped with an alpaca_eval judge or without questions).")
     mt_bench_questions: int | None = Field(None, ge=1, description="First N of the 80 questions (None: all).")
     mt_bench_path: str | None = Field(None, description="Folder with question.jsonl (default $RMENS_DATA_DIR/mt_bench)"
                                                         " or a Hugging Face id.")
-    bon_select_n: list[int] = Field(default_factory=list, description="Also evaluate the BoN selection at these n.")
+    bon_select_n: list[int] = Field(default_factory=list, description="The n at which every arm's Best-of-n pick, "
+                                                                      "under each rule, is written and evaluated.")
 
 
 class TrainFlowConfig(StrictModel):
     """The `train` flow: one reward ensemble, registered in MLflow."""
 
-    project_dir: str = "runs/train"
-    label: str = "ensemble"
-    data: DataConfig = Field(default_factory=DataConfig)
-    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    registered_model: str = "rmens-reward-ensemble"
-    log_model: bool = True
+    project_dir: str = Field("runs/train", description="Artifacts, MLflow store and Prefect results live here.")
+    label: str = Field("ensemble", description="Names the run and its stages; also the registered version's alias.")
+    data: DataConfig = Field(default_factory=DataConfig, description="The pairs, and the share held out.")
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig, description="What ensemble to build.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="How it is trained.")
+    registered_model: str = Field("rmens-reward-ensemble", description="MLflow registered model name.")
+    log_model: bool = Field(True, description="Log the ensemble as an MLflow pyfunc model and register it (retrain "
+                                              "needs true).")
 
 
 class RetrainConfig(TrainFlowConfig):
@@ -513,41 +600,46 @@ class RetrainConfig(TrainFlowConfig):
 
     metric: Literal["accuracy", "ece"] = Field("accuracy", description="Held-out metric that decides promotion.")
     min_improvement: float = Field(0.0, ge=0, description="The candidate must beat the champion by more than this.")
-    champion_alias: str = "champion"
+    champion_alias: str = Field("champion", description="The registry alias moved to a better candidate.")
 
 
 class EvaluateFlowConfig(StrictModel):
     """The `evaluate` flow: one policy judged on AlpacaEval-style win rate and MT-Bench."""
 
-    project_dir: str = "runs/evaluate"
-    label: str = "policy"
-    policy: str = "tiny-random-llama"
-    judge: JudgeConfig = Field(default_factory=JudgeConfig)
-    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    project_dir: str = Field("runs/evaluate", description="Artifacts, MLflow store and Prefect results live here.")
+    label: str = Field("policy", description="Names the run and the evaluation (the generator in AlpacaEval files).")
+    policy: str = Field("tiny-random-llama", description="Hugging Face id, folder or alias of the policy evaluated.")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="The judge (a reward_model one is trained "
+                                                                        "first).")
+    evaluate: EvalConfig = Field(default_factory=EvalConfig, description="What is evaluated, and how.")
 
 
 class PipelineConfig(StrictModel):
     """The whole experiment: data, arms, judge, Best-of-n, PPO and evaluation."""
 
-    name: str = "smoke"
+    name: str = Field("smoke", description="Names the run (MLflow's pipeline:<name>) and the report.")
     project_dir: str = Field("runs", description="Artifacts, MLflow store and Prefect results live here.")
-    policy: str = "tiny-random-llama"
-    data: DataConfig = Field(default_factory=DataConfig)
+    policy: str = Field("tiny-random-llama", description="Hugging Face id, folder or alias of the initial policy: "
+                                                         "evaluated as 'initial', it draws the Best-of-n samples and "
+                                                         "starts every PPO run (replacing ppo.policy).")
+    data: DataConfig = Field(default_factory=DataConfig, description="The pairs every arm trains on, and the "
+                                                                     "share held out.")
     ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig,
-                                     description="Shared settings of every arm (backbone, lengths, LoRA); "
-                                                 "kind, k and seed come from the arms.")
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    arms: ArmsConfig = Field(default_factory=ArmsConfig)
-    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+                                     description="Shared settings of every arm (backbone, lengths, LoRA); kind and k "
+                                                 "come from the arms, and single models add their seed to its seed.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings of every arm.")
+    arms: ArmsConfig = Field(default_factory=ArmsConfig, description="The matrix of arms and rules.")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="The gold judge.")
     bon_prompts: PromptsConfig = Field(default_factory=PromptsConfig,
                                        description="Best-of-n prompts; use the evaluation split so that BoN "
                                                    "selections can be scored for win rates.")
-    ppo_prompts: PromptsConfig = Field(default_factory=PromptsConfig)
-    bon: BonConfig = Field(default_factory=BonConfig)
+    ppo_prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Prompts of PPO's rollouts.")
+    bon: BonConfig = Field(default_factory=BonConfig, description="How many Best-of-n samples, and how drawn.")
     ppo: PPOConfig | None = Field(default_factory=PPOConfig, description="None: skip PPO.")
     ppo_arms: list[str] = Field(default_factory=lambda: ["single", "linear-k3/mean"],
                                 description="Which arms get a PPO run, as 'kind-kK/rule' or 'single'.")
-    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    evaluate: EvalConfig = Field(default_factory=EvalConfig, description="How the initial policy, the PPO runs and "
+                                                                        "the Best-of-n picks are judged.")
     registered_model: str = Field("rmens-reward-ensemble", description="MLflow registered model name.")
     log_models: bool = Field(True, description="Log each ensemble as an MLflow pyfunc model (copies the weights).")
 
@@ -647,10 +739,10 @@ def flatten(config: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, A
 class TrainJobConfig(StrictModel):
     """`rmens train`: data + ensemble + training, and where the ensemble is written."""
 
-    data: DataConfig = Field(default_factory=DataConfig)
-    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    output_dir: str = "runs/ensemble"
+    data: DataConfig = Field(default_factory=DataConfig, description="The pairs, and the share held out.")
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig, description="What ensemble to build.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="How it is trained.")
+    output_dir: str = Field("runs/ensemble", description="Folder the ensemble is saved to; --output replaces it.")
 
 
 def load_preset(name: str, overrides: list[str] | None = None) -> PipelineConfig:

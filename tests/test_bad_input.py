@@ -170,13 +170,23 @@ def test_cli_reports_a_bad_override_in_one_line(tmp_path, capsys):
     ("train.max_steps=true", "train.max_steps"),
     ("ensemble.lora.top_layers=true", "ensemble.lora.top_layers"),
     ("arms.ks=[3, true]", "arms.ks"),
-    ("bon.select_n=[true]", "bon.select_n"),
+    ("evaluate.bon_select_n=[true]", "evaluate.bon_select_n"),
 ])
 def test_a_boolean_is_not_a_number(override, field):
     with pytest.raises(ValidationError) as err:
         load_preset("smoke", [override])
     line = _one_line(err.value)
     assert f"{field}: expected a" in line and ("boolean" in line or "True" in line)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("bon.select_n=[4]", "bon: select_n is no longer a setting; set evaluate.bon_select_n"),
+    ("judge.held_out_fraction=0.3", "judge: held_out_fraction is no longer a setting; set judge.data.val_fraction"),
+])
+def test_a_retired_setting_names_its_replacement(override, message):
+    with pytest.raises(ValidationError) as err:
+        load_preset("smoke", [override])
+    assert _one_line(err.value).startswith(f"invalid PipelineConfig settings: {message}")
 
 
 def test_numbers_still_load_and_booleans_stay_booleans():

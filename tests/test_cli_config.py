@@ -117,3 +117,23 @@ def test_servers_that_do_not_answer_are_reported_before_any_work(monkeypatch):
         check_servers()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///x.db")  # a file store needs no server
     check_servers()
+
+
+def test_the_judges_held_out_share_is_one_setting():
+    """judge.data.val_fraction alone decides the judge pairs kept back to measure agreement: 0.2 unless set, also
+    when a config writes a judge.data section without it (as the smoke preset does), and the judge's data stage
+    gets it as written."""
+    from pydantic import ValidationError
+
+    from rmens.config import JudgeConfig, load_preset
+    from rmens.pipeline.plan import train_judge
+
+    assert JudgeConfig().data.val_fraction == 0.2
+    assert "val_fraction" not in load_preset("smoke").model_dump(exclude_unset=True)["judge"]["data"]
+    assert load_preset("smoke").judge.data.val_fraction == 0.2
+    with pytest.raises(ValidationError, match="judge.data.val_fraction"):
+        load_preset("smoke", ["judge.data.val_fraction=0"])
+    calls = []
+    config = load_preset("smoke", ["judge.data.val_fraction=0.3"])
+    train_judge(lambda step, label, /, tags=None, **inputs: calls.append(inputs), config)
+    assert calls[0]["data"].val_fraction == 0.3

@@ -49,8 +49,9 @@ class ArmSpec(StrictModel):
     `single` is one reward model (k=1); the others are ensembles of k members (Zhang et al.: full, linear,
     LoRA)."""
 
-    kind: Literal["single", "full", "linear", "lora"]
-    k: int = Field(1, ge=1)
+    kind: Literal["single", "full", "linear", "lora"] = Field(
+        description="single: one reward model; full, linear, lora: an ensemble of k members.")
+    k: int = Field(1, ge=1, description="Members: 1 for single, at least 2 for an ensemble.")
     top_layers: float | None = Field(None, gt=0, description="lora: layers with adapters (fraction or count); "
                                                              "None keeps the shared ensemble's setting.")
     runs: int | None = Field(None, ge=1, description="Training runs (seeds) of this arm; None: the experiment's "
@@ -104,7 +105,8 @@ class PPOArm(StrictModel):
     """PPO against one arm's reward under one rule (one PPO run per training run of the arm, up to `ppo_runs`)."""
 
     arm: str = Field(..., description="The label of an arm, e.g. single or linear-k5.")
-    rule: AggregationConfig = Field(default_factory=AggregationConfig)
+    rule: AggregationConfig = Field(default_factory=AggregationConfig,
+                                    description="The rule combining the arm's members into PPO's reward.")
 
     @property
     def label(self) -> str:
@@ -119,10 +121,11 @@ class Comparison(StrictModel):
     series b (`<arm>/<rule>`, e.g. lora-k5/mean against single/mean), logged Best-of-n under one judge set at
     one n (None: the largest)."""
 
-    a: str
-    b: str
-    judge: Judge = "ae2"
-    n: int | None = Field(None, ge=1)
+    a: str = Field(description="Series a, `<arm>/<rule>` (e.g. lora-k5/mean).")
+    b: str = Field(description="Series b, which a is compared against (e.g. single/mean).")
+    judge: Judge = Field("ae2", description="The judge set whose pools decide it; one of pools.judges.")
+    n: int | None = Field(None, ge=1, description="The Best-of-n size it is read at, one of 1, 2, 4 ... pools.max_n "
+                                                  "(None: the largest).")
 
     @property
     def label(self) -> str:
@@ -133,8 +136,10 @@ class GoldConfig(StrictModel):
     """The gold judge of PPO (Gao et al.; Coste et al.): one reward model trained on many more verdicts,
     at a longer context, than any proxy."""
 
-    ensemble: EnsembleConfig = Field(default_factory=lambda: EnsembleConfig(kind="linear", k=1, seed=101))
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    ensemble: EnsembleConfig = Field(default_factory=lambda: EnsembleConfig(kind="linear", k=1, seed=101),
+                                     description="The gold model: kind linear, k 1, and at least the proxies' "
+                                                 "max_length.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Its training (its seed used as is).")
     min_margin: float = Field(0.02, ge=0, le=1, description="PPO verdicts are printed only when the gold judge's "
                               "held-out accuracy beats every proxy arm's (averaged over its runs) by this much "
                               "on every judge set.")
@@ -149,7 +154,8 @@ class GoldConfig(StrictModel):
 class PairsShare(StrictModel):
     """Which verdicts of a share of the training instructions are kept."""
 
-    subset: Literal["ae1", "ae2", "both"] = "both"
+    subset: Literal["ae1", "ae2", "both"] = Field(
+        "both", description="Whose verdicts are kept: AE1's (GPT-4), AE2's (GPT-4-turbo) or both.")
     max_pairs: int | None = Field(None, ge=1, description="A seeded subset of this many pairs (None: all).")
 
 
@@ -179,8 +185,10 @@ class SplitConfig(StrictModel):
     unlabelled prompts, and the gold judge's verdicts (the rest). No evaluation instruction and no output of a
     held-out system is in any of them."""
 
-    gold: PairsShare = Field(default_factory=PairsShare)
-    proxy: ProxyShare = Field(default_factory=ProxyShare)
+    gold: PairsShare = Field(default_factory=PairsShare, description="The gold judge's share (the instructions "
+                                                                     "the others leave): its verdicts and pairs.")
+    proxy: ProxyShare = Field(default_factory=ProxyShare, description="The proxies' share: its size, verdicts "
+                                                                      "and pairs.")
     ppo_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the training instructions kept unlabelled "
                                                              "for PPO's prompts (no reward model sees them).")
     ppo_prompts: int | None = Field(256, ge=1, description="PPO-share instructions PPO samples from (None: all).")
@@ -197,12 +205,17 @@ class PoolConfig(StrictModel):
     """The evaluation side: the logged-output Best-of-n pools, one per held-out instruction and judge set,
     and the held-out instructions PPO checkpoints answer."""
 
-    judges: list[Judge] = Field(default_factory=lambda: ["ae1", "ae2"], min_length=1)
-    max_instructions: int | None = Field(None, ge=1)
+    judges: list[Judge] = Field(default_factory=lambda: ["ae1", "ae2"], min_length=1,
+                                description="Judge sets with pools of their own: ae1 (GPT-4's verdicts), ae2 "
+                                            "(GPT-4-turbo's).")
+    max_instructions: int | None = Field(None, ge=1, description="At most this many pools per judge set, chosen by "
+                                                                 "a hash of the instruction (None: all).")
     pool_size: int | None = Field(None, ge=1, description="Outputs kept per instruction (None: all).")
     max_n: int = Field(16, ge=1, description="n = 1, 2, 4, ... up to this; pools smaller than it are left out.")
-    exclude_generators: list[str] = Field(default_factory=lambda: ["example", "gpt4_gamed"])
-    include_generators: list[str] | None = None
+    exclude_generators: list[str] = Field(default_factory=lambda: ["example", "gpt4_gamed"],
+                                          description="Systems whose outputs never enter a pool.")
+    include_generators: list[str] | None = Field(None, description="Only these of the held-out systems fill the "
+                                                                   "pools (None: all of them).")
     eval_prompts: int = Field(32, ge=1, description="Pool instructions PPO checkpoints answer.")
 
     @model_validator(mode="after")
@@ -216,7 +229,8 @@ class MtBenchConfig(StrictModel):
     """Logged Best-of-n and agreement on MT-Bench's released GPT-4 grades (rmens.evaluation.mt_bench_grades):
     one pool per question and turn holding every system of the grades file."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="Build pools from MT-Bench's grades and report on them (false: leave "
+                                            "MT-Bench out, no grades file needed).")
     grades: str | None = Field(None, description="The grades file (default $RMENS_DATA_DIR/mt_bench/"
                                                  "gpt4_single_grades.jsonl.gz).")
     max_questions: int | None = Field(None, ge=1, description="A seeded subset of the questions (None: all).")
@@ -237,32 +251,43 @@ class ProxyLabels(StrictModel):
 class ExperimentConfig(StrictModel):
     """Everything `rmens experiment` and bench/reference_experiment.py run."""
 
-    size: str = "custom"
-    data: DataSource = Field(default_factory=DataSource)
-    split: SplitConfig = Field(default_factory=SplitConfig)
-    pools: PoolConfig = Field(default_factory=PoolConfig)
+    size: str = Field("custom", description="The size preset it was loaded from ('custom' when built otherwise); "
+                                            "names the run and its default output folder.")
+    data: DataSource = Field(default_factory=DataSource, description="The verdicts and evaluation files, and the "
+                                                                     "held-out instructions and systems.")
+    split: SplitConfig = Field(default_factory=SplitConfig, description="The training side: the proxies', PPO's "
+                                                                        "and the gold judge's shares.")
+    pools: PoolConfig = Field(default_factory=PoolConfig, description="The evaluation side: the Best-of-n pools "
+                                                                      "and PPO's evaluation prompts.")
     ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig,
                                      description="What every arm shares: backbone, lengths, LoRA settings.")
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    arms: list[ArmSpec] = Field(min_length=1)
+    train: TrainConfig = Field(default_factory=TrainConfig, description="What every arm's training shares; each "
+                                                                        "run's seed is derived from its seed.")
+    arms: list[ArmSpec] = Field(min_length=1, description="The reward-model arms, each with a label of its own.")
     runs: int = Field(3, ge=1, description="Training runs (seeds) of every arm that does not set its own; the "
                                            "comparisons treat runs as random, so one run per arm gives no verdict.")
     rules: list[AggregationConfig] = Field(default_factory=lambda: [
         AggregationConfig(rule="mean"), AggregationConfig(rule="min"), AggregationConfig(rule="lcb", beta=1.0),
-        AggregationConfig(rule="uwo", lam=0.5)])
-    gold: GoldConfig = Field(default_factory=GoldConfig)
-    proxy_labels: ProxyLabels = Field(default_factory=ProxyLabels)
-    mt_bench: MtBenchConfig = Field(default_factory=MtBenchConfig)
+        AggregationConfig(rule="uwo", lam=0.5)], description="Rules every ensemble arm is scored under (single "
+                                                             "arms: the mean only); names must differ.")
+    gold: GoldConfig = Field(default_factory=GoldConfig, description="The gold judge.")
+    proxy_labels: ProxyLabels = Field(default_factory=ProxyLabels, description="Changes to the proxies' labels "
+                                                                               "(none by default).")
+    mt_bench: MtBenchConfig = Field(default_factory=MtBenchConfig, description="Best-of-n and agreement on "
+                                                                               "MT-Bench's GPT-4 grades.")
     primary: Comparison = Field(default_factory=lambda: Comparison(a="lora-k5/mean", b="single/mean"),
                                 description="The one comparison named in advance and reported first; every other "
                                             "verdict is one of a family corrected with Holm's method.")
     alpha: float = Field(0.05, gt=0, lt=1,
                          description="Significance level of every verdict (after Holm for the family).")
     power: float = Field(0.8, gt=0, lt=1, description="Power at which minimum detectable differences are reported.")
-    score_batch_size: int = Field(32, ge=1)
-    policy: str = "tiny-random-llama"
+    score_batch_size: int = Field(32, ge=1, description="Texts per batch when reward models (gold, arms, twins) "
+                                                        "score the pools.")
+    policy: str = Field("tiny-random-llama", description="Initial policy of every PPO run (it replaces ppo.policy); "
+                                                         "its tokenizer decides which evaluation prompts fit.")
     ppo: PPOConfig | None = Field(default_factory=PPOConfig, description="None: no PPO part.")
-    ppo_arms: list[PPOArm] = Field(default_factory=list)
+    ppo_arms: list[PPOArm] = Field(default_factory=list, description="Which arm's reward, under which rule, PPO "
+                                                                     "optimises (empty: no PPO run).")
     ppo_runs: int = Field(1, ge=1, description="PPO runs per PPO arm, run r against the arm's reward model of run r.")
     ppo_generation: GenerationConfig = Field(
         default_factory=lambda: GenerationConfig(temperature=0.7),

@@ -65,7 +65,7 @@ def train_judge(call: Call, config: PipelineConfig | EvaluateFlowConfig) -> Outp
     """The offline gold judge: a reward model trained on many more pairs than the arms see."""
     if config.judge.kind != "reward_model":
         return None
-    data = call(prepare_data, "judge", data=derive(config.judge.data, val_fraction=config.judge.held_out_fraction))
+    data = call(prepare_data, "judge", data=config.judge.data)
     return call(train_ensemble, "judge", data=data, ensemble=config.judge.ensemble, train_cfg=config.judge.train,
                 label="judge")
 

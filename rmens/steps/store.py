@@ -39,13 +39,14 @@ DONE, STARTED = "done.json", "started.json"
 class Output(BaseModel):
     """A finished step's folder and what it said about it: what runners pass on and Prefect caches."""
 
-    step: str
-    key: str
-    path: str
-    summary: Summary = Field(default_factory=dict)
-    wall_s: float | None = None
-    run_id: str | None = None  # the tracking run (MLflow) that computed it, when one did
-    files: Manifest = Field(default_factory=dict, repr=False)
+    step: str = Field(description="The declared step's name.")
+    key: str = Field(description="The call's key: settings, the keys of the outputs it read, its code.")
+    path: str = Field(description="Its folder, <store>/<step>/<key[:16]>.")
+    summary: Summary = Field(default_factory=dict, description="What the step returned (flat, JSON).")
+    wall_s: float | None = Field(None, description="Seconds the step took when it was computed.")
+    run_id: str | None = Field(None, description="The tracking (MLflow) run that computed it, when one did.")
+    files: Manifest = Field(default_factory=dict, repr=False,
+                            description="Size, mtime and sha256 of every file it wrote, checked before a reuse.")
 
     @property
     def folder(self) -> Path:
