@@ -9,8 +9,8 @@ from prefect.artifacts import create_markdown_artifact
 from flows.steps import train_one
 from rmens.config import RetrainConfig
 from tasks.prepare_data import read_pairs
+from tasks.registry import promote_if_better
 from tasks.runtime.paths import ProjectPaths
-from tasks.runtime.registry import promote_if_better
 from tasks.runtime.stager import Stager, flow_run_name, flow_run_tags
 from tasks.runtime.tracking import client_for, log_metrics, parent_run, set_tags
 

@@ -8,5 +8,7 @@
     locks.py      stage locks that a killed run cannot leave behind
     tracking.py   MLflow parent and child runs, cache-hit records, closing runs a dead process left open
     uptodate.py   the record of a flow's last complete run, and whether an unchanged re-run may just report it
-    judging.py    the judge a config names; registry.py, mlflow_model.py, reward_model_code.py: MLflow models
+    judging.py    the judge a config names
+
+The registered MLflow model (logging, serving, promotion) is tasks/registry/.
 """
