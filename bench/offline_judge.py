@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 
@@ -29,6 +28,7 @@ from rmens.evaluation.judges import RewardModelJudge
 from rmens.evaluation.offline_judge import agreement_report, judge_split
 from rmens.generation import generate
 from rmens.models.backbone import load_policy, load_tokenizer
+from rmens.seeding import python_random
 from rmens.training.trainer import train_ensemble
 
 
@@ -41,7 +41,7 @@ def main() -> int:
     parser.add_argument("--mt-bench-questions", type=int, default=16)
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
-    rng = random.Random(0)
+    rng = python_random(0)
     results: dict = {}
 
     pools = {name: judge_split(load_pairs(DataConfig(source="alpaca_eval", subset=name, soft_labels=True)), 0.2)

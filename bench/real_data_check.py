@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 
@@ -27,6 +26,7 @@ from rmens.evaluation.offline_judge import agreement_report, length_rule_accurac
 from rmens.evaluation.reward_model import evaluate_reward_model
 from rmens.models.backbone import load_tokenizer
 from rmens.reward import EnsembleReward
+from rmens.seeding import python_random
 from rmens.training.trainer import train_ensemble
 
 
@@ -43,7 +43,7 @@ def main() -> int:
 
     pool = load_pairs(DataConfig(source="alpaca_eval", subset="ae1", max_pairs=None, seed=0))
     train_pool, held_pool = split_by_instruction(pool, 0.2, salt="real-data-check")
-    rng = random.Random(0)
+    rng = python_random(0)
     train = rng.sample(train_pool, args.pairs)
     held = rng.sample(held_pool, args.held_out)
     print(f"{len(train)} training pairs, {len(held)} held-out pairs of unseen instructions", flush=True)

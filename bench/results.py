@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from rmens import io as rmens_io
 
 OUT = Path(__file__).parent / "out"
 
 
 def write_json(stem: str, result: dict, folder: Path = OUT) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    rmens_io.write_json(folder / f"{stem}.json", result)
 
 
 def save_results(stem: str, result: dict, lines: list[str], folder: Path = OUT) -> None:

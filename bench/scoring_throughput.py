@@ -19,7 +19,6 @@ import argparse
 import gzip
 import json
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from rmens.data.encoding import pad_batch
 from rmens.models.backbone import load_tokenizer
 from rmens.models.ensemble import build_ensemble
 from rmens.reward import EnsembleReward
+from rmens.seeding import python_random
 
 
 def responses(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -42,9 +42,9 @@ def responses(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
     if root and path.is_file():
         with gzip.open(path, "rt") as handle:
             rows = [json.loads(line) for _, line in zip(range(4 * n), handle)]
-        rows = random.Random(seed).sample(rows, n)
+        rows = python_random(seed).sample(rows, n)
         return [r["instruction"] for r in rows], [r["output_2"] for r in rows]
-    rng = random.Random(seed)
+    rng = python_random(seed)
     words = "the of a reward model ensemble picks better outputs when members disagree less".split()
     texts = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 400))) for _ in range(n)]
     return [f"Question {i}: explain something." for i in range(n)], texts

@@ -1,2 +1,3 @@
 """Prefect flows: they compose stage tasks and nothing else (steps.py holds what several flows compose);
-and `cli`, the `rmens` command, which sits above the flows because it runs them."""
+and `cli`, the `rmens` command, which sits above the flows because it runs them (`services`: the local
+servers it starts, stops and checks)."""

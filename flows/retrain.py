@@ -9,8 +9,8 @@ from prefect.artifacts import create_markdown_artifact
 from rmens.config import RetrainConfig
 from rmens.pipeline.data import read_pairs
 from rmens.pipeline.plan import train_one
+from tasks.registry import promote_if_better
 from tasks.runtime.paths import ProjectPaths
-from tasks.runtime.registry import promote_if_better
 from tasks.runtime.stager import Stager, flow_run_name, flow_run_tags
 from tasks.runtime.tracking import client_for, log_metrics, parent_run, set_tags
 
@@ -18,8 +18,6 @@ from tasks.runtime.tracking import client_for, log_metrics, parent_run, set_tags
 @flow(name="rmens-retrain", flow_run_name=flow_run_name("retrain"), validate_parameters=True)
 def retrain(config: RetrainConfig = RetrainConfig(), refresh: bool = False) -> dict:
     paths = ProjectPaths.at(config.project_dir).make()
-    if not config.log_model:
-        raise ValueError("retrain compares registered models: log_model must be true")
     with parent_run(paths, f"retrain:{config.label}", config, tags=flow_run_tags()) as ctx, \
             Stager(ctx, refresh, config.log_model, config.registered_model) as stage:
         data, model = train_one(stage, config)

@@ -75,6 +75,17 @@ class StrictModel(BaseModel):
         return value
 
 
+def refuse_replaced(section: BaseModel, name: str, owners: dict[str, str]) -> None:
+    """A setting that the enclosing config replaces from elsewhere must keep its default: a value a user gave
+    it would be silently ignored, so that is an error naming the setting that decides instead. (Compared with
+    the default, not with what was written: a config dumped and validated again, as Prefect's parameters are,
+    writes every field.)"""
+    for field in sorted(owners):
+        default = type(section).model_fields[field].get_default(call_default_factory=True)
+        if getattr(section, field) != default:
+            raise ValueError(f"{name}.{field} is ignored here ({owners[field]}); remove it")
+
+
 class LoraSettings(StrictModel):
     """LoRA members of a `lora` ensemble (stage 2 of Zhang et al.'s recipe)."""
 
@@ -278,12 +289,12 @@ class BonConfig(StrictModel):
     """Best-of-n: draw N samples per prompt once, score them with every scorer, report n = 1, 2, 4 ... N."""
 
     n_samples: int = Field(16, ge=1, description="N, samples drawn per prompt.")
-    n_prompts: int | None = Field(None, ge=1, description="The first N of bon_prompts' prompts (None: all).")
     generation: GenerationConfig = Field(default_factory=lambda: GenerationConfig(temperature=1.0, top_p=0.9),
                                          description="How the initial policy draws the samples.")
 
     retired: ClassVar[dict[str, str]] = {
-        "select_n": "set evaluate.bon_select_n (the n whose Best-of-n picks are written and evaluated)"}
+        "select_n": "set evaluate.bon_select_n (the n whose Best-of-n picks are written and evaluated)",
+        "n_prompts": "set bon_prompts.max_prompts (a seeded subset of that many prompts)"}
 
 
 class PromptsConfig(StrictModel):
@@ -598,6 +609,12 @@ class TrainFlowConfig(StrictModel):
 class RetrainConfig(TrainFlowConfig):
     """The scheduled `retrain` flow: retrain on the current data; promote only a better model."""
 
+    @model_validator(mode="after")
+    def _registers(self) -> RetrainConfig:
+        if not self.log_model:
+            raise ValueError("log_model: retrain compares registered models, so it must be true")
+        return self
+
     metric: Literal["accuracy", "ece"] = Field("accuracy", description="Held-out metric that decides promotion.")
     min_improvement: float = Field(0.0, ge=0, description="The candidate must beat the champion by more than this.")
     champion_alias: str = Field("champion", description="The registry alias moved to a better candidate.")
@@ -646,6 +663,11 @@ class PipelineConfig(StrictModel):
     @model_validator(mode="after")
     def _ppo_arms_exist(self) -> PipelineConfig:
         self.ppo_runs()  # checked here, not when PPO starts: by then every arm and Best-of-n have run
+        refuse_replaced(self.ensemble, "ensemble", {"kind": "arms.kinds and arms.single_seeds set it",
+                                                    "k": "arms.ks sets it"})
+        if self.ppo is not None:
+            refuse_replaced(self.ppo, "ppo", {"policy": "the top-level policy sets it",
+                                              "aggregation": "each ppo_arms entry's rule sets it"})
         return self
 
     def ppo_runs(self) -> list[PPOArm]:
@@ -746,13 +768,10 @@ class TrainJobConfig(StrictModel):
 
 
 def load_preset(name: str, overrides: list[str] | None = None) -> PipelineConfig:
-    """A built-in preset (smoke, cpu, gpu) from rmens/presets, with dotted overrides applied."""
-    from importlib import resources
+    """A built-in pipeline preset (smoke, cpu, gpu; rmens.presets), with dotted overrides applied."""
+    from rmens.presets import with_overrides
 
-    path = resources.files("rmens") / "presets" / f"{name}.yaml"
-    if not path.is_file():
-        raise ValueError(f"unknown preset {name!r}; choose from smoke, cpu, gpu")
-    return PipelineConfig.model_validate(apply_overrides(load_yaml(Path(str(path))), overrides or []))
+    return PipelineConfig.model_validate(with_overrides(name, overrides))
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -23,8 +23,9 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
-def write_json(path: str | Path, obj) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2))
+def write_json(path: str | Path, obj, *, indent: int | None = 2, ensure_ascii: bool = True) -> Path:
+    """`obj` as JSON (indented for people to read unless indent=None), written atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=ensure_ascii))
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:

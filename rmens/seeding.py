@@ -5,10 +5,13 @@ bootstrap weights, a batch of samples, PPO's prompt and minibatch orders) draws 
 seeded by (run seed, which stream, its indices). numpy's SeedSequence does the mixing: its spawn keys
 give statistically independent seeds for distinct keys, so a stream does not move when another is added,
 and member i's draws do not depend on k.
+
+The standard library's sampling (random.sample, choice) takes its generator from python_random.
 """
 
 from __future__ import annotations
 
+import random
 from enum import IntEnum
 
 import numpy as np
@@ -38,3 +41,13 @@ def seed_for(seed: int, stream: Stream, *indices: int) -> int:
         raise ValueError(f"seeds and stream indices are in [0, 2**32), got {seed} and {indices}")
     state = np.random.SeedSequence(seed, spawn_key=(int(stream), *indices)).generate_state(1, np.uint64)[0]
     return int(state) >> 1  # torch generators take up to 64 bits; one less keeps it a positive int64 too
+
+
+def python_random(seed: int, purpose: str | None = None) -> random.Random:
+    """A python `random.Random` seeded by `seed`, or, with a `purpose`, by the text f"{seed}\\x00{purpose}"
+    (Random hashes text with SHA-512), so that each purpose (e.g. a pool's instruction) draws on its own.
+
+    Not mixed through seed_for: these are the exact seeds the data subsets, label flips and pool cuts were
+    drawn with, and changing them would move every published number.
+    """
+    return random.Random(seed if purpose is None else f"{seed}\x00{purpose}")

@@ -151,7 +151,7 @@ def _log_model(ctx: StageContext, output: Output) -> None:
     if not ctx.log_models or ctx.stage_label == "judge":
         return
     from rmens.config import AggregationConfig
-    from tasks.runtime.mlflow_model import log_and_register
+    from tasks.registry import log_and_register
 
     uri, version = log_and_register(str(output.file("ensemble")), ctx.registered_model, [ctx.stage_label],
                                     AggregationConfig().model_dump())

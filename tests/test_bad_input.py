@@ -189,6 +189,30 @@ def test_a_retired_setting_names_its_replacement(override, message):
     assert _one_line(err.value).startswith(f"invalid PipelineConfig settings: {message}")
 
 
+@pytest.mark.parametrize("load, override, message", [
+    ("pipeline", "ensemble.k=5", "ensemble.k is ignored here (arms.ks sets it)"),
+    ("pipeline", "ensemble.kind=full", "ensemble.kind is ignored here (arms.kinds and arms.single_seeds set it)"),
+    ("pipeline", "ppo.policy=other", "ppo.policy is ignored here (the top-level policy sets it)"),
+    ("pipeline", "ppo.aggregation={rule: min}", "ppo.aggregation is ignored here (each ppo_arms entry's rule sets it)"),
+    ("pipeline", "bon.n_prompts=3", "n_prompts is no longer a setting; set bon_prompts.max_prompts"),
+    ("experiment", "ensemble.k=5", "ensemble.k is ignored here (each arm's k sets it)"),
+    ("experiment", "ppo.judge_every=2", "ppo.judge_every is ignored here (the experiment's PPO runs without a judge"),
+])
+def test_a_setting_another_one_replaces_is_refused_not_ignored(load, override, message):
+    from rmens.experiment.config import load_experiment
+
+    with pytest.raises(ValidationError) as err:
+        load_preset("smoke", [override]) if load == "pipeline" else load_experiment("tiny", [override])
+    assert message in _one_line(err.value)
+
+
+def test_a_retrain_that_would_register_nothing_is_refused_when_loaded():
+    from rmens.config import RetrainConfig
+
+    with pytest.raises(ValidationError, match="log_model: retrain compares registered models"):
+        RetrainConfig(log_model=False)
+
+
 def test_numbers_still_load_and_booleans_stay_booleans():
     config = load_preset("smoke", ["train.lr=1", "train.epochs=2", "ensemble.lora.top_layers=2",
                                    "train.lora_lr=1e-4", "judge.train.lr=5e-3", "train.progress=true"])

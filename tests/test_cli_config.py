@@ -102,7 +102,7 @@ def test_a_model_that_cannot_be_found_is_reported_in_one_line(tmp_path, monkeypa
 def test_servers_that_do_not_answer_are_reported_before_any_work(monkeypatch):
     import socket
 
-    from flows.cli import check_servers
+    from flows.services import check_servers
 
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))

@@ -16,6 +16,7 @@ from rmens.data.loaders import (
 )
 from rmens.data.schema import DataError, PreferencePair, validate_pair
 from rmens.data.splits import flip_labels, is_alpaca_eval_test, member_weights, split_by_instruction
+from rmens.io import write_json
 
 
 def test_validate_pair_accepts_good_record_and_keeps_extra_fields_as_source():
@@ -61,6 +62,15 @@ def test_jsonl_loader_reads_weights_and_source(tmp_path):
                                 "source": {"who": "me"}}) + "\n")
     [pair] = load_jsonl_pairs(path)
     assert pair.weight == 0.75 and pair.source == {"who": "me"}
+
+
+def test_write_json_keeps_the_text_json_dumps_wrote(tmp_path):
+    obj = {"name": "café", "values": [1, 2.5, None]}
+    assert write_json(tmp_path / "a" / "x.json", obj).read_text() == json.dumps(obj, indent=2)
+    assert write_json(tmp_path / "y.json", obj, indent=None).read_text() == json.dumps(obj)
+    assert (write_json(tmp_path / "z.json", obj, ensure_ascii=False).read_text(encoding="utf-8")
+            == json.dumps(obj, indent=2, ensure_ascii=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "y.json", "z.json"]  # no .partial left
 
 
 @pytest.mark.parametrize("pref, chosen, weight_hard, weight_soft", [

@@ -13,8 +13,9 @@ from pydantic import ValidationError
 
 from rmens.data.schema import DataError
 from rmens.evaluation import stats
-from rmens.experiment.config import ArmSpec, ExperimentConfig, PPOArm, load_experiment, size_preset
+from rmens.experiment.config import ArmSpec, ExperimentConfig, PPOArm, load_experiment
 from rmens.experiment.runner import run_experiment
+from rmens.presets import preset_data
 
 ARMS = ["single", "linear-k5", "lora-k5", "lora-k5-all", "full-k3"]
 RULES = ("mean", "min", "lcb1", "uwo0.5")
@@ -44,7 +45,7 @@ def test_arms_have_labels_and_derived_configs_are_validated():
         ArmSpec(kind="single", k=2)
     with pytest.raises(ValidationError, match="top_layers applies to lora arms only"):
         ArmSpec(kind="linear", k=3, top_layers=0.5)
-    base = size_preset("tiny")
+    base = preset_data("tiny", "experiment")
     # the shared ensemble says freeze_backbone, which a LoRA arm's derived config must refuse at once
     with pytest.raises(ValidationError, match="freeze_backbone applies to kind='linear' only"):
         ExperimentConfig.model_validate({**base, "ensemble": {**base["ensemble"], "freeze_backbone": True}})

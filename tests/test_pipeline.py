@@ -12,8 +12,8 @@ import pytest
 prefect = pytest.importorskip("prefect")
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from flows.cli import preset_data  # noqa: E402
 from rmens.config import PipelineConfig, RetrainConfig, apply_overrides  # noqa: E402
+from rmens.presets import preset_data  # noqa: E402
 
 
 @pytest.fixture(scope="module")

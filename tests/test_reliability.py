@@ -207,7 +207,7 @@ def test_two_runs_started_together_on_a_fresh_folder_both_succeed_and_are_record
 
 
 def test_server_start_refuses_a_port_it_does_not_own_and_stop_never_signals_a_stranger(tmp_path):
-    from flows.cli import SERVER_PORT
+    from flows.services import SERVER_PORT
 
     env = _env(tmp_path, None)
     with socket.socket() as squatter:

@@ -1,11 +1,13 @@
 """One derivation for every random stream: distinct streams and indices never share a seed, and member i's
 draws do not depend on how many members there are."""
 
+import random
+
 import pytest
 import torch
 
 from rmens.models.ensemble import init_heads
-from rmens.seeding import Stream, seed_for
+from rmens.seeding import Stream, python_random, seed_for
 
 
 def test_each_stream_and_index_gets_its_own_reproducible_seed():
@@ -23,3 +25,17 @@ def test_member_heads_differ_and_do_not_depend_on_k():
     assert torch.equal(three, five[:3])
     assert not torch.equal(three[0], three[1])
     assert not torch.equal(three, init_heads(16, 3, seed=5).weight)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 7, 12345])
+def test_python_random_draws_what_the_hand_made_generators_drew(seed):
+    """The published numbers were drawn from random.Random(seed) (data subsets, label flips, prompt subsets,
+    the synthetic pairs) and random.Random(f"{seed}\\x00{instruction}") (each pool's cut): python_random must
+    draw the same sequences."""
+    def draws(rng: random.Random) -> tuple:
+        return rng.sample(range(1000), 20), rng.choice("abcdefgh"), rng.random(), rng.getrandbits(64)
+
+    assert draws(python_random(seed)) == draws(random.Random(seed))
+    for instruction in ["Write a haiku.", "Explain the café's menu\n in two lines", ""]:
+        assert draws(python_random(seed, instruction)) == draws(random.Random(f"{seed}\x00{instruction}"))
+    assert draws(python_random(seed, "a")) != draws(python_random(seed, "b")) != draws(python_random(seed))

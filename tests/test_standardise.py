@@ -232,7 +232,7 @@ def test_reward_model_metrics_use_raw_margins(tmp_path, tiny_tokenizer, pairs):
 def test_pyfunc_member_columns_are_the_standardised_members(tmp_path, tiny_tokenizer):
     import pandas as pd
 
-    from tasks.runtime.reward_model_code import RewardEnsembleModel
+    from tasks.registry.reward_model_code import RewardEnsembleModel
 
     with_statistics(fresh(2)).save(tmp_path / "ens", tiny_tokenizer)
     model = RewardEnsembleModel()
@@ -249,14 +249,14 @@ def test_pyfunc_member_columns_are_the_standardised_members(tmp_path, tiny_token
 
 def test_retrain_scores_accuracy_of_the_served_reward_and_ece_of_raw_margins(tmp_path, tiny_tokenizer, pairs,
                                                                             monkeypatch):
-    import tasks.runtime.mlflow_model as mlflow_model
+    import tasks.registry.model as registry_model
     from rmens.evaluation.rm_metrics import calibration, pairwise_accuracy
-    from tasks.runtime.registry import score_registered
+    from tasks.registry import score_registered
 
     model = tmp_path / "model"
     with_statistics(fresh(2)).save(model / "artifacts" / "ensemble", tiny_tokenizer)
     (model / "MLmodel").write_text("flavors:\n  python_function:\n    model_config:\n      aggregation: {rule: min}\n")
-    monkeypatch.setattr(mlflow_model, "download_ensemble", lambda uri, dst: model / "artifacts" / "ensemble")
+    monkeypatch.setattr(registry_model, "download_ensemble", lambda uri, dst: model / "artifacts" / "ensemble")
     held = pairs[:8]
     scores = score_registered("models:/rm/1", held)
     reward = EnsembleReward.from_folder(model / "artifacts" / "ensemble", AggregationConfig(rule="min"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from rmens.config import DataConfig
 from rmens.data.schema import DataError, PreferencePair, validate_pair, validate_pairs
 from rmens.io import iter_jsonl
+from rmens.seeding import python_random
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def synthetic_pairs(n: int = 256, seed: int = 0) -> list[PreferencePair]:
 
     Used by the smoke preset and the tests; it needs no files and no network.
     """
-    rng = random.Random(seed)
+    rng = python_random(seed)
     pairs = []
     for i in range(n):
         prompt = rng.choice(_TASKS).format(rng.choice(_COLOURS)) + f" (#{i})"
@@ -249,7 +249,7 @@ def subsample(pairs: list[PreferencePair], n: int | None, seed: int) -> list[Pre
     """A seeded random subset of n pairs, in their original order (all of them when n is None)."""
     if n is None or n >= len(pairs):
         return pairs
-    keep = sorted(random.Random(seed).sample(range(len(pairs)), n))
+    keep = sorted(python_random(seed).sample(range(len(pairs)), n))
     return [pairs[i] for i in keep]
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from rmens.data.loaders import alpaca_eval_folder, synthetic_pairs
 from rmens.data.schema import DataError
 from rmens.io import iter_jsonl
+from rmens.seeding import python_random
 
 
 def alpaca_eval_instructions(split: str | None = None, folder: str | Path | None = None) -> list[dict]:
@@ -54,8 +55,6 @@ def synthetic_prompts(n: int = 32, seed: int = 0) -> list[str]:
 
 def load_prompts(cfg) -> list[str]:
     """The prompts a PromptsConfig names, subsampled (seeded) to max_prompts."""
-    import random
-
     if cfg.source == "synthetic":
         prompts = synthetic_prompts(cfg.max_prompts or 32, cfg.seed)
     elif cfg.source == "file":
@@ -63,6 +62,6 @@ def load_prompts(cfg) -> list[str]:
     else:
         prompts = [row["instruction"] for row in alpaca_eval_instructions(cfg.split, cfg.path)]
     if cfg.max_prompts is not None and cfg.max_prompts < len(prompts):
-        keep = sorted(random.Random(cfg.seed).sample(range(len(prompts)), cfg.max_prompts))
+        keep = sorted(python_random(cfg.seed).sample(range(len(prompts)), cfg.max_prompts))
         prompts = [prompts[i] for i in keep]
     return prompts

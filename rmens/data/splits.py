@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import random
 
 from rmens.data.schema import PreferencePair
+from rmens.seeding import python_random
 
 
 def unit_hash(text: str, salt: str) -> float:
@@ -40,7 +40,7 @@ def flip_labels(pairs: list[PreferencePair], fraction: float, seed: int) -> list
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"label_noise must be in [0, 1], got {fraction}")
     n_flip = round(fraction * len(pairs))
-    flipped = set(random.Random(seed).sample(range(len(pairs)), n_flip))
+    flipped = set(python_random(seed).sample(range(len(pairs)), n_flip))
     return [
         dataclasses.replace(p, chosen=p.rejected, rejected=p.chosen, source={**p.source, "label_flipped": True})
         if i in flipped else p

@@ -11,7 +11,6 @@ AlpacaEval's evaluation set) the exact reason is returned instead.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -24,7 +23,7 @@ import torch
 
 from rmens.data.schema import DataError
 from rmens.evaluation.judges import Judge, LocalLLMJudge
-from rmens.io import atomic_write_text
+from rmens.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ def write_model_outputs(path: str | Path, instructions: list[str], outputs: list
         raise ValueError(f"{len(instructions)} instructions but {len(outputs)} outputs")
     rows = [{"instruction": i, "output": o, "generator": generator, "dataset": (datasets or [None] * len(outputs))[n]}
             for n, (i, o) in enumerate(zip(instructions, outputs))]
-    return atomic_write_text(path, json.dumps(rows, indent=2, ensure_ascii=False))
+    return write_json(path, rows, ensure_ascii=False)
 
 
 def annotations_frame(instructions, references, outputs, p_model_wins: torch.Tensor, generator: str,
@@ -152,7 +151,7 @@ def win_rate(judge: Judge, instructions: list[str], outputs: list[str], referenc
         out.mkdir(parents=True, exist_ok=True)
         frame.to_json(out / "annotations.json", orient="records", indent=2)
         write_model_outputs(out / "model_outputs.json", instructions, outputs, generator)
-        atomic_write_text(out / "win_rate.json", json.dumps(result, indent=2))
+        write_json(out / "win_rate.json", result)
     if not math.isfinite(result.get("win_rate", math.nan)):
         log.warning("no valid annotations: win rate undefined")
     return result

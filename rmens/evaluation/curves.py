@@ -11,11 +11,12 @@ ordinary least squares without intercept.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 
 import numpy as np
+
+from rmens.io import write_json
 
 
 def fit(kind: str, d: list[float], r: list[float]) -> dict:
@@ -69,7 +70,7 @@ def save_curves(curves: dict[str, dict], kind: str, folder: str | Path, title: s
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "curves.json").write_text(json.dumps({"kind": kind, "curves": curves}, indent=2))
+    write_json(folder / "curves.json", {"kind": kind, "curves": curves})
     with (folder / "curves.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["series", "sqrt_kl", "score_relative", "score_absolute"])

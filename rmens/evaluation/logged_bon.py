@@ -11,7 +11,6 @@ Best-of-n from logged annotations.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 
 from rmens.bon import bon_ns, kl_from_uniform, selection_probabilities  # noqa: F401  (bon_ns: the n grid)
 from rmens.evaluation.pools import Pool, ScoreTable
-from rmens.io import atomic_write_text
+from rmens.io import atomic_write_text, write_json
 
 # -- the estimator over pools ---------------------------------------------------------------------
 
@@ -125,7 +124,7 @@ def save_logged_bon(results: dict, folder: str | Path, stem: str = "logged_bon")
     the series groups baselines, gold, arms and twins), `<stem>.csv` (one row per set, series and n; `value`
     is the win rate, or MT-Bench's mean grade) and one `<stem>_<set>.png` per evaluation set."""
     folder = Path(folder)
-    out = {"json": atomic_write_text(folder / f"{stem}.json", json.dumps(results, indent=2))}
+    out = {"json": write_json(folder / f"{stem}.json", results)}
     lines = ["set,group,series,n,kl_bon,value,se,mean_length"]
     for name, entry in evaluation_sets(results).items():
         metric = entry["metric"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import random
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ from rmens.data.loaders import JUDGE_FILES, judge_files, preference_probability
 from rmens.data.schema import DataError
 from rmens.data.splits import unit_hash
 from rmens.io import iter_jsonl, write_jsonl
+from rmens.seeding import python_random
 
 if TYPE_CHECKING:  # rmens.data.encoding imports transformers, which reading pools does not need
     from rmens.data.encoding import Prompt
@@ -180,7 +180,7 @@ def subsample_pools(pools: list[Pool], *, max_instructions: int | None, pool_siz
     out = []
     for pool in sorted(chosen, key=lambda p: p.instruction):
         if pool_size is not None and len(pool) > pool_size:
-            keep = sorted(random.Random(f"{seed}\x00{pool.instruction}").sample(range(len(pool)), pool_size))
+            keep = sorted(python_random(seed, pool.instruction).sample(range(len(pool)), pool_size))
             pool = Pool(pool.instruction, pool.dataset, *(tuple(getattr(pool, f)[i] for i in keep)
                                                           for f in ("generators", "outputs", "wins", "references")))
         out.append(pool)

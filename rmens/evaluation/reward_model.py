@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -10,6 +9,7 @@ import torch
 from rmens.data.schema import PreferencePair, validate_pairs
 from rmens.evaluation.curves import reliability_diagram
 from rmens.evaluation.rm_metrics import ensemble_metrics, length_metrics
+from rmens.io import write_json
 from rmens.reward import EnsembleReward
 
 
@@ -36,7 +36,7 @@ def evaluate_reward_model(reward: EnsembleReward | str | Path, pairs: list[Prefe
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "rm_metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_json(out / "rm_metrics.json", metrics)
         reliability_diagram(metrics["reliability"], out / "reliability.png",
                             f"{name}: ECE {metrics['ece']:.3f}, accuracy {metrics['accuracy']:.3f}")
     return metrics

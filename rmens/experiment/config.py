@@ -9,7 +9,6 @@ through `model_validate`, so an inconsistent combination fails where it is made.
 from __future__ import annotations
 
 import hashlib
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,18 +21,13 @@ from rmens.config import (
     PPOConfig,
     StrictModel,
     TrainConfig,
-    apply_overrides,
     derive,
-    load_yaml,
+    refuse_replaced,
 )
+from rmens.presets import PRESETS, with_overrides
 from rmens.seeding import Stream, seed_for
 
-SIZES = {
-    "tiny": "tiny random Llama, a few pools and pairs; every step in under 2 minutes on a CPU (tested)",
-    "cpu": "SmolLM2-135M, small pair sets, short contexts and pools; under 90 minutes on 2 CPU cores",
-    "gpu-check": "SmolLM2-135M at 384+ tokens; the reward/Best-of-n part and the PPO part each a few GPU minutes",
-    "gpu": "SmolLM2-135M on about 10,000 pairs at 512 tokens, every arm; what a user with one GPU runs",
-}
+SIZES = PRESETS["experiment"]  # name -> what it is
 Judge = Literal["ae1", "ae2"]
 
 
@@ -296,6 +290,12 @@ class ExperimentConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
+        refuse_replaced(self.ensemble, "ensemble", {"kind": "each arm's kind sets it", "k": "each arm's k sets it"})
+        if self.ppo is not None:
+            refuse_replaced(self.ppo, "ppo", {"policy": "the top-level policy sets it",
+                                              "aggregation": "each ppo_arms entry's rule sets it",
+                                              "judge_every": "the experiment's PPO runs without a judge; the gold "
+                                                             "judge scores its checkpoints afterwards"})
         labels = [arm.label for arm in self.arms]
         if len(set(labels)) != len(labels):
             raise ValueError(f"arm labels must be unique, got {labels}")
@@ -361,17 +361,10 @@ class ExperimentConfig(StrictModel):
                       seed=run_seed(self.ppo.seed, ppo_arm.label, run))
 
 
-def size_preset(size: str) -> dict[str, Any]:
-    """The YAML mapping of a built-in size."""
-    if size not in SIZES:
-        raise ValueError(f"unknown experiment size {size!r}; choose from {', '.join(SIZES)}")
-    return load_yaml(Path(str(resources.files("rmens") / "presets" / "experiment" / f"{size}.yaml")))
-
-
 def load_experiment(size: str, overrides: list[str] | None = None, eval_data: str | Path | None = None,
                     data_dir: str | Path | None = None, mt_bench_grades: str | Path | None = None) -> ExperimentConfig:
     """A size preset with dotted `key=value` overrides and the training/evaluation files applied."""
-    data = apply_overrides(size_preset(size), overrides or [])
+    data = with_overrides(size, overrides, "experiment")
     data["size"] = size
     source = data.setdefault("data", {})
     for key, folder in (("eval_data", eval_data), ("data_dir", data_dir)):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,6 +49,7 @@ from rmens.evaluation.pools import (
 )
 from rmens.experiment.systems import held_out_families, system_family
 from rmens.io import iter_jsonl, write_json, write_jsonl
+from rmens.seeding import python_random
 from rmens.steps import step
 
 if TYPE_CHECKING:  # types only: the settings enter every step's key as values
@@ -199,7 +199,7 @@ def split_pairs(source: DataSource, split: SplitConfig, folder: str | Path,
                                            source.seed + 1), "proxy training pairs")
     ppo_prompts = sorted(i for i in training if share[i] == "ppo")
     if split.ppo_prompts is not None and len(ppo_prompts) > split.ppo_prompts:
-        ppo_prompts = sorted(random.Random(source.seed).sample(ppo_prompts, split.ppo_prompts))
+        ppo_prompts = sorted(python_random(source.seed).sample(ppo_prompts, split.ppo_prompts))
     _check_disjoint(gold_pairs, proxy_pairs, ppo_prompts, excluded, systems)
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -288,7 +288,7 @@ def build_pools(source: DataSource, pools: PoolConfig, mt_bench: MtBenchConfig, 
                             f"in {eval_dir}")
     rates = training_win_rates(source)
     instructions = sorted({pool.instruction for judge_pools in chosen.values() for pool in judge_pools})
-    eval_prompts = sorted(random.Random(source.seed + 2).sample(instructions, min(pools.eval_prompts,
+    eval_prompts = sorted(python_random(source.seed + 2).sample(instructions, min(pools.eval_prompts,
                                                                                  len(instructions))))
     folder.mkdir(parents=True, exist_ok=True)
     for judge, judge_pools in chosen.items():

@@ -12,7 +12,6 @@ second call for the PPO part, continues where the last one stopped.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 from rmens.experiment.config import ExperimentConfig
 from rmens.experiment.data import check_inputs, source_fingerprints
 from rmens.experiment.plan import Part, run_plan
-from rmens.io import atomic_write_text, refuse_foreign_folder
+from rmens.io import refuse_foreign_folder, write_json
 from rmens.steps.runner import LocalRunner
 from rmens.steps.store import DONE, STARTED, Store
 
@@ -33,8 +32,7 @@ def claim_output(out: str | Path, cfg: ExperimentConfig) -> Path:
     refuse_foreign_folder(out, (out / MARKER).is_file(), f"an rmens experiment folder (no {MARKER})",
                           "choose an empty or new --out")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / MARKER, json.dumps({"format": "rmens-experiment", "size": cfg.size,
-                                                "config": cfg.model_dump(mode="json")}, indent=2))
+    write_json(out / MARKER, {"format": "rmens-experiment", "size": cfg.size, "config": cfg.model_dump(mode="json")})
     return out
 
 

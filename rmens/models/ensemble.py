@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rmens.config import EnsembleConfig
-from rmens.io import refuse_foreign_folder
+from rmens.io import refuse_foreign_folder, write_json
 from rmens.models.backbone import context_length, load_backbone, load_tokenizer
 from rmens.models.standardise import MemberStandardisation
 from rmens.seeding import Stream, seed_for
@@ -189,9 +189,9 @@ class RewardEnsemble(nn.Module):
                 "config": self.config.model_dump(mode="json")}
         if self.standardisation is not None:
             meta["standardisation"] = self._checked(self.standardisation).to_json()
-        (tmp / "ensemble.json").write_text(json.dumps(meta, indent=2))
+        write_json(tmp / "ensemble.json", meta)
         for name, obj in (extra or {}).items():
-            (tmp / name).write_text(json.dumps(obj, indent=2))
+            write_json(tmp / name, obj)
         replace_folder(tmp, path)
         self.saved_at = path
         return path
@@ -440,7 +440,7 @@ class LoraEnsemble(RewardEnsemble):
                  if "lora_" not in key}
         self.backbone.save_pretrained(path / "backbone", state_dict=plain)
         self.peft.save_pretrained(path / "adapters")
-        (path / "adapters" / "layout.json").write_text(json.dumps({"num_top_layers": self.num_top_layers}))
+        write_json(path / "adapters" / "layout.json", {"num_top_layers": self.num_top_layers}, indent=None)
 
 
 # -- building and loading ---------------------------------------------------------------------------

@@ -17,8 +17,6 @@ def sample(folder: Path, *, policy: str, prompts: PromptsConfig, bon: BonConfig)
     from rmens.models.backbone import load_policy, load_tokenizer
 
     texts = load_prompts(prompts)
-    if bon.n_prompts:
-        texts = texts[: bon.n_prompts]
     rows = draw_samples(load_policy(policy), load_tokenizer(policy, padding_side="left"), texts, bon, folder)
     return {"prompts": len(texts), "samples": len(rows), "n_samples": bon.n_samples,
             "mean_tokens": sum(r["n_tokens"] for r in rows) / len(rows),

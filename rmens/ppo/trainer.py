@@ -37,7 +37,7 @@ from transformers import get_scheduler
 from rmens.config import flatten
 from rmens.data.schema import DataError
 from rmens.generation import generate
-from rmens.io import refuse_foreign_folder
+from rmens.io import refuse_foreign_folder, write_json
 from rmens.models.aggregate import member_std
 from rmens.models.backbone import load_backbone, load_policy, load_tokenizer
 from rmens.models.ensemble import read_standardisation
@@ -424,7 +424,7 @@ class PPOTrainer:
                        tmp / "optimizer.pt")
             state = {"step": self.step, "kl_coef": self.kl.value, "history": self.history,
                      "config": self.cfg.model_dump(mode="json"), "reward": self.reward_id}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            write_json(tmp / "trainer_state.json", state)
             shutil.rmtree(path, ignore_errors=True)
             os.replace(tmp, path)
             if self.cfg.keep_checkpoints:
@@ -518,5 +518,5 @@ class PPOTrainer:
         bar.close()
         policy_path = self.save_policy(self.output_dir / "policy")
         if self.acc.is_main_process:
-            (self.output_dir / "history.json").write_text(json.dumps(self.history, indent=2))
+            write_json(self.output_dir / "history.json", self.history)
         return PPOResult(self.history, policy_path, time.perf_counter() - start)

@@ -6,5 +6,4 @@ rmens.experiment) and their Prefect adapter (tasks/steps.py).
     paths.py      where a project's artifacts, stores and locks live
     locks.py      step locks that a killed run cannot leave behind
     tracking.py   MLflow parent and child runs, cache-hit records, closing runs a dead process left open
-    registry.py, mlflow_model.py, reward_model_code.py: the reward ensemble as a registered MLflow model
 """

@@ -1,4 +1,4 @@
-"""The reward ensemble as an MLflow model: logged from code (tasks/runtime/reward_model_code.py) with its weights as
+"""The reward ensemble as an MLflow model: logged from code (tasks/registry/reward_model_code.py) with its weights as
 artifacts, registered, and read back as weights only (scoring a registered model runs no stored code)."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""MLflow model registry: score registered ensembles on held-out pairs and move the champion alias."""
+"""Promotion in the MLflow model registry: score registered ensembles on held-out pairs and move the champion
+alias."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def score_registered(uri: str, pairs: list[PreferencePair]) -> dict[str, float]:
     from rmens.config import AggregationConfig
     from rmens.models.aggregate import aggregate_with
     from rmens.reward import EnsembleReward, UnstandardisedEnsembleError
-    from tasks.runtime.mlflow_model import download_ensemble
+    from tasks.registry.model import download_ensemble
 
     with tempfile.TemporaryDirectory(prefix="rmens-registered-") as tmp:
         folder = download_ensemble(uri, tmp)
