@@ -26,7 +26,7 @@ import time
 import warnings
 from pathlib import Path
 
-from flows.services import check_servers, manage_server, mlflow_ui, running_server_url
+from flows.services import SERVER_ORIGINS, check_servers, manage_server, mlflow_ui, running_server_url
 from rmens.cli import add_library_commands, config_args, job_config, run_command
 from rmens.config import apply_overrides, load_yaml, merge
 from rmens.presets import PRESETS as BUILT_IN
@@ -46,6 +46,10 @@ def pipeline_config(args):
 
 # What the orchestration stack reads at import; offline, telemetry only logs failures (the tests use it too).
 QUIET_ENV = {
+    # Prefect's server allows every origin by default, so any web page could create flow runs that a polling
+    # worker would execute; the servers rmens starts (temporary or `rmens server start`) answer only pages
+    # of their own UI's origin (a browser preflights every JSON write and gets a 400 from elsewhere).
+    "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": SERVER_ORIGINS,
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "MLFLOW_DISABLE_TELEMETRY": "true",

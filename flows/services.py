@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 SERVER_PORT = 4200
+SERVER_ORIGINS = f"http://127.0.0.1:{SERVER_PORT},http://localhost:{SERVER_PORT}"  # its UI's origins
 
 
 def _server_pidfile() -> Path:
@@ -61,16 +62,23 @@ def _answers(url: str, timeout: float = 5) -> str | None:
         return str(getattr(err, "reason", err))
 
 
+def without_credentials(url: str) -> str:
+    """`url` fit to print: a user and password inside it (https://user:token@host) shown as ***."""
+    import re
+
+    return re.sub(r"(?<=://)[^/@]+@", "***@", url)
+
+
 def check_servers() -> None:
     """Servers the user pointed us at must answer before any work starts, not after the first stage."""
     prefect = os.environ.get("PREFECT_API_URL")
     if prefect and (why := _answers(f"{prefect.rstrip('/')}/health")):
-        raise ValueError(f"PREFECT_API_URL={prefect} does not answer ({why}); start it (rmens server start) or "
-                         "unset PREFECT_API_URL to use a temporary local server")
+        raise ValueError(f"PREFECT_API_URL={without_credentials(prefect)} does not answer ({why}); start it "
+                         "(rmens server start) or unset PREFECT_API_URL to use a temporary local server")
     mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if mlflow_uri.startswith(("http://", "https://")) and (why := _answers(f"{mlflow_uri.rstrip('/')}/health")):
-        raise ValueError(f"MLFLOW_TRACKING_URI={mlflow_uri} does not answer ({why}); start the MLflow server or "
-                         "unset MLFLOW_TRACKING_URI to use the project's own store")
+        raise ValueError(f"MLFLOW_TRACKING_URI={without_credentials(mlflow_uri)} does not answer ({why}); start "
+                         "the MLflow server or unset MLFLOW_TRACKING_URI to use the project's own store")
 
 
 def manage_server(action: str) -> int:

@@ -9,12 +9,13 @@ configs go through `derive`, which validates them again.
 
 from __future__ import annotations
 
+import re
 import types
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # Learning rates (reward training, its LoRA stage, PPO) are step sizes of Adam-family optimizers, which move
 # each weight by about `lr` per step: above 1 every step is larger than the weights themselves, so such a
@@ -23,6 +24,26 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 MAX_LR = 1.0
 MAX_WEIGHT_DECAY = 1.0
 
+
+def _registered_name(value: str) -> str:
+    """MLflow refuses a registered model name with '/' or ':', but only when the first model is registered,
+    after training: checked when the config loads instead."""
+    if not value.strip() or "/" in value or ":" in value:
+        raise ValueError(f"{value!r} cannot name an MLflow registered model (empty, or with '/' or ':')")
+    return value
+
+
+def _alias(value: str) -> str:
+    """A label that becomes a registered version's alias: letters, digits, '_' and '-', not 'latest' or 'v<N>'
+    (MLflow's rules, checked when the config loads rather than after training)."""
+    if not re.fullmatch(r"[\w\-]{1,255}", value) or value.lower() == "latest" or re.fullmatch(r"[vV]\d+", value):
+        raise ValueError(f"{value!r} cannot be a registered model alias: use letters, digits, '_' and '-' "
+                         "(not 'latest' or v<N>)")
+    return value
+
+
+RegisteredName = Annotated[str, AfterValidator(_registered_name)]
+Alias = Annotated[str, AfterValidator(_alias)]
 
 # A seed every random stream derives its own from (rmens.seeding): 32 bits, so that a bad one fails when the
 # config loads, not when the first stream is drawn after hours of training.
@@ -597,11 +618,11 @@ class TrainFlowConfig(StrictModel):
     """The `train` flow: one reward ensemble, registered in MLflow."""
 
     project_dir: str = Field("runs/train", description="Artifacts, MLflow store and Prefect results live here.")
-    label: str = Field("ensemble", description="Names the run and its stages; also the registered version's alias.")
+    label: Alias = Field("ensemble", description="Names the run and its stages; also the registered version's alias.")
     data: DataConfig = Field(default_factory=DataConfig, description="The pairs, and the share held out.")
     ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig, description="What ensemble to build.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="How it is trained.")
-    registered_model: str = Field("rmens-reward-ensemble", description="MLflow registered model name.")
+    registered_model: RegisteredName = Field("rmens-reward-ensemble", description="MLflow registered model name.")
     log_model: bool = Field(True, description="Log the ensemble as an MLflow pyfunc model and register it (retrain "
                                               "needs true).")
 
@@ -657,7 +678,7 @@ class PipelineConfig(StrictModel):
                                 description="Which arms get a PPO run, as 'kind-kK/rule' or 'single'.")
     evaluate: EvalConfig = Field(default_factory=EvalConfig, description="How the initial policy, the PPO runs and "
                                                                         "the Best-of-n picks are judged.")
-    registered_model: str = Field("rmens-reward-ensemble", description="MLflow registered model name.")
+    registered_model: RegisteredName = Field("rmens-reward-ensemble", description="MLflow registered model name.")
     log_models: bool = Field(True, description="Log each ensemble as an MLflow pyfunc model (copies the weights).")
 
     @model_validator(mode="after")
@@ -704,11 +725,34 @@ def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a mapping with one key twice is an error: PyYAML keeps the last value
+    silently, so `lr: 1e-5` written twice in a config would decide nothing visible."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    first: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            seen = key in first
+        except TypeError:  # an unhashable key: the constructor below says so
+            continue
+        if seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (first at line {first[key]})",
+                                                    key_node.start_mark)
+        first[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def parse_yaml(text: str, source: str) -> Any:
-    """YAML text read from `source` (a file name, or what else it came from); a syntax error is a ConfigError
-    naming the source, line and column."""
+    """YAML text read from `source` (a file name, or what else it came from); a syntax error or a key given
+    twice is a ConfigError naming the source, line and column."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source

@@ -346,3 +346,42 @@ def test_alpaca_eval_through_the_data_config_and_cli(tiny_path, tmp_path, capsys
 def test_overrides_still_create_missing_sections():
     assert apply_overrides({}, ["train.lr=0.1"]) == {"train": {"lr": 0.1}}
     assert PipelineConfig.model_validate(apply_overrides({}, ["ppo=null"])).ppo is None
+
+
+def test_names_mlflow_would_refuse_after_training_are_refused_when_the_config_loads():
+    from rmens.config import TrainFlowConfig
+
+    with pytest.raises(ValidationError, match="cannot name an MLflow registered model"):
+        load_preset("smoke", ["registered_model=team/rewards"])
+    for label in ("my/arm", "latest", "v3"):
+        with pytest.raises(ValidationError, match="cannot be a registered model alias"):
+            TrainFlowConfig(label=label)
+    assert TrainFlowConfig(label="linear-k3_v2").label == "linear-k3_v2"
+
+
+def test_a_key_written_twice_in_a_config_file_is_an_error_naming_the_line(tmp_path):
+    from rmens.config import ConfigError, load_yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1.0e-5\n  epochs: 2\n  lr: 3.0e-5\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:4:3: invalid YAML \(duplicate key 'lr' \(first at line 2\)\)"):
+        load_yaml(path)
+
+
+def test_a_project_dir_that_is_a_file_is_one_error_before_any_work(tmp_path):
+    from rmens.preflight import check_before_work
+
+    (tmp_path / "taken").write_text("a user's file")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        check_before_work(load_preset("smoke", [f"project_dir={tmp_path / 'taken' / 'runs'}"]))
+    assert (tmp_path / "taken").read_text() == "a user's file"
+
+
+def test_a_server_that_does_not_answer_is_named_without_its_credentials(monkeypatch):
+    from flows.services import check_servers
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:s3cret@127.0.0.1:9/")
+    with pytest.raises(ValueError) as err:
+        check_servers()
+    assert "s3cret" not in str(err.value) and "http://***@127.0.0.1:9/ does not answer" in str(err.value)

@@ -191,6 +191,10 @@ def test_registered_model_predicts_members_and_reward(pipeline_runs):
     model = mlflow.pyfunc.load_model("models:/rmens-smoke@linear-k3")
     out = model.predict(pd.DataFrame({"prompt": ["Name a fruit."], "response": ["Sure! An apple."]}))
     assert {"reward", "member_0", "member_1", "member_2", "std"} <= set(out.columns)
+    from importlib.metadata import version  # what `mlflow models serve` installs: this rmens, not any by the name
+
+    requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/rmens-smoke@linear-k3")).read_text()
+    assert f"rmens=={version('rmens')}" in requirements.split()
 
 
 def test_report_and_curves_are_written(pipeline_runs):

@@ -24,6 +24,23 @@ def test_batched_encoding_matches_one_at_a_time(tiny_tokenizer):
         encoder.encode_batch(["a"], [])
 
 
+def test_a_huge_prompt_is_cut_before_it_is_tokenised(tiny_tokenizer):
+    """A 10 MB prompt keeps the ids it would have (its last tokens, as `join` keeps them) while the tokenizer
+    sees only a bounded tail of it: scoring it costs what a long prompt costs, not 5x the memory."""
+    encoder = PairEncoder(tiny_tokenizer, max_length=32)
+    seen = []
+    tokenize = encoder._tokenize
+    encoder._tokenize = lambda texts: seen.extend(len(t) for t in texts) or tokenize(texts)
+    huge = "word " * 2_000_000 + "the question at the end"
+    whole = encoder.join(PairEncoder(tiny_tokenizer, max_length=10**9).prompt_ids(huge[-20_000:]),
+                         encoder.response_ids("q", "an answer"))
+    assert encoder.encode(huge, "an answer") == whole == encoder.encode_batch([huge], ["an answer"])[0]
+    assert max(seen) < 32 * encoder._max_token_chars + 1000  # the tail and the template, not 10 MB
+    conversation = [{"role": "user", "content": huge}, {"role": "assistant", "content": "a"},
+                    {"role": "user", "content": "and now?"}]
+    assert encoder.encode(conversation, "b")[-4:] == encoder.encode_batch([conversation], ["b"])[0][-4:]
+
+
 @pytest.mark.parametrize("kind", ["linear", "lora", "full"])
 def test_member_scores_equal_each_members_own_forward(tiny_tokenizer, kind):
     from rmens.models.ensemble import to_lora

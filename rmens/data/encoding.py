@@ -59,19 +59,28 @@ class PairEncoder:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
-        return self.ids(render_prompt(self.tokenizer, prompt))
+        return self.ids(render_prompt(self.tokenizer, self._cut_prompt(prompt)))
 
     def encode(self, prompt: Prompt, response: str) -> list[int]:
         """Token ids of prompt + response, truncated so that the response stays visible."""
         return self.join(self.prompt_ids(prompt), self.response_ids(prompt, response))
 
     def response_ids(self, prompt: Prompt, response: str) -> list[int]:
-        return self.ids(render_response(self.tokenizer, prompt, self._cut(response)))
+        return self.ids(render_response(self.tokenizer, self._cut_prompt(prompt), self._cut(response)))
 
     def _cut(self, response: str) -> str:
         """The response cut far beyond the last token that can be kept (no token decodes to more characters
         than its vocabulary string), so a huge response costs no more to tokenise than a long one."""
         return response[: self.max_length * self._max_token_chars]
+
+    def _cut_prompt(self, prompt: Prompt) -> Prompt:
+        """The prompt's tail, cut as `_cut` cuts a response's head: `join` keeps a prompt's last tokens, so a
+        huge prompt costs no more to render and tokenise than a long one (each message of a conversation is
+        cut alike)."""
+        limit = self.max_length * self._max_token_chars
+        if isinstance(prompt, str):
+            return prompt[-limit:]
+        return [{**message, "content": message["content"][-limit:]} for message in prompt]
 
     def join(self, prompt_ids: list[int], response_ids: list[int]) -> list[int]:
         total = len(prompt_ids) + len(response_ids)
@@ -85,7 +94,7 @@ class PairEncoder:
         """`encode` for many (prompt, response) at once, the same ids: each distinct prompt is rendered and
         tokenised once, and all texts go through the fast tokenizer in one batched call.
 
-        Responses are cut first, as in `encode` (`_cut`).
+        Prompts and responses are cut first, as in `encode` (`_cut_prompt`, `_cut`).
         """
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -93,8 +102,9 @@ class PairEncoder:
             return []
         keys = [prompt if isinstance(prompt, str) else repr(prompt) for prompt in prompts]
         unique = dict(zip(keys, prompts))
-        prompt_ids = dict(zip(unique, self._tokenize([render_prompt(self.tokenizer, p) for p in unique.values()])))
-        texts = [render_response(self.tokenizer, p, self._cut(r)) for p, r in zip(prompts, responses)]
+        cut = {key: self._cut_prompt(prompt) for key, prompt in unique.items()}
+        prompt_ids = dict(zip(unique, self._tokenize([render_prompt(self.tokenizer, p) for p in cut.values()])))
+        texts = [render_response(self.tokenizer, cut[key], self._cut(r)) for key, r in zip(keys, responses)]
         return [self.join(prompt_ids[key], ids) for key, ids in zip(keys, self._tokenize(texts))]
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:

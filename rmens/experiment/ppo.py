@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rmens.data.sources import model_paths
 from rmens.experiment.data import read_prompts
 from rmens.experiment.measure import measure
 from rmens.io import write_json
@@ -14,7 +15,8 @@ if TYPE_CHECKING:  # types only: settings enter the step's key as values
     from rmens.config import PPOConfig
 
 
-@step("ppo_run", resumable=True, devices=1, memory_gib=6, files={"run": "run"})
+@step("ppo_run", resumable=True, devices=1, memory_gib=6, files={"run": "run"},
+      reads=lambda ppo, **_: model_paths(ppo.policy))
 def ppo_step(folder: Path, *, reward: Output, pairs: Output, ppo: PPOConfig) -> dict:
     """PPO of the policy against one arm's reward under one rule; resumes from its last checkpoint."""
     from rmens.generation import prompts_that_fit

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from rmens.data.sources import model_paths
 from rmens.evaluation import logged_bon as lb
 from rmens.evaluation import pools as pl
 from rmens.experiment.data import read_prompts, read_split_pools
@@ -34,7 +35,7 @@ def sigmoid_wins(answer_scores: list[float], reference_scores: list[float]) -> t
                          - torch.tensor(reference_scores, dtype=torch.float64))
 
 
-@step("ppo_eval", devices=1, memory_gib=4)
+@step("ppo_eval", devices=1, memory_gib=4, reads=lambda policy, **_: model_paths(policy))
 def ppo_eval_step(folder: Path, *, run: Output, reward: Output, rule: AggregationConfig, gold: Output,
                   gold_scores: Output, pools: Output, judges: list[str], policy: str,
                   generation: GenerationConfig) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rmens.data.loaders import load_jsonl_pairs
+from rmens.data.sources import model_paths
 from rmens.data.splits import flip_labels
 from rmens.experiment.data import PROXY_PAIRS
 from rmens.experiment.measure import measure
@@ -18,7 +19,8 @@ if TYPE_CHECKING:  # types only: settings enter the step's key as values
     from rmens.config import EnsembleConfig, TrainConfig
 
 
-@step("train", devices=1, memory_gib=4, files={"ensemble": "ensemble"})
+@step("train", devices=1, memory_gib=4, files={"ensemble": "ensemble"},
+      reads=lambda ensemble, **_: model_paths(ensemble.backbone))
 def train_step(folder: Path, *, pairs: Output, pairs_file: str, ensemble: EnsembleConfig, train: TrainConfig) -> dict:
     """One reward model or ensemble on the pairs of an earlier step; wall time and peak memory measured."""
     from rmens.training.trainer import train_ensemble

@@ -8,11 +8,12 @@ from pathlib import Path
 
 from rmens.config import DataConfig
 from rmens.data.schema import PreferencePair
+from rmens.data.sources import model_paths, paths_read
 from rmens.io import write_json, write_jsonl
 from rmens.steps import Output, step
 
 
-@step("prepare_models", files={"models": "models.json"})
+@step("prepare_models", files={"models": "models.json"}, reads=lambda names, **_: model_paths(*names))
 def prepare_models(folder: Path, *, names: list[str]) -> dict:
     """Resolve every model name to a local folder (SmolLM2 is converted from its GGUF file once)."""
     from rmens.models.backbone import resolve_model
@@ -22,7 +23,7 @@ def prepare_models(folder: Path, *, names: list[str]) -> dict:
     return {"models": len(resolved)}
 
 
-@step("prepare_data", files={"train": "train.jsonl", "val": "val.jsonl"})
+@step("prepare_data", files={"train": "train.jsonl", "val": "val.jsonl"}, reads=lambda data, **_: paths_read(data))
 def prepare_data(folder: Path, *, data: DataConfig) -> dict:
     from rmens.data import prepare_pairs
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rmens.config import EvalConfig, JudgeConfig, Selection
+from rmens.data.sources import model_paths, paths_read
 from rmens.io import read_jsonl, write_json, write_jsonl
 from rmens.pipeline.judging import load_judge, write_unparsed
 from rmens.seeding import Stream
@@ -59,7 +60,9 @@ def run_mt_bench(cfg: EvalConfig, judge, policy, tokenizer, instructions, refere
 
 
 @step("evaluate", devices=1, memory_gib=4,
-      files={"alpaca_eval": "alpaca_eval", "ppo_points": "ppo_points.json"})
+      files={"alpaca_eval": "alpaca_eval", "ppo_points": "ppo_points.json"},
+      reads=lambda eval_cfg, judge_cfg, policy=None, **_: paths_read(eval_cfg) + paths_read(judge_cfg)
+      + model_paths(policy))
 def evaluate(folder: Path, *, label: str, eval_cfg: EvalConfig, judge_cfg: JudgeConfig, judge: Output | None,
              policy: str | None = None, ppo_run: Output | None = None, bon: Output | None = None,
              bon_selection: Selection | None = None, proxy: Output | None = None) -> dict:

@@ -5,11 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from rmens.config import JudgeConfig, PPOConfig, PromptsConfig
+from rmens.data.sources import model_paths, paths_read
 from rmens.steps import Output, report_metrics, step
 
 
 @step("ppo", resumable=True, devices=1, memory_gib=6,
-      files={"run": "run", "policy": "run/policy", "history": "run/history.json"})
+      files={"run": "run", "policy": "run/policy", "history": "run/history.json"},
+      reads=lambda ppo_cfg, prompts, judge_cfg=None, **_: model_paths(ppo_cfg.policy) + paths_read(prompts)
+      + paths_read(judge_cfg))
 def ppo(folder: Path, *, ppo_cfg: PPOConfig, reward: Output, prompts: PromptsConfig, label: str,
         judge_cfg: JudgeConfig | None = None, judge: Output | None = None) -> dict:
     """`label` names the run (arm and rule); a run that was stopped resumes from its last checkpoint."""

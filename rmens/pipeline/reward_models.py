@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from rmens.config import EnsembleConfig, TrainConfig
+from rmens.data.sources import model_paths
 from rmens.io import write_json
 from rmens.pipeline.data import read_pairs
 from rmens.steps import Output, report_metrics, step
 
 
-@step("train_ensemble", devices=1, memory_gib=4, files={"ensemble": "ensemble", "val_metrics": "val_metrics.json"})
+@step("train_ensemble", devices=1, memory_gib=4, files={"ensemble": "ensemble", "val_metrics": "val_metrics.json"},
+      reads=lambda ensemble, **_: model_paths(ensemble.backbone))
 def train_ensemble(folder: Path, *, data: Output, ensemble: EnsembleConfig, train_cfg: TrainConfig, label: str) -> dict:
     """`label` names the arm ('linear-k3', 'single-s0', 'judge') in the reliability diagram."""
     from rmens.evaluation.curves import reliability_diagram

@@ -6,11 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from rmens.config import AggregationConfig, Arm, BonConfig, JudgeConfig, PromptsConfig, Selection
+from rmens.data.sources import model_paths, paths_read
 from rmens.io import write_json, write_jsonl
 from rmens.steps import Output, report_metrics, step
 
 
-@step("sample", devices=1, memory_gib=4, files={"samples": "."})
+@step("sample", devices=1, memory_gib=4, files={"samples": "."},
+      reads=lambda policy, prompts, **_: model_paths(policy) + paths_read(prompts))
 def sample(folder: Path, *, policy: str, prompts: PromptsConfig, bon: BonConfig) -> dict:
     from rmens.bon import draw_samples
     from rmens.data.prompts import load_prompts
@@ -23,7 +25,7 @@ def sample(folder: Path, *, policy: str, prompts: PromptsConfig, bon: BonConfig)
             "finished_fraction": sum(r["finished"] for r in rows) / len(rows)}
 
 
-@step("score", devices=1, memory_gib=4, files={"scores": "."})
+@step("score", devices=1, memory_gib=4, files={"scores": "."}, reads=lambda judge=None, **_: paths_read(judge))
 def score(folder: Path, *, samples: Output, scorer: Output | None, name: str, judge: JudgeConfig | None = None) -> dict:
     """An ensemble output scores with all its members; with `judge` set, the judge scores instead."""
     from rmens.bon import score_samples

@@ -15,11 +15,13 @@
   continues from its last checkpoint, scoring from its last chunk); otherwise it is computed afresh.
 - `resources`: what a runner needs to place it: accelerators it can use and a rough peak memory.
 - `files`: the names other steps may ask for, by path inside the folder.
+- `reads(**inputs) -> paths`: the files and folders outside the store it reads (data and prompt files, the
+  data folder, local model folders); their content is part of its key (rmens.steps.content).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -46,6 +48,7 @@ class Step:
     resumable: bool = False
     resources: Resources = Resources()
     files: Mapping[str, str] = field(default_factory=dict)
+    reads: Callable[..., Iterable[str | Path]] | None = None
 
     def __call__(self, folder: str | Path, /, **inputs: Any) -> Summary:
         return self.fn(Path(folder), **inputs)
@@ -66,14 +69,15 @@ DECLARED: dict[str, Step] = {}
 
 
 def step(name: str, *, code: tuple[str, ...] = (), resumable: bool = False, devices: int = 0,
-         memory_gib: float = 2.0, files: Mapping[str, str] | None = None) -> Callable[[Callable], Step]:
+         memory_gib: float = 2.0, files: Mapping[str, str] | None = None,
+         reads: Callable[..., Iterable[str | Path]] | None = None) -> Callable[[Callable], Step]:
     """Declare `fn(folder, **inputs) -> summary` as the step `name` (see the module docstring)."""
 
     def declare(fn: Callable[..., Summary]) -> Step:
         if name in DECLARED and DECLARED[name].fn.__qualname__ != fn.__qualname__:
             raise ValueError(f"two steps are named {name!r}: {DECLARED[name].fn.__module__} and {fn.__module__}")
         declared = Step(name, fn, tuple(code), resumable, Resources(devices, memory_gib),
-                        MappingProxyType(dict(files or {})))
+                        MappingProxyType(dict(files or {})), reads)
         DECLARED[name] = declared
         return declared
 

@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field
 
 from rmens.fingerprint import canonical, closure_fingerprint, digest, source_fingerprint
 from rmens.io import Manifest, file_manifest, manifest_changes, write_json
+from rmens.steps.content import content_digests
 from rmens.steps.contract import DECLARED, Step, Summary
 
 log = logging.getLogger(__name__)
@@ -74,9 +75,13 @@ def _identify(value: Any) -> Any:
 
 
 def step_key(step: Step, inputs: dict[str, Any]) -> str:
-    """The key of a call: the step, its inputs (settings, and the keys of the outputs it reads), its code."""
+    """The key of a call: the step, its inputs (settings, and the keys of the outputs it reads), its code, and
+    the content of the files outside the store that it reads."""
     code = [closure_fingerprint(step.fn.__module__), source_fingerprint(step.code) if step.code else ""]
-    return digest({"step": step.name, "inputs": canonical(inputs, _identify), "code": code})
+    key = {"step": step.name, "inputs": canonical(inputs, _identify), "code": code}
+    if step.reads is not None:  # files outside the store, by what they hold now
+        key["reads"] = content_digests(step.reads(**inputs))
+    return digest(key)
 
 
 def _present(value: Any) -> Any:

@@ -12,12 +12,20 @@ MODEL_CODE = Path(__file__).with_name("reward_model_code.py")
 ENSEMBLE_ARTIFACT = "ensemble"
 
 
+def rmens_requirement() -> str:
+    """The exact rmens the model was logged with: `mlflow models serve` installs its requirements, and an
+    unpinned name would install whatever a package index serves under it."""
+    from importlib.metadata import version
+
+    return f"rmens=={version('rmens')}"
+
+
 def log_and_register(ensemble_dir: str, registered_name: str | None, aliases: list[str], aggregation: dict):
     """Log the ensemble folder as a pyfunc model in the active run; register it and set aliases."""
     example = pd.DataFrame({"prompt": ["What is 2 + 2?"], "response": ["4"]})
     info = mlflow.pyfunc.log_model(
         name="reward_ensemble", python_model=str(MODEL_CODE), artifacts={ENSEMBLE_ARTIFACT: ensemble_dir},
-        model_config={"aggregation": aggregation}, pip_requirements=["rmens"], input_example=example,
+        model_config={"aggregation": aggregation}, pip_requirements=[rmens_requirement()], input_example=example,
         signature=mlflow.models.infer_signature(example, pd.DataFrame({"reward": [0.0], "std": [0.0]})),
     )
     version = None

@@ -39,7 +39,10 @@ def holder_is_gone(identity: dict[str, Any]) -> bool:
     if identity.get("host") != socket.gethostname() or not isinstance(identity.get("pid"), int):
         return False
     try:
-        started = round(psutil.Process(identity["pid"]).create_time(), 2)
+        process = psutil.Process(identity["pid"])
+        if process.status() == psutil.STATUS_ZOMBIE:  # killed, not yet reaped by its parent: it holds nothing
+            return True
+        started = round(process.create_time(), 2)
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return True
     return identity.get("started") is not None and abs(started - float(identity["started"])) > 0.05

@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sqlite3
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -80,9 +83,10 @@ def setup(paths: ProjectPaths, experiment: str | None = None) -> str:
     """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     paths.make()
-    _use(paths.tracking_uri)
     experiment = experiment or experiment_name(paths)
     with FileLock(paths.root / ".mlflow-setup.lock"):
+        _ensure_store(paths)
+        _use(paths.tracking_uri)
         client = MlflowClient(paths.tracking_uri)
         found = client.get_experiment_by_name(experiment)
         if found is None:
@@ -97,6 +101,34 @@ def setup(paths: ProjectPaths, experiment: str | None = None) -> str:
 
 
 _SWEPT: set[tuple[str, str]] = set()
+
+
+def _ensure_store(paths: ProjectPaths) -> None:
+    """The project's own SQLite store, built under another name and renamed into place: MLflow creates its
+    tables by a series of migrations, and a process killed in the middle left a half-built mlflow.db on which
+    every later run failed ("table ... already exists"). One that an earlier version left half-built is moved
+    aside (never deleted) and a new one made. Called under the setup lock."""
+    db = paths.mlflow_db
+    if paths.tracking_uri != f"sqlite:///{db}" or (db.exists() and _store_is_complete(db)):
+        return
+    if db.exists():
+        aside = db.with_name(f"{db.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(db, aside)
+        log.warning("%s was left half-built by a run killed while creating it: moved to %s, making a new one",
+                    db, aside.name)
+    building = db.with_name(db.name + ".building")
+    building.unlink(missing_ok=True)  # what a process killed while building left (we hold the lock)
+    MlflowClient(f"sqlite:///{building}").search_experiments(max_results=1)  # creates and migrates the tables
+    os.replace(building, db)
+
+
+def _store_is_complete(db: Path) -> bool:
+    """MLflow stamps the schema version once its migrations have run: a store without it is half-built."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as conn:
+            return conn.execute("SELECT version_num FROM alembic_version").fetchone() is not None
+    except sqlite3.Error:
+        return False
 
 
 def close_orphaned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
