@@ -26,7 +26,15 @@ import time
 import warnings
 from pathlib import Path
 
-from flows.services import SERVER_ORIGINS, check_servers, manage_server, mlflow_ui, running_server_url
+from flows.services import (
+    SERVER_ORIGINS,
+    SERVER_PORT,
+    check_servers,
+    manage_server,
+    mlflow_ui,
+    prefect_api,
+    running_server_url,
+)
 from rmens.cli import add_library_commands, config_args, job_config, run_command
 from rmens.config import apply_overrides, load_yaml, merge
 from rmens.presets import PRESETS as BUILT_IN
@@ -92,13 +100,13 @@ def prepare_environment(project_dir: str, announce: bool = True) -> None:
         if url:
             os.environ["PREFECT_API_URL"] = url
         elif announce:
-            logging.info("no Prefect API: using a temporary local server (~18 s to start); "
+            logging.info("no Prefect API: starting a temporary local server (a few seconds); "
                          "`rmens server start` keeps one running for faster repeated runs")
 
 
 def cmd_server(args) -> int:
     prepare_environment(args.project_dir, announce=False)
-    return manage_server(args.action)
+    return manage_server(args.action, args.port)
 
 
 def cmd_run(args) -> int:
@@ -124,10 +132,11 @@ def cmd_run(args) -> int:
             return 0
     check_servers()
     prepare_environment(config.project_dir)
-    from flows.pipeline import pipeline
-
     start = time.perf_counter()
-    result = pipeline(config=config, refresh=args.refresh)
+    with prefect_api():
+        from flows.pipeline import pipeline
+
+        result = pipeline(config=config, refresh=args.refresh)
     cached = sum(1 for s in result["states"].values() if s == "Cached")
     _print_run_summary(config.name, args.preset, paths, result["report"], f"parent run {result['parent_run_id']}",
                        f"{len(result['states'])} ({cached} served from Prefect's cache)",
@@ -159,10 +168,11 @@ def cmd_experiment(args) -> int:
     from rmens.models.context import check_max_lengths
 
     check_max_lengths(config.trained_ensembles())
-    from flows.experiment import experiment
-
     start = time.perf_counter()
-    result = experiment(config=config, out=out, part=args.part, refresh=args.refresh)
+    with prefect_api():
+        from flows.experiment import experiment
+
+        result = experiment(config=config, out=out, part=args.part, refresh=args.refresh)
     cached = sum(1 for s in result["states"].values() if s == "Cached")
     print(f"\nrmens experiment '{args.size}' ({args.part}) finished in {time.perf_counter() - start:.1f} s")
     print(f"  report:        {result['report']}")
@@ -189,12 +199,15 @@ def cmd_flow(args) -> int:
     config = job_config(model, args)
     check_servers()
     prepare_environment(config.project_dir)
-    import flows.evaluate
-    import flows.retrain
-    import flows.train
+    with prefect_api():
+        import flows.evaluate
+        import flows.retrain
+        import flows.train
 
-    fn = {"train": flows.train.train, "evaluate": flows.evaluate.evaluate, "retrain": flows.retrain.retrain}[args.name]
-    print(json.dumps(fn(config, refresh=args.refresh), indent=2, default=str))
+        fn = {"train": flows.train.train, "evaluate": flows.evaluate.evaluate,
+              "retrain": flows.retrain.retrain}[args.name]
+        result = fn(config, refresh=args.refresh)
+    print(json.dumps(result, indent=2, default=str))
     return 0
 
 
@@ -255,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     server = sub.add_parser("server", help="keep a local Prefect API running, so runs skip its start-up")
     server.add_argument("action", choices=["start", "stop", "status"])
     server.add_argument("--project-dir", default="runs/smoke")
+    server.add_argument("--port", type=int, default=SERVER_PORT, help=f"start: its port (default {SERVER_PORT})")
     server.set_defaults(func=cmd_server)
 
     flow_cmd = sub.add_parser("flow", help="run the train, evaluate or retrain flow")
@@ -291,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _interrupted(exc: BaseException) -> int:
+    # Stopping was asked once; Prefect's engine may send the signal on again as it unwinds, and with the
+    # default handler back that would kill the process during its exit handlers (exit -2 instead of 130).
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     print("rmens: stopped; finished stages are kept and the next run continues from them", file=sys.stderr)
     return 130 if type(exc) is KeyboardInterrupt else 143
 

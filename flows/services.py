@@ -1,37 +1,50 @@
 """Local services the `rmens` command manages: a persistent Prefect server (`rmens server start|stop|status`),
-the MLflow UI (`rmens ui`), and the check that servers a user points at answer before any work starts.
+a temporary one for a run when there is none, the MLflow UI (`rmens ui`), and the check that servers a user
+points at answer before any work starts.
 
 Each service runs in its own session (process group), so that stopping it stops its workers too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-SERVER_PORT = 4200
-SERVER_ORIGINS = f"http://127.0.0.1:{SERVER_PORT},http://localhost:{SERVER_PORT}"  # its UI's origins
+SERVER_PORT = 4200  # `rmens server start`'s default (--port)
+
+
+def origins(port: int) -> str:
+    """The origins of a local server's own UI: the only web pages allowed to call its API."""
+    return f"http://127.0.0.1:{port},http://localhost:{port}"
+
+
+SERVER_ORIGINS = origins(SERVER_PORT)
 
 
 def _server_pidfile() -> Path:
     return Path(os.environ.get("PREFECT_HOME", "runs/.prefect")).resolve() / "rmens-server.pid"
 
 
-def _our_server_pid() -> int | None:
-    """The pid in the pidfile, if that process is alive and is a Prefect server (a pid may be reused)."""
+def _our_server() -> tuple[int, int] | None:
+    """(pid, port) from the pidfile, if that process is alive and is a Prefect server (a pid may be reused)."""
     import psutil
 
     pidfile = _server_pidfile()
     try:
-        pid = int(pidfile.read_text().split()[0])
+        fields = pidfile.read_text().split()
+        pid, port = int(fields[0]), int(fields[1]) if len(fields) > 1 else SERVER_PORT
         cmdline = " ".join(psutil.Process(pid).cmdline())
     except (OSError, ValueError, IndexError, psutil.Error):
         return None
-    return pid if "prefect" in cmdline and "server" in cmdline else None
+    return (pid, port) if "prefect" in cmdline and "server" in cmdline else None
 
 
 def _port_free(port: int) -> bool:
@@ -47,8 +60,9 @@ def _port_free(port: int) -> bool:
 
 def running_server_url() -> str | None:
     """The URL of the server started by `rmens server start`, if that process is alive and answers."""
-    url = f"http://127.0.0.1:{SERVER_PORT}/api"
-    return url if _our_server_pid() is not None and _answers(f"{url}/health", timeout=2) is None else None
+    ours = _our_server()
+    url = f"http://127.0.0.1:{ours[1]}/api" if ours else None
+    return url if url and _answers(f"{url}/health", timeout=2) is None else None
 
 
 def _answers(url: str, timeout: float = 5) -> str | None:
@@ -81,11 +95,12 @@ def check_servers() -> None:
                          "the MLflow server or unset MLFLOW_TRACKING_URI to use the project's own store")
 
 
-def manage_server(action: str) -> int:
-    """`rmens server start|stop|status`: a Prefect server on SERVER_PORT in its own session, its pid in
+def manage_server(action: str, port: int = SERVER_PORT) -> int:
+    """`rmens server start|stop|status`: a Prefect server on `port` in its own session, its pid and port in
     $PREFECT_HOME/rmens-server.pid (its log beside it); stop signals only the server that start left there."""
     pidfile = _server_pidfile()
-    pid = _our_server_pid()
+    ours = _our_server()
+    pid = ours[0] if ours else None
     if action == "status":
         url = running_server_url()
         print(f"running at {url} (pid {pid})" if url else "not running")
@@ -99,24 +114,26 @@ def manage_server(action: str) -> int:
                                                                      else ""))
         pidfile.unlink(missing_ok=True)
         return 0
-    if pid is not None:
-        print(f"already running (pid {pid}): export PREFECT_API_URL=http://127.0.0.1:{SERVER_PORT}/api")
+    if ours is not None:
+        print(f"already running (pid {pid}): export PREFECT_API_URL=http://127.0.0.1:{ours[1]}/api")
         return 0
-    if not _port_free(SERVER_PORT):
-        print(f"rmens: error: port {SERVER_PORT} is in use by another program (another project's Prefect server?); "
-              f"stop it, or use it: export PREFECT_API_URL=http://127.0.0.1:{SERVER_PORT}/api", file=sys.stderr)
+    if not _port_free(port):
+        print(f"rmens: error: port {port} is in use by another program (another project's Prefect server?); "
+              f"choose another with --port, or use it: export PREFECT_API_URL=http://127.0.0.1:{port}/api",
+              file=sys.stderr)
         return 1
     pidfile.parent.mkdir(parents=True, exist_ok=True)
     log = open(pidfile.with_suffix(".log"), "ab")
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(SERVER_PORT)], stdout=log, stderr=log, start_new_session=True)
-    pidfile.write_text(str(proc.pid))
+                             "--port", str(port)], stdout=log, stderr=log, start_new_session=True,
+                            env={**os.environ, "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": origins(port)})
+    pidfile.write_text(f"{proc.pid} {port}")
     for _ in range(120):
         # Ours only while our process is alive: a health answer from a server that took the port
         # meanwhile must not count.
         if proc.poll() is None and running_server_url():
-            print(f"Prefect server up (pid {proc.pid}); `rmens run` uses it automatically, or "
-                  f"export PREFECT_API_URL=http://127.0.0.1:{SERVER_PORT}/api")
+            print(f"Prefect server up at http://127.0.0.1:{port} (pid {proc.pid}); `rmens run` uses it "
+                  f"automatically, or export PREFECT_API_URL=http://127.0.0.1:{port}/api")
             return 0
         if proc.poll() is not None:
             break
@@ -139,3 +156,76 @@ def mlflow_ui(tracking_uri: str, port: int, workers: int) -> int:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the server's process (Linux): SIGTERM when the run that started it dies, even by SIGKILL, so that a
+    killed run never leaves a server behind in its own session."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM to a service's session, SIGKILL after `grace` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[str | None]:
+    """PREFECT_API_URL for the block: the configured or running server's, else a temporary server of this run.
+
+    The temporary server runs in its own session. Prefect's own temporary server is a child in the run's
+    process group, so a Ctrl-C or SIGTERM to the group (what a terminal or a supervisor sends) killed it first
+    and the run could record nothing (it failed after about 75 s with a connection error); this one keeps
+    answering while the run marks its MLflow runs KILLED and releases its locks, and is stopped last."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield os.environ["PREFECT_API_URL"]
+        return
+    home = Path(os.environ.get("PREFECT_HOME", "runs/.prefect")).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    log_path = home / "temporary-server.log"
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                 "--port", str(port)], stdout=log, stderr=log, start_new_session=True,
+                                preexec_fn=_die_with_parent)
+    try:
+        deadline = time.monotonic() + float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 120))
+        while _answers(f"{url}/health", timeout=2):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the temporary Prefect server did not come up; see {log_path}")
+            time.sleep(0.3)
+        os.environ["PREFECT_API_URL"] = url
+        yield url
+    finally:
+        _drain_to_api()
+        if os.environ.get("PREFECT_API_URL") == url:
+            del os.environ["PREFECT_API_URL"]
+        stop_group(proc)
+
+
+def _drain_to_api(timeout: float = 5) -> None:
+    """Send Prefect's queued logs and events while the server still answers: its workers otherwise flush at
+    exit, after the server is gone, and print a connection error under the run's last line."""
+    if "prefect" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):
+            worker.drain_all(timeout=timeout)

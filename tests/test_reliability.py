@@ -124,17 +124,23 @@ def _sealed(project: Path) -> dict[str, int]:
     return {str(p.parent): p.stat().st_mtime_ns for p in (project / "artifacts").glob("*/*/done.json")}
 
 
-def test_sigterm_stops_the_run_its_server_and_marks_its_runs_killed(tmp_path):
-    """Without a Prefect API the run starts a temporary server; SIGTERM must stop it too."""
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["sigterm", "ctrl-c"])
+def test_a_signal_to_the_process_group_stops_the_run_and_its_server_at_once(tmp_path, signum, code):
+    """Without a Prefect API the run starts a temporary server; SIGTERM or Ctrl-C to the whole process group
+    (what a supervisor or a terminal sends) stops the run within seconds with 143/130 and one line, its MLflow
+    runs marked KILLED, its locks released and its server stopped."""
     project = tmp_path / "smoke"
     run = _rmens("run", "--set", f"project_dir={project}", *SMALL, env=_env(tmp_path, None))
     _wait_for(lambda: _lock(project, "train_ensemble") or run.poll() is not None, 240, "training to start")
     children = psutil.Process(run.pid).children(recursive=True)
     assert children, "the run should have started a temporary Prefect server"
-    run.send_signal(signal.SIGTERM)
+    os.killpg(run.pid, signum)
+    start = time.monotonic()
     out = _finish(run, 60)
-    assert run.returncode == 143, f"not stopped by SIGTERM; output in {run.log}"
+    assert run.returncode == code, f"not stopped by {signum!r}; output in {run.log}"
+    assert time.monotonic() - start < 30, "stopping took more than seconds"
     assert out.rstrip().endswith("the next run continues from them"), out[-2000:]
+    assert "Traceback" not in out, out[-3000:]
     _, alive = psutil.wait_procs(children, timeout=15)
     assert not alive, f"left running: {[p.cmdline() for p in alive]}"
     statuses = {r.info.status for r in _runs(project)}
@@ -453,3 +459,18 @@ def test_the_prefect_server_refuses_writes_from_other_web_pages(prefect_api):
     assert preflight("http://evil.example") == (400, None)
     own = SERVER_ORIGINS.split(",")[0]
     assert preflight(own) == (200, own)
+
+
+def test_server_start_takes_a_port_and_runs_find_it_there(tmp_path):
+    env = _env(tmp_path, None)
+    port = _free_port()
+    args = ("--project-dir", str(tmp_path / "p"))
+    start = _rmens("server", "start", "--port", str(port), *args, env=env)
+    try:
+        out = _finish(start, 120)
+        assert start.returncode == 0 and f"http://127.0.0.1:{port}" in out, out
+        status = _rmens("server", "status", *args, env=env)
+        assert f"running at http://127.0.0.1:{port}/api" in _finish(status, 60)
+    finally:
+        stop = _rmens("server", "stop", *args, env=env)
+        assert "stopped the Prefect server" in _finish(stop, 60)
