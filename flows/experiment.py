@@ -11,6 +11,8 @@ from rmens.experiment.config import ExperimentConfig, load_experiment
 from rmens.experiment.data import check_inputs, source_fingerprints
 from rmens.experiment.plan import Part, run_plan
 from rmens.experiment.runner import claim_output, publish
+from rmens.steps import Store
+from rmens.steps.runner import check
 from tasks.runtime.paths import ProjectPaths
 from tasks.runtime.stager import Stager, flow_run_name, flow_run_tags
 from tasks.runtime.tracking import client_for, parent_run
@@ -25,9 +27,11 @@ def experiment(config: ExperimentConfig | None = None, size: str = "tiny", overr
     check_inputs(config.data, config.pools.judges, config.mt_bench)
     root = claim_output(out or f"runs/experiment-{config.size}", config)
     paths = ProjectPaths.at(root).make()
+    sources = source_fingerprints(config.data, config.mt_bench)
+    total = len(check(run_plan, Store(paths.artifacts), config, part=part, sources=sources).outputs)
     with parent_run(paths, f"experiment:{config.size}", config, tags=flow_run_tags()) as ctx, \
-            Stager(ctx, refresh) as stage:
-        report = run_plan(config, stage, part, source_fingerprints(config.data, config.mt_bench))
+            Stager(ctx, refresh, total=total) as stage:
+        report = run_plan(config, stage, part, sources)
         published = publish(report.require().folder, root)
         client = client_for(ctx)
         for path in published:

@@ -11,6 +11,8 @@ from prefect import flow
 from rmens.config import PipelineConfig, load_preset
 from rmens.pipeline.plan import run_pipeline
 from rmens.preflight import check_before_work
+from rmens.steps import Store
+from rmens.steps.runner import check
 from tasks.publish import publish
 from tasks.runtime.paths import ProjectPaths
 from tasks.runtime.stager import Stager, flow_run_name, flow_run_tags
@@ -27,8 +29,9 @@ def pipeline(config: PipelineConfig | None = None, preset: str = "smoke", overri
     config = config or load_preset(preset, overrides)
     check_before_work(config)
     paths = ProjectPaths.at(config.project_dir).make()
+    total = len(check(run_pipeline, Store(paths.artifacts), config).outputs)  # keys only: nothing runs
     with parent_run(paths, f"pipeline:{config.name}", config, tags=flow_run_tags()) as ctx, \
-            Stager(ctx, refresh, config.log_models, config.registered_model) as stage:
+            Stager(ctx, refresh, config.log_models, config.registered_model, total) as stage:
         outputs = run_pipeline(config, stage)
         publish(ctx, outputs["report"], f"rmens pipeline '{config.name}'")
     return {"report": str(outputs["report"].file("report")), "parent_run_id": ctx.parent_run_id,

@@ -474,3 +474,26 @@ def test_server_start_takes_a_port_and_runs_find_it_there(tmp_path):
     finally:
         stop = _rmens("server", "stop", *args, env=env)
         assert "stopped the Prefect server" in _finish(stop, 60)
+
+
+def test_progress_lines_number_each_call_of_the_plan(tmp_path, caplog):
+    from rmens.steps import Store
+    from rmens.steps.runner import LocalRunner, check
+
+    builds: list = []
+    first, second = _counting_step("test_progress_a", builds), _counting_step("test_progress_b", builds)
+
+    def plan(call):
+        call(first, "one", x=1)
+        call(second, "two", x=2)
+
+    store = Store(tmp_path)
+    runner = LocalRunner(store, total=len(check(plan, store).outputs))
+    caplog.set_level(logging.INFO, logger="rmens.progress")
+    plan(runner)
+    plan(LocalRunner(store, total=2))
+    lines = [record.getMessage() for record in caplog.records if record.name == "rmens.progress"]
+    assert len(lines) == 8
+    assert lines[0].startswith("[1/2 0:00] test_progress_a:one") and lines[0].endswith("started")
+    assert lines[3].startswith("[2/2 0:00] test_progress_b:two") and "computed in" in lines[3]
+    assert lines[-1].startswith("[2/2 0:00] test_progress_b:two") and lines[-1].endswith("reused")

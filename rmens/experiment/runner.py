@@ -20,7 +20,7 @@ from rmens.experiment.config import ExperimentConfig
 from rmens.experiment.data import check_inputs, source_fingerprints
 from rmens.experiment.plan import Part, run_plan
 from rmens.io import refuse_foreign_folder, write_json
-from rmens.steps.runner import LocalRunner
+from rmens.steps.runner import LocalRunner, check
 from rmens.steps.store import DONE, STARTED, Store
 
 MARKER = "experiment.json"
@@ -54,9 +54,10 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, part: Part = "all") -
     """Run (or resume) the experiment in `out`; returns where the results are and what was computed."""
     check_inputs(cfg.data, cfg.pools.judges, cfg.mt_bench)
     out = claim_output(out, cfg)
-    steps = LocalRunner(Store.of_project(out))
+    store, sources = Store.of_project(out), source_fingerprints(cfg.data, cfg.mt_bench)
+    steps = LocalRunner(store, total=len(check(run_plan, store, cfg, part=part, sources=sources).outputs))
     start = time.perf_counter()
-    report = run_plan(cfg, steps, part, source_fingerprints(cfg.data, cfg.mt_bench))
+    report = run_plan(cfg, steps, part, sources)
     publish(report.folder, out)
     return {"out": str(out), "report": str(out / "report.md"), "logged_bon": str(out / "logged_bon.json"),
             "computed": steps.computed, "reused": steps.reused, "wall_s": time.perf_counter() - start}

@@ -15,7 +15,7 @@ from prefect.context import FlowRunContext
 from prefect.exceptions import TerminationSignal
 
 from rmens.steps import Output, Step, Store, step_key
-from rmens.steps.runner import progress
+from rmens.steps.runner import Progress
 from tasks.runtime.paths import ProjectPaths
 from tasks.runtime.tracking import StageContext, record_cache_hit
 from tasks.steps import for_project
@@ -61,12 +61,14 @@ class Stager:
     """
 
     def __init__(self, ctx: StageContext, refresh: bool = False, log_models: bool = False,
-                 registered_model: str | None = None):
-        """`log_models`: log trained reward models as MLflow models, registered under `registered_model`."""
+                 registered_model: str | None = None, total: int | None = None):
+        """`log_models`: log trained reward models as MLflow models, registered under `registered_model`;
+        `total`: the plan's number of calls, for the progress lines."""
         self.ctx = ctx.model_copy(update={"log_models": log_models, "registered_model": registered_model})
         self.paths = ProjectPaths.at(ctx.project_dir)
         self.store = Store(self.paths.artifacts)
         self.refresh = refresh
+        self.progress = Progress(total)
         self.states: dict[str, str] = {}
         self.outputs: dict[str, Output] = {}  # step:label -> its output, in the order they ran
         self._tracking = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rmens-tracking")
@@ -91,7 +93,7 @@ class Stager:
         # recompute instead (the store says what changed).
         stale = self.store.finished(step, key) is None
         task_run = for_project(step, self.paths, refresh=self.refresh or stale, task_run_name=name)
-        progress.info("%-40s started", name)
+        self.progress.started(name)
         start = time.perf_counter()
         state = task_run(ctx=ctx, step_name=step.name, label=label, inputs=inputs, return_state=True)
         output = state.result()
@@ -100,7 +102,7 @@ class Stager:
         self.states[name] = state.name
         self.outputs[name] = output
         cached = state.name == "Cached"
-        progress.info("%-40s %s in %.1f s", name, "cached" if cached else "computed", time.perf_counter() - start)
+        self.progress.ended(name, f"{'cached' if cached else 'computed'} in {time.perf_counter() - start:.1f} s")
         stop_if_terminated()
         if cached:
             self._pending.append(self._tracking.submit(record_cache_hit, ctx, step.name, output))
