@@ -200,3 +200,30 @@ def test_saving_never_deletes_a_users_folder(tmp_path, tiny_tokenizer):
     ensemble.save(victim, tiny_tokenizer, overwrite=True)
     assert not (victim / "thesis.tex").exists() and load_ensemble(victim)[0].k == 2
     assert not (tmp_path / "victim.replaced").exists()
+
+
+def test_a_saved_ensemble_with_a_users_file_or_a_users_sibling_is_not_replaced(tmp_path, tiny_tokenizer):
+    """What a save would have deleted silently: a file a user put into a saved ensemble, and a user's
+    `<out>.partial` or `<out>.replaced` folder. Each is one error naming it; a save's own leftovers go."""
+    from rmens.config import EnsembleConfig
+    from rmens.models.ensemble import PARTIAL_MARK, build_ensemble, load_ensemble
+
+    ensemble = build_ensemble(EnsembleConfig(kind="linear", k=2, backbone="tiny-random-llama"))
+    saved = ensemble.save(tmp_path / "saved", tiny_tokenizer, extra={"train_metrics.json": {"loss": 1.0}})
+    ensemble.save(saved, tiny_tokenizer)  # only what the last save wrote: replaced without asking
+    (saved / "notes.md").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds notes.md, which rmens did not write there"):
+        ensemble.save(saved, tiny_tokenizer)
+    assert (saved / "notes.md").read_text() == "mine"
+    (saved / "notes.md").unlink()
+    for suffix in (".partial", ".replaced"):
+        users = tmp_path / f"saved{suffix}"
+        users.mkdir()
+        (users / "data.csv").write_text("mine")
+        with pytest.raises(FileExistsError, match=f"saved{suffix} exists and is not a folder rmens left"):
+            ensemble.save(saved, tiny_tokenizer)
+        assert (users / "data.csv").read_text() == "mine"
+        (users / "data.csv").unlink()
+        (users / PARTIAL_MARK).touch()  # what a save killed midway leaves: cleared by the next one
+    ensemble.save(saved, tiny_tokenizer)
+    assert load_ensemble(saved)[0].k == 2 and not (tmp_path / "saved.partial").exists()

@@ -59,11 +59,34 @@ def is_saved_ensemble(path: Path) -> bool:
         return False
 
 
+# Marks a sibling folder as rmens' own unfinished save, so that a later save may clear it: a folder of the
+# same name that a user made is refused instead of deleted.
+PARTIAL_MARK = ".rmens-partial"
+
+
 def check_output_folder(path: str | Path, overwrite: bool = False) -> None:
-    """Refuse, before any work, to replace a folder that is neither empty nor a saved ensemble (a user's files)."""
+    """Refuse, before any work, to replace a folder that is neither empty nor a saved ensemble (a user's files),
+    a saved ensemble that holds files rmens did not write there, or a `.partial`/`.replaced` sibling that is
+    not rmens' own."""
     path = Path(path)
-    refuse_foreign_folder(path, overwrite or is_saved_ensemble(path), "a saved rmens ensemble",
-                          "choose another output folder, or pass --overwrite to replace it")
+    hint = "choose another output folder, or pass --overwrite to replace it"
+    refuse_foreign_folder(path, overwrite or is_saved_ensemble(path), "a saved rmens ensemble", hint)
+    added = [] if overwrite else _added_files(path)
+    if added:
+        raise FileExistsError(f"{path} holds {', '.join(added[:3])}, which rmens did not write there; {hint}")
+    for suffix in (".partial", ".replaced"):
+        sibling = path.with_name(path.name + suffix)
+        if sibling.exists() and not (is_saved_ensemble(sibling) or (sibling / PARTIAL_MARK).is_file()):
+            raise FileExistsError(f"{sibling} exists and is not a folder rmens left while saving; move it away")
+
+
+def _added_files(path: Path) -> list[str]:
+    """Top-level entries of a saved ensemble that its save did not write (saves before the list: none)."""
+    try:
+        written = json.loads((path / "ensemble.json").read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return sorted(p.name for p in path.iterdir() if p.name not in written) if isinstance(written, list) else []
 
 
 def replace_folder(new: Path, path: Path) -> None:
@@ -178,8 +201,9 @@ class RewardEnsemble(nn.Module):
         path = Path(path)
         check_output_folder(path, overwrite)
         tmp = path.with_name(path.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # checked above: an unfinished save of rmens, or nothing
         tmp.mkdir(parents=True)
+        (tmp / PARTIAL_MARK).touch()
         self._save_weights(tmp)
         save_file({"weight": self.heads.weight.detach().contiguous().cpu(),
                    "bias": self.heads.bias.detach().contiguous().cpu()}, tmp / "heads.safetensors")
@@ -189,9 +213,12 @@ class RewardEnsemble(nn.Module):
                 "config": self.config.model_dump(mode="json")}
         if self.standardisation is not None:
             meta["standardisation"] = self._checked(self.standardisation).to_json()
-        write_json(tmp / "ensemble.json", meta)
         for name, obj in (extra or {}).items():
             write_json(tmp / name, obj)
+        # what a later save may replace without asking (the mark goes last: a kill before leaves it marked)
+        meta["files"] = sorted([p.name for p in tmp.iterdir() if p.name != PARTIAL_MARK] + ["ensemble.json"])
+        write_json(tmp / "ensemble.json", meta)
+        (tmp / PARTIAL_MARK).unlink()
         replace_folder(tmp, path)
         self.saved_at = path
         return path
