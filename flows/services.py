@@ -95,6 +95,14 @@ def check_servers() -> None:
                          "the MLflow server or unset MLFLOW_TRACKING_URI to use the project's own store")
 
 
+def _start_server(port: int, log, env: dict[str, str] | None = None, **popen) -> subprocess.Popen:
+    """`prefect server start` on 127.0.0.1:`port` in its own session (so stopping it stops its workers too),
+    its output in `log`."""
+    return subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=log, stderr=log, start_new_session=True,
+                            env={**os.environ, **(env or {})}, **popen)
+
+
 def manage_server(action: str, port: int = SERVER_PORT) -> int:
     """`rmens server start|stop|status`: a Prefect server on `port` in its own session, its pid and port in
     $PREFECT_HOME/rmens-server.pid (its log beside it); stop signals only the server that start left there."""
@@ -124,9 +132,7 @@ def manage_server(action: str, port: int = SERVER_PORT) -> int:
         return 1
     pidfile.parent.mkdir(parents=True, exist_ok=True)
     log = open(pidfile.with_suffix(".log"), "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], stdout=log, stderr=log, start_new_session=True,
-                            env={**os.environ, "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": origins(port)})
+    proc = _start_server(port, log, {"PREFECT_SERVER_CORS_ALLOWED_ORIGINS": origins(port)})
     pidfile.write_text(f"{proc.pid} {port}")
     for _ in range(120):
         # Ours only while our process is alive: a health answer from a server that took the port
@@ -200,9 +206,7 @@ def prefect_api() -> Iterator[str | None]:
     url = f"http://127.0.0.1:{port}/api"
     log_path = home / "temporary-server.log"
     with log_path.open("ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                 "--port", str(port)], stdout=log, stderr=log, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+        proc = _start_server(port, log, preexec_fn=_die_with_parent)
     try:
         deadline = time.monotonic() + float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 120))
         while _answers(f"{url}/health", timeout=2):

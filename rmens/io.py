@@ -13,6 +13,12 @@ from typing import Any
 from rmens.data.schema import DataError
 
 
+def cache_root() -> Path:
+    """Where rmens keeps what it builds once per machine (converted models, content hashes): $RMENS_CACHE,
+    else ~/.cache/rmens."""
+    return Path(os.environ.get("RMENS_CACHE", Path.home() / ".cache" / "rmens")).expanduser().resolve()
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write to a sibling temporary file and rename it into place (a reader never sees half a file)."""
     path = Path(path)

@@ -8,15 +8,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rmens.data.loaders import data_root
+from rmens.data.loaders import alpaca_eval_folder, data_root
+from rmens.data.schema import DataError
 
 
 def _alpaca_eval(path: str | None) -> list[Path]:
-    """The AlpacaEval folder a section reads: its `path`, else $RMENS_DATA_DIR/alpaca_eval."""
-    if path:
-        return [Path(path)]
-    root = data_root()
-    return [root / "alpaca_eval"] if root is not None else []
+    """The AlpacaEval folder a section reads (none when no folder is configured: the checks before any
+    work say so)."""
+    try:
+        return [alpaca_eval_folder(path)]
+    except DataError:
+        return []
 
 
 def model_paths(*names: str | None) -> list[Path]:

@@ -21,7 +21,6 @@ The two sides are separate steps, so that changing the pools never retrains a re
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -48,7 +47,7 @@ from rmens.evaluation.pools import (
     write_pools,
 )
 from rmens.experiment.systems import held_out_families, system_family
-from rmens.io import iter_jsonl, write_json, write_jsonl
+from rmens.io import file_sha256, iter_jsonl, write_json, write_jsonl
 from rmens.seeding import python_random
 from rmens.steps import step
 
@@ -106,14 +105,6 @@ def check_inputs(source: DataSource, judges: list[str], mt_bench: MtBenchConfig)
         read_grades(grades)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def source_fingerprints(source: DataSource, mt_bench: MtBenchConfig) -> dict[str, dict[str, str]]:
     """The content hash of every file each side reads, so that new files mean new results (and a record
     of exactly which data a run used)."""
@@ -121,9 +112,9 @@ def source_fingerprints(source: DataSource, mt_bench: MtBenchConfig) -> dict[str
     evaluation = [p for judge in JUDGE_FILES for p in judge_files(eval_dir, judge)]
     training = [train_dir / name for name in AE_FILES.values()]
     grades = mt_bench_grades(mt_bench)
-    return {"training": {str(p): _sha256(p) for p in training},
-            "evaluation": {str(p): _sha256(p) for p in evaluation},
-            "mt_bench": {str(grades): _sha256(grades)} if grades is not None else {}}
+    return {"training": {str(p): file_sha256(p) for p in training},
+            "evaluation": {str(p): file_sha256(p) for p in evaluation},
+            "mt_bench": {str(grades): file_sha256(grades)} if grades is not None else {}}
 
 
 def instructions_in(folder: Path) -> set[str]:

@@ -30,7 +30,7 @@ def scored_items(pools: Path, judges: list[str]) -> list[tuple]:
 
 
 @step("score_pools", resumable=True, devices=1, files={"scores": SCORES})
-def score_step(folder: Path, *, model: Output, pools: Path, judges: list[str], batch_size: int) -> dict:
+def score_step(folder: Path, *, model: Output, pools: Output, judges: list[str], batch_size: int) -> dict:
     """Every pool response and reference scored once by every member (scores.npz: raw scores, and the
     ensemble's standardisation as center and scale), resumable."""
     from rmens.reward import EnsembleReward

@@ -58,7 +58,7 @@ def shared_scorer(ensembles: dict[str, EnsembleConfig], batch_size: int):
 
 
 @step("twins", resumable=True, devices=1)
-def twins_step(folder: Path, *, pairs: Output, pairs_file: str, pools: Path, judges: list[str],
+def twins_step(folder: Path, *, pairs: Output, pairs_file: str, pools: Output, judges: list[str],
                ensembles: dict[str, EnsembleConfig], calibration: dict[str, tuple[int, int]],
                batch_size: int) -> dict:
     """For every run (label -> its ensemble settings, and its training seed and calibration_pairs): its untrained

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from rmens.io import cache_root
 from rmens.models.context import SMOLLM2_ALIAS, TINY_ALIAS, context_field
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,6 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-def cache_root() -> Path:
-    """Where converted and generated models live: $RMENS_CACHE, else ~/.cache/rmens."""
-    return Path(os.environ.get("RMENS_CACHE", Path.home() / ".cache" / "rmens")).expanduser().resolve()
 
 
 @contextlib.contextmanager

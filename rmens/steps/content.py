@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from rmens.io import file_sha256, write_json
+from rmens.io import cache_root, file_sha256, write_json
 
 _LOCK = threading.Lock()
 _MEMO: dict[str, str] = {}
@@ -24,8 +23,7 @@ _LOADED: set[Path] = set()
 
 
 def _cache_file() -> Path:
-    # The same place as converted models (rmens.models.backbone.cache_root), without importing torch.
-    return Path(os.environ.get("RMENS_CACHE", Path.home() / ".cache" / "rmens")).expanduser() / "content-hashes.json"
+    return cache_root() / "content-hashes.json"
 
 
 def _stamp(path: Path) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 from prefect.context import FlowRunContext
 from prefect.exceptions import TerminationSignal
 
+from rmens.config import derive
 from rmens.steps import Output, Step, Store, step_key
 from rmens.steps.runner import Progress
 from tasks.runtime.paths import ProjectPaths
@@ -64,7 +65,7 @@ class Stager:
                  registered_model: str | None = None, total: int | None = None):
         """`log_models`: log trained reward models as MLflow models, registered under `registered_model`;
         `total`: the plan's number of calls, for the progress lines."""
-        self.ctx = ctx.model_copy(update={"log_models": log_models, "registered_model": registered_model})
+        self.ctx = derive(ctx, log_models=log_models, registered_model=registered_model)
         self.paths = ProjectPaths.at(ctx.project_dir)
         self.store = Store(self.paths.artifacts)
         self.refresh = refresh
