@@ -385,3 +385,23 @@ def test_a_server_that_does_not_answer_is_named_without_its_credentials(monkeypa
     with pytest.raises(ValueError) as err:
         check_servers()
     assert "s3cret" not in str(err.value) and "http://***@127.0.0.1:9/ does not answer" in str(err.value)
+
+
+@pytest.mark.parametrize("setting, body, names", [
+    ("data", json.dumps(GOOD) + "\n" + '{"prompt": "p", "chosen": "a"}\n', ":2: missing field 'rejected'"),
+    ("bon_prompts", '{"prompt": "Name a fruit."}\n{"text": "no prompt key"}\n', ":2: needs a non-empty 'prompt'"),
+])
+def test_rmens_run_reports_a_malformed_record_before_any_server_or_folder(tmp_path, setting, body, names):
+    """`rmens run` reads every configured data and prompt file through before a Prefect server starts or the
+    project folder is made: a malformed record is one line naming file and line."""
+    path = tmp_path / "input.jsonl"
+    path.write_text(body)
+    source = "jsonl" if setting == "data" else "file"
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--preset", "smoke",
+                           "--set", f"project_dir={tmp_path / 'p'}", "--set", f"{setting}.source={source}",
+                           "--set", f"{setting}.path={path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = _error_lines(proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith(f"rmens: error: {path}{names}"), proc.stderr
+    assert not (tmp_path / "p").exists() and "Prefect" not in proc.stderr

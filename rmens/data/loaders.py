@@ -280,7 +280,8 @@ def alpaca_eval_folder(path: str | None = None) -> Path:
 
 
 def check_sources(sections: dict[str, Any]) -> None:
-    """Fail in one line, before any model is built or converted, when a configured data source is missing:
+    """Fail in one line, before any model is built or converted, when a configured data source is missing or
+    a data or prompt file holds a malformed record:
     `sections` maps a setting's name (data, judge.data, bon_prompts, evaluate) to its Data/Prompts/Eval config."""
     for name, section in sections.items():
         source, path = getattr(section, "source", None), getattr(section, "path", None)
@@ -292,5 +293,11 @@ def check_sources(sections: dict[str, Any]) -> None:
             if not folder.is_dir():
                 raise DataError(f"{name}.source=alpaca_eval: no data folder at {folder} (set RMENS_DATA_DIR or "
                                 f"{name}.path)")
-        elif source in ("jsonl", "file") and path and not Path(path).expanduser().exists():
-            raise DataError(f"{name}.path: {path} does not exist")
+        elif source in ("jsonl", "file") and path:
+            if not Path(path).expanduser().exists():
+                raise DataError(f"{name}.path: {path} does not exist")
+            # Read through once, so that a malformed record is one line naming it before any server starts or
+            # model is built (reading a file of pairs or prompts takes well under a second per 10 MB).
+            from rmens.data.prompts import load_prompt_file  # it imports this module
+
+            (load_jsonl_pairs if source == "jsonl" else load_prompt_file)(Path(path).expanduser())
