@@ -84,11 +84,27 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # per-file bars when logging models
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its INFO lines (table creation, signature checks)
+    # Its SQL layer logs each failed statement with a traceback, then raises the same error to the caller,
+    # which reports it once (a full disk gave dozens of them).
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
+
+class OneTraceback(logging.Filter):
+    """Prefect logs a failed task's traceback and then the flow's as they fail; the command ends with the error
+    itself (one line for a user's or the machine's, the traceback for a fault), so the console keeps that one.
+    (The records reach Prefect's API handler first, with their tracebacks, for its UI.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("prefect.") and record.exc_info:
+            record.exc_info = record.exc_text = None
+        return True
 
 
 def prepare_environment(project_dir: str, announce: bool = True) -> None:
     """Settings Prefect and MLflow read at import: keep their state in the project, no telemetry."""
     show_progress()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(OneTraceback())
     quiet_known_warnings()
     home = Path(os.environ.get("RMENS_HOME", Path(project_dir).parent)).resolve()
     os.environ.setdefault("PREFECT_HOME", str(home / ".prefect"))

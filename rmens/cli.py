@@ -11,6 +11,7 @@ The `rmens` command (flows/cli.py) offers these too, next to the commands that o
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -21,6 +22,11 @@ from pydantic import ValidationError
 from rmens.config import PPOJobConfig, TrainJobConfig, apply_overrides, load_yaml
 
 USER_ERRORS = (ValidationError, ValueError, FileNotFoundError, FileExistsError)
+# What the machine, not the settings, refuses: a full disk or quota, a read-only or forbidden place. Said in
+# one line with the file (exit 1); any other OSError is a fault to show in full.
+MACHINE_ERRNOS = {errno.ENOSPC: "free some space or choose another folder",
+                  errno.EDQUOT: "free some space or choose another folder",
+                  errno.EROFS: "choose a writable folder", errno.EACCES: "choose a folder you may write in"}
 
 
 def error_line(err: BaseException) -> str:
@@ -175,6 +181,38 @@ def run_command(args) -> int:
         logging.debug("the error's traceback (shown with -v):", exc_info=True)
         print(f"rmens: error: {error_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:
+        refused = machine_refusal(err)
+        if refused is None:
+            raise
+        logging.debug("the error's traceback (shown with -v):", exc_info=True)
+        # a failed copy names its source first and the file it could not write second
+        where = f": {refused.filename2 or refused.filename}" if refused.filename else ""
+        print(f"rmens: error: {refused.strerror}{where} ({MACHINE_ERRNOS[refused.errno]})", file=sys.stderr)
+        return 1
+
+
+# SQLite says a full disk or a read-only file only in words (MLflow's and Prefect's stores are SQLite files).
+SQLITE_REFUSALS = {"database or disk is full": errno.ENOSPC, "attempt to write a readonly database": errno.EROFS}
+
+
+def machine_refusal(err: BaseException) -> OSError | None:
+    """The full disk or read-only place behind a failure, anywhere in its chain of causes (a run that fails
+    while saving also fails to record that it failed: the last error is the store's, the first one names the
+    file); None when the failure is something else."""
+    found, seen, pending = [], set(), [err]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in MACHINE_ERRNOS:
+            found.append(current)
+        for words, code in SQLITE_REFUSALS.items():
+            if words in str(current):
+                found.append(OSError(code, words))
+        pending += [current.__cause__, current.__context__]
+    return next((e for e in found if e.filename), found[0] if found else None)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -70,6 +70,19 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [record for _, record in iter_jsonl(path)]
 
 
+def check_writable(path: str | Path, setting: str) -> None:
+    """`path`, or the nearest folder above it that exists, must be a folder this process can write in: said in
+    one line naming the setting before any work, not as a traceback when the first result is saved."""
+    path = Path(path).expanduser()
+    for place in (path, *path.parents):
+        if place.exists():
+            if not place.is_dir():
+                raise ValueError(f"{setting} {path}: {place} is a file, not a folder")
+            if not os.access(place, os.W_OK | os.X_OK):
+                raise ValueError(f"{setting} {path}: {place} is not writable")
+            return
+
+
 def refuse_foreign_folder(path: str | Path, ours: bool, what: str, hint: str) -> None:
     """Refuse a folder that exists, holds something and is not `ours` (`what` it should be): whatever a user
     keeps there must never be overwritten or deleted."""

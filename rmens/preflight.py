@@ -5,27 +5,13 @@ it before starting Prefect, and the flow runs it again at its start for deployme
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from rmens.config import PipelineConfig
 from rmens.data.loaders import check_sources
+from rmens.io import check_writable
 from rmens.models.context import check_max_lengths
 
 
 def check_before_work(config: PipelineConfig) -> None:
-    check_project_dir(config.project_dir)
+    check_writable(config.project_dir, "project_dir")
     check_sources(config.data_sources())
     check_max_lengths(config.trained_ensembles())
-
-
-def check_project_dir(project_dir: str) -> None:
-    """The project folder, or the nearest folder above it that exists, must be a folder rmens can write in."""
-    path = Path(project_dir).expanduser()
-    for place in (path, *path.parents):
-        if place.exists():
-            if not place.is_dir():
-                raise ValueError(f"project_dir {project_dir}: {place} is a file, not a folder")
-            if not os.access(place, os.W_OK | os.X_OK):
-                raise ValueError(f"project_dir {project_dir}: {place} is not writable")
-            return

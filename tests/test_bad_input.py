@@ -405,3 +405,47 @@ def test_rmens_run_reports_a_malformed_record_before_any_server_or_folder(tmp_pa
     lines = _error_lines(proc.stderr)
     assert len(lines) == 1 and lines[0].startswith(f"rmens: error: {path}{names}"), proc.stderr
     assert not (tmp_path / "p").exists() and "Prefect" not in proc.stderr
+
+
+def test_a_full_disk_while_saving_is_one_line_naming_the_folder_and_leaves_nothing(tiny_path, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """safetensors' writer says a full disk only in its message; the save takes back its unfinished folder
+    and the command says what the machine refused, in one line (exit 1), after no traceback."""
+    import rmens.models.ensemble as ensemble_module
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ensemble_module, "save_file", full_disk)
+    out = tmp_path / "out"
+    code = lib_cli.main(["train", "--set", "data.source=synthetic", "--set", "data.max_pairs=16",
+                         "--set", "ensemble.k=1", "--set", "train.progress=false", "--set", f"output_dir={out}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert _error_lines(err) == [f"rmens: error: No space left on device: {out} (free some space or choose "
+                                 "another folder)"]
+    assert not list(tmp_path.iterdir()), "nothing left behind, not even the unfinished folder"
+
+
+def test_the_machine_refusal_behind_a_failure_is_found_through_its_causes():
+    """A run that fails while saving also fails to record that it failed: the last error is the store's
+    (SQLite says a full disk only in words), the first names the file that could not be written."""
+    from rmens.cli import machine_refusal
+
+    copy = OSError(28, "No space left on device", "/tmp/src.bin", None, "/p/mlartifacts/model.bin")
+    try:
+        try:
+            raise copy
+        except OSError as err:
+            raise RuntimeError("(sqlite3.OperationalError) database or disk is full") from err
+    except RuntimeError as final:
+        assert machine_refusal(final) is copy
+    assert machine_refusal(RuntimeError("attempt to write a readonly database")).errno == 30
+    assert machine_refusal(ValueError("a bug")) is None and machine_refusal(OSError(2, "gone", "x")) is None
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("a user's file")
+    line = run_lib_cli(capsys, "train", "--set", f"output_dir={tmp_path / 'a-file' / 'out'}")
+    assert line == f"rmens: error: output folder {tmp_path / 'a-file' / 'out'}: {tmp_path / 'a-file'} is a file, " \
+                   "not a folder"

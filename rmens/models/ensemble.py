@@ -24,6 +24,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -34,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rmens.config import EnsembleConfig
-from rmens.io import refuse_foreign_folder, write_json
+from rmens.io import check_writable, refuse_foreign_folder, write_json
 from rmens.models.backbone import context_length, load_backbone, load_tokenizer
 from rmens.models.standardise import MemberStandardisation
 from rmens.seeding import Stream, seed_for
@@ -69,6 +70,7 @@ def check_output_folder(path: str | Path, overwrite: bool = False) -> None:
     a saved ensemble that holds files rmens did not write there, or a `.partial`/`.replaced` sibling that is
     not rmens' own."""
     path = Path(path)
+    check_writable(path, "output folder")
     hint = "choose another output folder, or pass --overwrite to replace it"
     refuse_foreign_folder(path, overwrite or is_saved_ensemble(path), "a saved rmens ensemble", hint)
     added = [] if overwrite else _added_files(path)
@@ -87,6 +89,15 @@ def _added_files(path: Path) -> list[str]:
     except (OSError, ValueError, AttributeError):
         return []
     return sorted(p.name for p in path.iterdir() if p.name not in written) if isinstance(written, list) else []
+
+
+def _os_error_code(err: BaseException) -> int | None:
+    """The errno behind a failed write: an OSError's own, or the one safetensors' Rust writer puts only in its
+    message ("I/O error: No space left on device (os error 28)")."""
+    if isinstance(err, OSError):
+        return err.errno
+    found = re.search(r"\(os error (\d+)\)", str(err))
+    return int(found.group(1)) if found else None
 
 
 def replace_folder(new: Path, path: Path) -> None:
@@ -204,6 +215,23 @@ class RewardEnsemble(nn.Module):
         shutil.rmtree(tmp, ignore_errors=True)  # checked above: an unfinished save of rmens, or nothing
         tmp.mkdir(parents=True)
         (tmp / PARTIAL_MARK).touch()
+        try:
+            self._write(tmp, tokenizer, extra)
+        except Exception as err:
+            # A full disk or a folder gone read-only: take back what this save wrote (its own marked folder)
+            # rather than leave it filling the disk, and say it as the OSError it is.
+            shutil.rmtree(tmp, ignore_errors=True)
+            code = _os_error_code(err)
+            if code is None or isinstance(err, OSError):
+                raise
+            raise OSError(code, os.strerror(code), str(path)) from err
+        (tmp / PARTIAL_MARK).unlink()
+        replace_folder(tmp, path)
+        self.saved_at = path
+        return path
+
+    def _write(self, tmp: Path, tokenizer, extra: dict[str, object] | None) -> None:
+        """Every file of a save into the unfinished folder `tmp`, ensemble.json (the list of them) last."""
         self._save_weights(tmp)
         save_file({"weight": self.heads.weight.detach().contiguous().cpu(),
                    "bias": self.heads.bias.detach().contiguous().cpu()}, tmp / "heads.safetensors")
@@ -218,10 +246,6 @@ class RewardEnsemble(nn.Module):
         # what a later save may replace without asking (the mark goes last: a kill before leaves it marked)
         meta["files"] = sorted([p.name for p in tmp.iterdir() if p.name != PARTIAL_MARK] + ["ensemble.json"])
         write_json(tmp / "ensemble.json", meta)
-        (tmp / PARTIAL_MARK).unlink()
-        replace_folder(tmp, path)
-        self.saved_at = path
-        return path
 
     def _checked(self, standardisation: MemberStandardisation) -> MemberStandardisation:
         if standardisation.k != self.k:
