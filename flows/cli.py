@@ -8,6 +8,7 @@ the library's own commands (rmens/cli.py).
     rmens flow train|evaluate|retrain --config FILE                             the other flows
     rmens train / ppo / calibrate                                               single stages, no Prefect/MLflow
     rmens prepare-model NAME                                                    convert/build a model alias once
+    rmens verify FOLDER [--fix]                                                 re-hash every file of a store
 
 It lives with the flows because it runs them; the flows are imported only once the environment they
 read at import (project folders, telemetry off) is set. The local services it starts, stops or checks (the

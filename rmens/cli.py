@@ -4,6 +4,7 @@
     python -m rmens.cli ppo --config ppo.yaml [--output DIR] [--restart]        PPO against a saved ensemble
     python -m rmens.cli calibrate FOLDER --pairs FILE.jsonl [--max-pairs N]    add member standardisation
     python -m rmens.cli prepare-model NAME                                      convert/build a model alias once
+    python -m rmens.cli verify FOLDER [--fix]                                   re-hash a project's every file
 
 The `rmens` command (flows/cli.py) offers these too, next to the commands that orchestrate.
 """
@@ -128,6 +129,22 @@ def config_args(parser: argparse.ArgumentParser, what: str) -> None:
                         help="override a config field (dotted path, YAML value), e.g. --set arms.ks=[3,5]")
 
 
+def cmd_verify(args) -> int:
+    from rmens.steps.verify import verify
+
+    verdict = verify(args.folder, fix=args.fix)
+    for folder, problems in verdict.damaged.items():
+        print(f"damaged: {folder}: {'; '.join(problems)}")
+    for path in verdict.stale:
+        print(f"changed without a new size or mtime: {path}")
+    print(f"read {verdict.files} files ({verdict.bytes / 1e6:.1f} MB): " + (
+        "all intact" if verdict.intact else
+        f"{len(verdict.damaged)} damaged step folders, {len(verdict.stale)} changed source files; " + (
+            "fixed: the next run recomputes what depends on them" if args.fix else
+            "`rmens verify --fix` makes the next run recompute what depends on them")))
+    return 0 if verdict.intact or args.fix else 1
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -136,7 +153,7 @@ def positive_int(text: str) -> int:
 
 
 def add_library_commands(sub) -> None:
-    """Register train, ppo, calibrate and prepare-model on an argparse subparsers object."""
+    """Register train, ppo, calibrate, verify and prepare-model on an argparse subparsers object."""
     train = sub.add_parser("train", help="train one reward ensemble, no orchestration (works under accelerate launch)")
     config_args(train, "data/ensemble/train sections")
     train.add_argument("--output", help="folder for the trained ensemble (default: output_dir of the config)")
@@ -163,6 +180,19 @@ def add_library_commands(sub) -> None:
     cal.add_argument("--seed", type=int, default=0, help="seed of the drawn subset (default 0)")
     cal.add_argument("--batch-size", type=positive_int, default=16)
     cal.set_defaults(func=cmd_calibrate)
+
+    verify = sub.add_parser(
+        "verify", help="re-hash every file of a project's store and the remembered hashes of the files it read",
+        description="Reuse trusts a file whose size and mtime are as recorded, and remembers the hash of each data "
+                    "file, prompt file and model folder by path, size, mtime and inode; a byte changed without "
+                    "changing those goes unseen. verify reads everything once and names what differs. Exit 1 "
+                    "when something does.")
+    verify.add_argument("folder", help="a project folder (project_dir), an experiment's --out folder, or their "
+                                       "artifacts folder")
+    verify.add_argument("--fix", action="store_true",
+                        help="unseal each damaged step folder (the next run computes that step again) and replace "
+                             "stale remembered hashes (the steps reading that file recompute)")
+    verify.set_defaults(func=cmd_verify)
 
     prep = sub.add_parser("prepare-model", help="build or convert a model alias once (e.g. smollm2-135m)")
     prep.add_argument("name", help="smollm2-135m, tiny-random-llama, or a Hugging Face id")

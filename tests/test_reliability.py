@@ -359,6 +359,39 @@ def test_a_changed_output_is_rebuilt_not_reused_and_refresh_rebuilds(tmp_path, c
     assert store.run(step, {"x": 2})[0].folder != first.folder  # another input: another key and folder
 
 
+def _flip_a_byte_keeping_size_and_mtime(path: Path) -> None:
+    stat, data = path.stat(), bytearray(path.read_bytes())
+    data[0] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_verify_finds_bytes_changed_without_a_new_size_or_mtime_and_fix_recomputes_them(tmp_path, monkeypatch):
+    """Reuse trusts size and mtime; `rmens verify` reads everything: a flipped byte in a stored output and in
+    a data file whose hash is remembered are both named (exit 1); --fix makes exactly those recompute."""
+    from rmens.cli import main as lib_main
+    from rmens.steps import Store
+    from rmens.steps.content import content_digests
+
+    monkeypatch.setenv("RMENS_CACHE", str(tmp_path / "cache"))
+    builds: list = []
+    step, store = _counting_step("test_verify", builds), Store(tmp_path / "project" / "artifacts")
+    output, _ = store.run(step, {"x": 1})
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    remembered = content_digests([data])
+    assert lib_main(["verify", str(tmp_path / "project")]) == 0
+
+    _flip_a_byte_keeping_size_and_mtime(output.folder / "weights.bin")
+    _flip_a_byte_keeping_size_and_mtime(data)
+    assert store.run(step, {"x": 1})[1] is False and content_digests([data]) == remembered, "unseen by a stat"
+    assert lib_main(["verify", str(tmp_path / "project")]) == 1
+    assert lib_main(["verify", "--fix", str(tmp_path / "project")]) == 0
+    assert store.run(step, {"x": 1})[1] is True and len(builds) == 2, "the damaged step computes again"
+    assert content_digests([data]) != remembered, "the steps reading the file get a new key"
+    assert lib_main(["verify", str(tmp_path / "project")]) == 0
+
+
 def test_an_unfinished_folder_is_resumed_only_by_a_resumable_step(tmp_path):
     from rmens.steps import Store, step_key
 

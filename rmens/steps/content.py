@@ -22,20 +22,21 @@ _MEMO: dict[str, str] = {}
 _LOADED: set[Path] = set()
 
 
-def _cache_file() -> Path:
+def cache_file() -> Path:
     return cache_root() / "content-hashes.json"
 
 
-def _stamp(path: Path) -> str:
+def stamp(path: Path) -> str:
+    """What a remembered hash is filed under: the file as a stat sees it."""
     stat = path.stat()
     return f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ino}"
 
 
 def _file_digest(path: Path, fresh: dict[str, str]) -> str:
-    stamp = _stamp(path)
-    if stamp not in _MEMO:
-        _MEMO[stamp] = fresh[stamp] = file_sha256(path)
-    return _MEMO[stamp]
+    seen = stamp(path)
+    if seen not in _MEMO:
+        _MEMO[seen] = fresh[seen] = file_sha256(path)
+    return _MEMO[seen]
 
 
 def _load(cache: Path) -> None:
@@ -48,9 +49,16 @@ def _load(cache: Path) -> None:
         pass
 
 
+def forget() -> None:
+    """Drop what this process remembers, so that the cache file is read again (after `rmens verify --fix`)."""
+    with _LOCK:
+        _MEMO.clear()
+        _LOADED.clear()
+
+
 def content_digests(paths: Iterable[str | Path]) -> dict[str, str]:
     """{absolute path: sha256 of the file, or of a folder's files, or 'missing'} for each path."""
-    cache = _cache_file()
+    cache = cache_file()
     out: dict[str, str] = {}
     fresh: dict[str, str] = {}
     with _LOCK:
