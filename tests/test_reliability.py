@@ -152,22 +152,36 @@ def test_a_signal_to_the_process_group_stops_the_run_and_its_server_at_once(tmp_
     assert not list((project / "locks").glob("*.lock"))
 
 
-def test_a_run_killed_mid_stage_leaves_nothing_that_blocks_or_lies(tmp_path, prefect_api):
-    """SIGKILL during PPO: the next run takes over the dead run's lock, closes its MLflow runs as KILLED,
-    reuses every finished stage, recomputes a cached artifact that was corrupted meanwhile, and finishes."""
+# Where the sweep kills `rmens run`: seconds after launch (imports, the plan check, MLflow's store, the flow's
+# start), then as soon as a stage of each kind holds its lock (in plan order, each run getting one further).
+STARTUP_KILLS = (0.5, 2.0, 4.0)
+STAGE_KILLS = ("train_ensemble", "sample", "score", "ppo", "evaluate", "report")
+
+
+def test_a_run_killed_at_any_instant_leaves_a_project_the_next_run_finishes(tmp_path, prefect_api):
+    """SIGKILL to the whole process group at a spread of instants in the first seconds and during each kind of
+    stage, one after another on the same project. The next run then takes over the dead runs' locks, closes
+    their MLflow runs as KILLED, reuses every finished stage, recomputes a cached artifact corrupted meanwhile,
+    and finishes."""
     project = tmp_path / "smoke"
     env = _env(tmp_path, prefect_api)
-    first = _rmens("run", "--set", f"project_dir={project}", *SMALL, env=env)
-    _wait_for(lambda: _lock(project, "ppo") or first.poll() is not None, 240, "the first run to reach PPO")
-    assert first.poll() is None, f"the first run ended before PPO; output in {first.log}"
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    assert _lock(project, "ppo") is not None, "the scenario needs the dead run's lock left behind"
+    killed_at = []
+    for point in (*STARTUP_KILLS, *STAGE_KILLS):
+        run = _rmens("run", "--set", f"project_dir={project}", *SMALL, env=env)
+        if isinstance(point, float):
+            time.sleep(point)
+        else:
+            _wait_for(lambda: _lock(project, point) or run.poll() is not None, 240, f"a run to reach {point}")
+        assert run.poll() is None, f"the run ended before the kill at {point}; output in {run.log}"
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+        killed_at.append(point)
+    assert _lock(project, "report") is not None, "the scenario needs the last dead run's lock left behind"
     assert any(r.info.status == "RUNNING" for r in _runs(project))
 
     finished = _sealed(project)
-    # A cached artifact damaged after it was made; the Best-of-n samples, which PPO does not read, so that
-    # the PPO stage keeps its key and meets the dead run's lock.
+    # A cached artifact damaged after it was made: the Best-of-n samples, which the report does not read, so
+    # that the report keeps its key and meets the dead run's lock.
     damaged = max((p for p in project.glob("artifacts/sample/*/*")
                    if p.is_file() and p.name not in ("done.json", "started.json")), key=lambda p: p.stat().st_size)
     damaged.write_bytes(b"")
@@ -176,7 +190,7 @@ def test_a_run_killed_mid_stage_leaves_nothing_that_blocks_or_lies(tmp_path, pre
     assert "finished in" in out, out[-3000:]
     assert "taking it over" in out
     # The console: a line per stage as it ends, cached or computed; no third-party warning.
-    assert "ppo:single" in out and " cached in " in out and " computed in " in out
+    assert "report:report" in out and " cached in " in out and " computed in " in out
     assert "Warning" not in out, [line for line in out.splitlines() if "Warning" in line]
     assert "changed since it was made" in out and damaged.stat().st_size > 0
     assert not any(r.info.status == "RUNNING" for r in _runs(project))
@@ -197,7 +211,7 @@ TRAIN_CONFIG = {
 }
 
 
-@pytest.mark.parametrize("trial", range(3))
+@pytest.mark.parametrize("trial", range(2))
 def test_two_runs_started_together_on_a_fresh_folder_both_succeed_and_are_recorded(tmp_path, prefect_api, trial):
     project = tmp_path / "fresh"
     config = tmp_path / "train.yaml"
@@ -423,6 +437,31 @@ def test_sigterm_to_rmens_ui_stops_the_mlflow_server_it_started(tmp_path):
     assert not alive, f"left running: {[p.cmdline() for p in alive]}"
 
 
+def test_a_store_a_run_was_killed_writing_to_is_recovered_not_set_aside(tmp_path, caplog):
+    """A kill in the middle of an MLflow write leaves SQLite's hot journal beside a complete store: the next
+    run's check rolls it back and keeps the store (the kill sweep found it moved aside, and the journal then
+    corrupting the new one)."""
+    from tasks.runtime.paths import ProjectPaths
+    from tasks.runtime.tracking import setup
+
+    paths = ProjectPaths.at(tmp_path).make()
+    experiment = setup(paths)
+    writer = ("import sqlite3, sys, time; db = sqlite3.connect(sys.argv[1], isolation_level=None); "
+              "db.execute('PRAGMA cache_size=1'); db.execute('BEGIN EXCLUSIVE'); "
+              "db.execute('CREATE TABLE filler (x BLOB)'); "
+              "[db.execute('INSERT INTO filler VALUES (zeroblob(100000))') for _ in range(50)]; "
+              "print('writing', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", writer, str(paths.mlflow_db)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.kill()
+    proc.wait()
+    assert paths.mlflow_db.with_name("mlflow.db-journal").is_file(), "the scenario needs a hot journal"
+    with _captured(caplog, "tasks.runtime.tracking"):
+        assert setup(paths) == experiment
+    assert "half-built" not in caplog.text and not list(tmp_path.glob("mlflow.db.incomplete-*"))
+    assert MlflowClient(paths.tracking_uri).get_experiment(experiment).name == f"rmens-{tmp_path.name}"
+
+
 def test_a_store_half_built_by_a_killed_run_is_set_aside_and_made_again(tmp_path, caplog):
     """What a kill during MLflow's first migrations used to leave: tables but no schema stamp. The next run
     moves it aside (nothing is deleted) and makes a working store."""
@@ -449,7 +488,7 @@ def test_a_kill_while_the_store_is_first_made_never_bricks_the_project(tmp_path)
     from tasks.runtime.paths import ProjectPaths
     from tasks.runtime.tracking import setup
 
-    for delay in (0.05, 0.2, 0.4, 0.7, 1.0):
+    for delay in (0.1, 0.4, 0.8):
         project = tmp_path / f"after-{delay}"
         proc = subprocess.Popen([sys.executable, "-c", code, str(project)], stdout=subprocess.PIPE, text=True,
                                 env={**os.environ, "MLFLOW_TRACKING_URI": ""})

@@ -113,6 +113,10 @@ def _ensure_store(paths: ProjectPaths) -> None:
         return
     if db.exists():
         aside = db.with_name(f"{db.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
+        for suffix in ("-journal", "-wal", "-shm"):  # SQLite's own files go with it, or they would meet the new one
+            companion = db.with_name(db.name + suffix)
+            if companion.exists():
+                os.replace(companion, aside.with_name(aside.name + suffix))
         os.replace(db, aside)
         log.warning("%s was left half-built by a run killed while creating it: moved to %s, making a new one",
                     db, aside.name)
@@ -123,12 +127,17 @@ def _ensure_store(paths: ProjectPaths) -> None:
 
 
 def _store_is_complete(db: Path) -> bool:
-    """MLflow stamps the schema version once its migrations have run: a store without it is half-built."""
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as conn:
+    """MLflow stamps the schema version once its migrations have run: a store without it is half-built.
+    Opened for writing, as any SQLite user opens it: a process killed mid-write leaves a hot journal, which
+    the first connection rolls back (a read-only one cannot, and failed on a complete store). Any error
+    but the missing stamp is raised: a store that cannot be read is never moved aside for one."""
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
+        try:
             return conn.execute("SELECT version_num FROM alembic_version").fetchone() is not None
-    except sqlite3.Error:
-        return False
+        except sqlite3.OperationalError as err:
+            if "no such table" in str(err):
+                return False
+            raise
 
 
 def close_orphaned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
