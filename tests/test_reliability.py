@@ -165,17 +165,16 @@ def test_a_run_killed_at_any_instant_leaves_a_project_the_next_run_finishes(tmp_
     and finishes."""
     project = tmp_path / "smoke"
     env = _env(tmp_path, prefect_api)
-    killed_at = []
     for point in (*STARTUP_KILLS, *STAGE_KILLS):
         run = _rmens("run", "--set", f"project_dir={project}", *SMALL, env=env)
         if isinstance(point, float):
             time.sleep(point)
         else:
-            _wait_for(lambda: _lock(project, point) or run.poll() is not None, 240, f"a run to reach {point}")
+            _wait_for(lambda stage=point, proc=run: _lock(project, stage) or proc.poll() is not None, 240,
+                      f"a run to reach {point}")
         assert run.poll() is None, f"the run ended before the kill at {point}; output in {run.log}"
         os.killpg(run.pid, signal.SIGKILL)
         run.wait()
-        killed_at.append(point)
     assert _lock(project, "report") is not None, "the scenario needs the last dead run's lock left behind"
     assert any(r.info.status == "RUNNING" for r in _runs(project))
 
