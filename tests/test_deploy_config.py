@@ -68,19 +68,47 @@ def test_stack_services_bind_to_localhost_and_turn_auth_on(compose):
         for port in service.get("ports", []):
             assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond localhost"
     assert "--app-name basic-auth" in services["mlflow"]["command"]
-    assert services["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"] == "${PREFECT_AUTH_STRING}"
-    assert services["worker"]["environment"]["PREFECT_API_AUTH_STRING"] == "${PREFECT_AUTH_STRING}"
+    auth = "${PREFECT_AUTH_STRING:?set PREFECT_AUTH_STRING in docker/.env}"
+    assert services["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"] == auth
+    assert services["worker"]["environment"]["PREFECT_API_AUTH_STRING"] == auth
 
 
 def test_secrets_come_only_from_the_env_file():
-    text = (ROOT / "docker" / "compose.yaml").read_text() + (ROOT / "docker" / "basic_auth.ini").read_text()
-    used = set(re.findall(r"\$\{([A-Z_]+)\}", text))
+    text = without_guards((ROOT / "docker" / "compose.yaml").read_text()
+                          + (ROOT / "docker" / "basic_auth.ini").read_text())
+    used = set(re.findall(r"\$\{([A-Z_]+)(?::\?[^}]*)?\}", text))
     example = {line.split("=")[0] for line in (ROOT / "docker" / ".env.example").read_text().splitlines()
                if line and not line.startswith("#")}
     assert used <= example, f"variables missing from .env.example: {used - example}"
     assert not re.search(r"(PASSWORD|SECRET)[A-Z_]*:\s*[^$\s{]", text), "a secret is written into the stack files"
     ignored = subprocess.run(["git", "check-ignore", "docker/.env"], cwd=ROOT, capture_output=True, text=True)
     assert ignored.returncode == 0, "docker/.env must be git-ignored"
+
+
+def test_the_stack_refuses_to_start_on_an_unset_variable_and_ships_no_default_secret():
+    """Every ${VAR} of compose.yaml is ${VAR:?...} (compose stops, naming it, when it is unset or empty), and
+    .env.example leaves every secret empty instead of offering a placeholder that would work."""
+    text = (ROOT / "docker" / "compose.yaml").read_text()
+    plain = [m.group(0) for m in re.finditer(r"(?<!\$)\$\{([^}]*)\}", text)
+             if not re.fullmatch(r"[A-Z_]+:\?.+", m.group(1))]
+    assert not plain, f"variables a blank .env would start the stack with: {plain}"
+    example = dict(line.split("=", 1) for line in (ROOT / "docker" / ".env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    secrets = {name: value for name, value in example.items() if SECRET_WORDS.search(name)}
+    assert secrets and not any(secrets.values()), f"secrets with a value in .env.example: {secrets}"
+
+
+def test_no_service_runs_as_root_but_the_socket_proxy_and_postgres_entrypoint(compose):
+    """A service is unprivileged by its compose `user:` or by a USER line in the Dockerfile it is built from;
+    the Docker proxy must read the socket, and PostgreSQL's image drops to its own user by itself."""
+    for name, service in compose["services"].items():
+        if name in ("docker-proxy", "postgres"):
+            continue
+        build = service.get("build")
+        dockerfile = (ROOT / "docker" / build["context"] / build["dockerfile"]) if build else None
+        users = re.findall(r"^USER\s+(\S+)", dockerfile.read_text(), re.MULTILINE) if dockerfile else []
+        user = str(service.get("user") or (users[-1] if users else "root"))
+        assert user.split(":")[0] not in ("root", "0"), f"{name} runs as root"
 
 
 def test_gpu_image_installs_a_pinned_torch_and_the_project():
@@ -167,8 +195,13 @@ def test_mlflow_grants_nothing_by_default():
     assert ini["mlflow"]["default_permission"] == "NO_PERMISSIONS"
 
 
+def without_guards(text: str) -> str:
+    """${VAR:?message} as ${VAR}: the variable a value names, without compose's refusal to start unset."""
+    return re.sub(r"\$\{([A-Z_]+):\?[^}]*\}", r"${\1}", text)
+
+
 def url_user(url: str) -> str:
-    match = re.match(r"^[a-z0-9+]+://([^:@/]+)(?::[^@]*)?@", url)
+    match = re.match(r"^[a-z0-9+]+://([^:@/]+)(?::[^@]*)?@", without_guards(url))
     assert match, f"no user in {url!r}"
     return match.group(1)
 
@@ -185,14 +218,14 @@ def test_prefect_and_mlflow_use_their_own_database_roles(compose):
     auth_url = ini["mlflow"]["database_uri"]
     assert "--backend-store-uri" not in services["mlflow"]["command"], "keep the DB password off the command line"
 
-    superuser = environment(services["postgres"])["POSTGRES_USER"]
+    superuser = without_guards(environment(services["postgres"])["POSTGRES_USER"])
     users = {"prefect": url_user(prefect_url), "mlflow": url_user(mlflow_url), "mlflow_auth": url_user(auth_url)}
     assert users["prefect"] != users["mlflow"], "Prefect and MLflow share a database user"
     assert superuser not in users.values(), f"a service logs in as the superuser {superuser}"
     assert users["mlflow_auth"] == users["mlflow"]
     # each URL names its own password variable, and the example env file gives three different roles
-    assert re.search(r":\$\{PREFECT_DB_PASSWORD\}@", prefect_url)
-    assert re.search(r":\$\{MLFLOW_DB_PASSWORD\}@", mlflow_url)
+    assert re.search(r":\$\{PREFECT_DB_PASSWORD\}@", without_guards(prefect_url))
+    assert re.search(r":\$\{MLFLOW_DB_PASSWORD\}@", without_guards(mlflow_url))
     example = env_example()
     roles = [example[name.strip("${}")] for name in (superuser, users["prefect"], users["mlflow"])]
     assert len(set(roles)) == 3 and "postgres" not in roles[1:], roles
