@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from filelock import FileLock
+
 SERVER_PORT = 4200  # `rmens server start`'s default (--port)
 
 
@@ -202,17 +204,20 @@ def prefect_api() -> Iterator[str | None]:
         return
     home = Path(os.environ.get("PREFECT_HOME", "runs/.prefect")).resolve()
     home.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
     log_path = home / "temporary-server.log"
-    with log_path.open("ab") as log:
-        proc = _start_server(port, log, preexec_fn=_die_with_parent)
+    # One server starts at a time per Prefect home: each migrates the shared database as it starts, and two
+    # runs started together on a fresh folder raced ("duplicate column name"), one failing with a traceback.
+    with FileLock(home / "temporary-server.lock"):
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}/api"
+        with log_path.open("ab") as log:
+            proc = _start_server(port, log, preexec_fn=_die_with_parent)
+        try:
+            _wait_until_up(proc, url, log_path)
+        except BaseException:
+            stop_group(proc)
+            raise
     try:
-        deadline = time.monotonic() + float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 120))
-        while _answers(f"{url}/health", timeout=2):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the temporary Prefect server did not come up; see {log_path}")
-            time.sleep(0.3)
         os.environ["PREFECT_API_URL"] = url
         yield url
     finally:
@@ -220,6 +225,14 @@ def prefect_api() -> Iterator[str | None]:
         if os.environ.get("PREFECT_API_URL") == url:
             del os.environ["PREFECT_API_URL"]
         stop_group(proc)
+
+
+def _wait_until_up(proc: subprocess.Popen, url: str, log_path: Path) -> None:
+    deadline = time.monotonic() + float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 120))
+    while _answers(f"{url}/health", timeout=2) is not None:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the temporary Prefect server did not come up; see {log_path}")
+        time.sleep(0.3)
 
 
 def _drain_to_api(timeout: float = 5) -> None:

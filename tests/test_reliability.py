@@ -210,16 +210,18 @@ TRAIN_CONFIG = {
 }
 
 
-@pytest.mark.parametrize("trial", range(2))
-def test_two_runs_started_together_on_a_fresh_folder_both_succeed_and_are_recorded(tmp_path, prefect_api, trial):
+@pytest.mark.parametrize("server", ["shared", "temporary"])
+def test_two_runs_started_together_on_a_fresh_folder_both_succeed_and_are_recorded(tmp_path, prefect_api, server):
+    """With one Prefect server, or each run starting its own on the same fresh Prefect home (their database
+    migrations raced: a traceback in about 1 run of 3 pairs)."""
     project = tmp_path / "fresh"
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump({**TRAIN_CONFIG, "project_dir": str(project)}))
-    env = _env(tmp_path, prefect_api)
+    env = _env(tmp_path, prefect_api if server == "shared" else None)
     runs = [_rmens("flow", "train", "--config", str(config), env=env) for _ in range(2)]
     outputs = [_finish(run, 240) for run in runs]
     for run, out in zip(runs, outputs):
-        assert run.returncode == 0, out[-3000:]
+        assert run.returncode == 0 and "Traceback" not in out, out[-3000:]
     recorded = _runs(project)
     parents = [r for r in recorded if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 2 and all(r.info.status == "FINISHED" for r in recorded)
