@@ -35,6 +35,7 @@ from flows.services import (
     mlflow_ui,
     prefect_api,
     running_server_url,
+    runs_table_url,
 )
 from rmens.cli import add_library_commands, config_args, job_config, run_command
 from rmens.config import apply_overrides, load_yaml, merge
@@ -157,17 +158,18 @@ def cmd_run(args) -> int:
     cached = sum(1 for s in result["states"].values() if s == "Cached")
     _print_run_summary(config.name, args.preset, paths, result["report"], f"parent run {result['parent_run_id']}",
                        f"{len(result['states'])} ({cached} served from Prefect's cache)",
-                       time.perf_counter() - start)
+                       time.perf_counter() - start, result.get("experiment_id"))
     return 0
 
 
 def _print_run_summary(name: str, preset: str, paths, report, run: str, steps: str,
-                       seconds: float | None = None) -> None:
+                       seconds: float | None = None, experiment_id: str | None = None) -> None:
     print(f"\nrmens pipeline '{name}' " + (f"finished in {seconds:.1f} s" if seconds is not None else "is up to date"))
     print(f"  report:          {report}")
     print(f"  artifacts:       {paths.artifacts}")
     print(f"  MLflow store:    {paths.tracking_uri}  ({run})")
-    print(f"  compare the arms in the MLflow UI:  rmens ui --preset {preset}")
+    print(f"  compare the arms in the MLflow UI:  rmens ui --preset {preset}" + (
+        f", then {runs_table_url(experiment_id)}" if experiment_id else "  (it prints the runs table's address)"))
     print(f"  steps: {steps}")
 
 
@@ -206,7 +208,12 @@ def cmd_ui(args) -> int:
     paths = ProjectPaths.at(project)
     if not paths.mlflow_db.is_file() and "MLFLOW_TRACKING_URI" not in os.environ:
         raise FileNotFoundError(f"no MLflow store at {paths.mlflow_db}; run `rmens run` first")
-    return mlflow_ui(paths.tracking_uri, args.port, args.workers)
+    from mlflow.tracking import MlflowClient
+
+    from tasks.runtime.tracking import experiment_name
+
+    found = MlflowClient(paths.tracking_uri).get_experiment_by_name(experiment_name(paths))
+    return mlflow_ui(paths.tracking_uri, args.port, args.workers, found.experiment_id if found else None)
 
 
 def cmd_flow(args) -> int:

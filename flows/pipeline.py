@@ -35,4 +35,5 @@ def pipeline(config: PipelineConfig | None = None, preset: str = "smoke", overri
         outputs = run_pipeline(config, stage)
         publish(ctx, outputs["report"], f"rmens pipeline '{config.name}'")
     return {"report": str(outputs["report"].file("report")), "parent_run_id": ctx.parent_run_id,
+            "experiment_id": ctx.experiment_id,
             "states": stage.states, "summaries": {label: output.summary for label, output in outputs.items()}}

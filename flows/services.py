@@ -151,11 +151,18 @@ def manage_server(action: str, port: int = SERVER_PORT) -> int:
     return 1
 
 
-def mlflow_ui(tracking_uri: str, port: int, workers: int) -> int:
+def runs_table_url(experiment_id: str, port: int = 5000) -> str:
+    """The page of MLflow's UI that lists an experiment's runs (the default page of an experiment may be
+    another tab, e.g. traces)."""
+    return f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs"
+
+
+def mlflow_ui(tracking_uri: str, port: int, workers: int, experiment_id: str | None = None) -> int:
     """The MLflow UI on a tracking store until it exits or this process is stopped; its exit status."""
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
            "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
-    print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C to stop)")
+    page = runs_table_url(experiment_id, port) if experiment_id else f"http://127.0.0.1:{port}"
+    print(f"MLflow UI on {page} (Ctrl-C to stop)")
     # Its own session, stopped with all its workers however this process ends (Ctrl-C, SIGTERM).
     proc = subprocess.Popen(cmd, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, start_new_session=True)
     try:

@@ -802,6 +802,18 @@ def flatten(config: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, A
     return out
 
 
+# Settings a reader compares tracked runs by even at their defaults: what model, what kind of ensemble.
+IDENTIFYING = ("backbone", "kind", "k", "policy", "ensemble.backbone", "ensemble.kind", "ensemble.k")
+
+
+def flatten_set(config: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """`flatten` of the settings that differ from their defaults (a required field always counts) and the
+    identifying ones: the params a reader of a tracked run needs; the whole config goes beside them as a file."""
+    defaults = flatten(type(config).model_construct(), prefix)
+    return {key: value for key, value in flatten(config, prefix).items()
+            if key not in defaults or defaults[key] != value or key.removeprefix(prefix) in IDENTIFYING}
+
+
 class TrainJobConfig(StrictModel):
     """`rmens train`: data + ensemble + training, and where the ensemble is written."""
 

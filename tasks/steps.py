@@ -19,7 +19,7 @@ from prefect import Task, task
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.transactions import IsolationLevel
 
-from rmens.config import flatten
+from rmens.config import flatten_set
 from rmens.steps import Output, Step, Store
 from rmens.steps.contract import DECLARED, metrics_to
 from rmens.steps.store import DONE, STARTED
@@ -101,6 +101,7 @@ def _tracked(ctx: StageContext, inputs: dict[str, Any]) -> Callable:
         with child_run(ctx, step.name, params, {**ctx.run_tags(step.name), "rmens.key": ctx.stage_key[:16]},
                        name=ctx.run_name(step.name)) as run_id:
             client = client_for(ctx)
+            client.log_dict(run_id, settings_for_tracking(inputs), "settings.json")
             with metrics_to(lambda number, metrics: log_metrics(client, run_id, metrics, number)):
                 yield run_id
 
@@ -110,9 +111,7 @@ def _tracked(ctx: StageContext, inputs: dict[str, Any]) -> Callable:
 def _record(ctx: StageContext, output: Output) -> None:
     """Inside the step's child run, once its folder is sealed: final metrics, result files, the step's extras."""
     client = client_for(ctx)
-    # At the step's last step (where it has steps): a final value continues its curve, e.g. val_accuracy.
     numbers = {k: v for k, v in output.summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    log_metrics(client, output.run_id, numbers, int(output.summary.get("steps") or 0))
     for path in sorted(output.folder.iterdir()):
         if path.is_file() and path.suffix in LOGGED_SUFFIXES and path.name not in (DONE, STARTED) \
                 and path.stat().st_size <= LOGGED_MAX_BYTES:
@@ -121,8 +120,10 @@ def _record(ctx: StageContext, output: Output) -> None:
             mlflow.log_artifacts(str(path), path.name)
     set_tags(client, output.run_id, {"rmens.artifact": output.path})
     extra = AFTER.get(output.step)
-    if extra is not None:
-        extra(ctx, output)
+    model_id = extra(ctx, output) if extra is not None else None
+    # At the step's last step (where it has steps): a final value continues its curve, e.g. val_accuracy;
+    # linked to the model the step logged, if any, so that its registered version shows them.
+    log_metrics(client, output.run_id, numbers, int(output.summary.get("steps") or 0), model_id=model_id)
 
 
 def _log_datasets(ctx: StageContext, output: Output) -> None:
@@ -144,34 +145,68 @@ def _log_datasets(ctx: StageContext, output: Output) -> None:
         mlflow.log_input(dataset, context=context)
 
 
-def _log_model(ctx: StageContext, output: Output) -> None:
-    """A trained reward model as an MLflow model (registered under the flow's name, its label the alias);
-    the gold judge is not one of the models a user deploys."""
+def _log_model(ctx: StageContext, output: Output) -> str | None:
+    """A trained reward model as an MLflow model (registered under the flow's name, its label the alias, its
+    version described and tagged with its arm); the gold judge is not one of the models a user deploys.
+    Returns the logged model's id, to which the step's final metrics are linked."""
     mlflow.log_artifact(str(output.file("ensemble") / "ensemble.json"))
     if not ctx.log_models or ctx.stage_label == "judge":
-        return
+        return None
     from rmens.config import AggregationConfig
     from tasks.registry import log_and_register
 
     uri, version = log_and_register(str(output.file("ensemble")), ctx.registered_model, [ctx.stage_label],
                                     AggregationConfig().model_dump())
-    set_tags(client_for(ctx), output.run_id, {"rmens.model_uri": uri, "rmens.model_version": str(version)})
+    client = client_for(ctx)
+    set_tags(client, output.run_id, {"rmens.model_uri": uri, "rmens.model_version": str(version)})
+    if version:
+        client.update_model_version(ctx.registered_model, version, description=_describe_version(ctx, output))
+        for key, value in {**ctx.stage_tags, "rmens.key": ctx.stage_key[:16], "rmens.run_id": output.run_id}.items():
+            client.set_model_version_tag(ctx.registered_model, version, key, value)
     # An id, not a measurement: text in the summary (so not a metric), read by the retrain flow. `after`
     # runs before the store writes done.json, so the stored summary has it too.
     output.summary["model_version"] = str(version or "")
+    return uri.removeprefix("models:/") if uri.startswith("models:/m-") else None
+
+
+def _describe_version(ctx: StageContext, output: Output) -> str:
+    """What a registry reader needs to pick a version: what it is, how it scored on held-out pairs, where
+    it came from."""
+    summary = output.summary
+    shown = ("val_accuracy", "val_ece", "val_member_accuracy_mean")
+    numbers = ", ".join(f"{name} {summary[name]:.3f}" for name in shown if isinstance(summary.get(name), (int, float)))
+    return (f"rmens reward model {ctx.stage_label} ({', '.join(f'{k} {v}' for k, v in ctx.stage_tags.items())}); "
+            f"held-out pairs: {numbers or 'not measured'}; trained in MLflow run {output.run_id}, "
+            f"artifact {output.path}.")
 
 
 def _log_ppo_history(ctx: StageContext, output: Output) -> None:
     mlflow.log_artifact(str(output.file("history")))
 
 
-AFTER: dict[str, Callable[[StageContext, Output], None]] = {
+# What MLflow gets beyond a step's metrics and small files, per step; a hook that logs a model returns its id.
+AFTER: dict[str, Callable[[StageContext, Output], str | None]] = {
     "prepare_data": _log_datasets, "train_ensemble": _log_model, "train": _log_model, "ppo": _log_ppo_history,
 }
 
 
+def settings_for_tracking(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Every setting of a step's inputs, as JSON (earlier outputs by key)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, Output):
+            return {"step": value.step, "key": value.key}
+        if hasattr(value, "model_dump"):
+            return value.model_dump(mode="json")
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    return {name: plain(value) for name, value in inputs.items()}
+
+
 def params_for_tracking(inputs: dict[str, Any]) -> dict[str, Any]:
-    """Step inputs as flat MLflow params: configs by field, earlier outputs by key."""
+    """Step inputs as flat MLflow params: configs by the fields set away from their defaults (every field is
+    in the run's settings.json), earlier outputs by key."""
     flat: dict[str, Any] = {}
     for name, value in inputs.items():
         if isinstance(value, Output):
@@ -179,7 +214,7 @@ def params_for_tracking(inputs: dict[str, Any]) -> dict[str, Any]:
         elif isinstance(value, dict) and value and all(isinstance(v, Output) for v in value.values()):
             flat.update({f"{name}.{k}.key": v.key[:16] for k, v in value.items()})
         elif hasattr(value, "model_dump"):
-            flat.update(flatten(value, f"{name}."))
+            flat.update(flatten_set(value, f"{name}."))
         elif isinstance(value, list) and value and hasattr(value[0], "model_dump"):
             flat[name] = [v.model_dump(mode="json") for v in value]
         else:

@@ -128,13 +128,23 @@ def test_mlflow_parent_child_structure_metrics_and_cache_links(pipeline_runs):
     parent = by_id[first["parent_run_id"]]
     assert parent.data.tags["rmens.flow"] == "pipeline:smoke" and "prefect.flow_run_id" in parent.data.tags
     assert parent.data.params["ensemble.backbone"] == "tiny-random-llama"
+    # Params: what the run set (and what identifies it), not every default; config.json holds everything.
+    assert len(parent.data.params) < 60 and "ensemble.lora.dropout" not in parent.data.params
+    assert all(len(r.data.params) < 60 for r in runs), max(len(r.data.params) for r in runs)
+    # The parent carries every arm's headline numbers, `<stage>.<metric>/<subject>`, so that flow runs compare.
+    assert {"train_ensemble.val_accuracy/linear-k3", "best_of_n.judge_at_N/linear-k3/lcb1",
+            "evaluate.win_rate/bon:linear-k3/lcb1:n4", "evaluate.win_rate/ppo:single",
+            "ppo.final_kl/single"} <= set(parent.data.metrics), sorted(parent.data.metrics)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     stages = {r.data.tags["rmens.stage"] for r in children}
     assert {"prepare_data", "train_ensemble", "sample", "score", "best_of_n", "ppo", "evaluate", "report"} <= stages
     train = next(r for r in children if r.data.tags.get("rmens.arm") == "linear-k3"
                  and r.data.tags["rmens.stage"] == "train_ensemble")
     assert train.data.params["ensemble.kind"] == "linear" and "val_accuracy" in train.data.metrics
-    history = client.get_metric_history(train.info.run_id, "train.loss")
+    settings = client.download_artifacts(train.info.run_id, "settings.json")
+    settings = json.loads(Path(settings).read_text())  # every setting, defaults included
+    assert {"lr", "epochs", "seed"} <= set(settings["train_cfg"]) and "dropout" in settings["ensemble"]["lora"]
+    history = client.get_metric_history(train.info.run_id, "train/loss")
     assert len(history) > 1 and len({m.step for m in history}) == len(history)
     ppo_run = next(r for r in children if r.data.tags["rmens.stage"] == "ppo")
     assert len(client.get_metric_history(ppo_run.info.run_id, "kl")) == 2
@@ -163,8 +173,8 @@ def test_runs_name_themselves_and_carry_what_compare_views_group_by(pipeline_run
     assert (lora.data.tags["rmens.kind"], lora.data.tags["rmens.k"], lora.data.params["kind"]) == ("lora", "3", "lora")
     # One metric vocabulary: a LoRA arm's curve has the linear arm's names; no second spelling, no ids.
     linear = children["train_ensemble:linear-k3"]
-    assert {"train.loss", "val_accuracy"} <= set(lora.data.metrics) & set(linear.data.metrics)
-    phases = {m.value for m in client.get_metric_history(lora.info.run_id, "train.phase")}
+    assert {"train/loss", "val_accuracy"} <= set(lora.data.metrics) & set(linear.data.metrics)
+    phases = {m.value for m in client.get_metric_history(lora.info.run_id, "train/phase")}
     assert phases == {1.0, 2.0}  # heads, then adapters, on one step axis
     every = {name for run in children.values() for name in run.data.metrics}
     assert not any(n.startswith(("stage1", "stage2", "val.")) for n in every) and "model_version" not in every
@@ -175,7 +185,9 @@ def test_runs_name_themselves_and_carry_what_compare_views_group_by(pipeline_run
     cached = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == second["parent_run_id"]}
     assert "train_ensemble:linear-k3 (cached)" in cached
     table = client.load_table(experiment.experiment_id, "comparison.json", run_ids=[parent.info.run_id])
-    assert {"label", "stage", "win_rate", "win_rate_se", "judge_at_N", "proxy_at_N"} <= set(table.columns)
+    # Long format: (stage, label, metric, value), no empty cells however different the stages' numbers.
+    assert list(table.columns[:4]) == ["stage", "label", "metric", "value"] and not table.isna().any().any()
+    assert {"win_rate", "win_rate_se", "judge_at_N", "proxy_at_N"} <= set(table["metric"])
     figures = {"train_overlay.png", "bon_overlay.png", "ppo_overlay.png"}
     assert figures <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     labels = set(table["label"])
@@ -188,6 +200,12 @@ def test_registered_model_predicts_members_and_reward(pipeline_runs):
 
     project, *_ = pipeline_runs
     mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
+    version = mlflow.MlflowClient().get_model_version_by_alias("rmens-smoke", "linear-k3")
+    assert version.description.startswith("rmens reward model linear-k3 (arm linear-k3, kind linear, k 3")
+    assert "val_accuracy" in version.description
+    assert (version.tags["arm"], version.tags["kind"], version.tags["k"]) == ("linear-k3", "linear", "3")
+    logged = mlflow.MlflowClient().get_logged_model(version.source.removeprefix("models:/"))
+    assert {"val_accuracy", "val_ece"} <= {m.key for m in logged.metrics}, "its evaluation metrics are linked"
     model = mlflow.pyfunc.load_model("models:/rmens-smoke@linear-k3")
     out = model.predict(pd.DataFrame({"prompt": ["Name a fruit."], "response": ["Sure! An apple."]}))
     assert {"reward", "member_0", "member_1", "member_2", "std"} <= set(out.columns)
@@ -203,7 +221,7 @@ def test_report_and_curves_are_written(pipeline_runs):
     text = open(report).read()
     assert "linear-k3" in text and "best_of_n" in text
     bon = first["summaries"]["best_of_n"]
-    assert "linear-k3/lcb1/judge_at_N" in bon and "lora-k3/uwo0.5/proxy_at_N" in bon
+    assert "judge_at_N/linear-k3/lcb1" in bon and "proxy_at_N/lora-k3/uwo0.5" in bon
     assert "win_rate" in first["summaries"]["eval:initial"]
 
 

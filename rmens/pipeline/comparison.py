@@ -34,10 +34,10 @@ def rows_from(outputs: dict[str, Output]) -> list[dict]:
     rows = []
     for label, ref in outputs.items():
         values = {k: v for k, v in ref.summary.items() if isinstance(v, (int, float, str))}
-        if ref.step == "best_of_n":  # keys are "<arm>/<rule>/<metric>"
+        if ref.step == "best_of_n":  # keys are "<metric>/<arm>/<rule>"
             arms: dict[str, dict] = {}
             for key, value in values.items():
-                name, _, metric = key.rpartition("/")
+                metric, _, name = key.partition("/")
                 arms.setdefault(name, {})[metric] = value
             rows += [{"label": name, "stage": ref.step, **metrics, "artifact": ref.path}
                      for name, metrics in arms.items()]
@@ -96,7 +96,37 @@ def overlay_figures(outputs: dict[str, Output], folder: Path) -> list[str]:
     return made
 
 
-def comparison_table(rows: list[dict]) -> list[dict[str, str]]:
-    """One row per stage output (label, stage, then every number any of them has), formatted."""
-    columns = ["label", "stage", *sorted({k for r in rows for k in r} - {"label", "stage", "artifact"})]
-    return [{k: _fmt(r.get(k, "")) for k in columns} for r in rows]
+def _numbers(row: dict) -> dict[str, float]:
+    return {k: v for k, v in row.items() if k not in ("label", "stage", "artifact") and isinstance(v, (int, float))
+            and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def _subject(row: dict) -> str:
+    """What a row is about, without its stage: an arm (linear-k3), an arm and rule, a PPO run or a pick."""
+    return row["label"].removeprefix("eval:" if row["stage"] == "evaluate" else "ppo:")
+
+
+def headline_metrics(rows: list[dict]) -> dict[str, float]:
+    """The numbers the report shows, as `<stage>.<metric>/<subject>` metrics of the flow's parent run (e.g.
+    evaluate.win_rate/bon:linear-k3/mean:n4), so that flow runs of different presets, configs and days
+    compare in MLflow's runs table and charts; the arm is never inside a stage's own metric names."""
+    return {f"{row['stage']}.{metric}/{_subject(row)}": value for row in rows
+            for metric, value in _numbers(row).items() if metric in REPORT_COLUMNS.get(row["stage"], ())}
+
+
+def long_table(rows: list[dict]) -> dict[str, list]:
+    """Every number as one row of (stage, label, metric, value): no empty cells, however different the
+    stages' metrics (MLflow's table view sorts and filters it)."""
+    long = [(row["stage"], row["label"], metric, value) for row in rows for metric, value in _numbers(row).items()]
+    return {name: [item[i] for item in long] for i, name in enumerate(("stage", "label", "metric", "value"))}
+
+
+def stage_tables(rows: list[dict]) -> dict[str, list[dict[str, str]]]:
+    """One table per stage (label, then the numbers that stage's outputs have), formatted."""
+    tables = {}
+    for stage in dict.fromkeys(r["stage"] for r in rows):
+        stage_rows = [r for r in rows if r["stage"] == stage]
+        present = {k for r in stage_rows for k in _numbers(r)}
+        columns = [k for k in REPORT_COLUMNS.get(stage, sorted(present)) if k in present]
+        tables[stage] = [{"label": r["label"], **{k: _fmt(r.get(k, "")) for k in columns}} for r in stage_rows]
+    return tables

@@ -68,11 +68,13 @@ def best_of_n(folder: Path, *, samples: Output, proxies: dict[str, Output], judg
                 picked = select_best(samples.file("samples"), arm.label, n, scores=proxy)
                 write_jsonl(folder / "selected" / Selection(arm=arm, rule=rule, n=n).file_name, picked)
             last = rows[-1]
-            summary[f"{name}/proxy_at_N"] = last["proxy"]
+            # `<metric>/<arm>/<rule>`: MLflow's charts group by what precedes the first slash, so each metric is
+            # one section with a chart per arm and rule (the scheme of the flow's parent run too).
+            summary[f"proxy_at_N/{name}"] = last["proxy"]
             if gold:
-                summary[f"{name}/judge_at_N"] = last["judge"]
-                summary[f"{name}/judge_gain"] = last["judge"] - rows[0]["judge"]
+                summary[f"judge_at_N/{name}"] = last["judge"]
+                summary[f"judge_gain/{name}"] = last["judge"] - rows[0]["judge"]
             for row in rows:
-                report_metrics(row["n"], {f"{name}/{k}": v for k, v in row.items() if k in ("proxy", "judge")})
+                report_metrics(row["n"], {f"{k}/{name}": v for k, v in row.items() if k in ("proxy", "judge")})
     write_json(folder / "bon_curves.json", results)
     return summary

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from prefect.exceptions import TerminationSignal
 from pydantic import BaseModel, Field
 
-from rmens.config import flatten
+from rmens.config import flatten_set
 from rmens.fingerprint import digest
 from tasks.runtime.locks import holder_is_gone, process_identity
 from tasks.runtime.paths import ProjectPaths, remember_tracking_uri
@@ -176,11 +176,14 @@ def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
-def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int = 0,
+                model_id: str | None = None) -> None:
+    """Numbers (NaN and non-numbers left out) at one step; `model_id` links them to a logged model, whose
+    registered versions then show them."""
     import time
 
     now = int(time.time() * 1000)
-    items = [Metric(k.replace("/", "."), float(v), now, step) for k, v in metrics.items()
+    items = [Metric(k, float(v), now, step, model_id=model_id) for k, v in metrics.items()
              if isinstance(v, (int, float)) and v == v]
     for start in range(0, len(items), 1000):
         client.log_batch(run_id, metrics=items[start: start + 1000])
@@ -214,7 +217,7 @@ def parent_run(paths: ProjectPaths, flow: str, config: BaseModel, tags: dict[str
     short = digest(config.model_dump(mode="json"))[:7]
     run_id = _start(client, experiment_id, f"{flow} · {short}", None,
                     {"rmens.flow": flow, "rmens.config_digest": short, **(tags or {})})
-    log_params(client, run_id, flatten(config))
+    log_params(client, run_id, flatten_set(config))  # what this run set; config.json holds every setting
     client.log_dict(run_id, config.model_dump(mode="json"), "config.json")
     error = None
     try:
