@@ -574,3 +574,29 @@ def test_progress_lines_number_each_call_of_the_plan(tmp_path, caplog):
     assert lines[0].startswith("[1/2 0:00] test_progress_a:one") and lines[0].endswith("started")
     assert lines[3].startswith("[2/2 0:00] test_progress_b:two") and "computed in" in lines[3]
     assert lines[-1].startswith("[2/2 0:00] test_progress_b:two") and lines[-1].endswith("reused")
+
+
+def test_a_long_step_says_how_far_it_is_between_its_start_and_end_lines(tmp_path, caplog, monkeypatch):
+    """The metrics a running step reports reach the runner's progress line (at most every `interval` seconds)
+    and still reach the tracker's sink around them."""
+    from rmens.steps import Store, report_metrics, step
+    from rmens.steps.contract import metrics_to
+    from rmens.steps.runner import LocalRunner, Progress
+
+    def build(folder: Path, *, n: int) -> dict:
+        for i in range(1, n + 1):
+            report_metrics(i, {"train/loss": 1 / i, "train/lr": 0.1})
+        return {}
+
+    build.__qualname__ = "build_test_working"
+    long_step = step("test_working")(build)
+    monkeypatch.setattr(Progress, "interval", 0.0)
+    tracked = []
+    caplog.set_level(logging.INFO, logger="rmens.progress")
+    with metrics_to(lambda number, metrics: tracked.append(number)):
+        LocalRunner(Store(tmp_path), total=1)(long_step, "arm", n=3)
+    lines = [record.getMessage() for record in caplog.records if record.name == "rmens.progress"]
+    assert [line.split("test_working:arm")[1].strip() for line in lines[1:4]] == [
+        "at step 1 (train/loss 1, train/lr 0.1)", "at step 2 (train/loss 0.5, train/lr 0.1)",
+        "at step 3 (train/loss 0.3333, train/lr 0.1)"]
+    assert tracked == [1, 2, 3]

@@ -98,7 +98,15 @@ def report_metrics(step_number: int, metrics: dict[str, float]) -> None:
 
 @contextmanager
 def metrics_to(sink: Callable[[int, dict[str, float]], None]) -> Iterator[None]:
-    token = _METRICS.set(sink)
+    """Send the metrics steps report inside the block to `sink`, and on to the sink around the block (the
+    runner's progress line, then the tracker)."""
+    outer = _METRICS.get()
+
+    def both(step_number: int, metrics: dict[str, float]) -> None:
+        sink(step_number, metrics)
+        outer(step_number, metrics)
+
+    token = _METRICS.set(sink if outer is None else both)
     try:
         yield
     finally:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from rmens.steps.contract import Step
+from rmens.steps.contract import Step, metrics_to
 from rmens.steps.store import Output, Store, step_key
 
 # One line per step as it starts and ends (the CLI gives this logger its console handler).
@@ -29,10 +30,28 @@ class Progress:
     """The console line of each call as it starts and ends, with its place in the plan and the time since the
     run began: `[ 3/28 0:41] train_ensemble:linear-k3   started` (the total when the runner was told it)."""
 
+    # A long step says how far it is at most this often (seconds), from the metrics it reports as it runs.
+    interval = 30.0
+
     def __init__(self, total: int | None = None):
         self.total = total
         self.count = 0
         self.start = time.monotonic()
+
+    def working(self, name: str) -> Callable[[int, dict[str, float]], None]:
+        """A metrics sink (rmens.steps.metrics_to) that logs `... name   at step 120 (train/loss 0.613)` when
+        the call has been quiet for `interval` seconds: a long training, sampling or PPO step shows it moves."""
+        last = time.monotonic()
+
+        def sink(step_number: int, metrics: dict[str, float]) -> None:
+            nonlocal last
+            if time.monotonic() - last < self.interval:
+                return
+            last = time.monotonic()
+            shown = ", ".join(f"{key} {value:.4g}" for key, value in list(metrics.items())[:2])
+            progress.info("%s %-40s at step %d%s", self._where(), name, step_number, f" ({shown})" if shown else "")
+
+        return sink
 
     def started(self, name: str) -> None:
         self.count += 1
@@ -62,7 +81,8 @@ class LocalRunner:
     def __call__(self, step: Step, label: str, /, *, tags: dict[str, str] | None = None, **inputs: Any) -> Output:
         name = f"{step.name}:{label}"
         self.progress.started(name)
-        output, computed = self.store.run(step, inputs, refresh=self.refresh)
+        with metrics_to(self.progress.working(name)):
+            output, computed = self.store.run(step, inputs, refresh=self.refresh)
         (self.computed if computed else self.reused).append(name)
         self.outputs[name] = output
         self.progress.ended(name, f"computed in {output.wall_s:.1f} s" if computed else "reused")

@@ -16,6 +16,7 @@ from prefect.exceptions import TerminationSignal
 
 from rmens.config import derive
 from rmens.steps import Output, Step, Store, step_key
+from rmens.steps.contract import metrics_to
 from rmens.steps.runner import Progress
 from tasks.runtime.paths import ProjectPaths
 from tasks.runtime.tracking import StageContext, record_cache_hit
@@ -96,7 +97,8 @@ class Stager:
         task_run = for_project(step, self.paths, refresh=self.refresh or stale, task_run_name=name)
         self.progress.started(name)
         start = time.perf_counter()
-        state = task_run(ctx=ctx, step_name=step.name, label=label, inputs=inputs, return_state=True)
+        with metrics_to(self.progress.working(name)):
+            state = task_run(ctx=ctx, step_name=step.name, label=label, inputs=inputs, return_state=True)
         output = state.result()
         if isinstance(output, dict):  # JSON results come back as plain data
             output = Output.model_validate(output)
