@@ -358,3 +358,47 @@ def test_the_plain_runner_computes_what_prefect_computed_with_the_same_keys(pipe
     assert set(ours) <= set(flows)
     differ = [name for name in ours if not _same_numbers(ours[name], flows[name])]
     assert not differ, {name: (ours[name], flows[name]) for name in differ}
+
+
+def test_the_runs_table_page_shows_every_arms_numbers_on_the_parent_run(pipeline_runs, tmp_path):
+    """What a browser on `rmens ui`'s address gets, read through MLflow's REST API (the page's own calls):
+    the experiment's parent runs, each with the per-arm metrics the runs table and charts compare."""
+    import socket
+    import time
+    import urllib.request
+
+    from flows.services import runs_table_url
+
+    project, first, *_ = pipeline_runs
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
+                               f"sqlite:///{project}/mlflow.db", "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "mlflow ui did not start"
+                time.sleep(0.5)
+        client, _ = runs_of(project)
+        experiment = client.get_experiment_by_name(f"rmens-{Path(project).name}").experiment_id
+        assert runs_table_url(experiment, port) == f"{base}/#/experiments/{experiment}/runs"
+        body = json.dumps({"experiment_ids": [experiment], "max_results": 1000,
+                           "filter": "tags.`rmens.flow` = 'pipeline:smoke'"}).encode()
+        request = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", data=body,
+                                         headers={"Content-Type": "application/json"})
+        parents = json.loads(urllib.request.urlopen(request, timeout=30).read())["runs"]
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+    assert len(parents) == 3, "one parent per flow run"
+    first_parent = next(r for r in parents if r["info"]["run_id"] == first["parent_run_id"])
+    metrics = {m["key"] for m in first_parent["data"]["metrics"]}
+    assert {"evaluate.win_rate/initial", "evaluate.win_rate/ppo:single", "train_ensemble.val_accuracy/lora-k3",
+            "best_of_n.judge_at_N/lora-k3/uwo0.5"} <= metrics, sorted(metrics)
