@@ -8,9 +8,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from rmens.config import PipelineConfig
 from rmens.data.loaders import check_sources
 from rmens.models.context import check_max_lengths
+from rmens.pipeline.config import PipelineConfig
 
 
 def check_before_work(config: PipelineConfig) -> None:

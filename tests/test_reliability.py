@@ -51,7 +51,8 @@ def prefect_api(_server_process):
 
 # The smoke preset cut to one ensemble arm, one rule, one PPO arm and one MT-Bench question: every kind of
 # stage still runs, in less time.
-SMALL = ["--set", "arms.kinds=[linear]", "--set", "arms.rules=[{rule: mean}]", "--set", "ppo_arms=[single]",
+SMALL = ["--set", "arms=[{kind: single}, {kind: linear, k: 3}]", "--set", "rules=[{rule: mean}]",
+         "--set", "ppo_arms=[single]",
          "--set", "evaluate.mt_bench_questions=1"]
 
 
@@ -176,7 +177,7 @@ def test_a_run_killed_mid_stage_leaves_nothing_that_blocks_or_lies(tmp_path, pre
     assert "finished in" in out, out[-3000:]
     assert "taking it over" in out
     # The console: a line per stage as it ends, cached or computed; no third-party warning.
-    assert "ppo:single" in out and " cached in " in out and " computed in " in out
+    assert "ppo:single/mean-r0" in out and " cached in " in out and " computed in " in out
     assert "Warning" not in out, [line for line in out.splitlines() if "Warning" in line]
     assert "changed since it was made" in out and damaged.stat().st_size > 0
     assert not any(r.info.status == "RUNNING" for r in _runs(project))
