@@ -26,10 +26,12 @@ import torch
 import transformers
 from results import OUT, save_results
 
-from rmens.config import EnsembleConfig, LoraSettings, TrainConfig, derive
+from rmens.config import derive
 from rmens.data.loaders import synthetic_pairs
 from rmens.models.backbone import SMOLLM2_ALIAS, TINY_ALIAS, load_tokenizer, resolve_model
+from rmens.models.config import EnsembleConfig, LoraSettings
 from rmens.models.ensemble import build_ensemble, to_lora
+from rmens.training.config import TrainConfig
 from rmens.training.trainer import bradley_terry_loss, train_ensemble
 
 

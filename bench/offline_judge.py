@@ -20,15 +20,18 @@ import time
 import transformers
 from results import OUT, save_results
 
-from rmens.config import DataConfig, EnsembleConfig, GenerationConfig, TrainConfig
+from rmens.data.config import DataConfig
 from rmens.data.loaders import data_root, load_pairs
 from rmens.data.prompts import alpaca_eval_instructions, reference_outputs
 from rmens.evaluation import alpaca_eval, mt_bench
 from rmens.evaluation.judges import RewardModelJudge
 from rmens.evaluation.offline_judge import agreement_report, judge_split
 from rmens.generation import generate
+from rmens.generation_config import GenerationConfig
 from rmens.models.backbone import load_policy, load_tokenizer
+from rmens.models.config import EnsembleConfig
 from rmens.seeding import python_random
+from rmens.training.config import TrainConfig
 from rmens.training.trainer import train_ensemble
 
 

@@ -25,10 +25,13 @@ import torch
 import transformers
 from results import save_results
 
-from rmens.config import EnsembleConfig, GenerationConfig, LoraSettings, PPOConfig, derive
+from rmens.config import derive
 from rmens.data.loaders import synthetic_pairs
+from rmens.generation_config import GenerationConfig
 from rmens.models.backbone import SMOLLM2_ALIAS, TINY_ALIAS, load_tokenizer
+from rmens.models.config import EnsembleConfig, LoraSettings
 from rmens.models.ensemble import build_ensemble, to_lora
+from rmens.ppo.config import PPOConfig
 from rmens.ppo.trainer import PPOTrainer
 from rmens.reward import EnsembleReward
 

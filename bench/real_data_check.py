@@ -19,14 +19,17 @@ import time
 import transformers
 from results import save_results, write_json
 
-from rmens.config import DataConfig, EnsembleConfig, LoraSettings, TrainConfig, derive
+from rmens.config import derive
+from rmens.data.config import DataConfig
 from rmens.data.loaders import load_pairs
 from rmens.data.splits import split_by_instruction
 from rmens.evaluation.offline_judge import agreement_report, length_rule_accuracy
 from rmens.evaluation.reward_model import evaluate_reward_model
 from rmens.models.backbone import load_tokenizer
+from rmens.models.config import EnsembleConfig, LoraSettings
 from rmens.reward import EnsembleReward
 from rmens.seeding import python_random
+from rmens.training.config import TrainConfig
 from rmens.training.trainer import train_ensemble
 
 

@@ -27,9 +27,9 @@ import torch
 import transformers
 from results import save_results
 
-from rmens.config import EnsembleConfig
 from rmens.data.encoding import pad_batch
 from rmens.models.backbone import load_tokenizer
+from rmens.models.config import EnsembleConfig
 from rmens.models.ensemble import build_ensemble
 from rmens.reward import EnsembleReward
 from rmens.seeding import python_random

@@ -46,7 +46,7 @@ PRESETS = BUILT_IN["pipeline"]  # name -> what it is
 
 
 def pipeline_config(args):
-    from rmens.config import PipelineConfig
+    from rmens.pipeline.config import PipelineConfig
 
     data = preset_data(args.preset)
     if args.config:  # layered over the preset: nested sections merge, so `ppo: {steps: 3}` keeps ppo.lr
@@ -217,7 +217,7 @@ def cmd_ui(args) -> int:
 
 
 def cmd_flow(args) -> int:
-    from rmens.config import EvaluateFlowConfig, RetrainConfig, TrainFlowConfig
+    from rmens.pipeline.config import EvaluateFlowConfig, RetrainConfig, TrainFlowConfig
 
     model = {"train": TrainFlowConfig, "evaluate": EvaluateFlowConfig, "retrain": RetrainConfig}[args.name]
     config = job_config(model, args)

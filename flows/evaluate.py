@@ -1,11 +1,11 @@
-"""Evaluate one policy with the judge: AlpacaEval-style win rate and MT-Bench."""
+"""Evaluate one policy with the gold: AlpacaEval-style win rate and MT-Bench."""
 
 from __future__ import annotations
 
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from rmens.config import EvaluateFlowConfig
+from rmens.pipeline.config import EvaluateFlowConfig
 from rmens.pipeline.plan import evaluate_policy
 from tasks.runtime.paths import ProjectPaths
 from tasks.runtime.stager import Stager, flow_run_name, flow_run_tags

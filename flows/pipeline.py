@@ -1,6 +1,6 @@
-"""The whole chain over a matrix of arms (rmens.pipeline.plan) as a Prefect flow with MLflow tracking.
+"""The whole chain over the arms (rmens.pipeline.plan) as a Prefect flow with MLflow tracking.
 
-Every common upstream step is computed once: the samples are drawn once for all arms, each ensemble
+Every common upstream step is computed once: the samples are drawn once for all arms, each run of an arm
 is trained once for all aggregation rules and scored once (rules re-aggregate stored member scores).
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from rmens.config import PipelineConfig, load_preset
+from rmens.pipeline.config import PipelineConfig, load_preset
 from rmens.pipeline.plan import run_pipeline
 from rmens.preflight import check_before_work
 from rmens.steps import Store

@@ -6,7 +6,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from rmens.config import RetrainConfig
+from rmens.pipeline.config import RetrainConfig
 from rmens.pipeline.data import read_pairs
 from rmens.pipeline.plan import train_one
 from tasks.registry import promote_if_better

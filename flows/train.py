@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from rmens.config import TrainFlowConfig
+from rmens.pipeline.config import TrainFlowConfig
 from rmens.pipeline.plan import train_one
 from tasks.runtime.paths import ProjectPaths
 from tasks.runtime.stager import Stager, flow_run_name, flow_run_tags

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from rmens.config import BonConfig
+from rmens.bon_config import BonConfig
 from rmens.generation import generate
 from rmens.io import read_jsonl, write_jsonl
 from rmens.reward import RewardFn

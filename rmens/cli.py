@@ -20,7 +20,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from rmens.config import PPOJobConfig, TrainJobConfig, apply_overrides, load_yaml
+from rmens.config import apply_overrides, load_yaml
+from rmens.ppo.config import PPOJobConfig
+from rmens.training.config import TrainJobConfig
 
 USER_ERRORS = (ValidationError, ValueError, FileNotFoundError, FileExistsError)
 # What the machine, not the settings, refuses: a full disk or quota, a read-only or forbidden place. Said in
@@ -81,9 +83,9 @@ def cmd_ppo(args) -> int:
 
     output = args.output or cfg.output_dir
     reward = EnsembleReward.from_folder(cfg.reward_ensemble, cfg.ppo.aggregation, batch_size=cfg.reward_batch_size)
-    # A judge reports on its own (raw) Bradley-Terry scale, as the pipeline's reward-model judge does.
-    judge = RewardModelJudge(cfg.judge_ensemble, batch_size=cfg.reward_batch_size) if cfg.judge_ensemble else None
-    trainer = PPOTrainer(cfg.ppo, load_prompts(cfg.prompts), reward, output, judge_fn=judge,
+    # The gold reports on its own (raw) Bradley-Terry scale, as the pipeline's reward-model gold does.
+    gold = RewardModelJudge(cfg.gold_ensemble, batch_size=cfg.reward_batch_size) if cfg.gold_ensemble else None
+    trainer = PPOTrainer(cfg.ppo, load_prompts(cfg.prompts), reward, output, gold_fn=gold,
                          reward_folder=cfg.reward_ensemble)
     result = trainer.train(resume=not args.restart)
     last = result.history[-1] if result.history else {}
@@ -126,7 +128,7 @@ def cmd_prepare_model(args) -> int:
 def config_args(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--config", help=f"YAML file with {what}")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
-                        help="override a config field (dotted path, YAML value), e.g. --set arms.ks=[3,5]")
+                        help="override a config field (dotted path, YAML value), e.g. --set train.lr=2e-5")
 
 
 def cmd_verify(args) -> int:

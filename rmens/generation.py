@@ -13,9 +13,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from rmens.config import GenerationConfig
 from rmens.data.encoding import Prompt, render_prompt
 from rmens.data.schema import DataError
+from rmens.generation_config import GenerationConfig
 from rmens.models.backbone import context_length
 from rmens.seeding import Stream, seed_for
 

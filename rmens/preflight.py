@@ -5,10 +5,10 @@ it before starting Prefect, and the flow runs it again at its start for deployme
 
 from __future__ import annotations
 
-from rmens.config import PipelineConfig
 from rmens.data.loaders import check_sources
 from rmens.io import check_writable
 from rmens.models.context import check_max_lengths
+from rmens.pipeline.config import PipelineConfig
 
 
 def check_before_work(config: PipelineConfig) -> None:

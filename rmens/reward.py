@@ -24,7 +24,8 @@ from typing import Protocol
 import torch
 
 from rmens.data.encoding import PairEncoder, pad_batch
-from rmens.models.aggregate import AggregationConfig, aggregate_with
+from rmens.models.aggregate import aggregate_with
+from rmens.models.config import AggregationConfig
 from rmens.models.ensemble import RewardEnsemble, load_ensemble
 from rmens.models.standardise import MemberStandardisation
 

@@ -147,12 +147,12 @@ def _log_datasets(ctx: StageContext, output: Output) -> None:
 
 def _log_model(ctx: StageContext, output: Output) -> str | None:
     """A trained reward model as an MLflow model (registered under the flow's name, its label the alias, its
-    version described and tagged with its arm); the gold judge is not one of the models a user deploys.
+    version described and tagged with its arm); the gold is not one of the models a user deploys.
     Returns the logged model's id, to which the step's final metrics are linked."""
     mlflow.log_artifact(str(output.file("ensemble") / "ensemble.json"))
-    if not ctx.log_models or ctx.stage_label == "judge":
+    if not ctx.log_models or ctx.stage_label == "gold":
         return None
-    from rmens.config import AggregationConfig
+    from rmens.models.config import AggregationConfig
     from tasks.registry import log_and_register
 
     uri, version = log_and_register(str(output.file("ensemble")), ctx.registered_model, [ctx.stage_label],

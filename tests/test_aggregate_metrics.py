@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from rmens.evaluation.rm_metrics import calibration, disagreement_buckets, ensemble_metrics, pairwise_accuracy
-from rmens.models.aggregate import AggregationConfig, aggregate
+from rmens.models.aggregate import aggregate
+from rmens.models.config import AggregationConfig
 
 # Two examples, three members. Column 0: 1, 2, 6 -> mean 3, var (4+1+9)/3 = 14/3. Column 1: all 2.
 R = torch.tensor([[1.0, 2.0], [2.0, 2.0], [6.0, 2.0]])

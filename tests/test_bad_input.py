@@ -13,18 +13,12 @@ import pytest
 from pydantic import ValidationError
 
 from rmens import cli as lib_cli
-from rmens.config import (
-    ConfigError,
-    PipelineConfig,
-    TrainConfig,
-    TrainJobConfig,
-    apply_overrides,
-    load_preset,
-    load_yaml,
-)
+from rmens.config import ConfigError, apply_overrides, load_yaml
 from rmens.data.loaders import AE_FILES, load_alpaca_eval_pairs, load_jsonl_pairs
 from rmens.data.schema import DataError
 from rmens.io import read_jsonl
+from rmens.pipeline.config import PipelineConfig, load_preset
+from rmens.training.config import TrainConfig, TrainJobConfig
 
 pytestmark = pytest.mark.reliability
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +105,7 @@ def test_cli_reports_broken_yaml_in_one_line(tmp_path, capsys):
 def test_orchestrating_cli_reports_broken_yaml_without_traceback(tmp_path):
     """`rmens run --config` (a subprocess: the user's view; it fails before Prefect or torch is imported)."""
     path = tmp_path / "pipeline.yaml"
-    path.write_text("arms:\n  ks: [3\n  kinds: [linear]\n")
+    path.write_text("ppo:\n  lr: [3\n  steps: [4]\n")
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
@@ -123,8 +117,9 @@ def test_orchestrating_cli_reports_broken_yaml_without_traceback(tmp_path):
 # 3. overrides that index into a value, non-finite floats, absurd learning rates
 
 @pytest.mark.parametrize("override, names", [
-    ("judge.ensemble.k.x=1", "override 'judge.ensemble.k.x=1': judge.ensemble.k is the value 1, not a section"),
-    ("arms.rules.0.beta=2", "override 'arms.rules.0.beta=2': arms.rules is a list, not a section"),
+    ("gold.ensemble.k.x=1", "override 'gold.ensemble.k.x=1': gold.ensemble.k is the value 1, not a section"),
+    ("rules.0.beta=2", "override 'rules.0.beta=2': rules is a list, not a section"),
+    ("arms.ks=[3,5]", "override 'arms.ks=[3,5]': arms is a list, not a section"),
     ("train.lr=[1", "override 'train.lr=[1': the value is not valid YAML"),
 ])
 def test_unusable_override_names_the_key(override, names):
@@ -137,7 +132,7 @@ def test_unusable_override_names_the_key(override, names):
     ("ensemble.k.x=1", "ensemble.k: Input should be a valid integer"),
     ("train.epochs=.inf", "train.epochs: Input should be a finite number (got inf)"),
     ("train.warmup_ratio=.nan", "train.warmup_ratio: Input should be a finite number"),
-    ("judge.train.epochs=-.inf", "judge.train.epochs: Input should be a finite number"),
+    ("gold.train.epochs=-.inf", "gold.train.epochs: Input should be a finite number"),
     ("train.lr=1e30", "train.lr: Input should be less than or equal to 1 (got '1e30')"),
     ("train.lora_lr=3", "train.lora_lr: Input should be less than or equal to 1"),
     ("ppo.lr=2.5", "ppo.lr: Input should be less than or equal to 1"),
@@ -169,7 +164,8 @@ def test_cli_reports_a_bad_override_in_one_line(tmp_path, capsys):
     ("train.epochs=false", "train.epochs"),
     ("train.max_steps=true", "train.max_steps"),
     ("ensemble.lora.top_layers=true", "ensemble.lora.top_layers"),
-    ("arms.ks=[3, true]", "arms.ks"),
+    ("arms=[{kind: linear, k: true}]", "arms.0.k"),
+    ("ppo_runs=true", "ppo_runs"),
     ("evaluate.bon_select_n=[true]", "evaluate.bon_select_n"),
 ])
 def test_a_boolean_is_not_a_number(override, field):
@@ -181,7 +177,10 @@ def test_a_boolean_is_not_a_number(override, field):
 
 @pytest.mark.parametrize("override, message", [
     ("bon.select_n=[4]", "bon: select_n is no longer a setting; set evaluate.bon_select_n"),
-    ("judge.held_out_fraction=0.3", "judge: held_out_fraction is no longer a setting; set judge.data.val_fraction"),
+    ("gold.held_out_fraction=0.3", "gold: held_out_fraction is no longer a setting; set gold.data.val_fraction"),
+    ("judge.kind=alpaca_eval", "judge is no longer a setting; set gold (the reference that scores policies is "
+                               "called gold now; the same fields)"),
+    ("ppo.judge_every=2", "ppo: judge_every is no longer a setting; set gold_every"),
 ])
 def test_a_retired_setting_names_its_replacement(override, message):
     with pytest.raises(ValidationError) as err:
@@ -190,13 +189,13 @@ def test_a_retired_setting_names_its_replacement(override, message):
 
 
 @pytest.mark.parametrize("load, override, message", [
-    ("pipeline", "ensemble.k=5", "ensemble.k is ignored here (arms.ks sets it)"),
-    ("pipeline", "ensemble.kind=full", "ensemble.kind is ignored here (arms.kinds and arms.single_seeds set it)"),
+    ("pipeline", "ensemble.k=5", "ensemble.k is ignored here (each arm's k sets it)"),
+    ("pipeline", "ensemble.kind=full", "ensemble.kind is ignored here (each arm's kind sets it)"),
     ("pipeline", "ppo.policy=other", "ppo.policy is ignored here (the top-level policy sets it)"),
     ("pipeline", "ppo.aggregation={rule: min}", "ppo.aggregation is ignored here (each ppo_arms entry's rule sets it)"),
     ("pipeline", "bon.n_prompts=3", "n_prompts is no longer a setting; set bon_prompts.max_prompts"),
     ("experiment", "ensemble.k=5", "ensemble.k is ignored here (each arm's k sets it)"),
-    ("experiment", "ppo.judge_every=2", "ppo.judge_every is ignored here (the experiment's PPO runs without a judge"),
+    ("experiment", "ppo.gold_every=2", "ppo.gold_every is ignored here (the experiment's PPO runs without the gold"),
 ])
 def test_a_setting_another_one_replaces_is_refused_not_ignored(load, override, message):
     from rmens.experiment.config import load_experiment
@@ -207,7 +206,7 @@ def test_a_setting_another_one_replaces_is_refused_not_ignored(load, override, m
 
 
 def test_a_retrain_that_would_register_nothing_is_refused_when_loaded():
-    from rmens.config import RetrainConfig
+    from rmens.pipeline.config import RetrainConfig
 
     with pytest.raises(ValidationError, match="log_model: retrain compares registered models"):
         RetrainConfig(log_model=False)
@@ -215,7 +214,7 @@ def test_a_retrain_that_would_register_nothing_is_refused_when_loaded():
 
 def test_numbers_still_load_and_booleans_stay_booleans():
     config = load_preset("smoke", ["train.lr=1", "train.epochs=2", "ensemble.lora.top_layers=2",
-                                   "train.lora_lr=1e-4", "judge.train.lr=5e-3", "train.progress=true"])
+                                   "train.lora_lr=1e-4", "gold.train.lr=5e-3", "train.progress=true"])
     assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
     assert config.train.epochs == 2.0 and config.ensemble.lora.top_layers == 2
     assert config.train.lora_lr == 1e-4  # PyYAML reads "1e-4" as text; it is still a number
@@ -239,34 +238,58 @@ def test_cli_rejects_a_boolean_size(tmp_path, capsys):
         "rmens: error: invalid TrainJobConfig settings: ensemble.k: expected a number, got the boolean true")
 
 
-# 5. ppo_arms are checked against the arms when the config loads
+# 5. arms and ppo_arms are checked when the config loads, the same way in both pipelines
 
 @pytest.mark.parametrize("entry, message", [
-    ("linear-k5", "ppo_arms entry 'linear-k5': no arm 'linear-k5' (arms: single-s0, linear-k3, lora-k3)"),
-    ("lora-k3/lcb2", "ppo_arms entry 'lora-k3/lcb2': rule 'lcb2' is not among arms.rules (mean, min, lcb1, uwo0.5)"),
+    ("linear-k5", "ppo_arms entry 'linear-k5/mean': no arm 'linear-k5' (arms: single, linear-k3, lora-k3)"),
+    ("lora-k3/lcb2", "ppo_arms entry 'lora-k3/lcb2': rule 'lcb2' is not among rules (mean, min, lcb1, uwo0.5)"),
     ("single/lcb1", "ppo_arms entry 'single/lcb1': a single reward model has only the mean rule"),
-    ("full-k3", "ppo_arms entry 'full-k3': no arm 'full-k3'"),
+    ("full-k3", "ppo_arms entry 'full-k3/mean': no arm 'full-k3'"),
+    ("single/best", "ppo_arms.1: 'best' names no rule: write mean, min, lcb<beta> or uwo<lam>"),
+    ("single/mean", "ppo_arms must differ, got ['single/mean', 'single/mean']"),
 ])
 def test_invalid_ppo_arm_fails_at_load_naming_the_entry(entry, message):
+    from rmens.experiment.config import load_experiment
+
     with pytest.raises(ValidationError) as err:
         load_preset("smoke", [f"ppo_arms=[single, {entry}]"])
     assert message in _one_line(err.value)
+    if entry.startswith("single"):  # an arm both have: the experiment refuses the entry in the same words
+        with pytest.raises(ValidationError) as err:
+            load_experiment("tiny", [f"ppo_arms=[single, {entry}]"])
+        assert message in _one_line(err.value)
 
 
 def test_valid_ppo_arms_resolve_and_no_ppo_skips_the_check():
-    config = load_preset("smoke", ["ppo_arms=[single, linear-k3/mean, lora-k3/lcb1, linear-k3]"])
-    assert [config.arms.ppo_arm(spec).arm.label for spec in config.ppo_arms] == ["single-s0", "linear-k3", "lora-k3",
-                                                                          "linear-k3"]
-    assert config.arms.ppo_arm("lora-k3/lcb1").rule.beta == 1.0
-    with pytest.raises(ValidationError, match="no arm 'single-s0'"):
-        load_preset("smoke", ["arms.single_seeds=0"])
-    assert load_preset("smoke", ["arms.single_seeds=0", "ppo=null"]).ppo is None
+    from rmens.arms import PPOArm
+
+    config = load_preset("smoke", ["ppo_arms=[single, linear-k3/min, lora-k3/lcb1, {arm: lora-k3, rule: {rule: uwo}}]"])
+    assert [(p.arm, p.rule.name) for p in config.ppo_arms] == [("single", "mean"), ("linear-k3", "min"),
+                                                              ("lora-k3", "lcb1"), ("lora-k3", "uwo0.5")]
+    assert config.ppo_arms[2] == PPOArm(arm="lora-k3", rule={"rule": "lcb", "beta": 1.0})  # short and full alike
+    assert [PPOArm.model_validate(f"x/{r.name}").rule for r in config.rules] == config.rules  # names read back
+    with pytest.raises(ValidationError, match="no arm 'single'"):
+        load_preset("smoke", ["arms=[{kind: linear, k: 3}]"])
+    assert load_preset("smoke", ["arms=[{kind: linear, k: 3}]", "ppo=null"]).ppo is None
+    with pytest.raises(ValidationError, match="ppo_runs=2 but arm 'single' has only 1 training runs"):
+        load_preset("smoke", ["ppo_runs=2"])
+    assert load_preset("smoke", ["ppo_runs=2", "runs=2"]).ppo_config(config.ppo_arms[0], 1).seed != \
+        load_preset("smoke", ["ppo_runs=2", "runs=2"]).ppo_config(config.ppo_arms[0], 0).seed
+
+
+def test_the_old_matrix_of_arms_is_refused_in_one_line_naming_what_replaced_it():
+    data = {"arms": {"kinds": ["linear"], "ks": [3], "single_seeds": 2, "rules": [{"rule": "mean"}]}}
+    with pytest.raises(ValidationError) as err:
+        PipelineConfig.model_validate(data)
+    assert _one_line(err.value).startswith(
+        "invalid PipelineConfig settings: arms is a list of arms now, e.g. [{kind: single, runs: 2}, {kind: linear, "
+        "k: 3}] (arms.kinds x arms.ks: one entry each; arms.single_seeds: the single arm's runs; arms.rules: rules)")
 
 
 # 6. max_length beyond the backbone's context, before a model is built
 
 def test_max_length_beyond_context_is_refused_from_the_config(tiny_path, monkeypatch):
-    from rmens.config import EnsembleConfig
+    from rmens.models.config import EnsembleConfig
     from rmens.models.context import check_max_length, check_max_lengths
     from rmens.training import trainer
 
@@ -274,8 +297,8 @@ def test_max_length_beyond_context_is_refused_from_the_config(tiny_path, monkeyp
                                          r"its max_position_embeddings is 512$"):
         check_max_length("tiny-random-llama", 1024)
     check_max_length("tiny-random-llama", 512)
-    config = load_preset("smoke", ["judge.ensemble.max_length=600"])
-    with pytest.raises(ValueError, match=r"judge.ensemble.max_length=600 exceeds .* 512"):
+    config = load_preset("smoke", ["gold.ensemble.max_length=600"])
+    with pytest.raises(ValueError, match=r"gold.ensemble.max_length=600 exceeds .* 512"):
         check_max_lengths(config.trained_ensembles())
 
     def no_build(*args, **kwargs):
@@ -332,7 +355,7 @@ def test_malformed_alpaca_eval_record_names_file_line_and_field(tmp_path, bad, m
 
 
 def test_alpaca_eval_through_the_data_config_and_cli(tiny_path, tmp_path, capsys):
-    from rmens.config import DataConfig
+    from rmens.data.config import DataConfig
     from rmens.data.loaders import load_pairs
 
     path = _write_ae(tmp_path, [_ae(), _ae(output_2=...)])
@@ -349,7 +372,7 @@ def test_overrides_still_create_missing_sections():
 
 
 def test_names_mlflow_would_refuse_after_training_are_refused_when_the_config_loads():
-    from rmens.config import TrainFlowConfig
+    from rmens.pipeline.config import TrainFlowConfig
 
     with pytest.raises(ValidationError, match="cannot name an MLflow registered model"):
         load_preset("smoke", ["registered_model=team/rewards"])

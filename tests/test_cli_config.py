@@ -37,30 +37,36 @@ def test_a_derived_config_is_validated_at_once():
     saved ensemble is reloaded."""
     from pydantic import ValidationError
 
-    from rmens.config import Arm, EnsembleConfig, derive
+    from rmens.arms import Arm, run_seed
+    from rmens.config import derive
+    from rmens.models.config import EnsembleConfig
 
     frozen = EnsembleConfig(kind="linear", k=3, freeze_backbone=True)
     with pytest.raises(ValidationError, match="freeze_backbone"):
         derive(frozen, kind="lora")
     with pytest.raises(ValidationError, match="freeze_backbone"):
-        Arm(kind="lora", k=5).ensemble(frozen)
-    assert Arm(kind="single", seed=2).ensemble(frozen).model_dump() == {
-        **frozen.model_dump(), "k": 1, "seed": frozen.seed + 2}
+        Arm(kind="lora", k=5).ensemble_config(frozen, 0)
+    single = Arm(kind="single").ensemble_config(frozen, 2)
+    assert single.model_dump() == {**frozen.model_dump(), "k": 1, "seed": run_seed(frozen.seed, "single", 2)}
 
 
 def test_arms_rules_and_selections_are_typed_with_one_label_and_path_each():
-    from rmens.config import load_preset
+    from rmens.pipeline.config import load_preset
 
     config = load_preset("smoke")
-    arms = {arm.label: arm for arm in config.arms.arms()}
-    assert list(arms) == ["single-s0", "linear-k3", "lora-k3"]
-    assert [r.name for r in arms["single-s0"].rules(config.arms.rules)] == ["mean"]
-    assert [r.name for r in arms["lora-k3"].rules(config.arms.rules)] == ["mean", "min", "lcb1", "uwo0.5"]
-    runs = {run.label: run for run in config.ppo_runs()}
-    assert runs["linear-k3/mean"].arm == arms["linear-k3"] and runs["single"].arm == arms["single-s0"]
+    arms = {arm.label: arm for arm in config.arms}
+    assert list(arms) == ["single", "linear-k3", "lora-k3"]
+    assert [arm.run_label(run) for arm, run in config.trained_runs()] == ["single-r0", "linear-k3-r0", "lora-k3-r0"]
+    assert [r.name for r in arms["single"].rules(config.rules)] == ["mean"]
+    assert [r.name for r in arms["lora-k3"].rules(config.rules)] == ["mean", "min", "lcb1", "uwo0.5"]
+    assert [(p.arm, p.rule.name, p.run_label(0)) for p in config.ppo_arms] == [
+        ("single", "mean", "single/mean-r0"), ("linear-k3", "mean", "linear-k3/mean-r0")]
     picks = {s.label: s for s in config.selections()}
-    assert picks["bon:lora-k3/lcb1:n4"].file_name == "lora-k3_lcb1_n4.jsonl"
+    assert picks["bon:lora-k3-r0/lcb1:n4"].file_name == "lora-k3-r0_lcb1_n4.jsonl"
     assert len(picks) == 1 + 4 + 4  # single under the mean only, each ensemble under every rule
+    more = load_preset("smoke", ["arms=[{kind: single, runs: 2}, {kind: linear, k: 3}]"])
+    assert [s.label for s in more.selections() if s.arm.kind == "single"] == ["bon:single-r0/mean:n4",
+                                                                               "bon:single-r1/mean:n4"]
 
 
 def test_a_missing_data_folder_is_reported_before_any_work(tmp_path, monkeypatch):
@@ -69,8 +75,8 @@ def test_a_missing_data_folder_is_reported_before_any_work(tmp_path, monkeypatch
     import sys
     from pathlib import Path
 
-    from rmens.config import load_preset
     from rmens.data.loaders import check_sources
+    from rmens.pipeline.config import load_preset
 
     monkeypatch.delenv("RMENS_DATA_DIR", raising=False)
     sections = load_preset("cpu").data_sources()
@@ -119,21 +125,21 @@ def test_servers_that_do_not_answer_are_reported_before_any_work(monkeypatch):
     check_servers()
 
 
-def test_the_judges_held_out_share_is_one_setting():
-    """judge.data.val_fraction alone decides the judge pairs kept back to measure agreement: 0.2 unless set, also
-    when a config writes a judge.data section without it (as the smoke preset does), and the judge's data stage
+def test_the_golds_held_out_share_is_one_setting():
+    """gold.data.val_fraction alone decides the gold pairs kept back to measure agreement: 0.2 unless set, also
+    when a config writes a gold.data section without it (as the smoke preset does), and the gold's data stage
     gets it as written."""
     from pydantic import ValidationError
 
-    from rmens.config import JudgeConfig, load_preset
-    from rmens.pipeline.plan import train_judge
+    from rmens.pipeline.config import GoldConfig, load_preset
+    from rmens.pipeline.plan import train_gold
 
-    assert JudgeConfig().data.val_fraction == 0.2
-    assert "val_fraction" not in load_preset("smoke").model_dump(exclude_unset=True)["judge"]["data"]
-    assert load_preset("smoke").judge.data.val_fraction == 0.2
-    with pytest.raises(ValidationError, match="judge.data.val_fraction"):
-        load_preset("smoke", ["judge.data.val_fraction=0"])
+    assert GoldConfig().data.val_fraction == 0.2
+    assert "val_fraction" not in load_preset("smoke").model_dump(exclude_unset=True)["gold"]["data"]
+    assert load_preset("smoke").gold.data.val_fraction == 0.2
+    with pytest.raises(ValidationError, match="gold.data.val_fraction"):
+        load_preset("smoke", ["gold.data.val_fraction=0"])
     calls = []
-    config = load_preset("smoke", ["judge.data.val_fraction=0.3"])
-    train_judge(lambda step, label, /, tags=None, **inputs: calls.append(inputs), config)
+    config = load_preset("smoke", ["gold.data.val_fraction=0.3"])
+    train_gold(lambda step, label, /, tags=None, **inputs: calls.append(inputs), config)
     assert calls[0]["data"].val_fraction == 0.3

@@ -4,9 +4,9 @@ after a data file was rewritten in place)."""
 import json
 import os
 
-from rmens.config import load_preset
 from rmens.data.loaders import synthetic_pairs
 from rmens.io import write_jsonl
+from rmens.pipeline.config import load_preset
 from rmens.pipeline.plan import run_pipeline
 from rmens.steps import Store
 from rmens.steps.runner import check
@@ -32,11 +32,11 @@ def test_a_data_file_rewritten_in_place_rekeys_exactly_the_steps_downstream(tmp_
     write_jsonl(pairs, swapped)  # the same size, chosen and rejected swapped
     after = _keys(config, store)
     changed = {name for name in before if before[name] != after[name]}
-    assert {"prepare_data:arms", "train_ensemble:linear-k3", "score:lora-k3", "best_of_n:bon", "ppo:single",
-            "evaluate:ppo:single", "report:report"} <= changed
-    # what does not read the file or anything made from it keeps its key: models, the judge, the samples
-    assert not changed & {"prepare_models:models", "prepare_data:judge", "train_ensemble:judge", "sample:bon",
-                          "score:judge", "evaluate:initial"}
+    assert {"prepare_data:arms", "train_ensemble:linear-k3-r0", "score:lora-k3-r0", "best_of_n:bon",
+            "ppo:single/mean-r0", "evaluate:ppo:single/mean-r0", "report:report"} <= changed
+    # what does not read the file or anything made from it keeps its key: models, the gold, the samples
+    assert not changed & {"prepare_models:models", "prepare_data:gold", "train_ensemble:gold", "sample:bon",
+                          "score:gold", "evaluate:initial"}
 
 
 def test_a_local_model_folder_is_keyed_by_its_files(tmp_path, monkeypatch):

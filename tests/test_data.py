@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import real_data_dir, requires_real_data
 
-from rmens.config import DataConfig
 from rmens.data import prepare_pairs
+from rmens.data.config import DataConfig
 from rmens.data.loaders import (
     hf_record_to_pair,
     load_alpaca_eval_pairs,

@@ -36,7 +36,7 @@ def test_deployments_point_at_flows_with_valid_parameters(prefect_yaml):
 
 
 def test_presets_named_by_deployments_load(prefect_yaml):
-    from rmens.config import load_preset
+    from rmens.pipeline.config import load_preset
 
     for deployment in prefect_yaml["deployments"]:
         preset = deployment.get("parameters", {}).get("preset")

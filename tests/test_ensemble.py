@@ -2,9 +2,9 @@ import pytest
 import torch
 from conftest import TINY
 
-from rmens.config import EnsembleConfig, LoraSettings
 from rmens.data.encoding import PairEncoder, pad_batch
 from rmens.models.backbone import load_tokenizer
+from rmens.models.config import EnsembleConfig, LoraSettings
 from rmens.models.ensemble import build_ensemble, decoder_layers, load_ensemble, to_lora
 
 TEXTS = [("Name a fruit.", "Sure! A good choice is the apple."),
@@ -185,7 +185,7 @@ def test_smollm2_converts_from_the_gguf_wheel_and_reloads():
 
 
 def test_saving_never_deletes_a_users_folder(tmp_path, tiny_tokenizer):
-    from rmens.config import EnsembleConfig
+    from rmens.models.config import EnsembleConfig
     from rmens.models.ensemble import build_ensemble, load_ensemble
 
     victim = tmp_path / "victim"
@@ -205,7 +205,7 @@ def test_saving_never_deletes_a_users_folder(tmp_path, tiny_tokenizer):
 def test_a_saved_ensemble_with_a_users_file_or_a_users_sibling_is_not_replaced(tmp_path, tiny_tokenizer):
     """What a save would have deleted silently: a file a user put into a saved ensemble, and a user's
     `<out>.partial` or `<out>.replaced` folder. Each is one error naming it; a save's own leftovers go."""
-    from rmens.config import EnsembleConfig
+    from rmens.models.config import EnsembleConfig
     from rmens.models.ensemble import PARTIAL_MARK, build_ensemble, load_ensemble
 
     ensemble = build_ensemble(EnsembleConfig(kind="linear", k=2, backbone="tiny-random-llama"))

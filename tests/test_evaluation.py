@@ -5,7 +5,6 @@ import pytest
 import torch
 from conftest import TINY, real_data_dir, requires_real_data
 
-from rmens.config import EnsembleConfig, GenerationConfig
 from rmens.data.schema import PreferencePair
 from rmens.evaluation import alpaca_eval as ae
 from rmens.evaluation.curves import curve_from_bon, fit, reliability_diagram, save_curves
@@ -22,6 +21,8 @@ from rmens.evaluation.judges import (
 from rmens.evaluation.mt_bench import RewardScoreMapping, grade, load_questions, summarize
 from rmens.evaluation.offline_judge import agreement_report, judge_split, length_rule_accuracy
 from rmens.evaluation.reward_model import evaluate_reward_model
+from rmens.generation_config import GenerationConfig
+from rmens.models.config import EnsembleConfig
 from rmens.models.ensemble import build_ensemble
 from rmens.reward import CallableReward
 

@@ -11,9 +11,10 @@ from ae_data import instructions, synthetic_annotations, synthetic_grades
 from conftest import real_data_dir, requires_real_data
 from pydantic import ValidationError
 
+from rmens.arms import Arm, PPOArm
 from rmens.data.schema import DataError
 from rmens.evaluation import stats
-from rmens.experiment.config import ArmSpec, ExperimentConfig, PPOArm, load_experiment
+from rmens.experiment.config import ExperimentConfig, load_experiment
 from rmens.experiment.runner import run_experiment
 from rmens.presets import preset_data
 
@@ -38,20 +39,20 @@ def tiny(folders, *overrides, held_out=True):
 
 
 def test_arms_have_labels_and_derived_configs_are_validated():
-    assert [ArmSpec(kind="lora", k=5, top_layers=t).label for t in (None, 1.0, 0.5)] == \
+    assert [Arm(kind="lora", k=5, top_layers=t).label for t in (None, 1.0, 0.5)] == \
         ["lora-k5", "lora-k5-all", "lora-k5-top0.5"]
-    assert ArmSpec(kind="single").label == "single"
+    assert Arm(kind="single").label == "single"
     with pytest.raises(ValidationError, match="a single arm has k=1"):
-        ArmSpec(kind="single", k=2)
+        Arm(kind="single", k=2)
     with pytest.raises(ValidationError, match="top_layers applies to lora arms only"):
-        ArmSpec(kind="linear", k=3, top_layers=0.5)
+        Arm(kind="linear", k=3, top_layers=0.5)
     base = preset_data("tiny", "experiment")
     # the shared ensemble says freeze_backbone, which a LoRA arm's derived config must refuse at once
     with pytest.raises(ValidationError, match="freeze_backbone applies to kind='linear' only"):
         ExperimentConfig.model_validate({**base, "ensemble": {**base["ensemble"], "freeze_backbone": True}})
     with pytest.raises(ValidationError, match="ppo_arms entry 'linear-k9/mean': no arm 'linear-k9'"):
         ExperimentConfig.model_validate({**base, "ppo_arms": [{"arm": "linear-k9"}]})
-    with pytest.raises(ValidationError, match="rule 'min' is not among the rules of arm 'single'"):
+    with pytest.raises(ValidationError, match="ppo_arms entry 'single/min': a single reward model has only the mean"):
         ExperimentConfig.model_validate({**base, "ppo_arms": [{"arm": "single", "rule": {"rule": "min"}}]})
     with pytest.raises(ValidationError, match="primary.a: no series 'linear-k9/mean'"):
         ExperimentConfig.model_validate({**base, "primary": {"a": "linear-k9/mean", "b": "single/mean"}})
@@ -73,6 +74,7 @@ def test_arms_have_labels_and_derived_configs_are_validated():
     cfg = load_experiment("tiny")
     ppo = cfg.ppo_config(PPOArm(arm="linear-k5", rule={"rule": "uwo", "lam": 0.5}))
     assert ppo.aggregation.name == "uwo0.5" and ppo.policy == cfg.policy and ppo.steps == cfg.ppo.steps
+    assert cfg.ppo_arms == [PPOArm(arm="single"), PPOArm(arm="linear-k5"), PPOArm.model_validate("linear-k5/uwo0.5")]
 
 
 def test_every_run_has_its_own_seed_for_members_and_data_order():
@@ -83,6 +85,10 @@ def test_every_run_has_its_own_seed_for_members_and_data_order():
     single = cfg.arm("single")
     assert single.ensemble_config(cfg.ensemble, 1).seed == single.ensemble_config(cfg.ensemble, 1).seed  # stable
     assert [single.run_label(r) for r in range(2)] == ["single-r0", "single-r1"]
+    # the seeds of before the pipeline and the experiment shared one Arm: their runs stay comparable
+    assert single.ensemble_config(cfg.ensemble, 0).seed == single.train_config(cfg.train, 0).seed == 2089604669
+    assert cfg.arm("lora-k5-all").ensemble_config(cfg.ensemble, 1).seed == 2023934007
+    assert [cfg.ppo_config(p, 0).seed for p in cfg.ppo_arms] == [2621132152, 2460222416, 3582691837]
 
 
 @pytest.mark.parametrize("size", ["tiny", "cpu", "gpu-check", "gpu"])
@@ -326,10 +332,10 @@ def test_tiny_size_runs_on_the_real_verdicts(tmp_path):
 def test_proxy_labels_follow_the_gold_model_or_get_noise(tiny_tokenizer, tmp_path):
     from conftest import TINY
 
-    from rmens.config import EnsembleConfig
     from rmens.data.loaders import load_jsonl_pairs, synthetic_pairs
     from rmens.experiment.train import proxy_labels_step
     from rmens.io import write_jsonl
+    from rmens.models.config import EnsembleConfig
     from rmens.models.ensemble import build_ensemble
     from rmens.reward import EnsembleReward
     from rmens.steps import Output
@@ -387,8 +393,9 @@ def test_untrained_twins_from_one_backbone_pass_equal_each_twin_built_the_long_w
     adds nothing (B = 0). Checked against building each twin as its kind."""
     from conftest import TINY
 
-    from rmens.config import EnsembleConfig, derive
+    from rmens.config import derive
     from rmens.experiment.twins import shared_scorer
+    from rmens.models.config import EnsembleConfig
     from rmens.models.ensemble import build_ensemble, to_lora
     from rmens.reward import EnsembleReward
 

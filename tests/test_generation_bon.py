@@ -8,11 +8,14 @@ from conftest import TINY
 
 from rmens import bon
 from rmens.bon import bon_curve, bon_ns, draw_samples, expected_best_of_n, kl_bon, load_score_matrix, score_samples
-from rmens.config import BonConfig, EnsembleConfig, GenerationConfig, derive
+from rmens.bon_config import BonConfig
+from rmens.config import derive
 from rmens.data.schema import DataError
 from rmens.generation import generate
-from rmens.models.aggregate import AggregationConfig, aggregate
+from rmens.generation_config import GenerationConfig
+from rmens.models.aggregate import aggregate
 from rmens.models.backbone import load_policy
+from rmens.models.config import AggregationConfig, EnsembleConfig
 from rmens.models.ensemble import build_ensemble
 from rmens.reward import CallableReward, EnsembleReward, RewardError
 
@@ -125,7 +128,7 @@ def test_non_finite_scores_are_rejected_where_they_enter_best_of_n(tmp_path, pol
     with pytest.raises(ValueError, match="non-finite proxy score for prompt 0, sample 1"):
         bon_curve(torch.tensor([[0.0, nan, 1.0]]), {})
     with pytest.raises(ValueError, match="non-finite target score for prompt 0, sample 2"):
-        bon_curve(torch.tensor([[0.0, 1.0, 2.0]]), {"judge": torch.tensor([[0.0, 1.0, nan]])})
+        bon_curve(torch.tensor([[0.0, 1.0, 2.0]]), {"gold": torch.tensor([[0.0, 1.0, nan]])})
     draw_samples(policy, tiny_tokenizer, PROMPTS[:1], BonConfig(n_samples=2, generation=GenerationConfig(
         max_new_tokens=4)), tmp_path, progress=False)
     with pytest.raises(ValueError, match="non-finite proxy score for prompt 0, sample 1"):

@@ -1,5 +1,5 @@
 """A local LLM judge whose outputs sometimes hold no [[rating]] or verdict: the unparsed items are counted,
-recorded and left out, and judging fails only past judge.max_unparsed_fraction."""
+recorded and left out, and judging fails only past gold.max_unparsed_fraction."""
 
 import json
 import logging
@@ -9,10 +9,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from rmens.config import JudgeConfig
 from rmens.evaluation import alpaca_eval as ae
 from rmens.evaluation.judges import JudgeParseError, LocalLLMJudge
 from rmens.evaluation.mt_bench import grade, summarize
+from rmens.pipeline.config import GoldConfig
 
 PROMPTS = {
     "single-v1": {"system_prompt": "judge", "prompt_template": "Q={question} A={answer}"},
@@ -142,7 +142,7 @@ def test_a_random_tiny_model_fails_with_the_config_field_named(tiny_path, tiny_t
 @pytest.mark.reliability
 def test_config_bounds_and_load_judge_passes_the_limit(tmp_path, monkeypatch):
     with pytest.raises(ValidationError):
-        JudgeConfig(kind="local_llm", model="m", max_unparsed_fraction=1.5)
+        GoldConfig(kind="local_llm", model="m", max_unparsed_fraction=1.5)
     with pytest.raises(ValueError, match="max_unparsed_fraction"):
         LocalLLMJudge(PROMPTS, generate_fn=lambda c: [], max_unparsed_fraction=-0.1)
     (tmp_path / "mt_bench").mkdir()
@@ -150,19 +150,19 @@ def test_config_bounds_and_load_judge_passes_the_limit(tmp_path, monkeypatch):
         "".join(json.dumps({"name": k, **v}) + "\n" for k, v in PROMPTS.items()))
     import rmens.data.loaders as loaders
     import rmens.models.backbone as backbone
-    from rmens.pipeline.judging import load_judge
+    from rmens.pipeline.gold import load_gold
 
     monkeypatch.setattr(loaders, "data_root", lambda: tmp_path)
     monkeypatch.setattr(backbone, "load_policy", lambda *a, **k: object())
     monkeypatch.setattr(backbone, "load_tokenizer", lambda *a, **k: object())
-    judge = load_judge(JudgeConfig(kind="local_llm", model="m", max_unparsed_fraction=0.25), None)
+    judge = load_gold(GoldConfig(kind="local_llm", model="m", max_unparsed_fraction=0.25), None)
     assert isinstance(judge, LocalLLMJudge) and judge.max_unparsed_fraction == 0.25
 
 
 @pytest.mark.reliability
 def test_evaluate_writes_unparsed_records_to_the_stage_folder(tmp_path):
     from rmens.io import read_jsonl
-    from rmens.pipeline.judging import write_unparsed
+    from rmens.pipeline.gold import write_unparsed
 
     judge = LocalLLMJudge(PROMPTS, generate_fn=stub_generate({"q3"}))
     assert write_unparsed(tmp_path, judge) == 0 and not (tmp_path / "unparsed.jsonl").exists()

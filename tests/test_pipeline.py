@@ -12,7 +12,8 @@ import pytest
 prefect = pytest.importorskip("prefect")
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from rmens.config import PipelineConfig, RetrainConfig, apply_overrides  # noqa: E402
+from rmens.config import apply_overrides  # noqa: E402
+from rmens.pipeline.config import PipelineConfig, RetrainConfig  # noqa: E402
 from rmens.presets import preset_data  # noqa: E402
 
 
@@ -59,8 +60,8 @@ def test_second_run_is_all_cache_hits(pipeline_runs):
 def test_changing_ppo_reruns_only_ppo_and_what_follows(pipeline_runs):
     _, first, _, third = pipeline_runs
     rerun = {name for name, state in third["states"].items() if state != "Cached"}
-    assert rerun == {"ppo:single", "evaluate:ppo:single", "report:report"}, third["states"]
-    assert third["summaries"]["ppo:single"] != first["summaries"]["ppo:single"]
+    assert rerun == {"ppo:single/mean-r0", "evaluate:ppo:single/mean-r0", "report:report"}, third["states"]
+    assert third["summaries"]["ppo:single/mean-r0"] != first["summaries"]["ppo:single/mean-r0"]
 
 
 LAST = ["ppo.lr=0.005"]  # the overrides of the fixture's last run
@@ -96,7 +97,7 @@ def test_the_plan_checks_against_the_store_by_keys_alone(pipeline_runs):
     store, config = Store.of_project(project), smoke(project, *LAST)
     assert check(run_pipeline, store, config).missing == []
     assert check(run_pipeline, store, smoke(project, "ppo.lr=0.004")).missing == [
-        "ppo:single", "evaluate:ppo:single", "report:report"]  # only what the setting reaches
+        "ppo:single/mean-r0", "evaluate:ppo:single/mean-r0", "report:report"]  # only what the setting reaches
     samples = next((project / "artifacts" / "sample").iterdir()) / "samples.jsonl"
     original = samples.read_bytes()
     samples.write_bytes(original + b"\n")  # a damaged output
@@ -139,7 +140,7 @@ def test_mlflow_parent_child_structure_metrics_and_cache_links(pipeline_runs):
     stages = {r.data.tags["rmens.stage"] for r in children}
     assert {"prepare_data", "train_ensemble", "sample", "score", "best_of_n", "ppo", "evaluate", "report"} <= stages
     train = next(r for r in children if r.data.tags.get("rmens.arm") == "linear-k3"
-                 and r.data.tags["rmens.stage"] == "train_ensemble")
+                 and r.data.tags["rmens.run"] == "0" and r.data.tags["rmens.stage"] == "train_ensemble")
     assert train.data.params["ensemble.kind"] == "linear" and "val_accuracy" in train.data.metrics
     settings = client.download_artifacts(train.info.run_id, "settings.json")
     settings = json.loads(Path(settings).read_text())  # every setting, defaults included
@@ -167,31 +168,33 @@ def test_runs_name_themselves_and_carry_what_compare_views_group_by(pipeline_run
     assert parent.info.run_name == f"pipeline:smoke · {parent.data.tags['rmens.config_digest']}"
     assert parent.data.tags["prefect.flow_run_name"].startswith("pipeline:smoke ")  # not a random name
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert {"train_ensemble:linear-k3", "train_ensemble:judge", "score:lora-k3", "evaluate:ppo:single",
-            "evaluate:bon:linear-k3/lcb1:n4", "ppo:single", "report:report"} <= set(children)
-    lora = children["train_ensemble:lora-k3"]
+    assert {"train_ensemble:linear-k3-r0", "train_ensemble:gold", "score:lora-k3-r0", "score:gold",
+            "evaluate:ppo:single/mean-r0", "evaluate:bon:linear-k3-r0/lcb1:n4", "ppo:single/mean-r0",
+            "report:report"} <= set(children)
+    lora = children["train_ensemble:lora-k3-r0"]
     assert (lora.data.tags["rmens.kind"], lora.data.tags["rmens.k"], lora.data.params["kind"]) == ("lora", "3", "lora")
     # One metric vocabulary: a LoRA arm's curve has the linear arm's names; no second spelling, no ids.
-    linear = children["train_ensemble:linear-k3"]
+    linear = children["train_ensemble:linear-k3-r0"]
     assert {"train/loss", "val_accuracy"} <= set(lora.data.metrics) & set(linear.data.metrics)
     phases = {m.value for m in client.get_metric_history(lora.info.run_id, "train/phase")}
     assert phases == {1.0, 2.0}  # heads, then adapters, on one step axis
     every = {name for run in children.values() for name in run.data.metrics}
     assert not any(n.startswith(("stage1", "stage2", "val.")) for n in every) and "model_version" not in every
-    pick = children["evaluate:bon:linear-k3/lcb1:n4"].data
-    assert (pick.tags["rmens.arm"], pick.tags["rmens.rule"], pick.tags["rmens.n"]) == ("linear-k3", "lcb1", "4")
-    assert (children["ppo:single"].data.tags["rmens.arm"], children["ppo:single"].data.tags["rmens.rule"]) == (
-        "single-s0", "mean")
+    pick = children["evaluate:bon:linear-k3-r0/lcb1:n4"].data
+    assert [pick.tags[f"rmens.{k}"] for k in ("arm", "run", "rule", "n")] == ["linear-k3", "0", "lcb1", "4"]
+    ppo_tags = children["ppo:single/mean-r0"].data.tags
+    assert [ppo_tags[f"rmens.{k}"] for k in ("arm", "kind", "run", "rule")] == ["single", "single", "0", "mean"]
     cached = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == second["parent_run_id"]}
-    assert "train_ensemble:linear-k3 (cached)" in cached
+    assert "train_ensemble:linear-k3-r0 (cached)" in cached
     table = client.load_table(experiment.experiment_id, "comparison.json", run_ids=[parent.info.run_id])
     # Long format: (stage, label, metric, value), no empty cells however different the stages' numbers.
     assert list(table.columns[:4]) == ["stage", "label", "metric", "value"] and not table.isna().any().any()
-    assert {"win_rate", "win_rate_se", "judge_at_N", "proxy_at_N"} <= set(table["metric"])
+    assert {"win_rate", "win_rate_se", "gold_at_N", "proxy_at_N"} <= set(table["metric"])
     figures = {"train_overlay.png", "bon_overlay.png", "ppo_overlay.png"}
     assert figures <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     labels = set(table["label"])
-    assert {"eval:ppo:single", "eval:bon:lora-k3/uwo0.5:n4", "linear-k3/lcb1", "lora-k3"} <= labels, labels
+    assert {"eval:ppo:single/mean-r0", "eval:bon:lora-k3-r0/uwo0.5:n4", "linear-k3-r0/lcb1", "lora-k3-r0",
+            "gold"} <= labels, labels
 
 
 def test_registered_model_predicts_members_and_reward(pipeline_runs):
@@ -200,18 +203,18 @@ def test_registered_model_predicts_members_and_reward(pipeline_runs):
 
     project, *_ = pipeline_runs
     mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
-    version = mlflow.MlflowClient().get_model_version_by_alias("rmens-smoke", "linear-k3")
-    assert version.description.startswith("rmens reward model linear-k3 (arm linear-k3, kind linear, k 3")
+    version = mlflow.MlflowClient().get_model_version_by_alias("rmens-smoke", "linear-k3-r0")
+    assert version.description.startswith("rmens reward model linear-k3-r0 (arm linear-k3, kind linear, k 3")
     assert "val_accuracy" in version.description
     assert (version.tags["arm"], version.tags["kind"], version.tags["k"]) == ("linear-k3", "linear", "3")
     logged = mlflow.MlflowClient().get_logged_model(version.source.removeprefix("models:/"))
     assert {"val_accuracy", "val_ece"} <= {m.key for m in logged.metrics}, "its evaluation metrics are linked"
-    model = mlflow.pyfunc.load_model("models:/rmens-smoke@linear-k3")
+    model = mlflow.pyfunc.load_model("models:/rmens-smoke@linear-k3-r0")
     out = model.predict(pd.DataFrame({"prompt": ["Name a fruit."], "response": ["Sure! An apple."]}))
     assert {"reward", "member_0", "member_1", "member_2", "std"} <= set(out.columns)
     from importlib.metadata import version  # what `mlflow models serve` installs: this rmens, not any by the name
 
-    requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/rmens-smoke@linear-k3")).read_text()
+    requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/rmens-smoke@linear-k3-r0")).read_text()
     assert f"rmens=={version('rmens')}" in requirements.split()
 
 
@@ -219,9 +222,10 @@ def test_report_and_curves_are_written(pipeline_runs):
     project, first, *_ = pipeline_runs
     report = first["report"]
     text = open(report).read()
-    assert "linear-k3" in text and "best_of_n" in text
+    assert "linear-k3-r0" in text and "best_of_n" in text and "gold_at_N" in text
     bon = first["summaries"]["best_of_n"]
-    assert "judge_at_N/linear-k3/lcb1" in bon and "proxy_at_N/lora-k3/uwo0.5" in bon
+    assert "gold_at_N/linear-k3-r0/lcb1" in bon and "proxy_at_N/lora-k3-r0/uwo0.5" in bon
+    assert "final_gold" in first["summaries"]["ppo:single/mean-r0"]  # the smoke preset's gold_every
     assert "win_rate" in first["summaries"]["eval:initial"]
 
 
@@ -260,7 +264,7 @@ def test_retrain_promotes_only_a_better_model(harness, tmp_path):
 def test_two_concurrent_runs_of_one_step_compute_it_once(harness, tmp_path):
     from prefect import flow
 
-    from rmens.config import DataConfig
+    from rmens.data.config import DataConfig
     from rmens.pipeline.data import prepare_data
     from rmens.steps import step_key
     from tasks.runtime.paths import ProjectPaths
@@ -311,7 +315,10 @@ def test_experiment_flow_caches_every_step_and_tracks_each_in_mlflow(harness, tm
             "score_pools:lora-k5-all-r1", "rewards:rewards", "ppo_run:linear-k5/mean-r0",
             "ppo_eval:linear-k5/mean-r0", "experiment_report:report"} <= set(children)
     train_run = children["train:full-k3-r1"]
-    assert train_run.data.tags["rmens.arm"] == "full-k3-r1" and train_run.data.metrics["train_wall_s"] > 0
+    assert [train_run.data.tags[f"rmens.{k}"] for k in ("arm", "kind", "k", "run")] == ["full-k3", "full", "3", "1"]
+    assert train_run.data.metrics["train_wall_s"] > 0
+    ppo_tags = children["ppo_run:linear-k5/mean-r0"].data.tags  # tagged as the pipeline tags its PPO runs
+    assert [ppo_tags[f"rmens.{k}"] for k in ("arm", "run", "rule")] == ["linear-k5", "0", "mean"]
     assert train_run.data.params["ensemble.kind"] == "full"
     assert {a.path for a in client.list_artifacts(first["parent_run_id"])} >= {"logged_bon.json", "report.md"}
     assert "rewards_step" not in (out / "report.md").read_text() and (out / "logged_bon_ae2.png").is_file()

@@ -9,9 +9,10 @@ import torch
 from conftest import TINY
 from safetensors.torch import load_file
 
-from rmens.config import EnsembleConfig, GenerationConfig
 from rmens.data.prompts import synthetic_prompts
 from rmens.data.schema import DataError
+from rmens.generation_config import GenerationConfig
+from rmens.models.config import EnsembleConfig
 from rmens.models.ensemble import build_ensemble
 from rmens.ppo.config import PPOConfig
 from rmens.ppo.core import KLController, gae, masked_whiten, policy_loss, token_rewards, value_loss
@@ -90,10 +91,10 @@ def test_ensemble_reward_logs_members_and_spread(tmp_path, tiny_tokenizer):
     from rmens.reward import EnsembleReward
 
     reward = EnsembleReward(ensemble, tiny_tokenizer, allow_unstandardised=True)  # untrained: no statistics
-    judge = CallableReward(e_count)
-    trainer = PPOTrainer(config(steps=1, judge_every=1), synthetic_prompts(8), reward, tmp_path, judge_fn=judge)
+    gold = CallableReward(e_count)
+    trainer = PPOTrainer(config(steps=1, gold_every=1), synthetic_prompts(8), reward, tmp_path, gold_fn=gold)
     stats = trainer.train().history[0]
-    assert {"reward_m0", "reward_m1", "reward_m2", "reward_std", "judge"} <= set(stats)
+    assert {"reward_m0", "reward_m1", "reward_m2", "reward_std", "gold"} <= set(stats)
     assert stats["reward"] == pytest.approx((stats["reward_m0"] + stats["reward_m1"] + stats["reward_m2"]) / 3,
                                             abs=1e-5)
 
@@ -212,7 +213,7 @@ def test_ppo_refuses_a_folder_that_is_not_a_run(tmp_path):
 
 
 def test_ensemble_rewards_identify_their_source(tiny_tokenizer):
-    from rmens.models.aggregate import AggregationConfig
+    from rmens.models.config import AggregationConfig
     from rmens.ppo.trainer import reward_identity
     from rmens.reward import EnsembleReward
 

@@ -5,9 +5,10 @@ import torch
 from conftest import TINY
 from pydantic import ValidationError
 
-from rmens.config import GenerationConfig, derive
+from rmens.config import derive
 from rmens.data.prompts import synthetic_prompts
 from rmens.generation import generate
+from rmens.generation_config import GenerationConfig
 from rmens.models.backbone import load_policy, load_tokenizer
 from rmens.ppo.config import PPOConfig
 from rmens.ppo.trainer import PPOTrainer, full_softmax_sampling, pack_rollout, response_logprobs

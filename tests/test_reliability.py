@@ -51,7 +51,8 @@ def prefect_api(_server_process):
 
 # The smoke preset cut to one ensemble arm, one rule, one PPO arm and one MT-Bench question: every kind of
 # stage still runs, in less time.
-SMALL = ["--set", "arms.kinds=[linear]", "--set", "arms.rules=[{rule: mean}]", "--set", "ppo_arms=[single]",
+SMALL = ["--set", "arms=[{kind: single}, {kind: linear, k: 3}]", "--set", "rules=[{rule: mean}]",
+         "--set", "ppo_arms=[single]",
          "--set", "evaluate.mt_bench_questions=1"]
 
 

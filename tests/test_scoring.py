@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import TINY
 
-from rmens.config import EnsembleConfig
 from rmens.data.encoding import PairEncoder
+from rmens.models.config import EnsembleConfig
 from rmens.models.ensemble import build_ensemble
 from rmens.reward import EnsembleReward
 

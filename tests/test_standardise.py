@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import TINY
 
-from rmens.config import AggregationConfig, EnsembleConfig, LoraSettings, TrainConfig
 from rmens.data.splits import split_by_instruction
 from rmens.io import write_jsonl
 from rmens.models.aggregate import aggregate
+from rmens.models.config import AggregationConfig, EnsembleConfig, LoraSettings
 from rmens.models.ensemble import FORMAT_VERSION, build_ensemble, load_ensemble
 from rmens.models.standardise import (
     MemberStandardisation,
@@ -23,6 +23,7 @@ from rmens.models.standardise import (
     standardisation_from_scores,
 )
 from rmens.reward import EnsembleReward, UnstandardisedEnsembleError
+from rmens.training.config import TrainConfig
 
 FAST = dict(lr=2e-3, lora_lr=2e-3, batch_size=8, progress=False, warmup_ratio=0.0)
 PROMPTS = ["Name a fruit.", "Name a fruit.", "Say hi.", "Tell me a colour."]
@@ -274,7 +275,7 @@ def test_retrain_scores_accuracy_of_the_served_reward_and_ece_of_raw_margins(tmp
 
 
 def test_value_model_from_the_reward_starts_on_the_standardised_scale(tmp_path, tiny_tokenizer):
-    from rmens.config import PPOConfig
+    from rmens.ppo.config import PPOConfig
     from rmens.ppo.trainer import _value_from_reward
 
     ensemble = with_statistics(fresh(2))

@@ -8,10 +8,11 @@ import pytest
 import torch
 from conftest import TINY
 
-from rmens.config import EnsembleConfig, LoraSettings, TrainConfig
 from rmens.data.splits import split_by_instruction
+from rmens.models.config import EnsembleConfig, LoraSettings
 from rmens.models.ensemble import load_ensemble
 from rmens.training import trainer as trainer_module
+from rmens.training.config import TrainConfig
 from rmens.training.trainer import bradley_terry_loss, train_ensemble
 
 FAST = dict(lr=2e-3, lora_lr=2e-3, batch_size=8, progress=False, warmup_ratio=0.0)

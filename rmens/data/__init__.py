@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from rmens.config import DataConfig
+from rmens.data.config import DataConfig
 from rmens.data.schema import DataError, PreferencePair, validate_pair, validate_pairs
 
 __all__ = ["DataError", "PreferencePair", "prepare_pairs", "validate_pair", "validate_pairs"]

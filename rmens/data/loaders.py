@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from rmens.config import DataConfig
+from rmens.data.config import DataConfig
 from rmens.data.schema import DataError, PreferencePair, validate_pair, validate_pairs
 from rmens.io import iter_jsonl
 from rmens.seeding import python_random
@@ -282,7 +282,7 @@ def alpaca_eval_folder(path: str | None = None) -> Path:
 def check_sources(sections: dict[str, Any]) -> None:
     """Fail in one line, before any model is built or converted, when a configured data source is missing or
     a data or prompt file holds a malformed record:
-    `sections` maps a setting's name (data, judge.data, bon_prompts, evaluate) to its Data/Prompts/Eval config."""
+    `sections` maps a setting's name (data, gold.data, bon_prompts, evaluate) to its Data/Prompts/Eval config."""
     for name, section in sections.items():
         source, path = getattr(section, "source", None), getattr(section, "path", None)
         if source == "alpaca_eval":

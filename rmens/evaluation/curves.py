@@ -1,4 +1,4 @@
-"""Overoptimisation curves: judge ("gold") and proxy scores against d = sqrt(KL), with Gao et al.'s fits.
+"""Overoptimisation curves: gold and proxy scores against d = sqrt(KL), with Gao et al.'s fits.
 
     Best-of-n: R(d) = d (alpha - beta d)          (peak at d* = alpha / (2 beta))
     RL:        R(d) = d (alpha - beta log d)      (peak at d* = exp(alpha / beta - 1))

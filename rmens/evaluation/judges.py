@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from rmens.config import GenerationConfig
 from rmens.data.encoding import Prompt, as_messages
-from rmens.models.aggregate import AggregationConfig
+from rmens.generation_config import GenerationConfig
+from rmens.models.config import AggregationConfig
 from rmens.reward import EnsembleReward, Rewards
 
 log = logging.getLogger(__name__)

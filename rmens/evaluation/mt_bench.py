@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from rmens.config import GenerationConfig
 from rmens.evaluation.judges import Judge, LocalLLMJudge
+from rmens.generation_config import GenerationConfig
 
 NEED_REFERENCE = {"math", "reasoning", "coding"}  # FastChat's NEED_REF_CATS
 

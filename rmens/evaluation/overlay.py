@@ -1,4 +1,4 @@
-"""All arms in one figure: Best-of-n curves (proxy and judge against KL_bon) and PPO curves (judge and proxy
+"""All arms in one figure: Best-of-n curves (proxy and gold against KL_bon) and PPO curves (gold and proxy
 against KL), so that arms are compared at a glance rather than across one plot per arm."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ def _axes(panels: int):
 
 
 def plot_bon_overlay(curves: dict[str, list[dict]], path: str | Path) -> Path | None:
-    """`curves`: {arm/rule: [{n, kl_bon, proxy, judge?...}]} (the best_of_n stage's bon_curves.json)."""
+    """`curves`: {arm/rule: [{n, kl_bon, proxy, gold?...}]} (the best_of_n stage's bon_curves.json)."""
     if not curves:
         return None
-    series = [s for s in ("proxy", "judge") if any(s in row for rows in curves.values() for row in rows)]
+    series = [s for s in ("proxy", "gold") if any(s in row for rows in curves.values() for row in rows)]
     plt, fig, axes = _axes(len(series))
     for ax, what in zip(axes, series):
         for name, rows in sorted(curves.items()):
@@ -35,11 +35,11 @@ def plot_bon_overlay(curves: dict[str, list[dict]], path: str | Path) -> Path | 
 
 
 def plot_ppo_overlay(points: dict[str, list[dict]], path: str | Path) -> Path | None:
-    """`points`: {ppo arm: [{step, kl, judge, proxy}]} (each evaluate stage's ppo_points.json)."""
+    """`points`: {ppo arm: [{step, kl, gold, proxy}]} (each evaluate stage's ppo_points.json)."""
     if not points:
         return None
     plt, fig, axes = _axes(2)
-    for ax, what in zip(axes, ("judge", "proxy")):
+    for ax, what in zip(axes, ("gold", "proxy")):
         for name, rows in sorted(points.items()):
             rows = sorted(rows, key=lambda r: r["step"])
             ax.plot([r["kl"] for r in rows], [r[what] for r in rows], marker="o", ms=3, label=name)

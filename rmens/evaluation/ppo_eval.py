@@ -1,5 +1,5 @@
 """Scoring PPO checkpoints: samples from each checkpoint's policy, their KL to the initial policy, and
-what proxy and judge say about them (the RL half of the overoptimisation curves)."""
+what the proxy and the gold (or any other scorer) say about them (the RL half of the overoptimisation curves)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from rmens.config import GenerationConfig
 from rmens.generation import generate
+from rmens.generation_config import GenerationConfig
 from rmens.ppo.config import PPOConfig
 from rmens.ppo.trainer import build_actor_critic, full_softmax_sampling, pack_rollout, response_logprobs
 from rmens.reward import RewardFn

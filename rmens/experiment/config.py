@@ -1,113 +1,27 @@
-"""The reference experiment's settings: the arms, which verdicts train and which evaluate, the gold
-judge, PPO, and the four sizes (rmens/presets/experiment/{tiny,cpu,gpu-check,gpu}.yaml).
+"""The reference experiment's settings: which verdicts train and which evaluate, the gold judge, the
+comparison named in advance, and the four sizes (rmens/presets/experiment/{tiny,cpu,gpu-check,gpu}.yaml).
 
-Arms and PPO arms are typed objects with one label each; nothing parses a label back into an object.
-Every config derived from another (an arm's ensemble from the shared one, a PPO run's settings) goes
-through `model_validate`, so an inconsistent combination fails where it is made.
+Its arms, runs, rules and PPO arms are written as the pipeline writes them (rmens.arms.ArmsConfig). Every
+config derived from another (an arm's ensemble from the shared one, a PPO run's settings) goes through
+`derive`, so an inconsistent combination fails where it is made.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from rmens.config import (
-    AggregationConfig,
-    EnsembleConfig,
-    GenerationConfig,
-    PPOConfig,
-    StrictModel,
-    TrainConfig,
-    derive,
-    refuse_replaced,
-)
+from rmens.arms import Arm, ArmsConfig
+from rmens.config import StrictModel
+from rmens.generation_config import GenerationConfig
+from rmens.models.config import AggregationConfig, EnsembleConfig
 from rmens.presets import PRESETS, with_overrides
-from rmens.seeding import Stream, seed_for
+from rmens.training.config import TrainConfig
 
 SIZES = PRESETS["experiment"]  # name -> what it is
 Judge = Literal["ae1", "ae2"]
-
-
-def run_seed(base: int, label: str, run: int) -> int:
-    """The seed of run `run` of the arm labelled `label`: distinct per arm and run (so that runs of different
-    arms are independent, as the comparisons assume), stable when arms are added or reordered."""
-    arm_id = int.from_bytes(hashlib.sha256(label.encode()).digest()[:4], "big")
-    return seed_for(base, Stream.RUN, arm_id, run) % 2**32
-
-
-class ArmSpec(StrictModel):
-    """One reward-model arm, trained `runs` times with different seeds (member initialisation and data order).
-    `single` is one reward model (k=1); the others are ensembles of k members (Zhang et al.: full, linear,
-    LoRA)."""
-
-    kind: Literal["single", "full", "linear", "lora"] = Field(
-        description="single: one reward model; full, linear, lora: an ensemble of k members.")
-    k: int = Field(1, ge=1, description="Members: 1 for single, at least 2 for an ensemble.")
-    top_layers: float | None = Field(None, gt=0, description="lora: layers with adapters (fraction or count); "
-                                                             "None keeps the shared ensemble's setting.")
-    runs: int | None = Field(None, ge=1, description="Training runs (seeds) of this arm; None: the experiment's "
-                                                     "`runs`.")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ArmSpec:
-        if self.kind == "single" and self.k != 1:
-            raise ValueError(f"a single arm has k=1, got k={self.k}")
-        if self.kind != "single" and self.k < 2:
-            raise ValueError(f"a {self.kind} ensemble needs k >= 2, got k={self.k} (use kind: single)")
-        if self.top_layers is not None and self.kind != "lora":
-            raise ValueError(f"top_layers applies to lora arms only, not {self.kind}")
-        return self
-
-    @property
-    def label(self) -> str:
-        if self.kind == "single":
-            return "single"
-        label = f"{self.kind}-k{self.k}"
-        if self.top_layers is not None:
-            label += "-all" if self.top_layers == 1 else f"-top{self.top_layers:g}"
-        return label
-
-    @property
-    def is_ensemble(self) -> bool:
-        return self.k > 1
-
-    def run_label(self, run: int) -> str:
-        return f"{self.label}-r{run}"
-
-    def ensemble_config(self, shared: EnsembleConfig, run: int) -> EnsembleConfig:
-        """Run `run`'s EnsembleConfig: the shared settings (backbone, lengths, LoRA) with the arm's kind and k
-        and the run's seed."""
-        changes: dict[str, Any] = {"kind": "linear" if self.kind == "single" else self.kind, "k": self.k,
-                                   "seed": run_seed(shared.seed, self.label, run)}
-        if self.top_layers is not None:
-            changes["lora"] = {"top_layers": self.top_layers}
-        return derive(shared, **changes)
-
-    def train_config(self, shared: TrainConfig, run: int) -> TrainConfig:
-        """Run `run`'s TrainConfig: the shared settings with the run's seed (data order)."""
-        return derive(shared, seed=run_seed(shared.seed, self.label, run))
-
-    def rules(self, rules: list[AggregationConfig]) -> list[AggregationConfig]:
-        """Every rule for an ensemble; only the mean for a single model (all rules equal it there)."""
-        return rules if self.is_ensemble else [AggregationConfig(rule="mean")]
-
-
-class PPOArm(StrictModel):
-    """PPO against one arm's reward under one rule (one PPO run per training run of the arm, up to `ppo_runs`)."""
-
-    arm: str = Field(..., description="The label of an arm, e.g. single or linear-k5.")
-    rule: AggregationConfig = Field(default_factory=AggregationConfig,
-                                    description="The rule combining the arm's members into PPO's reward.")
-
-    @property
-    def label(self) -> str:
-        return f"{self.arm}/{self.rule.name}"
-
-    def run_label(self, run: int) -> str:
-        return f"{self.label}-r{run}"
 
 
 class Comparison(StrictModel):
@@ -126,7 +40,7 @@ class Comparison(StrictModel):
         return f"{self.a} vs {self.b}, Best-of-n {self.judge}" + (f" n={self.n}" if self.n else " at the largest n")
 
 
-class GoldConfig(StrictModel):
+class GoldModelConfig(StrictModel):
     """The gold judge of PPO (Gao et al.; Coste et al.): one reward model trained on many more verdicts,
     at a longer context, than any proxy."""
 
@@ -139,7 +53,7 @@ class GoldConfig(StrictModel):
                               "on every judge set.")
 
     @model_validator(mode="after")
-    def _single(self) -> GoldConfig:
+    def _single(self) -> GoldModelConfig:
         if self.ensemble.k != 1 or self.ensemble.kind != "linear":
             raise ValueError("the gold judge is one reward model: gold.ensemble needs kind 'linear' and k 1")
         return self
@@ -242,7 +156,7 @@ class ProxyLabels(StrictModel):
         return self.relabel_by_gold or self.label_noise > 0
 
 
-class ExperimentConfig(StrictModel):
+class ExperimentConfig(ArmsConfig):
     """Everything `rmens experiment` and bench/reference_experiment.py run."""
 
     size: str = Field("custom", description="The size preset it was loaded from ('custom' when built otherwise); "
@@ -253,18 +167,9 @@ class ExperimentConfig(StrictModel):
                                                                         "and the gold judge's shares.")
     pools: PoolConfig = Field(default_factory=PoolConfig, description="The evaluation side: the Best-of-n pools "
                                                                       "and PPO's evaluation prompts.")
-    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig,
-                                     description="What every arm shares: backbone, lengths, LoRA settings.")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="What every arm's training shares; each "
-                                                                        "run's seed is derived from its seed.")
-    arms: list[ArmSpec] = Field(min_length=1, description="The reward-model arms, each with a label of its own.")
     runs: int = Field(3, ge=1, description="Training runs (seeds) of every arm that does not set its own; the "
                                            "comparisons treat runs as random, so one run per arm gives no verdict.")
-    rules: list[AggregationConfig] = Field(default_factory=lambda: [
-        AggregationConfig(rule="mean"), AggregationConfig(rule="min"), AggregationConfig(rule="lcb", beta=1.0),
-        AggregationConfig(rule="uwo", lam=0.5)], description="Rules every ensemble arm is scored under (single "
-                                                             "arms: the mean only); names must differ.")
-    gold: GoldConfig = Field(default_factory=GoldConfig, description="The gold judge.")
+    gold: GoldModelConfig = Field(default_factory=GoldModelConfig, description="The gold judge.")
     proxy_labels: ProxyLabels = Field(default_factory=ProxyLabels, description="Changes to the proxies' labels "
                                                                                "(none by default).")
     mt_bench: MtBenchConfig = Field(default_factory=MtBenchConfig, description="Best-of-n and agreement on "
@@ -279,44 +184,17 @@ class ExperimentConfig(StrictModel):
                                                         "score the pools.")
     policy: str = Field("tiny-random-llama", description="Initial policy of every PPO run (it replaces ppo.policy); "
                                                          "its tokenizer decides which evaluation prompts fit.")
-    ppo: PPOConfig | None = Field(default_factory=PPOConfig, description="None: no PPO part.")
-    ppo_arms: list[PPOArm] = Field(default_factory=list, description="Which arm's reward, under which rule, PPO "
-                                                                     "optimises (empty: no PPO run).")
-    ppo_runs: int = Field(1, ge=1, description="PPO runs per PPO arm, run r against the arm's reward model of run r.")
     ppo_generation: GenerationConfig = Field(
         default_factory=lambda: GenerationConfig(temperature=0.7),
         description="How PPO checkpoints answer the held-out instructions they are judged on (untruncated: the KL "
                     "of each checkpoint is estimated from these samples).")
 
+    ppo_set_here: ClassVar[dict[str, str]] = {
+        **ArmsConfig.ppo_set_here,
+        "gold_every": "the experiment's PPO runs without the gold; the gold judge scores its checkpoints afterwards"}
+
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
-        refuse_replaced(self.ensemble, "ensemble", {"kind": "each arm's kind sets it", "k": "each arm's k sets it"})
-        if self.ppo is not None:
-            refuse_replaced(self.ppo, "ppo", {"policy": "the top-level policy sets it",
-                                              "aggregation": "each ppo_arms entry's rule sets it",
-                                              "judge_every": "the experiment's PPO runs without a judge; the gold "
-                                                             "judge scores its checkpoints afterwards"})
-        labels = [arm.label for arm in self.arms]
-        if len(set(labels)) != len(labels):
-            raise ValueError(f"arm labels must be unique, got {labels}")
-        rule_names = [rule.name for rule in self.rules]
-        if len(set(rule_names)) != len(rule_names):
-            raise ValueError(f"rules must differ, got {rule_names}")
-        models: dict[str, str] = {}
-        for arm in self.arms:  # every arm's ensemble config must be valid, and different, before anything runs
-            model = derive(arm.ensemble_config(self.ensemble, 0), seed=0).model_dump_json()  # seeds differ by label
-            if model in models:
-                raise ValueError(f"arms {models[model]!r} and {arm.label!r} would train the same model")
-            models[model] = arm.label
-        for ppo_arm in self.ppo_arms:
-            if ppo_arm.arm not in labels:
-                raise ValueError(f"ppo_arms entry {ppo_arm.label!r}: no arm {ppo_arm.arm!r} (arms: {labels})")
-            if ppo_arm.rule.name not in [r.name for r in self.arm(ppo_arm.arm).rules(self.rules)]:
-                raise ValueError(f"ppo_arms entry {ppo_arm.label!r}: rule {ppo_arm.rule.name!r} is not among the "
-                                 f"rules of arm {ppo_arm.arm!r}")
-            if self.ppo_runs > self.runs_of(self.arm(ppo_arm.arm)):
-                raise ValueError(f"ppo_runs={self.ppo_runs} but arm {ppo_arm.arm!r} has only "
-                                 f"{self.runs_of(self.arm(ppo_arm.arm))} training runs")
         for side in ("a", "b"):
             self.series(getattr(self.primary, side), f"primary.{side}")
         if self.primary.judge not in self.pools.judges:
@@ -337,13 +215,7 @@ class ExperimentConfig(StrictModel):
         and LoRA layers of the shared one)."""
         return {"ensemble": self.ensemble, "gold.ensemble": self.gold.ensemble}
 
-    def arm(self, label: str) -> ArmSpec:
-        return next(arm for arm in self.arms if arm.label == label)
-
-    def runs_of(self, arm: ArmSpec) -> int:
-        return arm.runs or self.runs
-
-    def series(self, name: str, where: str) -> tuple[ArmSpec, AggregationConfig]:
+    def series(self, name: str, where: str) -> tuple[Arm, AggregationConfig]:
         """The arm and rule a series name `<arm>/<rule>` (e.g. linear-k5/uwo0.5) refers to; an unknown one is an
         error naming `where`."""
         label, _, rule_name = name.partition("/")
@@ -353,12 +225,6 @@ class ExperimentConfig(StrictModel):
             known = [f"{a.label}/{r.name}" for a in self.arms for r in a.rules(self.rules)]
             raise ValueError(f"{where}: no series {name!r}; choose from {', '.join(known)}")
         return arm, rule
-
-    def ppo_config(self, ppo_arm: PPOArm, run: int = 0) -> PPOConfig:
-        if self.ppo is None:
-            raise ValueError("this experiment has no PPO part (ppo: null)")
-        return derive(self.ppo, policy=self.policy, aggregation=ppo_arm.rule.model_dump(),
-                      seed=run_seed(self.ppo.seed, ppo_arm.label, run))
 
 
 def load_experiment(size: str, overrides: list[str] | None = None, eval_data: str | Path | None = None,

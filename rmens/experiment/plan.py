@@ -50,15 +50,15 @@ def run_plan(cfg: ExperimentConfig, call: Call, part: Part = "all", sources: dic
         relabel_by = gold if cfg.proxy_labels.relabel_by_gold else None
         proxy_pairs = call(proxy_labels_step, "proxy", pairs=pairs, gold=relabel_by,
                            label_noise=cfg.proxy_labels.label_noise, seed=cfg.data.seed)
-    runs = {arm.run_label(r): (arm.ensemble_config(cfg.ensemble, r), arm.train_config(cfg.train, r))
-            for arm in cfg.arms for r in range(cfg.runs_of(arm))}
-    trained = {label: call(train_step, label, tags={"arm": label}, pairs=proxy_pairs, pairs_file="proxy_pairs",
+    runs = {arm.run_label(r): (arm.describe(r), arm.ensemble_config(cfg.ensemble, r), arm.train_config(cfg.train, r))
+            for arm, r in cfg.trained_runs()}
+    trained = {label: call(train_step, label, tags=tags, pairs=proxy_pairs, pairs_file="proxy_pairs",
                            ensemble=ensemble, train=train)
-               for label, (ensemble, train) in runs.items()}
+               for label, (tags, ensemble, train) in runs.items()}
     judges = list(cfg.pools.judges)
     twins = call(twins_step, "twins", pairs=proxy_pairs, pairs_file="proxy_pairs", pools=pools, judges=judges,
-                 ensembles={label: ensemble for label, (ensemble, _) in runs.items()},
-                 calibration={label: (train.seed, train.calibration_pairs) for label, (_, train) in runs.items()},
+                 ensembles={label: ensemble for label, (_, ensemble, _) in runs.items()},
+                 calibration={label: (train.seed, train.calibration_pairs) for label, (_, _, train) in runs.items()},
                  batch_size=cfg.score_batch_size)
     scores = {label: call(score_step, label, model=model, pools=pools, judges=judges, batch_size=cfg.score_batch_size)
               for label, model in {"gold": gold, **trained}.items()}
@@ -68,12 +68,13 @@ def run_plan(cfg: ExperimentConfig, call: Call, part: Part = "all", sources: dic
     ppo_runs, ppo_evals = {}, {}
     if part == "all" and cfg.ppo is not None:
         for ppo_arm in cfg.ppo_arms:
+            arm = cfg.arm(ppo_arm.arm)
             for r in range(cfg.ppo_runs):
-                reward, label = trained[cfg.arm(ppo_arm.arm).run_label(r)], ppo_arm.run_label(r)
-                run = ppo_runs[label] = call(ppo_step, label, reward=reward, pairs=pairs,
+                reward, label, tags = trained[arm.run_label(r)], ppo_arm.run_label(r), arm.describe(r, ppo_arm.rule)
+                run = ppo_runs[label] = call(ppo_step, label, tags=tags, reward=reward, pairs=pairs,
                                              ppo=cfg.ppo_config(ppo_arm, r))
-                ppo_evals[label] = call(ppo_eval_step, label, run=run, reward=reward, rule=ppo_arm.rule, gold=gold,
-                                        gold_scores=scores["gold"], pools=pools, judges=judges, policy=cfg.policy,
-                                        generation=cfg.ppo_generation)
+                ppo_evals[label] = call(ppo_eval_step, label, tags=tags, run=run, reward=reward, rule=ppo_arm.rule,
+                                        gold=gold, gold_scores=scores["gold"], pools=pools, judges=judges,
+                                        policy=cfg.policy, generation=cfg.ppo_generation)
     return call(report_step, "report", experiment=cfg, pairs=pairs, pools=pools, trains={"gold": gold, **trained},
                 scores=scores, twins=twins, rewards=rewards, ppo_runs=ppo_runs, ppo_evals=ppo_evals, part=part)

@@ -12,7 +12,7 @@ from rmens.io import write_json
 from rmens.steps import Output, step
 
 if TYPE_CHECKING:  # types only: settings enter the step's key as values
-    from rmens.config import PPOConfig
+    from rmens.ppo.config import PPOConfig
 
 
 @step("ppo_run", resumable=True, devices=1, memory_gib=6, files={"run": "run"},

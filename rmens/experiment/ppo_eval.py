@@ -19,7 +19,8 @@ from rmens.io import write_json, write_jsonl
 from rmens.steps import Output, step
 
 if TYPE_CHECKING:  # types only: settings enter the step's key as values
-    from rmens.config import AggregationConfig, GenerationConfig
+    from rmens.generation_config import GenerationConfig
+    from rmens.models.config import AggregationConfig
 
 
 def _reference_of(pool: pl.Pool) -> str:

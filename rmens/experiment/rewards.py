@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from rmens.arms import Arm
 from rmens.evaluation import logged_bon as lb
 from rmens.evaluation import pools as pl
 from rmens.evaluation.rm_metrics import ensemble_metrics, length_metrics, pairwise_accuracy
 from rmens.evaluation.stats import compare
-from rmens.experiment.config import ArmSpec, MtBenchConfig, PoolConfig
+from rmens.experiment.config import MtBenchConfig, PoolConfig
 from rmens.experiment.data import MT_BENCH, pools_file, read_split_pools
 from rmens.experiment.twins import twin_file
 from rmens.io import write_json
@@ -31,7 +32,7 @@ from rmens.models.aggregate import aggregate_with
 from rmens.steps import Output, step
 
 if TYPE_CHECKING:  # types only: settings enter the step's key as values
-    from rmens.config import AggregationConfig
+    from rmens.models.config import AggregationConfig
 
 JUDGE_NAMES = {"ae1": "GPT-4 (AlpacaEval 1, against text_davinci_003)",
                "ae2": "GPT-4-turbo (AlpacaEval 2, against gpt4_1106_preview)",
@@ -129,7 +130,7 @@ def over_runs(run_rows: list[list[dict]], metric: str, fixed: bool) -> tuple[lis
 
 
 def evaluate_set(es: EvaluationSet, tables: dict[str, pl.ScoreTable], twins: dict[str, pl.ScoreTable],
-                 arms: list[ArmSpec], runs: dict[str, int], rules: list[AggregationConfig]) -> tuple[dict, dict, dict]:
+                 arms: list[Arm], runs: dict[str, int], rules: list[AggregationConfig]) -> tuple[dict, dict, dict]:
     """(logged_bon entry, per-pool values of every series, agreement) of one evaluation set."""
     entry = {"judge_name": JUDGE_NAMES[es.name], "metric": es.metric, "n_pools": es.n_pools,
              "pool_sizes": es.pool_sizes, "ns": es.ns,
@@ -158,7 +159,7 @@ def evaluate_set(es: EvaluationSet, tables: dict[str, pl.ScoreTable], twins: dic
 
 
 @step("rewards", memory_gib=4)
-def rewards_step(folder: Path, *, pools: Output, scores: dict[str, Output], twins: Output, arms: list[ArmSpec],
+def rewards_step(folder: Path, *, pools: Output, scores: dict[str, Output], twins: Output, arms: list[Arm],
                  runs: dict[str, int], rules: list[AggregationConfig], config: PoolConfig,
                  mt_bench: MtBenchConfig) -> dict:
     """Held-out agreement and logged-output Best-of-n curves of every arm x rule (over its runs), its

@@ -16,7 +16,8 @@ from rmens.io import write_json, write_jsonl
 from rmens.steps import Output, step
 
 if TYPE_CHECKING:  # types only: settings enter the step's key as values
-    from rmens.config import EnsembleConfig, TrainConfig
+    from rmens.models.config import EnsembleConfig
+    from rmens.training.config import TrainConfig
 
 
 @step("train", devices=1, memory_gib=4, files={"ensemble": "ensemble"},

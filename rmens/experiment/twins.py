@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rmens.config import EnsembleConfig, derive
+from rmens.config import derive
 from rmens.data.loaders import load_jsonl_pairs
 from rmens.evaluation import pools as pl
 from rmens.experiment.measure import measure
 from rmens.io import write_json
+from rmens.models.config import EnsembleConfig
 from rmens.steps import Output, step
 
 

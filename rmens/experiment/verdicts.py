@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from rmens.arms import Arm
 from rmens.evaluation.logged_bon import evaluation_sets
 from rmens.evaluation.stats import compare, holm, minimum_detectable_difference, runs_needed, verdict
-from rmens.experiment.config import ArmSpec, ExperimentConfig
+from rmens.experiment.config import ExperimentConfig
 
 ZHANG, AHMED, COSTE = "Zhang et al. 2024", "Zhang et al. 2024; Ahmed et al. 2024", "Coste et al. 2023"
 CONSERVATIVE = ("min", "lcb", "uwo")
@@ -58,7 +59,7 @@ class Evidence:
         """[runs, pools] values of a series ("arms:linear-k5/mean", "twins:...", "baselines:random")."""
         return np.array(self.values[name][series][str(n)], dtype=np.float64)
 
-    def pooled(self, name: str, arms: list[ArmSpec], rule: str, n: int, group: str = "arms") -> np.ndarray:
+    def pooled(self, name: str, arms: list[Arm], rule: str, n: int, group: str = "arms") -> np.ndarray:
         """Every run of every listed arm under one rule, stacked: [sum of runs, pools] (row order fixed, so
         that two rules' stacks are paired run by run)."""
         return np.concatenate([self.matrix(name, f"{group}:{arm.label}/{rule}", n) for arm in arms])

@@ -15,7 +15,7 @@ from typing import get_args
 
 import torch
 
-from rmens.config import AggregationConfig, Rule
+from rmens.models.config import AggregationConfig, Rule
 
 RULES: tuple[str, ...] = get_args(Rule)  # the names live once, in the config's type
 

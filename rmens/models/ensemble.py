@@ -34,9 +34,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rmens.config import EnsembleConfig
 from rmens.io import check_writable, refuse_foreign_folder, write_json
 from rmens.models.backbone import context_length, load_backbone, load_tokenizer
+from rmens.models.config import EnsembleConfig
 from rmens.models.standardise import MemberStandardisation
 from rmens.seeding import Stream, seed_for
 

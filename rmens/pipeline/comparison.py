@@ -22,19 +22,19 @@ REPORT_COLUMNS = {
     "prepare_data": ["n_train", "n_val", "flipped"],
     "train_ensemble": ["val_accuracy", "val_member_accuracy_mean", "val_ece", "val_agreement_longer_lost",
                        "val_length_rule_agreement", "val_margin_std", "steps", "train_wall_s", "param_mib"],
-    "best_of_n": ["judge_at_N", "judge_gain", "proxy_at_N"],
-    "ppo": ["final_reward", "final_kl", "final_judge", "ppo_wall_s"],
+    "best_of_n": ["gold_at_N", "gold_gain", "proxy_at_N"],
+    "ppo": ["final_reward", "final_kl", "final_gold", "ppo_wall_s"],
     "evaluate": ["win_rate", "win_rate_se", "lc_win_rate", "mt_bench_score", "mt_bench_turn_1", "mt_bench_turn_2",
                  "avg_output_chars"],
 }
 
 
 def rows_from(outputs: dict[str, Output]) -> list[dict]:
-    """One row per artifact (per arm and rule for Best-of-n): label, stage, numbers, folder."""
+    """One row per artifact (per arm run and rule for Best-of-n): label, stage, numbers, folder."""
     rows = []
     for label, ref in outputs.items():
         values = {k: v for k, v in ref.summary.items() if isinstance(v, (int, float, str))}
-        if ref.step == "best_of_n":  # keys are "<metric>/<arm>/<rule>"
+        if ref.step == "best_of_n":  # keys are "<metric>/<arm run>/<rule>"
             arms: dict[str, dict] = {}
             for key, value in values.items():
                 metric, _, name = key.partition("/")
@@ -74,8 +74,8 @@ def report(folder: Path, *, title: str, outputs: dict[str, Output]) -> dict:
 
 
 def overlay_figures(outputs: dict[str, Output], folder: Path) -> list[str]:
-    """Every arm in one figure: training loss by step, Best-of-n (proxy and judge against KL_bon) and PPO
-    (judge and proxy against KL)."""
+    """Every arm in one figure: training loss by step, Best-of-n (proxy and gold against KL_bon) and PPO
+    (gold and proxy against KL)."""
     from rmens.evaluation.overlay import plot_bon_overlay, plot_ppo_overlay, plot_train_overlay
 
     made = []

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from rmens.config import DataConfig
+from rmens.data.config import DataConfig
 from rmens.data.schema import PreferencePair
 from rmens.data.sources import model_paths, paths_read
 from rmens.io import write_json, write_jsonl

@@ -1,14 +1,15 @@
-"""Pipeline step: evaluate one policy (or one Best-of-n selection) with the judge: AlpacaEval-style win rate
-against reference outputs, MT-Bench grades, and for PPO runs the judge/proxy-versus-KL curve."""
+"""Pipeline step: evaluate one policy (or one Best-of-n selection) with the gold: AlpacaEval-style win rate
+against reference outputs, MT-Bench grades, and for PPO runs the gold/proxy-versus-KL curve."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from rmens.config import EvalConfig, JudgeConfig, Selection
-from rmens.data.sources import model_paths, paths_read
+from rmens.data.loaders import data_root
+from rmens.data.sources import alpaca_eval_paths, model_paths
 from rmens.io import read_jsonl, write_json, write_jsonl
-from rmens.pipeline.judging import load_judge, write_unparsed
+from rmens.pipeline.config import EvalConfig, GoldConfig, Selection
+from rmens.pipeline.gold import gold_paths, load_gold, write_unparsed
 from rmens.seeding import Stream
 from rmens.steps import Output, step
 
@@ -29,29 +30,35 @@ def eval_set(cfg: EvalConfig) -> tuple[list[str], list[str]]:
 
 
 def _mt_bench_source(cfg: EvalConfig) -> str | None:
-    from rmens.data.loaders import data_root
-
     if cfg.mt_bench_path:
         return cfg.mt_bench_path
     root = data_root()
     return str(root / "mt_bench") if root and (root / "mt_bench" / "question.jsonl").is_file() else None
 
 
-def run_mt_bench(cfg: EvalConfig, judge, policy, tokenizer, instructions, references, folder: Path) -> dict:
+def eval_paths(cfg: EvalConfig) -> list[Path]:
+    """Files outside the store an evaluation reads: the AlpacaEval folder and the MT-Bench questions."""
+    mt_bench = [Path(cfg.mt_bench_path)] if cfg.mt_bench_path else (
+        [data_root() / "mt_bench"] if data_root() is not None and cfg.mt_bench else [])
+    return (alpaca_eval_paths(None) if cfg.source == "alpaca_eval" else []) + mt_bench
+
+
+def run_mt_bench(cfg: EvalConfig, gold, policy, tokenizer, instructions, references, folder: Path) -> dict:
+    """MT-Bench answers of `policy`, graded by the gold (a Judge object)."""
     from rmens.evaluation import mt_bench
     from rmens.evaluation.judges import AlpacaEvalJudge, LocalLLMJudge
 
-    if isinstance(judge, AlpacaEvalJudge):
-        return {"mt_bench_skipped": "alpaca_eval annotators compare pairs and cannot grade; use a local_llm judge"}
+    if isinstance(gold, AlpacaEvalJudge):
+        return {"mt_bench_skipped": "alpaca_eval annotators compare pairs and cannot grade; use a local_llm gold"}
     source = _mt_bench_source(cfg)
     if source is None:
         return {"mt_bench_skipped": "no MT-Bench questions: set evaluate.mt_bench_path or RMENS_DATA_DIR"}
     questions = mt_bench.load_questions(source)[: cfg.mt_bench_questions]
     answers = mt_bench.answer_questions(policy, tokenizer, questions, cfg.generation)
-    mapping = None if isinstance(judge, LocalLLMJudge) else \
-        mt_bench.RewardScoreMapping.calibrate(judge, instructions, references)
+    mapping = None if isinstance(gold, LocalLLMJudge) else \
+        mt_bench.RewardScoreMapping.calibrate(gold, instructions, references)
     refs = mt_bench.load_reference_answers(source) if Path(source).is_dir() else {}
-    grades = mt_bench.grade(judge, questions, answers, refs, mapping)
+    grades = mt_bench.grade(gold, questions, answers, refs, mapping)
     summary = mt_bench.summarize(grades)
     write_jsonl(folder / "mt_bench_answers.jsonl", answers)
     write_json(folder / "mt_bench.json", {"summary": summary, "grades": grades,
@@ -61,24 +68,24 @@ def run_mt_bench(cfg: EvalConfig, judge, policy, tokenizer, instructions, refere
 
 @step("evaluate", devices=1, memory_gib=4,
       files={"alpaca_eval": "alpaca_eval", "ppo_points": "ppo_points.json"},
-      reads=lambda eval_cfg, judge_cfg, policy=None, **_: paths_read(eval_cfg) + paths_read(judge_cfg)
+      reads=lambda eval_cfg, gold_cfg, policy=None, **_: eval_paths(eval_cfg) + gold_paths(gold_cfg)
       + model_paths(policy))
-def evaluate(folder: Path, *, label: str, eval_cfg: EvalConfig, judge_cfg: JudgeConfig, judge: Output | None,
+def evaluate(folder: Path, *, label: str, eval_cfg: EvalConfig, gold_cfg: GoldConfig, gold: Output | None,
              policy: str | None = None, ppo_run: Output | None = None, bon: Output | None = None,
              bon_selection: Selection | None = None, proxy: Output | None = None) -> dict:
     """Exactly one source: `policy` (a model), `ppo_run` (its trained policy and checkpoints), or `bon` with
     `bon_selection` (which of the best_of_n step's picks)."""
     if sum(x is not None for x in (policy, ppo_run, bon)) != 1:
         raise ValueError("evaluate needs exactly one of policy, ppo_run or bon")
-    judge_obj = load_judge(judge_cfg, judge)
+    judge = load_gold(gold_cfg, gold)  # the gold as a rmens.evaluation.judges.Judge
     try:
-        summary = _judge_all(folder, judge_obj, label, eval_cfg, policy, ppo_run, bon, bon_selection, proxy)
-    finally:  # also when judging failed on too many unparsed outputs: the records show what the judge wrote
-        unparsed = write_unparsed(folder, judge_obj)
-    return {**summary, "judge_unparsed": unparsed}
+        summary = _judge_all(folder, judge, label, eval_cfg, policy, ppo_run, bon, bon_selection, proxy)
+    finally:  # also when judging failed on too many unparsed outputs: the records show what the gold wrote
+        unparsed = write_unparsed(folder, judge)
+    return {**summary, "gold_unparsed": unparsed}
 
 
-def _judge_all(folder: Path, judge_obj, label: str, eval_cfg: EvalConfig, policy: str | None, ppo_run: Output | None,
+def _judge_all(folder: Path, judge, label: str, eval_cfg: EvalConfig, policy: str | None, ppo_run: Output | None,
                bon: Output | None, bon_selection: Selection | None, proxy: Output | None) -> dict:
     from rmens.evaluation import alpaca_eval
     from rmens.evaluation.curves import curve_from_points, save_curves
@@ -101,7 +108,7 @@ def _judge_all(folder: Path, judge_obj, label: str, eval_cfg: EvalConfig, policy
         model, tokenizer = load_policy(path), load_tokenizer(path, padding_side="left")
         outputs = generate(model, tokenizer, instructions, eval_cfg.generation, stream=Stream.EVAL_SAMPLE).texts
     if eval_cfg.alpaca_eval:
-        wr = alpaca_eval.win_rate(judge_obj, instructions, outputs, references, generator=label,
+        wr = alpaca_eval.win_rate(judge, instructions, outputs, references, generator=label,
                                   reference_generator=eval_cfg.reference if eval_cfg.source == "alpaca_eval"
                                   else "synthetic-reference", output_dir=folder / "alpaca_eval")
         summary.update({"win_rate": wr["win_rate"], "win_rate_se": wr["standard_error"],
@@ -112,15 +119,15 @@ def _judge_all(folder: Path, judge_obj, label: str, eval_cfg: EvalConfig, policy
         else:
             summary["lc_win_rate_unavailable"] = wr["length_controlled_unavailable"]
     if eval_cfg.mt_bench and model is not None:
-        mt = run_mt_bench(eval_cfg, judge_obj, model, tokenizer, instructions, references, folder)
+        mt = run_mt_bench(eval_cfg, judge, model, tokenizer, instructions, references, folder)
         summary.update({f"mt_bench_{k}": v for k, v in mt.items() if isinstance(v, (int, float, str))})
     if ppo_run is not None and proxy is not None:
         from rmens.evaluation.ppo_eval import evaluate_run
         from rmens.reward import EnsembleReward
 
         proxy_fn = EnsembleReward.from_folder(proxy.file("ensemble"))
-        points = evaluate_run(ppo_run.file("run"), instructions[:8], {"judge": judge_obj, "proxy": proxy_fn},
+        points = evaluate_run(ppo_run.file("run"), instructions[:8], {"gold": judge, "proxy": proxy_fn},
                               reward_folder=proxy.file("ensemble"))
         write_json(folder / "ppo_points.json", points)
-        save_curves(curve_from_points(points, ["judge", "proxy"]), "rl", folder / "ppo_curve", f"PPO: {label}")
+        save_curves(curve_from_points(points, ["gold", "proxy"]), "rl", folder / "ppo_curve", f"PPO: {label}")
     return summary

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rmens.config import EnsembleConfig, TrainConfig
 from rmens.data.sources import model_paths
 from rmens.io import write_json
+from rmens.models.config import EnsembleConfig
 from rmens.pipeline.data import read_pairs
 from rmens.steps import Output, report_metrics, step
+from rmens.training.config import TrainConfig
 
 
 @step("train_ensemble", devices=1, memory_gib=4, files={"ensemble": "ensemble", "val_metrics": "val_metrics.json"},
       reads=lambda ensemble, **_: model_paths(ensemble.backbone))
 def train_ensemble(folder: Path, *, data: Output, ensemble: EnsembleConfig, train_cfg: TrainConfig, label: str) -> dict:
-    """`label` names the arm ('linear-k3', 'single-s0', 'judge') in the reliability diagram."""
+    """`label` names the arm run ('linear-k3-r0', 'single-r1', 'gold') in the reliability diagram."""
     from rmens.evaluation.curves import reliability_diagram
     from rmens.evaluation.offline_judge import agreement_report
     from rmens.evaluation.rm_metrics import scalar_metrics

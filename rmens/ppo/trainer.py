@@ -218,7 +218,8 @@ def _value_from_reward(cfg: PPOConfig, reward_folder, lora) -> tuple[nn.Module, 
 
 
 # Settings a run may change when it resumes from a checkpoint: they do not change what was trained so far.
-RESUME_SAFE = frozenset({"steps", "progress", "checkpoint_every", "keep_checkpoints", "judge_every"})
+# (judge_every: gold_every's name in checkpoints saved before the role was called gold.)
+RESUME_SAFE = frozenset({"steps", "progress", "checkpoint_every", "keep_checkpoints", "gold_every", "judge_every"})
 RUN_FILES = ("checkpoints", "policy", "history.json")  # what marks a folder as a PPO run's
 
 
@@ -251,7 +252,7 @@ def resume_conflicts(saved: dict, cfg: PPOConfig, reward: str | None) -> list[st
 
 class PPOTrainer:
     def __init__(self, cfg: PPOConfig, prompts: list[str], reward_fn: RewardFn, output_dir: str | Path,
-                 *, judge_fn: RewardFn | None = None, reward_folder: str | Path | None = None,
+                 *, gold_fn: RewardFn | None = None, reward_folder: str | Path | None = None,
                  log_fn: Callable[[int, dict], None] | None = None, accelerator: Accelerator | None = None,
                  reward_id: str | None = None):
         if not prompts:
@@ -263,7 +264,7 @@ class PPOTrainer:
         self.cfg = cfg
         self.prompts = list(prompts)
         self.reward_fn = reward_fn
-        self.judge_fn = judge_fn
+        self.gold_fn = gold_fn
         self.output_dir = output_dir
         self.log_fn = log_fn
         self.acc = accelerator or Accelerator()
@@ -355,9 +356,9 @@ class PPOTrainer:
             for i, member in enumerate(rewards.members):
                 stats[f"reward_m{i}"] = self._reduce_mean(member.mean())
             stats["reward_std"] = self._reduce_mean(member_std(rewards.members).mean())
-        if self.judge_fn is not None and self.cfg.judge_every and step % self.cfg.judge_every == 0:
-            judged = self.judge_fn(prompts, samples.texts).check(len(prompts), f"judge at PPO step {step}")
-            stats["judge"] = self._reduce_mean(judged.scores.mean())
+        if self.gold_fn is not None and self.cfg.gold_every and step % self.cfg.gold_every == 0:
+            judged = self.gold_fn(prompts, samples.texts).check(len(prompts), f"gold at PPO step {step}")
+            stats["gold"] = self._reduce_mean(judged.scores.mean())
         return Rollout(prompts, samples.texts, batch, logprobs, ref_logprobs, values, scores, stats)
 
     def _global_whiten(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

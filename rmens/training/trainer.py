@@ -29,16 +29,17 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from rmens.config import EnsembleConfig, TrainConfig
 from rmens.data.encoding import EncodedPairs, PairCollator, PairEncoder, encode_pairs
 from rmens.data.schema import PreferencePair, validate_pairs
 from rmens.data.splits import member_weights, split_by_instruction
 from rmens.evaluation.rm_metrics import ensemble_metrics, length_metrics, scalar_metrics
 from rmens.models.backbone import load_tokenizer
+from rmens.models.config import EnsembleConfig
 from rmens.models.context import check_max_length
 from rmens.models.ensemble import RewardEnsemble, build_ensemble, check_output_folder, to_lora
 from rmens.models.standardise import MemberStandardisation, calibrate, calibration_subset, pair_responses
 from rmens.seeding import Stream, seed_for
+from rmens.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ def score_registered(uri: str, pairs: list[PreferencePair]) -> dict[str, float]:
 
     import yaml
 
-    from rmens.config import AggregationConfig
     from rmens.models.aggregate import aggregate_with
+    from rmens.models.config import AggregationConfig
     from rmens.reward import EnsembleReward, UnstandardisedEnsembleError
     from tasks.registry.model import download_ensemble
 

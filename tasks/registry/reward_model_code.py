@@ -15,7 +15,7 @@ import pandas as pd
 
 class RewardEnsembleModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from rmens.config import AggregationConfig
+        from rmens.models.config import AggregationConfig
         from rmens.reward import EnsembleReward
 
         aggregation = AggregationConfig.model_validate((context.model_config or {}).get("aggregation", {}))
