@@ -591,6 +591,12 @@ class JudgeConfig(StrictModel):
     retired: ClassVar[dict[str, str]] = {
         "held_out_fraction": "set judge.data.val_fraction (the judge pairs kept back to measure agreement)"}
 
+    def data_sources(self) -> dict[str, BaseModel]:
+        return {"judge.data": self.data} if self.kind == "reward_model" else {}
+
+    def trained_ensembles(self) -> dict[str, EnsembleConfig]:
+        return {"judge.ensemble": self.ensemble} if self.kind == "reward_model" else {}
+
 
 class EvalConfig(StrictModel):
     source: Literal["alpaca_eval", "synthetic"] = Field(
@@ -626,19 +632,38 @@ class TrainFlowConfig(StrictModel):
     log_model: bool = Field(True, description="Log the ensemble as an MLflow pyfunc model and register it (retrain "
                                               "needs true).")
 
+    def data_sources(self) -> dict[str, BaseModel]:
+        """Every section that reads data, by setting name (for checks before any work)."""
+        return {"data": self.data}
+
+    def trained_ensembles(self) -> dict[str, EnsembleConfig]:
+        """The ensemble settings trained, by section (for checks before any work)."""
+        return {"ensemble": self.ensemble}
+
 
 class RetrainConfig(TrainFlowConfig):
-    """The scheduled `retrain` flow: retrain on the current data; promote only a better model."""
+    """The scheduled `retrain` flow: retrain on the current data; promote only a better model.
+
+    Its registered versions' aliases: `candidate_alias` moves to every version it registers, promoted or not;
+    `champion_alias` and the `label` move only to a promoted one, so that what consumers load never is a
+    rejected candidate."""
+
+    label: Alias = Field("ensemble", description="Names the run and its stages; also an alias that moves, with "
+                                                "champion_alias, only to a promoted version.")
+    metric: Literal["accuracy", "ece"] = Field("accuracy", description="Held-out metric that decides promotion.")
+    min_improvement: float = Field(0.0, ge=0, description="The candidate must beat the champion by more than this.")
+    champion_alias: Alias = Field("champion", description="The registry alias moved to a better candidate.")
+    candidate_alias: Alias = Field("candidate", description="The registry alias of the newest version retrain "
+                                                            "registered, promoted or not (to inspect, not to serve).")
 
     @model_validator(mode="after")
     def _registers(self) -> RetrainConfig:
         if not self.log_model:
             raise ValueError("log_model: retrain compares registered models, so it must be true")
+        if self.candidate_alias in (self.label, self.champion_alias):
+            raise ValueError(f"candidate_alias: {self.candidate_alias!r} moves to every new version, rejected ones "
+                             "too, so it cannot also be the label or champion_alias")
         return self
-
-    metric: Literal["accuracy", "ece"] = Field("accuracy", description="Held-out metric that decides promotion.")
-    min_improvement: float = Field(0.0, ge=0, description="The candidate must beat the champion by more than this.")
-    champion_alias: str = Field("champion", description="The registry alias moved to a better candidate.")
 
 
 class EvaluateFlowConfig(StrictModel):
@@ -650,6 +675,14 @@ class EvaluateFlowConfig(StrictModel):
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="The judge (a reward_model one is trained "
                                                                         "first).")
     evaluate: EvalConfig = Field(default_factory=EvalConfig, description="What is evaluated, and how.")
+
+    def data_sources(self) -> dict[str, BaseModel]:
+        """Every section that reads data, by setting name (for checks before any work)."""
+        return {**self.judge.data_sources(), "evaluate": self.evaluate}
+
+    def trained_ensembles(self) -> dict[str, EnsembleConfig]:
+        """The ensemble settings trained, by section (for checks before any work)."""
+        return self.judge.trained_ensembles()
 
 
 class PipelineConfig(StrictModel):
@@ -701,13 +734,12 @@ class PipelineConfig(StrictModel):
 
     def data_sources(self) -> dict[str, BaseModel]:
         """Every section that reads data, by setting name (for checks before any work)."""
-        return {"data": self.data, **({"judge.data": self.judge.data} if self.judge.kind == "reward_model" else {}),
-                "bon_prompts": self.bon_prompts, "ppo_prompts": self.ppo_prompts, "evaluate": self.evaluate}
+        return {"data": self.data, **self.judge.data_sources(), "bon_prompts": self.bon_prompts,
+                "ppo_prompts": self.ppo_prompts, "evaluate": self.evaluate}
 
     def trained_ensembles(self) -> dict[str, EnsembleConfig]:
         """The ensemble settings reward models are trained with, by section (for checks before any work)."""
-        return {"ensemble": self.ensemble,
-                **({"judge.ensemble": self.judge.ensemble} if self.judge.kind == "reward_model" else {})}
+        return {"ensemble": self.ensemble, **self.judge.trained_ensembles()}
 
 
 def derive(config: BaseModel, **changes: Any) -> Any:

@@ -145,15 +145,16 @@ def _log_datasets(ctx: StageContext, output: Output) -> None:
 
 
 def _log_model(ctx: StageContext, output: Output) -> None:
-    """A trained reward model as an MLflow model (registered under the flow's name, its label the alias);
-    the gold judge is not one of the models a user deploys."""
+    """A trained reward model as an MLflow model (registered under the flow's name, its label the alias unless
+    the flow names others); the gold judge is not one of the models a user deploys."""
     mlflow.log_artifact(str(output.file("ensemble") / "ensemble.json"))
     if not ctx.log_models or ctx.stage_label == "judge":
         return
     from rmens.config import AggregationConfig
     from tasks.registry import log_and_register
 
-    uri, version = log_and_register(str(output.file("ensemble")), ctx.registered_model, [ctx.stage_label],
+    aliases = [ctx.stage_label] if ctx.model_aliases is None else ctx.model_aliases
+    uri, version = log_and_register(str(output.file("ensemble")), ctx.registered_model, aliases,
                                     AggregationConfig().model_dump())
     set_tags(client_for(ctx), output.run_id, {"rmens.model_uri": uri, "rmens.model_version": str(version)})
     # An id, not a measurement: text in the summary (so not a metric), read by the retrain flow. `after`
