@@ -29,9 +29,9 @@ def child(model: str, prompt_mb: float, cut: bool, max_length: int) -> dict:
     import torch
     import transformers
 
-    from rmens.models.config import EnsembleConfig
     from rmens.data.encoding import PairEncoder
     from rmens.models.backbone import load_tokenizer
+    from rmens.models.config import EnsembleConfig
     from rmens.models.ensemble import build_ensemble
     from rmens.reward import EnsembleReward
 

@@ -1,11 +1,11 @@
 """Give a flow run its MLflow account without putting the password into deployment job variables.
 
-Run by the `pipeline-gpu` deployment's pull step (prefect.yaml) inside each flow-run container, before the
+Run by the `pipeline-gpu` deployment's pull step (prefect-gpu.yaml) inside each flow-run container, before the
 flow starts. It reads the Prefect Secret block named by RMENS_MLFLOW_SECRET_BLOCK (default
 `rmens-mlflow-flows`, a JSON value `{"username": ..., "password": ...}`) through the Prefect API the run
 already talks to, and writes MLflow's own credentials file, ~/.mlflow/credentials (mode 0600), which the
 MLflow client reads when MLFLOW_TRACKING_USERNAME/PASSWORD are not set. The file lives in the run's
-container only (a tmpfs there, see prefect.yaml); nothing is printed but the user name.
+container only (a tmpfs there, see prefect-gpu.yaml); nothing is printed but the user name.
 
 When both MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD are already in the environment (a process
 worker started from a shell that exports them), it leaves everything as it is.

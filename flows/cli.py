@@ -24,9 +24,9 @@ import os
 import signal
 import sys
 import time
-import warnings
 from pathlib import Path
 
+from flows.entry import CONSOLE_ENV, quiet_console
 from flows.services import (
     SERVER_ORIGINS,
     SERVER_PORT,
@@ -54,64 +54,26 @@ def pipeline_config(args):
     return PipelineConfig.model_validate(apply_overrides(data, args.set or []))
 
 
-# What the orchestration stack reads at import; offline, telemetry only logs failures (the tests use it too).
+# What the servers rmens starts read (the console's settings are flows.entry's, which every flow shares; the
+# tests use both).
 QUIET_ENV = {
+    **CONSOLE_ENV,
     # Prefect's server allows every origin by default, so any web page could create flow runs that a polling
     # worker would execute; the servers rmens starts (temporary or `rmens server start`) answer only pages
     # of their own UI's origin (a browser preflights every JSON write and gets a 400 from elsewhere).
     "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": SERVER_ORIGINS,
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "1",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
-
-
-def show_progress() -> None:
-    """The console's stage lines (tasks.runtime.stager logs one as each stage starts and ends), on their own
-    handler: Prefect's logging set-up, which quiets the other loggers to WARNING, leaves this one alone."""
-    progress = logging.getLogger("rmens.progress")
-    if not progress.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s  %(message)s", "%H:%M:%S"))
-        progress.addHandler(handler)
-        progress.setLevel(logging.INFO)
-        progress.propagate = False
-
-
-def quiet_known_warnings() -> None:
-    """Known-harmless third-party warnings, silenced by message (the rest still show)."""
-    # alpaca_eval imports pkg_resources; setuptools is pinned below 81, where it still exists.
-    warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # per-file bars when logging models
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its INFO lines (table creation, signature checks)
-    # Its SQL layer logs each failed statement with a traceback, then raises the same error to the caller,
-    # which reports it once (a full disk gave dozens of them).
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
-
-
-class OneTraceback(logging.Filter):
-    """Prefect logs a failed task's traceback and then the flow's as they fail; the command ends with the error
-    itself (one line for a user's or the machine's, the traceback for a fault), so the console keeps that one.
-    (The records reach Prefect's API handler first, with their tracebacks, for its UI.)"""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.startswith("prefect.") and record.exc_info:
-            record.exc_info = record.exc_text = None
-        return True
 
 
 def prepare_environment(project_dir: str, announce: bool = True) -> None:
     """Settings Prefect and MLflow read at import: keep their state in the project, no telemetry."""
-    show_progress()
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(OneTraceback())
-    quiet_known_warnings()
+    quiet_console()  # after logging.basicConfig (rmens.cli.run_command): its handler is the console
     home = Path(os.environ.get("RMENS_HOME", Path(project_dir).parent)).resolve()
     os.environ.setdefault("PREFECT_HOME", str(home / ".prefect"))
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level
-    for key, value in {**QUIET_ENV, "PREFECT_LOGGING_LEVEL": "WARNING"}.items():
+    for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     if "PREFECT_API_URL" not in os.environ:
         url = running_server_url()
@@ -221,6 +183,9 @@ def cmd_flow(args) -> int:
 
     model = {"train": TrainFlowConfig, "evaluate": EvaluateFlowConfig, "retrain": RetrainConfig}[args.name]
     config = job_config(model, args)
+    from rmens.preflight import check_before_work
+
+    check_before_work(config)  # here as well as in the flow: before a temporary server starts
     check_servers()
     prepare_environment(config.project_dir)
     with prefect_api():

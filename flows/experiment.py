@@ -7,10 +7,13 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from flows.entry import entry_point
 from rmens.experiment.config import ExperimentConfig, load_experiment
 from rmens.experiment.data import check_inputs, source_fingerprints
 from rmens.experiment.plan import Part, run_plan
 from rmens.experiment.runner import claim_output, publish
+from rmens.io import check_writable
+from rmens.models.context import check_max_lengths
 from rmens.steps import Store
 from rmens.steps.runner import check
 from tasks.runtime.paths import ProjectPaths
@@ -18,14 +21,18 @@ from tasks.runtime.stager import Stager, flow_run_name, flow_run_tags
 from tasks.runtime.tracking import client_for, parent_run
 
 
-@flow(name="rmens-experiment", flow_run_name=flow_run_name("experiment"), validate_parameters=True)
+@flow(name="rmens-experiment", flow_run_name=flow_run_name("experiment"), validate_parameters=False)
+@entry_point
 def experiment(config: ExperimentConfig | None = None, size: str = "tiny", overrides: list[str] | None = None,
                out: str | None = None, part: Part = "all", refresh: bool = False) -> dict:
     """Give a full `config`, or a `size` with dotted `overrides`. `out` (default runs/experiment-<size>)
     holds the MLflow store, the artifacts and the published results."""
     config = config or load_experiment(size, overrides)
+    out = out or f"runs/experiment-{config.size}"
     check_inputs(config.data, config.pools.judges, config.mt_bench)
-    root = claim_output(out or f"runs/experiment-{config.size}", config)
+    check_writable(out, "out")
+    check_max_lengths(config.trained_ensembles())
+    root = claim_output(out, config)
     paths = ProjectPaths.at(root).make()
     sources = source_fingerprints(config.data, config.mt_bench)
     total = len(check(run_plan, Store(paths.artifacts), config, part=part, sources=sources).outputs)

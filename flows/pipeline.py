@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.entry import entry_point
 from rmens.pipeline.config import PipelineConfig, load_preset
 from rmens.pipeline.plan import run_pipeline
 from rmens.preflight import check_before_work
@@ -19,7 +20,8 @@ from tasks.runtime.stager import Stager, flow_run_name, flow_run_tags
 from tasks.runtime.tracking import parent_run
 
 
-@flow(name="rmens-pipeline", flow_run_name=flow_run_name("pipeline"), validate_parameters=True)
+@flow(name="rmens-pipeline", flow_run_name=flow_run_name("pipeline"), validate_parameters=False)
+@entry_point
 def pipeline(config: PipelineConfig | None = None, preset: str = "smoke", overrides: list[str] | None = None,
              refresh: bool = False) -> dict:
     """Run every step of the pipeline; returns {label: summary} and the Prefect state of each step.

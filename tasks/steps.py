@@ -146,16 +146,17 @@ def _log_datasets(ctx: StageContext, output: Output) -> None:
 
 
 def _log_model(ctx: StageContext, output: Output) -> str | None:
-    """A trained reward model as an MLflow model (registered under the flow's name, its label the alias, its
-    version described and tagged with its arm); the gold is not one of the models a user deploys.
-    Returns the logged model's id, to which the step's final metrics are linked."""
+    """A trained reward model as an MLflow model (registered under the flow's name, its label the alias unless
+    the flow names others, its version described and tagged with its arm); the gold is not one of the models a
+    user deploys. Returns the logged model's id, to which the step's final metrics are linked."""
     mlflow.log_artifact(str(output.file("ensemble") / "ensemble.json"))
     if not ctx.log_models or ctx.stage_label == "gold":
         return None
     from rmens.models.config import AggregationConfig
     from tasks.registry import log_and_register
 
-    uri, version = log_and_register(str(output.file("ensemble")), ctx.registered_model, [ctx.stage_label],
+    aliases = [ctx.stage_label] if ctx.model_aliases is None else ctx.model_aliases
+    uri, version = log_and_register(str(output.file("ensemble")), ctx.registered_model, aliases,
                                     AggregationConfig().model_dump())
     client = client_for(ctx)
     set_tags(client, output.run_id, {"rmens.model_uri": uri, "rmens.model_version": str(version)})

@@ -1,4 +1,5 @@
-"""prefect.yaml and the docker stack, checked as far as possible without a Docker engine or a server."""
+"""prefect.yaml, prefect-gpu.yaml and the docker stack, checked as far as possible without a Docker engine or a
+server (tests/test_deployments.py deploys to a real one)."""
 
 import importlib.util
 import re
@@ -24,36 +25,64 @@ def prefect_yaml():
     return yaml.safe_load((ROOT / "prefect.yaml").read_text())
 
 
-def test_deployments_point_at_flows_with_valid_parameters(prefect_yaml):
+@pytest.fixture(scope="module")
+def gpu_yaml():
+    """The GPU deployments, in their own file so that `prefect deploy --all` needs only the process pool."""
+    return yaml.safe_load((ROOT / "prefect-gpu.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def deployments(prefect_yaml, gpu_yaml):
+    return prefect_yaml["deployments"] + gpu_yaml["deployments"]
+
+
+def test_deployments_point_at_flows_with_valid_parameters(prefect_yaml, gpu_yaml, deployments):
     from prefect import Flow
 
-    names = {d["name"] for d in prefect_yaml["deployments"]}
-    assert {"pipeline-cpu", "pipeline-gpu", "evaluate", "retrain-nightly"} <= names
-    for deployment in prefect_yaml["deployments"]:
+    assert {d["name"] for d in prefect_yaml["deployments"]} == {"pipeline-cpu", "evaluate", "retrain-nightly"}
+    assert {d["name"] for d in gpu_yaml["deployments"]} == {"pipeline-gpu"}
+    for deployment in deployments:
         flow = load_flow(deployment["entrypoint"])
         assert isinstance(flow, Flow), deployment["name"]
         flow.validate_parameters(deployment.get("parameters", {}))  # pydantic validation, as a deployment does
 
 
-def test_presets_named_by_deployments_load(prefect_yaml):
+def test_presets_named_by_deployments_load(deployments):
     from rmens.pipeline.config import load_preset
 
-    for deployment in prefect_yaml["deployments"]:
+    for deployment in deployments:
         preset = deployment.get("parameters", {}).get("preset")
         if preset:
             assert load_preset(preset).name == preset
 
 
-def test_retrain_is_scheduled_and_pools_are_process_and_gpu_docker(prefect_yaml):
+def test_retrain_is_scheduled_one_at_a_time_and_pools_are_process_and_gpu_docker(prefect_yaml, gpu_yaml):
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy
     from prefect.client.schemas.schedules import CronSchedule
 
     retrain = next(d for d in prefect_yaml["deployments"] if d["name"] == "retrain-nightly")
     CronSchedule(cron=retrain["schedules"][0]["cron"], timezone=retrain["schedules"][0]["timezone"])
-    pools = prefect_yaml["definitions"]["work_pools"]
-    assert pools["local"]["name"] == "rmens-local"
-    gpu = pools["gpu"]["job_variables"]
-    assert gpu["container_create_kwargs"]["device_requests"][0]["capabilities"] == [["gpu"]]
-    assert gpu["image"] == "{{ $RMENS_GPU_IMAGE }}"
+    limit = retrain["concurrency_limit"]  # what happens to a run that would overlap the last one: said, not left
+    assert limit["limit"] == 1 and ConcurrencyLimitStrategy(limit["collision_strategy"])
+    assert {d["work_pool"]["name"] for d in prefect_yaml["deployments"]} == {"rmens-local"}
+    gpu = gpu_yaml["definitions"]["work_pools"]["gpu"]
+    assert gpu["name"] == "rmens-gpu"
+    assert gpu["job_variables"]["container_create_kwargs"]["device_requests"][0]["capabilities"] == [["gpu"]]
+    assert gpu["job_variables"]["image"] == "{{ $RMENS_GPU_IMAGE }}"
+
+
+def test_no_job_environment_comes_from_the_deployers_shell(prefect_yaml, gpu_yaml):
+    """`prefect deploy` fills a `{{ $VAR }}` from the deployer's environment and stores '' when it is unset
+    there; a worker then starts the flow run with {**its environment, **the job's env}, so the '' overrode
+    the worker's RMENS_DATA_DIR or MLFLOW_TRACKING_URI. A process worker passes its own environment on:
+    nothing in job env is needed for the local pool, and the GPU pool's values are fixed."""
+    sections = [prefect_yaml.get("definitions", {}), *prefect_yaml["deployments"],
+                gpu_yaml.get("definitions", {}), *gpu_yaml["deployments"]]
+    for section in sections:
+        for path, key, value in walk(section):
+            if "env" in path and isinstance(value, str):
+                assert "{{" not in value, f"{'.'.join(map(str, path))}.{key} = {value!r}"
+    assert "job_variables" not in prefect_yaml["definitions"]["work_pools"]["local"]
 
 
 @pytest.fixture(scope="module")
@@ -262,10 +291,12 @@ def walk(node, path=()):
             yield from walk(value, (*path, index))
 
 
-def test_job_variables_and_env_carry_no_secrets(prefect_yaml):
-    sections = [("definitions", prefect_yaml.get("definitions", {}))]
-    sections += [(d["name"], d) for d in prefect_yaml["deployments"]]
-    sections.append(("pull", prefect_yaml.get("pull") or []))
+def test_job_variables_and_env_carry_no_secrets(prefect_yaml, gpu_yaml):
+    sections = []
+    for document in (prefect_yaml, gpu_yaml):
+        sections.append(("definitions", document.get("definitions", {})))
+        sections += [(d["name"], d) for d in document["deployments"]]
+        sections.append(("pull", document.get("pull") or []))
     checked = 0
     for name, section in sections:
         for path, key, value in walk(section):
@@ -281,8 +312,8 @@ def test_job_variables_and_env_carry_no_secrets(prefect_yaml):
     assert checked > 10
 
 
-def test_gpu_runs_read_their_mlflow_account_at_run_time(prefect_yaml):
-    gpu = next(d for d in prefect_yaml["deployments"] if d["name"] == "pipeline-gpu")
+def test_gpu_runs_read_their_mlflow_account_at_run_time(gpu_yaml):
+    gpu = next(d for d in gpu_yaml["deployments"] if d["name"] == "pipeline-gpu")
     steps = [next(iter(step.items())) for step in gpu["pull"]]
     assert steps[0] == ("prefect.deployments.steps.set_working_directory", {"directory": "/opt/rmens"})
     script = next(inputs["script"] for fqn, inputs in steps if fqn.endswith("run_shell_script"))

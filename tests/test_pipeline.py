@@ -249,12 +249,17 @@ def test_retrain_promotes_only_a_better_model(harness, tmp_path):
             "train": {"lr": 0.002, "max_steps": 3, "batch_size": 8, "progress": False}}
     first = retrain(RetrainConfig.model_validate(base))
     assert first["promoted"] and first["reason"] == "no champion yet"
-    again = retrain(RetrainConfig.model_validate(base))
-    assert not again["promoted"] and "already is the champion" in again["reason"]
+    client, _ = runs_of(tmp_path)
+    aliases = lambda: client.get_registered_model("rmens-retrain-test").aliases  # noqa: E731
+    assert aliases() == {"candidate": 1, "champion": 1, "ensemble": 1}
+    again = retrain(RetrainConfig.model_validate(base))  # the same version: decided once, by the first run
+    assert not again["promoted"] and again["decision"] == "already-decided" and "no champion yet" in again["reason"]
     assert all(state == "Cached" for state in again["states"].values())
     worse = retrain(RetrainConfig.model_validate(apply_overrides(base, ["train.lr=1e-7", "min_improvement=0.5"])))
     assert not worse["promoted"] and worse["reason"].startswith("kept the champion")
     assert worse["champion_version"] == first["champion_version"]
+    # The rejected candidate is @candidate only: what consumers load (@champion, the label's alias) stays.
+    assert aliases() == {"candidate": 2, "champion": 1, "ensemble": 1}
     client, runs = runs_of(tmp_path)
     latest = max(runs, key=lambda r: r.info.start_time if r.data.tags.get("rmens.decision") else 0)
     assert latest.data.tags["rmens.decision"] == "kept" and "kept the champion" in latest.data.tags["rmens.reason"]

@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from conftest import answers, flow_run_logs, free_port, wait_for
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.reliability
@@ -27,26 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _server_process(tmp_path_factory):
-    """One Prefect server for the module's runs, started at once so that it boots while the first tests
-    (which do not need it) run. A run without PREFECT_API_URL starts its own, as the SIGTERM test checks."""
-    from flows.cli import QUIET_ENV
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
-    env = {**os.environ, **QUIET_ENV, "PREFECT_HOME": str(home)}  # the settings rmens starts its servers with
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    yield f"http://127.0.0.1:{port}/api"
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
-
-
-@pytest.fixture()
-def prefect_api(_server_process):
-    _wait_for(lambda: _answers(f"{_server_process}/health"), 180, "the Prefect server to start")
-    return _server_process
+def _start_the_server_early(prefect_server):
+    """The session's Prefect server (conftest) boots while the first tests, which do not need it, run. A run
+    without PREFECT_API_URL starts its own, as the SIGTERM test checks."""
 
 
 # The smoke preset cut to one ensemble arm, one rule, one PPO arm and one MT-Bench question: every kind of
@@ -54,32 +38,6 @@ def prefect_api(_server_process):
 SMALL = ["--set", "arms=[{kind: single}, {kind: linear, k: 3}]", "--set", "rules=[{rule: mean}]",
          "--set", "ppo_arms=[single]",
          "--set", "evaluate.mt_bench_questions=1"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _answers(url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-def _wait_for(condition, seconds: float, what: str):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
 
 
 def _env(tmp_path: Path, api: str | None) -> dict[str, str]:
@@ -132,7 +90,7 @@ def test_a_signal_to_the_process_group_stops_the_run_and_its_server_at_once(tmp_
     runs marked KILLED, its locks released and its server stopped."""
     project = tmp_path / "smoke"
     run = _rmens("run", "--set", f"project_dir={project}", *SMALL, env=_env(tmp_path, None))
-    _wait_for(lambda: _lock(project, "train_ensemble") or run.poll() is not None, 240, "training to start")
+    wait_for(lambda: _lock(project, "train_ensemble") or run.poll() is not None, 240, "training to start")
     children = psutil.Process(run.pid).children(recursive=True)
     assert children, "the run should have started a temporary Prefect server"
     os.killpg(run.pid, signum)
@@ -171,7 +129,7 @@ def test_a_run_killed_at_any_instant_leaves_a_project_the_next_run_finishes(tmp_
         if isinstance(point, float):
             time.sleep(point)
         else:
-            _wait_for(lambda stage=point, proc=run: _lock(project, stage) or proc.poll() is not None, 240,
+            wait_for(lambda stage=point, proc=run: _lock(project, stage) or proc.poll() is not None, 240,
                       f"a run to reach {point}")
         assert run.poll() is None, f"the run ended before the kill at {point}; output in {run.log}"
         os.killpg(run.pid, signal.SIGKILL)
@@ -211,18 +169,24 @@ TRAIN_CONFIG = {
 }
 
 
+def _two_together(flow: str, settings: dict, tmp_path: Path, api: str | None) -> list[str]:
+    """`rmens flow <flow>` twice at once on one config; both must succeed, without a traceback: their outputs."""
+    config = tmp_path / f"{flow}.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    runs = [_rmens("flow", flow, "--config", str(config), env=_env(tmp_path, api)) for _ in range(2)]
+    outputs = [_finish(run, 300) for run in runs]
+    for run, out in zip(runs, outputs):
+        assert run.returncode == 0 and "Traceback" not in out, out[-3000:]
+    return outputs
+
+
 @pytest.mark.parametrize("server", ["shared", "temporary"])
 def test_two_runs_started_together_on_a_fresh_folder_both_succeed_and_are_recorded(tmp_path, prefect_api, server):
     """With one Prefect server, or each run starting its own on the same fresh Prefect home (their database
     migrations raced: a traceback in about 1 run of 3 pairs)."""
     project = tmp_path / "fresh"
-    config = tmp_path / "train.yaml"
-    config.write_text(yaml.safe_dump({**TRAIN_CONFIG, "project_dir": str(project)}))
-    env = _env(tmp_path, prefect_api if server == "shared" else None)
-    runs = [_rmens("flow", "train", "--config", str(config), env=env) for _ in range(2)]
-    outputs = [_finish(run, 240) for run in runs]
-    for run, out in zip(runs, outputs):
-        assert run.returncode == 0 and "Traceback" not in out, out[-3000:]
+    outputs = _two_together("train", {**TRAIN_CONFIG, "project_dir": str(project)}, tmp_path,
+                            prefect_api if server == "shared" else None)
     recorded = _runs(project)
     parents = [r for r in recorded if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 2 and all(r.info.status == "FINISHED" for r in recorded)
@@ -232,6 +196,35 @@ def test_two_runs_started_together_on_a_fresh_folder_both_succeed_and_are_record
     trained = [r for r in recorded if r.data.tags.get("rmens.stage") == "train_ensemble"
                and r.data.tags.get("rmens.cache_hit") != "true"]
     assert len(trained) == 1, "one run trained, the other waited and reused it"
+    # Recorded in Prefect's UI too: the Logs tab of a CLI run was empty when the CLI lowered Prefect's log
+    # level to quiet the console (the records never reached Prefect's API handler); the console stays quiet.
+    for parent, out in zip(parents, outputs):
+        assert "train_ensemble:tiny" in out and "Beginning flow run" not in out and "Finished in state" not in out
+        if server == "temporary":
+            continue  # its logs went with the server the run started
+        messages = [log.message for log in flow_run_logs(prefect_api, parent.data.tags["prefect.flow_run_id"])]
+        assert any(m.startswith("Beginning flow run") for m in messages), messages
+        assert any("train_ensemble:tiny" in m for m in messages) and "Finished in state Completed()" in messages
+
+
+RETRAIN_CONFIG = {**TRAIN_CONFIG, "label": "nightly", "log_model": True, "registered_model": "rmens-retrain-race",
+                  "data": {**TRAIN_CONFIG["data"], "val_fraction": 0.3}}
+
+
+def test_two_retrains_started_together_register_one_version_and_one_records_its_promotion(tmp_path, prefect_api):
+    """Both succeed and reuse one trained, registered version; exactly one records "promoted" and the other says
+    the version was already decided (before, both could record it). test_pipeline checks that a rejected
+    candidate moves only @candidate."""
+    project = tmp_path / "retrain"
+    outputs = _two_together("retrain", {**RETRAIN_CONFIG, "project_dir": str(project)}, tmp_path, prefect_api)
+    results = [json.loads(out[out.index("{"):]) for out in outputs]
+    assert sorted(r["decision"] for r in results) == ["already-decided", "promoted"], results
+    assert {r["candidate_version"] for r in results} == {"1"}
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    assert [str(v.version) for v in client.search_model_versions("name='rmens-retrain-race'")] == ["1"]
+    decisions = sorted(r.data.tags.get("rmens.decision") for r in _runs(project) if "rmens.decision" in r.data.tags)
+    assert decisions == ["already-decided", "promoted"]
+    assert client.get_registered_model("rmens-retrain-race").aliases == {"candidate": 1, "champion": 1, "nightly": 1}
 
 
 def test_server_start_refuses_a_port_it_does_not_own_and_stop_never_signals_a_stranger(tmp_path):
@@ -428,9 +421,9 @@ def test_sigterm_to_rmens_ui_stops_the_mlflow_server_it_started(tmp_path):
     from tasks.runtime.tracking import setup
 
     setup(ProjectPaths.at(tmp_path / "p"))  # a store to show
-    port = _free_port()
+    port = free_port()
     ui = _rmens("ui", "--project-dir", str(tmp_path / "p"), "--port", str(port), env=_env(tmp_path, None))
-    _wait_for(lambda: _answers(f"http://127.0.0.1:{port}/health") or ui.poll() is not None, 120, "the MLflow UI")
+    wait_for(lambda: answers(f"http://127.0.0.1:{port}/health") or ui.poll() is not None, 120, "the MLflow UI")
     children = psutil.Process(ui.pid).children(recursive=True)
     assert children and ui.poll() is None
     ui.send_signal(signal.SIGTERM)
@@ -507,7 +500,7 @@ def test_a_lock_holder_killed_but_not_yet_reaped_counts_as_gone():
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     started = round(psutil.Process(child.pid).create_time(), 2)
-    _wait_for(lambda: psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE, 30, "the child to exit unreaped")
+    wait_for(lambda: psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE, 30, "the child to exit unreaped")
     try:
         assert holder_is_gone({"host": socket.gethostname(), "pid": child.pid, "started": started})
     finally:
@@ -541,7 +534,7 @@ def test_the_prefect_server_refuses_writes_from_other_web_pages(prefect_api):
 
 def test_server_start_takes_a_port_and_runs_find_it_there(tmp_path):
     env = _env(tmp_path, None)
-    port = _free_port()
+    port = free_port()
     args = ("--project-dir", str(tmp_path / "p"))
     start = _rmens("server", "start", "--port", str(port), *args, env=env)
     try:

@@ -79,6 +79,12 @@ class GoldConfig(StrictModel):
     retired: ClassVar[dict[str, str]] = {
         "held_out_fraction": "set gold.data.val_fraction (the gold pairs kept back to measure agreement)"}
 
+    def data_sources(self) -> dict[str, BaseModel]:
+        return {"gold.data": self.data} if self.kind == "reward_model" else {}
+
+    def trained_ensembles(self) -> dict[str, EnsembleConfig]:
+        return {"gold.ensemble": self.ensemble} if self.kind == "reward_model" else {}
+
 
 class EvalConfig(StrictModel):
     """What the gold evaluates a policy on: instructions with reference outputs (a win rate), and MT-Bench."""
@@ -117,19 +123,38 @@ class TrainFlowConfig(StrictModel):
     log_model: bool = Field(True, description="Log the ensemble as an MLflow pyfunc model and register it (retrain "
                                               "needs true).")
 
+    def data_sources(self) -> dict[str, BaseModel]:
+        """Every section that reads data, by setting name (for checks before any work)."""
+        return {"data": self.data}
+
+    def trained_ensembles(self) -> dict[str, EnsembleConfig]:
+        """The ensemble settings trained, by section (for checks before any work)."""
+        return {"ensemble": self.ensemble}
+
 
 class RetrainConfig(TrainFlowConfig):
-    """The scheduled `retrain` flow: retrain on the current data; promote only a better model."""
+    """The scheduled `retrain` flow: retrain on the current data; promote only a better model.
+
+    Its registered versions' aliases: `candidate_alias` moves to every version it registers, promoted or not;
+    `champion_alias` and the `label` move only to a promoted one, so that what consumers load never is a
+    rejected candidate."""
+
+    label: Alias = Field("ensemble", description="Names the run and its stages; also an alias that moves, with "
+                                                "champion_alias, only to a promoted version.")
+    metric: Literal["accuracy", "ece"] = Field("accuracy", description="Held-out metric that decides promotion.")
+    min_improvement: float = Field(0.0, ge=0, description="The candidate must beat the champion by more than this.")
+    champion_alias: Alias = Field("champion", description="The registry alias moved to a better candidate.")
+    candidate_alias: Alias = Field("candidate", description="The registry alias of the newest version retrain "
+                                                            "registered, promoted or not (to inspect, not to serve).")
 
     @model_validator(mode="after")
     def _registers(self) -> RetrainConfig:
         if not self.log_model:
             raise ValueError("log_model: retrain compares registered models, so it must be true")
+        if self.candidate_alias in (self.label, self.champion_alias):
+            raise ValueError(f"candidate_alias: {self.candidate_alias!r} moves to every new version, rejected ones "
+                             "too, so it cannot also be the label or champion_alias")
         return self
-
-    metric: Literal["accuracy", "ece"] = Field("accuracy", description="Held-out metric that decides promotion.")
-    min_improvement: float = Field(0.0, ge=0, description="The candidate must beat the champion by more than this.")
-    champion_alias: str = Field("champion", description="The registry alias moved to a better candidate.")
 
 
 class EvaluateFlowConfig(StrictModel):
@@ -142,6 +167,14 @@ class EvaluateFlowConfig(StrictModel):
     evaluate: EvalConfig = Field(default_factory=EvalConfig, description="What is evaluated, and how.")
 
     retired: ClassVar[dict[str, str]] = {"judge": GOLD_RENAMED}
+
+    def data_sources(self) -> dict[str, BaseModel]:
+        """Every section that reads data, by setting name (for checks before any work)."""
+        return {**self.gold.data_sources(), "evaluate": self.evaluate}
+
+    def trained_ensembles(self) -> dict[str, EnsembleConfig]:
+        """The ensemble settings trained, by section (for checks before any work)."""
+        return self.gold.trained_ensembles()
 
 
 class PipelineConfig(ArmsConfig):
@@ -175,13 +208,12 @@ class PipelineConfig(ArmsConfig):
 
     def data_sources(self) -> dict[str, BaseModel]:
         """Every section that reads data, by setting name (for checks before any work)."""
-        return {"data": self.data, **({"gold.data": self.gold.data} if self.gold.kind == "reward_model" else {}),
-                "bon_prompts": self.bon_prompts, "ppo_prompts": self.ppo_prompts, "evaluate": self.evaluate}
+        return {"data": self.data, **self.gold.data_sources(), "bon_prompts": self.bon_prompts,
+                "ppo_prompts": self.ppo_prompts, "evaluate": self.evaluate}
 
     def trained_ensembles(self) -> dict[str, EnsembleConfig]:
         """The ensemble settings reward models are trained with, by section (for checks before any work)."""
-        return {"ensemble": self.ensemble,
-                **({"gold.ensemble": self.gold.ensemble} if self.gold.kind == "reward_model" else {})}
+        return {"ensemble": self.ensemble, **self.gold.trained_ensembles()}
 
 
 def load_preset(name: str, overrides: list[str] | None = None) -> PipelineConfig:

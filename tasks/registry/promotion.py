@@ -1,16 +1,20 @@
 """Promotion in the MLflow model registry: score registered ensembles on held-out pairs and move the champion
-alias."""
+aliases, once per candidate version."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from prefect import task
+from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.transactions import IsolationLevel
+from pydantic import BaseModel
 
 from rmens.data.schema import PreferencePair
 from rmens.evaluation.rm_metrics import calibration, pairwise_accuracy
+from tasks.runtime.locks import ProjectLockManager
+from tasks.runtime.paths import ProjectPaths
 
 
 def score_registered(uri: str, pairs: list[PreferencePair]) -> dict[str, float]:
@@ -73,9 +77,9 @@ def decide(metric: str, candidate: dict[str, float], champion: dict[str, float] 
                     f"({direction} is better, margin {min_improvement})")
 
 
-@dataclass
-class Decision:
-    """What the retrain flow decided about a freshly registered candidate, and why."""
+class Decision(BaseModel):
+    """What a retrain decided about a freshly registered candidate, and why; made once per candidate version
+    (decide_once), by the run named in `decided_by`."""
 
     promote: bool
     reason: str
@@ -83,25 +87,29 @@ class Decision:
     champion_version: str | None  # before the decision
     candidate: dict[str, float]
     champion: dict[str, float] | None
+    decided_by: str | None = None  # the MLflow parent run of the retrain that decided
 
     @property
     def champion_after(self) -> str | None:
         return self.candidate_version if self.promote else self.champion_version
 
-    def markdown(self, name: str) -> str:
+    def markdown(self, name: str, outcome: str) -> str:
         rows = [f"| candidate | {self.candidate_version} | {self.candidate['accuracy']:.4f} | "
                 f"{self.candidate['ece']:.4f} |"]
         if self.champion is not None and self.champion_version:
             rows.append(f"| champion | {self.champion_version} | {self.champion['accuracy']:.4f} | "
                         f"{self.champion['ece']:.4f} |")
-        return (f"# Retrain: {name}\n\n**{'Promoted' if self.promote else 'Kept the champion'}** — {self.reason}\n\n"
+        return (f"# Retrain: {name}\n\n**{outcome}** — {self.reason}\n\n"
                 "| model | version | accuracy | ECE |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
-def promote_if_better(client: MlflowClient, name: str, alias: str, candidate_version: str,
-                      held_out: list[PreferencePair], metric: str, min_improvement: float) -> Decision:
-    """Score the candidate and the current champion on the same held-out pairs, move `alias` to the candidate
-    only when it is better, and record the reason on the candidate's model version."""
+def promote_if_better(client: MlflowClient, name: str, aliases: list[str], candidate_version: str,
+                      held_out: list[PreferencePair], metric: str, min_improvement: float,
+                      decided_by: str | None = None) -> Decision:
+    """Score the candidate and the current champion (the version of `aliases[0]`) on the same held-out pairs,
+    move every alias in `aliases` to the candidate only when it is better, and record the reason on the
+    candidate's model version."""
+    alias = aliases[0]
     current = champion_version(client, name, alias)
     candidate = score_registered(f"models:/{name}/{candidate_version}", held_out)
     if current == candidate_version:
@@ -111,6 +119,35 @@ def promote_if_better(client: MlflowClient, name: str, alias: str, candidate_ver
         champion = score_registered(f"models:/{name}@{alias}", held_out) if current else None
         promote, reason = decide(metric, candidate, champion, min_improvement)
     if promote:
-        client.set_registered_model_alias(name, alias, candidate_version)
+        for each in aliases:
+            client.set_registered_model_alias(name, each, candidate_version)
     client.set_model_version_tag(name, candidate_version, "rmens.retrain_decision", reason)
-    return Decision(promote, reason, candidate_version, current, candidate, champion)
+    return Decision(promote=promote, reason=reason, candidate_version=candidate_version, champion_version=current,
+                    candidate=candidate, champion=champion, decided_by=decided_by)
+
+
+@task(name="promote", persist_result=True, result_serializer="json")
+def _decide(tracking_uri: str, name: str, aliases: list[str], candidate_version: str,
+            held_out: list[PreferencePair], metric: str, min_improvement: float, decided_by: str) -> Decision:
+    return promote_if_better(MlflowClient(tracking_uri), name, aliases, candidate_version, held_out, metric,
+                             min_improvement, decided_by)
+
+
+def decide_once(paths: ProjectPaths, name: str, aliases: list[str], candidate_version: str,
+                held_out: list[PreferencePair], metric: str, min_improvement: float,
+                decided_by: str) -> tuple[Decision, bool]:
+    """promote_if_better once per registered candidate version, whoever asks: (the decision, whether this call
+    made it). Two retrain runs started together reuse one trained and registered version; deciding in both
+    let both record "promoted". So the decision is a Prefect task cached under the version (and the run that
+    registered it, as a rebuilt store numbers versions from 1 again), with SERIALIZABLE isolation on the
+    project's lock: the second run waits for the first's decision and reads it from the cache."""
+    tracking_uri = paths.tracking_uri
+    source_run = MlflowClient(tracking_uri).get_model_version(name, candidate_version).run_id
+    key = f"promote-{name}-v{candidate_version}-{source_run}"
+    policy = CacheKeyFnPolicy(cache_key_fn=lambda context, parameters: key).configure(
+        isolation_level=IsolationLevel.SERIALIZABLE, lock_manager=ProjectLockManager(lock_files_directory=paths.locks))
+    state = _decide.with_options(cache_policy=policy, result_storage=paths.results,
+                                 task_run_name=f"promote:v{candidate_version}")(
+        tracking_uri, name, aliases, candidate_version, held_out, metric, min_improvement, decided_by,
+        return_state=True)
+    return Decision.model_validate(state.result()), state.name != "Cached"

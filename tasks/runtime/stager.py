@@ -63,10 +63,12 @@ class Stager:
     """
 
     def __init__(self, ctx: StageContext, refresh: bool = False, log_models: bool = False,
-                 registered_model: str | None = None, total: int | None = None):
-        """`log_models`: log trained reward models as MLflow models, registered under `registered_model`;
-        `total`: the plan's number of calls, for the progress lines."""
-        self.ctx = derive(ctx, log_models=log_models, registered_model=registered_model)
+                 registered_model: str | None = None, total: int | None = None,
+                 model_aliases: list[str] | None = None):
+        """`log_models`: log trained reward models as MLflow models, registered under `registered_model` with
+        `model_aliases` (default: the stage's label); `total`: the plan's number of calls, for the progress
+        lines."""
+        self.ctx = derive(ctx, log_models=log_models, registered_model=registered_model, model_aliases=model_aliases)
         self.paths = ProjectPaths.at(ctx.project_dir)
         self.store = Store(self.paths.artifacts)
         self.refresh = refresh
@@ -127,8 +129,11 @@ def flow_run_name(flow: str) -> Callable[[], str]:
 
         params = flow_run.parameters
         config = params.get("config")
-        subject = (getattr(config, "name", None) or getattr(config, "size", None) or getattr(config, "label", None)
-                   or params.get("preset") or params.get("size") or "default")
+        if hasattr(config, "model_dump"):  # a config object, as the CLI passes; a deployment's is JSON
+            config = config.model_dump()
+        config = config or {}
+        subject = (config.get("name") or config.get("size") or config.get("label") or params.get("preset")
+                   or params.get("size") or "default")
         return f"{flow}:{subject} {time.strftime('%m-%d %H:%M:%S')}"
 
     return name

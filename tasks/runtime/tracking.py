@@ -52,9 +52,11 @@ class StageContext(BaseModel):
     stage_label: str | None = None
     stage_tags: dict[str, str] = Field(default_factory=dict)
     refresh: bool = False  # --refresh: rebuild the stage's folder even when it is complete and intact
-    # Trained reward models are logged as MLflow models, and registered under `registered_model` when set.
+    # Trained reward models are logged as MLflow models, and registered under `registered_model` when set,
+    # with `model_aliases` (None: the stage's label) pointing at the new version.
     log_models: bool = False
     registered_model: str | None = None
+    model_aliases: list[str] | None = None
 
     def for_stage(self, key: str, label: str, tags: dict[str, str] | None = None,
                   refresh: bool = False) -> StageContext:
@@ -158,7 +160,11 @@ def close_orphaned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
 
 def _use(uri: str) -> None:
     """Make `uri` the fluent API's store (needed by log_model, log_input)."""
-    remember_tracking_uri(uri)
+    if os.environ.get("MLFLOW_TRACKING_URI") != uri:
+        # A project's own store, which set_tracking_uri exports: remembered as ours. The user's own
+        # MLFLOW_TRACKING_URI is not, or every later use would take it for ours and go to the project's SQLite
+        # file instead (it did: a worker's tracking server got nothing after its first call).
+        remember_tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
 
 
