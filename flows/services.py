@@ -97,12 +97,14 @@ def check_servers() -> None:
                          "the MLflow server or unset MLFLOW_TRACKING_URI to use the project's own store")
 
 
-def _start_server(port: int, log, env: dict[str, str] | None = None, **popen) -> subprocess.Popen:
+def _start_server(port: int, log, **popen) -> subprocess.Popen:
     """`prefect server start` on 127.0.0.1:`port` in its own session (so stopping it stops its workers too),
-    its output in `log`."""
+    its output in `log`. Its UI calls the API on that port (Prefect's default, 4200, left the UI of a server
+    on any other port saying "Can't connect to Server API"), and only pages of that UI may call it."""
+    env = {**os.environ, "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": origins(port)}
     return subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], stdout=log, stderr=log, start_new_session=True,
-                            env={**os.environ, **(env or {})}, **popen)
+                             "--port", str(port)], stdout=log, stderr=log, start_new_session=True, env=env, **popen)
 
 
 def manage_server(action: str, port: int = SERVER_PORT) -> int:
@@ -134,7 +136,7 @@ def manage_server(action: str, port: int = SERVER_PORT) -> int:
         return 1
     pidfile.parent.mkdir(parents=True, exist_ok=True)
     log = open(pidfile.with_suffix(".log"), "ab")
-    proc = _start_server(port, log, {"PREFECT_SERVER_CORS_ALLOWED_ORIGINS": origins(port)})
+    proc = _start_server(port, log)
     pidfile.write_text(f"{proc.pid} {port}")
     for _ in range(120):
         # Ours only while our process is alive: a health answer from a server that took the port

@@ -542,6 +542,12 @@ def test_server_start_takes_a_port_and_runs_find_it_there(tmp_path):
         assert start.returncode == 0 and f"http://127.0.0.1:{port}" in out, out
         status = _rmens("server", "status", *args, env=env)
         assert f"running at http://127.0.0.1:{port}/api" in _finish(status, 60)
+        # Its UI calls the API on that port (with Prefect's default it called 4200: "Can't connect to Server API")
+        wait_for(lambda: answers(f"http://127.0.0.1:{port}/api/health"), 120, "the server to answer")
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=10) as response:
+            assert json.loads(response.read())["api_url"] == f"http://127.0.0.1:{port}/api"
     finally:
         stop = _rmens("server", "stop", *args, env=env)
         assert "stopped the Prefect server" in _finish(stop, 60)
