@@ -78,7 +78,7 @@ def main() -> int:
         experiments = post(f"{mlflow}/api/2.0/mlflow/experiments/search", {"max_results": 10})["experiments"]
         experiment = next(e["experiment_id"] for e in experiments if e["name"] == "rmens-smoke")
         flow_run = post(f"{api}/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 1})[0]["id"]
-        pages = {"mlflow-runs.png": f"{mlflow}/#/experiments/{experiment}/runs",
+        pages = {"mlflow-runs.png": f"{mlflow}/#/experiments/{experiment}/runs?viewStateShareKey=rmens",
                  "mlflow-charts.png": f"{mlflow}/#/experiments/{experiment}/runs?compareRunsMode=CHART",
                  "prefect-flow-run.png": f"http://127.0.0.1:{prefect_port}/runs/flow-run/{flow_run}"}
         with sync_playwright() as playwright:

@@ -130,8 +130,11 @@ def _print_run_summary(name: str, preset: str, paths, report, run: str, steps: s
     print(f"  report:          {report}")
     print(f"  artifacts:       {paths.artifacts}")
     print(f"  MLflow store:    {paths.tracking_uri}  ({run})")
+    from tasks.runtime.tracking import SHARED_VIEW  # the view the flow's publish step left
+
+    address = runs_table_url(experiment_id, view=SHARED_VIEW) if experiment_id else None
     print(f"  compare the arms in the MLflow UI:  rmens ui --preset {preset}" + (
-        f", then {runs_table_url(experiment_id)}" if experiment_id else "  (it prints the runs table's address)"))
+        f", then {address}" if address else "  (it prints the runs table's address)"))
     print(f"  steps: {steps}")
 
 
@@ -172,10 +175,11 @@ def cmd_ui(args) -> int:
         raise FileNotFoundError(f"no MLflow store at {paths.mlflow_db}; run `rmens run` first")
     from mlflow.tracking import MlflowClient
 
-    from tasks.runtime.tracking import experiment_name
+    from tasks.runtime.tracking import SHARED_VIEW, VIEW_TAG, experiment_name
 
     found = MlflowClient(paths.tracking_uri).get_experiment_by_name(experiment_name(paths))
-    return mlflow_ui(paths.tracking_uri, args.port, args.workers, found.experiment_id if found else None)
+    view = SHARED_VIEW if found is not None and VIEW_TAG in found.tags else None
+    return mlflow_ui(paths.tracking_uri, args.port, args.workers, found.experiment_id if found else None, view)
 
 
 def cmd_flow(args) -> int:

@@ -153,17 +153,19 @@ def manage_server(action: str, port: int = SERVER_PORT) -> int:
     return 1
 
 
-def runs_table_url(experiment_id: str, port: int = 5000) -> str:
+def runs_table_url(experiment_id: str, port: int = 5000, view: str | None = None) -> str:
     """The page of MLflow's UI that lists an experiment's runs (the default page of an experiment may be
-    another tab, e.g. traces)."""
-    return f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs"
+    another tab, e.g. traces), in the shared view `view` when the pipeline left one (tasks.publish)."""
+    return f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs" + (
+        f"?viewStateShareKey={view}" if view else "")
 
 
-def mlflow_ui(tracking_uri: str, port: int, workers: int, experiment_id: str | None = None) -> int:
+def mlflow_ui(tracking_uri: str, port: int, workers: int, experiment_id: str | None = None,
+              view: str | None = None) -> int:
     """The MLflow UI on a tracking store until it exits or this process is stopped; its exit status."""
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
            "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
-    page = runs_table_url(experiment_id, port) if experiment_id else f"http://127.0.0.1:{port}"
+    page = runs_table_url(experiment_id, port, view) if experiment_id else f"http://127.0.0.1:{port}"
     print(f"MLflow UI on {page} (Ctrl-C to stop)")
     # Its own session, stopped with all its workers however this process ends (Ctrl-C, SIGTERM).
     proc = subprocess.Popen(cmd, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, start_new_session=True)

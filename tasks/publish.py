@@ -9,9 +9,24 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from rmens.pipeline.comparison import headline_metrics, long_table, stage_tables
 from rmens.steps import Output
-from tasks.runtime.tracking import StageContext, client_for, log_metrics
+from tasks.runtime.tracking import VIEW_TAG, StageContext, client_for, log_metrics
 
 PARENT_FILES = ("report.md", "summary.csv", "train_overlay.png", "bon_overlay.png", "ppo_overlay.png")
+VIEW_COLUMNS = ("evaluate.win_rate/", "train_ensemble.val_accuracy/")  # the rest: Columns, or the chart view
+MAX_TAG_CHARS = 5000  # MLflow's limit on an experiment tag's value
+
+
+def runs_table_view(metrics: list[str]) -> str:
+    """The runs table's shared view (tasks.runtime.tracking.SHARED_VIEW): the headline metrics (win rates
+    first) as its columns, as many as the tag holds."""
+    columns = [f"metrics.`{name}`" for prefix in VIEW_COLUMNS for name in sorted(metrics) if name.startswith(prefix)]
+    while True:
+        # wide enough to read a name like evaluate.win_rate/bon:linear-k3-r0/lcb1:n4
+        state = json.dumps({"selectedColumns": columns, "columnWidths": {column: 290 for column in columns},
+                            "runsExpanded": {}})
+        if len(state) <= MAX_TAG_CHARS:
+            return state
+        columns.pop()
 
 
 def publish(ctx: StageContext, report: Output, title: str) -> None:
@@ -24,7 +39,9 @@ def publish(ctx: StageContext, report: Output, title: str) -> None:
                               description=f"{title}: {stage}, every output and its numbers")
     if ctx.parent_run_id:
         client = client_for(ctx)
-        log_metrics(client, ctx.parent_run_id, headline_metrics(rows))
+        headline = headline_metrics(rows)
+        log_metrics(client, ctx.parent_run_id, headline)
+        client.set_experiment_tag(ctx.experiment_id, VIEW_TAG, runs_table_view(list(headline)))
         for name in PARENT_FILES:
             if (report.folder / name).is_file():
                 client.log_artifact(ctx.parent_run_id, str(report.folder / name))

@@ -33,6 +33,12 @@ log = logging.getLogger(__name__)
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
+# The runs table as `rmens ui` opens it: MLflow's shared view (what its Share button stores in an experiment tag,
+# opened by ?viewStateShareKey=), with the headline numbers as columns, which it otherwise hides.
+SHARED_VIEW = "rmens"
+VIEW_TAG = f"mlflow.sharedViewState.{SHARED_VIEW}"
+
+
 def experiment_name(paths: ProjectPaths) -> str:
     """One MLflow experiment per project folder (runs/<preset>), so presets stay apart on a shared server."""
     return f"rmens-{paths.root.name}"
