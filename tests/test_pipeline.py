@@ -401,6 +401,13 @@ def test_the_runs_table_page_shows_every_arms_numbers_on_the_parent_run(pipeline
         client, _ = runs_of(project)
         experiment = client.get_experiment_by_name(f"rmens-{Path(project).name}").experiment_id
         assert runs_table_url(experiment, port) == f"{base}/#/experiments/{experiment}/runs"
+        # the view `rmens ui` opens: MLflow's shared view, with the headline numbers as the table's columns
+        from tasks.runtime.tracking import VIEW_TAG
+
+        tags = json.loads(urllib.request.urlopen(
+            f"{base}/api/2.0/mlflow/experiments/get?experiment_id={experiment}", timeout=30).read())
+        view = json.loads(next(t["value"] for t in tags["experiment"]["tags"] if t["key"] == VIEW_TAG))
+        assert "metrics.`evaluate.win_rate/initial`" in view["selectedColumns"]
         body = json.dumps({"experiment_ids": [experiment], "max_results": 1000,
                            "filter": "tags.`rmens.flow` = 'pipeline:smoke'"}).encode()
         request = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", data=body,
