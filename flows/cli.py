@@ -130,9 +130,11 @@ def _print_run_summary(name: str, preset: str, paths, report, run: str, steps: s
     print(f"  report:          {report}")
     print(f"  artifacts:       {paths.artifacts}")
     print(f"  MLflow store:    {paths.tracking_uri}  ({run})")
-    from tasks.runtime.tracking import SHARED_VIEW  # the view the flow's publish step left
+    address = None
+    if experiment_id:  # a computed run: MLflow is loaded already (an up-to-date one loads neither it nor Prefect)
+        from tasks.runtime.tracking import SHARED_VIEW  # the view the flow's publish step left
 
-    address = runs_table_url(experiment_id, view=SHARED_VIEW) if experiment_id else None
+        address = runs_table_url(experiment_id, view=SHARED_VIEW)
     print(f"  compare the arms in the MLflow UI:  rmens ui --preset {preset}" + (
         f", then {address}" if address else "  (it prints the runs table's address)"))
     print(f"  steps: {steps}")

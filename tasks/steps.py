@@ -157,7 +157,7 @@ def _log_model(ctx: StageContext, output: Output) -> str | None:
 
     aliases = [ctx.stage_label] if ctx.model_aliases is None else ctx.model_aliases
     uri, version = log_and_register(str(output.file("ensemble")), ctx.registered_model, aliases,
-                                    AggregationConfig().model_dump())
+                                    AggregationConfig().model_dump(), name=f"reward-model-{ctx.stage_label}")
     client = client_for(ctx)
     set_tags(client, output.run_id, {"rmens.model_uri": uri, "rmens.model_version": str(version)})
     if version:

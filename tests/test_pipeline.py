@@ -209,6 +209,7 @@ def test_registered_model_predicts_members_and_reward(pipeline_runs):
     assert (version.tags["arm"], version.tags["kind"], version.tags["k"]) == ("linear-k3", "linear", "3")
     logged = mlflow.MlflowClient().get_logged_model(version.source.removeprefix("models:/"))
     assert {"val_accuracy", "val_ece"} <= {m.key for m in logged.metrics}, "its evaluation metrics are linked"
+    assert logged.name == "reward-model-linear-k3-r0"  # MLflow's Models tab lists them by it
     model = mlflow.pyfunc.load_model("models:/rmens-smoke@linear-k3-r0")
     out = model.predict(pd.DataFrame({"prompt": ["Name a fruit."], "response": ["Sure! An apple."]}))
     assert {"reward", "member_0", "member_1", "member_2", "std"} <= set(out.columns)

@@ -3,6 +3,9 @@ artifacts, registered, and read back as weights only (scoring a registered model
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -20,21 +23,37 @@ def rmens_requirement() -> str:
     return f"rmens=={version('rmens')}"
 
 
-def log_and_register(ensemble_dir: str, registered_name: str | None, aliases: list[str], aggregation: dict):
-    """Log the ensemble folder as a pyfunc model in the active run; register it and set aliases."""
+def log_and_register(ensemble_dir: str, registered_name: str | None, aliases: list[str], aggregation: dict,
+                     name: str = "reward_ensemble"):
+    """Log the ensemble folder as a pyfunc model named `name` (the arm's run: MLflow's Models tab lists them
+    by it) in the active run; register it and set aliases."""
     example = pd.DataFrame({"prompt": ["What is 2 + 2?"], "response": ["4"]})
     info = mlflow.pyfunc.log_model(
-        name="reward_ensemble", python_model=str(MODEL_CODE), artifacts={ENSEMBLE_ARTIFACT: ensemble_dir},
+        name=re.sub(r"[/:.%\"']", "-", name), python_model=str(MODEL_CODE), artifacts={ENSEMBLE_ARTIFACT: ensemble_dir},
         model_config={"aggregation": aggregation}, pip_requirements=[rmens_requirement()], input_example=example,
         signature=mlflow.models.infer_signature(example, pd.DataFrame({"reward": [0.0], "std": [0.0]})),
     )
     version = None
     if registered_name:
-        version = mlflow.register_model(info.model_uri, registered_name).version
+        with _quiet_registry_prints():
+            version = mlflow.register_model(info.model_uri, registered_name).version
         client = mlflow.MlflowClient()
         for alias in aliases:
             client.set_registered_model_alias(registered_name, alias, version)
     return info.model_uri, version
+
+
+@contextlib.contextmanager
+def _quiet_registry_prints() -> Iterator[None]:
+    """MLflow prints "Successfully registered model ..." and "Created version ..." to the console whatever its
+    log level (its event stream); the run records the version as a tag and in the step's summary instead."""
+    from mlflow.utils.logging_utils import MLFLOW_LOGGING_STREAM
+
+    enabled, MLFLOW_LOGGING_STREAM.enabled = MLFLOW_LOGGING_STREAM.enabled, False
+    try:
+        yield
+    finally:
+        MLFLOW_LOGGING_STREAM.enabled = enabled
 
 
 def download_ensemble(model_uri: str, dst: str | Path) -> Path:
