@@ -8,6 +8,7 @@ the library's own commands (rmens/cli.py).
     rmens flow train|evaluate|retrain --config FILE                             the other flows
     rmens train / ppo / calibrate                                               single stages, no Prefect/MLflow
     rmens prepare-model NAME                                                    convert/build a model alias once
+    rmens serve FOLDER|models:/NAME@ALIAS [--rule lcb1] [--port P]              the reward over HTTP
     rmens verify FOLDER [--fix]                                                 re-hash every file of a store
 
 It lives with the flows because it runs them; the flows are imported only once the environment they
@@ -168,6 +169,19 @@ def cmd_experiment(args) -> int:
     return 0
 
 
+def registered_model_folder(uri: str) -> str:
+    """`models:/<name>@<alias>` of the MLflow store MLFLOW_TRACKING_URI names, as a local ensemble folder (its
+    weights only: no stored code runs)."""
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise ValueError(f"{uri}: set MLFLOW_TRACKING_URI to the store that holds it (e.g. "
+                         "sqlite:///runs/smoke/mlflow.db), or give a saved ensemble folder")
+    import tempfile
+
+    from tasks.registry import download_ensemble
+
+    return str(download_ensemble(uri, tempfile.mkdtemp(prefix="rmens-serve-")))
+
+
 def cmd_ui(args) -> int:
     project = args.project_dir or preset_data(args.preset)["project_dir"]
     from tasks.runtime.paths import ProjectPaths
@@ -272,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     flow_cmd.add_argument("--refresh", action="store_true")
     flow_cmd.set_defaults(func=cmd_flow)
 
-    add_library_commands(sub)
+    add_library_commands(sub)["serve"].set_defaults(resolve_model=registered_model_folder)
     return parser
 
 

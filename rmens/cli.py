@@ -5,6 +5,7 @@
     python -m rmens.cli calibrate FOLDER --pairs FILE.jsonl [--max-pairs N]    add member standardisation
     python -m rmens.cli prepare-model NAME                                      convert/build a model alias once
     python -m rmens.cli verify FOLDER [--fix]                                   re-hash a project's every file
+    python -m rmens.cli serve FOLDER [--rule lcb1] [--host H --token-file F]     the reward over HTTP
 
 The `rmens` command (flows/cli.py) offers these too, next to the commands that orchestrate.
 """
@@ -147,6 +148,35 @@ def cmd_verify(args) -> int:
     return 0 if verdict.intact or args.fix else 1
 
 
+def cmd_serve(args) -> int:
+    from rmens.models.config import AggregationConfig
+    from rmens.serve import Limits, RewardServer, ensemble_scorer
+
+    rule = AggregationConfig.from_name(args.rule)  # first: a wrong rule is one line before the model loads
+    token = Path(args.token_file).read_text().strip() if args.token_file else None
+    if args.token_file and not token:
+        raise ValueError(f"--token-file {args.token_file}: the file is empty")
+    if args.model.startswith("models:/") and args.resolve_model is None:
+        raise ValueError(f"{args.model}: a registered model needs MLflow; run `rmens serve` (not python -m rmens.cli)")
+    folder = args.resolve_model(args.model) if args.model.startswith("models:/") else args.model
+    from rmens.reward import EnsembleReward
+
+    reward = EnsembleReward.from_folder(folder, rule, batch_size=args.batch_size)
+    server = RewardServer((args.host, args.port), ensemble_scorer(reward),
+                          {"model": args.model, "k": reward.k, "rule": rule.name}, token,
+                          Limits(max_bytes=args.max_bytes, max_batch=args.max_batch))
+    print(f"serving {args.model} (k={reward.k}, rule {rule.name}) on http://{args.host}:{server.server_port}: "
+          "POST /get_reward (OpenRLHF), POST /score, GET /health; Ctrl-C to stop", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("rmens serve: stopped", file=sys.stderr)
+        return 130
+    finally:
+        server.server_close()
+    return 0
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -154,8 +184,9 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_library_commands(sub) -> None:
-    """Register train, ppo, calibrate, verify and prepare-model on an argparse subparsers object."""
+def add_library_commands(sub) -> dict[str, argparse.ArgumentParser]:
+    """Register train, ppo, calibrate, verify, prepare-model and serve on an argparse subparsers object; returns
+    the parsers a caller may give more defaults (serve: how to resolve a models:/ URI)."""
     train = sub.add_parser("train", help="train one reward ensemble, no orchestration (works under accelerate launch)")
     config_args(train, "data/ensemble/train sections")
     train.add_argument("--output", help="folder for the trained ensemble (default: output_dir of the config)")
@@ -199,6 +230,22 @@ def add_library_commands(sub) -> None:
     prep = sub.add_parser("prepare-model", help="build or convert a model alias once (e.g. smollm2-135m)")
     prep.add_argument("name", help="smollm2-135m, tiny-random-llama, or a Hugging Face id")
     prep.set_defaults(func=cmd_prepare_model)
+
+    serve = sub.add_parser("serve", help="serve a saved ensemble's reward over HTTP (OpenRLHF's /get_reward, JSON)",
+                           description="The rule's reward of a saved ensemble for RL engines that call a remote "
+                                       "reward model: POST /get_reward (OpenRLHF's --remote_rm_url protocol), POST "
+                                       "/score ({prompts, responses}), GET /health. Loopback only unless a token is "
+                                       "given.")
+    serve.add_argument("model", help="a saved ensemble folder (`rmens` itself also takes models:/<name>@<alias>)")
+    serve.add_argument("--rule", default="mean", help="mean, min, lcb<beta> or uwo<lam> (e.g. lcb1); default mean")
+    serve.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1; any other needs a token)")
+    serve.add_argument("--port", type=int, default=5100)
+    serve.add_argument("--token-file", help="a file holding the bearer token clients must send")
+    serve.add_argument("--batch-size", type=positive_int, default=16, help="responses per forward pass")
+    serve.add_argument("--max-batch", type=positive_int, default=256, help="most responses one request may send")
+    serve.add_argument("--max-bytes", type=positive_int, default=8 * 2**20, help="largest request body, in bytes")
+    serve.set_defaults(func=cmd_serve, resolve_model=None)
+    return {"serve": serve}
 
 
 def run_command(args) -> int:

@@ -423,3 +423,27 @@ def test_the_runs_table_page_shows_every_arms_numbers_on_the_parent_run(pipeline
     assert {"evaluate.win_rate/initial", "evaluate.win_rate/ppo:single/mean-r0",
             "train_ensemble.val_accuracy/lora-k3-r0", "best_of_n.gold_at_N/lora-k3-r0/uwo0.5"} <= metrics, \
         sorted(metrics)
+
+
+def test_rmens_serve_serves_a_registered_model_by_its_alias(pipeline_runs):
+    """`rmens serve models:/<name>@<alias>`: the registered version's weights, downloaded from the store that
+    MLFLOW_TRACKING_URI names, behind the same endpoints as a folder."""
+    import socket
+    import urllib.request
+
+    project, *_ = pipeline_runs
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow.db"}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "models:/rmens-smoke@linear-k3-r0",
+                             "--rule", "lcb1", "--port", str(port)], cwd=Path(__file__).parents[1], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving models:/rmens-smoke@linear-k3-r0 (k=3, rule lcb1)"), line
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as response:
+            assert json.loads(response.read())["k"] == 3
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
