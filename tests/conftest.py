@@ -37,6 +37,22 @@ def tiny_tokenizer(tiny_path):
 
 
 @pytest.fixture(scope="session")
+def standardised_ensemble(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A saved linear ensemble of 2 tiny members with standardisation statistics far from identity (so raw and
+    standardised scores differ plainly): what a served or TRL reward loads."""
+    from rmens.models.config import EnsembleConfig
+    from rmens.models.ensemble import build_ensemble
+    from rmens.models.standardise import MemberStandardisation
+
+    ensemble = build_ensemble(EnsembleConfig(kind="linear", k=2, backbone="tiny-random-llama", max_length=64))
+    ensemble.standardisation = MemberStandardisation(torch.tensor([3.0, -2.0], dtype=torch.float64),
+                                                     torch.tensor([0.25, 4.0], dtype=torch.float64), 100)
+    folder = tmp_path_factory.mktemp("standardised") / "ensemble"
+    ensemble.save(folder, tiny_tokenizer)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def pairs():
     return synthetic_pairs(96, seed=1)
 

@@ -15,9 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rmens.models.config import AggregationConfig, EnsembleConfig
-from rmens.models.ensemble import build_ensemble
-from rmens.models.standardise import MemberStandardisation
+from rmens.models.config import AggregationConfig
 from rmens.reward import EnsembleReward
 from rmens.serve import Limits, RewardServer, ensemble_scorer
 
@@ -27,13 +25,8 @@ RESPONSES = [" An apple.", " Blue, on a clear day.", " No."]
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory, tiny_tokenizer):
-    ensemble = build_ensemble(EnsembleConfig(kind="linear", k=2, backbone="tiny-random-llama", max_length=64))
-    ensemble.standardisation = MemberStandardisation(torch.tensor([3.0, -2.0], dtype=torch.float64),
-                                                     torch.tensor([0.25, 4.0], dtype=torch.float64), 100)
-    folder = tmp_path_factory.mktemp("served") / "ensemble"
-    ensemble.save(folder, tiny_tokenizer)
-    return folder
+def saved(standardised_ensemble):
+    return standardised_ensemble
 
 
 @pytest.fixture(scope="module")
