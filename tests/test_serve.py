@@ -123,3 +123,19 @@ def test_the_command_serves_a_folder_and_refuses_a_wrong_rule_in_one_line(saved,
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_the_verl_recipe_asks_the_server_and_gets_the_librarys_rewards(server, monkeypatch):
+    """examples/verl_reward.py as verl's batch reward manager calls it (no verl needed)."""
+    import importlib.util
+
+    base, reward = server
+    spec = importlib.util.spec_from_file_location("verl_reward", ROOT / "examples" / "verl_reward.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    monkeypatch.setenv("RMENS_REWARD_URL", base)
+    got = recipe.compute_score(data_sources=["x"] * 3, solution_strs=RESPONSES, ground_truths=[None] * 3,
+                               extra_infos=[{"prompt": p} for p in PROMPTS])
+    assert got == pytest.approx(reward(PROMPTS, RESPONSES).scores.tolist(), abs=1e-5)
+    with pytest.raises(ValueError, match=r"extra_infos\[0\]: needs the response's prompt"):
+        recipe.compute_score(data_sources=["x"], solution_strs=["r"], ground_truths=[None], extra_infos=[{}])
