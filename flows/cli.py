@@ -175,11 +175,15 @@ def registered_model_folder(uri: str) -> str:
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         raise ValueError(f"{uri}: set MLFLOW_TRACKING_URI to the store that holds it (e.g. "
                          "sqlite:///runs/smoke/mlflow.db), or give a saved ensemble folder")
+    import atexit
+    import shutil
     import tempfile
 
     from tasks.registry import download_ensemble
 
-    return str(download_ensemble(uri, tempfile.mkdtemp(prefix="rmens-serve-")))
+    root = tempfile.mkdtemp(prefix="rmens-serve-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # a copy of the weights: gone when the server stops
+    return str(download_ensemble(uri, root))
 
 
 def cmd_ui(args) -> int:

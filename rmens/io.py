@@ -70,16 +70,17 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [record for _, record in iter_jsonl(path)]
 
 
-def check_writable(path: str | Path, setting: str) -> None:
+def check_writable(path: str | Path, setting: str, shown: str | Path | None = None) -> None:
     """`path`, or the nearest folder above it that exists, must be a folder this process can write in: said in
-    one line naming the setting before any work, not as a traceback when the first result is saved."""
+    one line naming the setting (and `shown`, default `path`) before any work, not as a traceback when the
+    first result is saved."""
     path = Path(path).expanduser()
     for place in (path, *path.parents):
         if place.exists():
             if not place.is_dir():
-                raise ValueError(f"{setting} {path}: {place} is a file, not a folder")
+                raise ValueError(f"{setting} {shown or path}: {place} is a file, not a folder")
             if not os.access(place, os.W_OK | os.X_OK):
-                raise ValueError(f"{setting} {path}: {place} is not writable")
+                raise ValueError(f"{setting} {shown or path}: {place} is not writable")
             return
 
 

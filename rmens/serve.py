@@ -46,6 +46,9 @@ class Limits:
     max_batch: int = 256
 
 
+# The most of a refused body read (and dropped) so that its client gets the answer; beyond it, a reset.
+DRAIN_LIMIT = 64 * 2**20
+
 # (prompts, responses) -> (rewards [n], members [k][n]): the library's EnsembleReward, or a stand-in in tests.
 Scorer = Callable[[list[str], list[str]], tuple[list[float], list[list[float]]]]
 
@@ -121,6 +124,8 @@ def is_loopback(host: str) -> bool:
 class _Handler(BaseHTTPRequestHandler):
     server: RewardServer
     protocol_version = "HTTP/1.1"  # keep-alive: an RL loop calls the server thousands of times
+    timeout = 60  # seconds a connection may stall (idle keep-alive, a body shorter than announced)
+    _body_read = False
 
     def do_GET(self) -> None:  # noqa: N802 - the standard library's name
         self._answer(lambda: self._health() if self.path == "/health" else self._not_found())
@@ -148,14 +153,24 @@ class _Handler(BaseHTTPRequestHandler):
         rewards, members = self.server.score(prompts, _strings(body, "responses", len(prompts)))
         return {"rewards": rewards, "members": members, "std": _spread(members)}
 
-    def _body(self) -> dict:
+    def _length(self) -> int | None:
         try:
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
-            raise RequestError(HTTPStatus.LENGTH_REQUIRED, "Content-Length: required") from None
+            return None
+        return length if length >= 0 else None
+
+    def _body(self) -> dict:
+        length = self._length()
+        if length is None or self.headers.get("Transfer-Encoding"):
+            raise RequestError(HTTPStatus.LENGTH_REQUIRED, "Content-Length: a length of 0 or more is required")
         if length > self.server.limits.max_bytes:
             raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                f"body: {length} bytes; at most {self.server.limits.max_bytes}")
+        if self.headers.get_content_type() != "application/json":
+            # A web page can POST text/plain to localhost without a preflight; a JSON body needs one.
+            raise RequestError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "Content-Type: must be application/json")
+        self._body_read = True
         try:
             body = json.loads(self.rfile.read(length))
         except (ValueError, UnicodeDecodeError) as err:
@@ -171,7 +186,10 @@ class _Handler(BaseHTTPRequestHandler):
         return hmac.compare_digest(given.encode(), self.server.token.encode())
 
     def _answer(self, handle: Callable[[], dict]) -> None:
+        self._body_read = False
         try:
+            if self.headers.get("Origin"):  # browsers send it on cross-site requests; RL engines do not
+                raise RequestError(HTTPStatus.FORBIDDEN, "Origin: requests from web pages are refused")
             if not self._authorised():
                 raise RequestError(HTTPStatus.UNAUTHORIZED, "Authorization: a valid bearer token is required")
             status, payload = HTTPStatus.OK, handle()
@@ -181,13 +199,28 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("request to %s failed", self.path)
             status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(err).__name__}: {err}"}
         data = json.dumps(payload).encode()
-        if status != HTTPStatus.OK and self.headers.get("Content-Length"):
-            self.close_connection = True  # an unread body would be read as the next request
+        if not self._body_read and (self.headers.get("Content-Length") or self.headers.get("Transfer-Encoding")):
+            self._discard_body()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
+
+    def _discard_body(self) -> None:
+        """A body the answer did not read: read it (up to a bound) so that the client gets the answer rather
+        than a reset connection, and close the connection, or its bytes would be read as the next request."""
+        self.close_connection = True
+        length = self._length()
+        if length is not None and not self.headers.get("Transfer-Encoding"):
+            left = min(length, DRAIN_LIMIT)
+            while left > 0:
+                chunk = self.rfile.read(min(left, 2**16))
+                if not chunk:
+                    break
+                left -= len(chunk)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the standard library's signature
         log.debug("%s %s", self.address_string(), format % args)

@@ -403,6 +403,7 @@ def test_verify_finds_bytes_changed_without_a_new_size_or_mtime_and_fix_recomput
     assert store.run(step, {"x": 1})[1] is False and content_digests([data]) == remembered, "unseen by a stat"
     assert lib_main(["verify", str(tmp_path / "project")]) == 1
     assert lib_main(["verify", "--fix", str(tmp_path / "project")]) == 0
+    assert not (output.folder / "started.json").exists(), "not resumed from the damaged files"
     assert store.run(step, {"x": 1})[1] is True and len(builds) == 2, "the damaged step computes again"
     assert content_digests([data]) != remembered, "the steps reading the file get a new key"
     assert lib_main(["verify", str(tmp_path / "project")]) == 0

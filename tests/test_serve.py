@@ -81,7 +81,7 @@ def test_the_plain_endpoint_and_health(server):
     ("/score", {"prompts": ["p"], "responses": [3]}, 400, "responses: expected a list of strings"),
     ("/score", b"{not json", 400, "body: not JSON"),
     ("/score", {"prompts": ["p"] * 9, "responses": ["r"] * 9}, 413, "9 responses in one request; at most 8"),
-    ("/score", {"prompts": ["p" * 30_000], "responses": ["r"]}, 413, "bytes; at most 20000"),
+    ("/score", {"prompts": ["p" * 4_000_000], "responses": ["r"]}, 413, "bytes; at most 20000"),
     ("/nowhere", {}, 404, "/nowhere: no such endpoint"),
 ], ids=["count", "prefix", "type", "json", "batch", "bytes", "path"])
 def test_a_bad_request_is_one_line_naming_the_field_and_the_server_goes_on(server, path, body, status, message):
@@ -89,6 +89,37 @@ def test_a_bad_request_is_one_line_naming_the_field_and_the_server_goes_on(serve
     code, answer = _post(f"{base}{path}", body)
     assert code == status and message in answer["error"] and "\n" not in answer["error"], answer
     assert _post(f"{base}/score", {"prompts": PROMPTS[:1], "responses": RESPONSES[:1]})[0] == 200
+
+
+@pytest.mark.parametrize("headers, status, message", [
+    ({"Content-Type": "text/plain"}, 415, "Content-Type: must be application/json"),
+    ({"Origin": "http://evil.example"}, 403, "Origin: requests from web pages are refused"),
+], ids=["text-plain", "origin"])
+def test_what_a_web_page_could_send_is_refused(server, headers, status, message):
+    """A page may POST text/plain to localhost without asking first, and its browser adds Origin."""
+    base, _ = server
+    code, answer = _post(f"{base}/score", {"prompts": ["p"], "responses": ["r"]}, headers)
+    assert code == status and message in answer["error"]
+
+
+def _raw(base: str, request: bytes) -> bytes:
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def test_a_body_the_answer_did_not_read_is_never_read_as_a_next_request(server):
+    base, _ = server
+    smuggled = b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"
+    out = _raw(base, b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
+    assert out.count(b"HTTP/1.1 ") == 1 and b" 200 " in out.split(b"\r\n")[0], out
+    out = _raw(base, b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: -1\r\n\r\n{}")
+    assert out.count(b"HTTP/1.1 ") == 1 and b" 411 " in out.split(b"\r\n")[0], out
 
 
 def test_beyond_the_loopback_a_token_is_required_and_checked(saved, tmp_path):
@@ -134,6 +165,7 @@ def test_the_verl_recipe_asks_the_server_and_gets_the_librarys_rewards(server, m
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
     monkeypatch.setenv("RMENS_REWARD_URL", base)
+    monkeypatch.setenv("RMENS_REWARD_CHUNK", "2")  # 3 responses: two requests, one answer
     got = recipe.compute_score(data_sources=["x"] * 3, solution_strs=RESPONSES, ground_truths=[None] * 3,
                                extra_infos=[{"prompt": p} for p in PROMPTS])
     assert got == pytest.approx(reward(PROMPTS, RESPONSES).scores.tolist(), abs=1e-5)

@@ -70,7 +70,8 @@ def check_output_folder(path: str | Path, overwrite: bool = False) -> None:
     a saved ensemble that holds files rmens did not write there, or a `.partial`/`.replaced` sibling that is
     not rmens' own."""
     path = Path(path)
-    check_writable(path, "output folder")
+    # A save writes <name>.partial beside the folder and renames it into place: the parent is what is written.
+    check_writable(path.parent, "output folder", shown=path)
     hint = "choose another output folder, or pass --overwrite to replace it"
     refuse_foreign_folder(path, overwrite or is_saved_ensemble(path), "a saved rmens ensemble", hint)
     added = [] if overwrite else _added_files(path)

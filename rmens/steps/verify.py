@@ -4,9 +4,10 @@ Reuse trusts a file whose size and mtime match what was recorded (a stat, not a 
 content of the files a step reads is remembered by path, size, mtime and inode (rmens.steps.content). A
 byte changed without changing either goes unseen by both. This walk reads everything once: each finished
 step folder against the sha256 in its done.json manifest, and each remembered content hash against its
-file. With `fix`, a damaged step folder loses its done.json (the next run computes exactly that step
-again: the folder is the store's own) and a stale content hash is replaced (the steps that read that file
-get a new key and recompute).
+file. With `fix`, a damaged step folder loses its done.json and started.json (the next run computes exactly
+that step again, from scratch even where the step could resume: the folder is the store's own), and a
+stale content hash is replaced (the steps that read that file get a new key and recompute). A run going on
+meanwhile may write the stale hash back (each process keeps what it read): run it between runs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from rmens.io import file_sha256, write_json
 from rmens.steps import content
-from rmens.steps.store import DONE
+from rmens.steps.store import DONE, STARTED
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,9 @@ def verify(folder: str | Path, fix: bool = False, progress: Callable[[str], None
         problems = _check_folder(done, verdict)
         if problems:
             verdict.damaged[done.parent] = problems
-            if fix:
+            if fix:  # unsealed and not resumable: the next run computes the step afresh, not from these files
                 done.unlink()
+                done.with_name(STARTED).unlink(missing_ok=True)
     verdict.stale = _check_content_hashes(fix, verdict)
     return verdict
 
