@@ -110,9 +110,10 @@ def file_manifest(folder: str | Path, skip: Iterable[str] = ()) -> Manifest:
     return manifest
 
 
-def manifest_changes(folder: str | Path, manifest: Manifest) -> list[str]:
+def manifest_changes(folder: str | Path, manifest: Manifest, rehash: bool = False) -> list[str]:
     """What differs from the recorded manifest ('missing: x', 'changed: y'); [] when intact. Files added
-    since are ignored: only what the artifact was made of is checked."""
+    since are ignored: only what the artifact was made of is checked. A file of the recorded size and mtime is
+    trusted unless `rehash` (rmens verify)."""
     folder, changes = Path(folder), []
     for name, recorded in manifest.items():
         path = folder / name
@@ -123,7 +124,7 @@ def manifest_changes(folder: str | Path, manifest: Manifest) -> list[str]:
             continue
         if stat.st_size != recorded["size"]:
             changes.append(f"changed: {name} ({stat.st_size} bytes, recorded {recorded['size']})")
-        elif stat.st_mtime_ns != recorded["mtime_ns"] and file_sha256(path) != recorded["sha256"]:
+        elif (rehash or stat.st_mtime_ns != recorded["mtime_ns"]) and file_sha256(path) != recorded["sha256"]:
             changes.append(f"changed: {name} (content differs from its recorded sha256)")
     return changes
 

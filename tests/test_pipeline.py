@@ -376,29 +376,21 @@ def test_the_plain_runner_computes_what_prefect_computed_with_the_same_keys(pipe
 def test_the_runs_table_page_shows_every_arms_numbers_on_the_parent_run(pipeline_runs, tmp_path):
     """What a browser on `rmens ui`'s address gets, read through MLflow's REST API (the page's own calls):
     the experiment's parent runs, each with the per-arm metrics the runs table and charts compare."""
-    import socket
-    import time
     import urllib.request
+
+    from conftest import answers, free_port, wait_for
 
     from flows.services import runs_table_url
 
     project, first, *_ = pipeline_runs
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
                                f"sqlite:///{project}/mlflow.db", "--host", "127.0.0.1", "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, "mlflow ui did not start"
-                time.sleep(0.5)
+        wait_for(lambda: answers(f"{base}/health") or server.poll() is not None, 120, "mlflow ui to start")
+        assert server.poll() is None, "mlflow ui exited"
         client, _ = runs_of(project)
         experiment = client.get_experiment_by_name(f"rmens-{Path(project).name}").experiment_id
         assert runs_table_url(experiment, port) == f"{base}/#/experiments/{experiment}/runs"
@@ -428,13 +420,12 @@ def test_the_runs_table_page_shows_every_arms_numbers_on_the_parent_run(pipeline
 def test_rmens_serve_serves_a_registered_model_by_its_alias(pipeline_runs):
     """`rmens serve models:/<name>@<alias>`: the registered version's weights, downloaded from the store that
     MLFLOW_TRACKING_URI names, behind the same endpoints as a folder."""
-    import socket
     import urllib.request
 
+    from conftest import free_port
+
     project, *_ = pipeline_runs
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow.db"}
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "models:/rmens-smoke@linear-k3-r0",
                              "--rule", "lcb1", "--port", str(port)], cwd=Path(__file__).parents[1], env=env,

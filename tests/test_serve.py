@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 from rmens.models.config import AggregationConfig
 from rmens.reward import EnsembleReward
@@ -142,9 +143,7 @@ def test_the_command_serves_a_folder_and_refuses_a_wrong_rule_in_one_line(saved,
     bad = subprocess.run([sys.executable, "-m", "rmens.cli", "serve", str(saved), "--rule", "lcb"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("rmens: error: 'lcb' names no rule"), bad.stderr
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "rmens.cli", "serve", str(saved), "--rule", "min", "--port",
                              str(port)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rmens.io import file_sha256, write_json
+from rmens.io import file_sha256, manifest_changes, write_json
 from rmens.steps import content
 from rmens.steps.store import DONE, STARTED
 
@@ -72,17 +72,10 @@ def _check_folder(done: Path, verdict: Verdict) -> list[str]:
         manifest = json.loads(done.read_text()).get("files", {})
     except (OSError, ValueError) as err:
         return [f"unreadable {DONE} ({err})"]
-    problems = []
-    for name, recorded in manifest.items():
-        path = done.parent / name
-        if not path.is_file():
-            problems.append(f"missing: {name}")
-            continue
-        verdict.files += 1
-        verdict.bytes += path.stat().st_size
-        if file_sha256(path) != recorded.get("sha256"):
-            problems.append(f"changed: {name}")
-    return problems
+    present = [done.parent / name for name in manifest if (done.parent / name).is_file()]
+    verdict.files += len(present)
+    verdict.bytes += sum(path.stat().st_size for path in present)
+    return manifest_changes(done.parent, manifest, rehash=True)
 
 
 def _check_content_hashes(fix: bool, verdict: Verdict) -> list[str]:
