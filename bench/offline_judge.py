@@ -13,6 +13,7 @@ bench/out/offline-judge/ for reuse).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -78,7 +79,7 @@ def main() -> int:
     results["win_rate"] = {k: wr[k] for k in ("win_rate", "standard_error", "n_total", "length_controlled_unavailable")}
     questions = mt_bench.load_questions(data_root() / "mt_bench")[: args.mt_bench_questions]
     start = time.perf_counter()
-    answers = mt_bench.answer_questions(policy, tokenizer, questions, gen)
+    answers = mt_bench.answer_questions(functools.partial(generate, policy, tokenizer), questions, gen)
     results["mt_bench_answer_s"] = time.perf_counter() - start
     start = time.perf_counter()
     mapping = mt_bench.RewardScoreMapping.calibrate(judge, instructions, [refs[i] for i in instructions])

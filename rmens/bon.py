@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from rmens.bon_config import BonConfig
-from rmens.generation import generate
+from rmens.generation import Sampler
 from rmens.io import read_jsonl, write_jsonl
 from rmens.reward import RewardFn
 
@@ -114,12 +114,12 @@ def bon_curve(proxy: torch.Tensor, targets: dict[str, torch.Tensor], ns: list[in
     return rows
 
 
-def draw_samples(policy, tokenizer, prompts: list[str], cfg: BonConfig, folder: str | Path,
+def draw_samples(sampler: Sampler, prompts: list[str], cfg: BonConfig, folder: str | Path,
                  progress: bool = True) -> list[dict]:
-    """Generate N samples per prompt and store them in `folder`/samples.jsonl."""
+    """Generate N samples per prompt (rmens.generation.open_sampler) and store them in `folder`/samples.jsonl."""
     n = cfg.n_samples
     repeated = [p for p in prompts for _ in range(n)]
-    samples = generate(policy, tokenizer, repeated, cfg.generation, progress=progress)
+    samples = sampler(repeated, cfg.generation, progress=progress)
     rows = [{"prompt_id": i // n, "sample_id": i % n, "prompt": samples.prompts[i], "response": samples.texts[i],
              "n_tokens": len(samples.response_ids[i]), "finished": samples.finished[i]} for i in range(len(samples))]
     write_jsonl(Path(folder) / "samples.jsonl", rows)

@@ -3,11 +3,18 @@
 Uses transformers' `generate` (KV cache, temperature, top-p, EOS stopping); the prompt goes through
 the same chat-template rendering as the reward models' training pairs. Each batch is seeded from
 (seed, batch index), so the samples do not depend on what ran before in the process.
+
+`open_sampler` gives the sampler of a generation config's backend: this module's `generate` on a policy
+loaded here (hf), or a vLLM engine in its own environment (vllm, rmens.vllm_engine), behind one signature.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -34,10 +41,51 @@ class Samples:
         return len(self.prompts)
 
 
+class Sampler(Protocol):
+    """Sample one response per prompt, as `generate` does for a policy bound to it (open_sampler)."""
+
+    def __call__(self, prompts: list[Prompt], cfg: GenerationConfig, *, stream: Stream = Stream.SAMPLE,
+                 indices: tuple[int, ...] = (), progress: bool = False) -> Samples: ...
+
+
+@contextmanager
+def open_sampler(model: str, cfg: GenerationConfig) -> Iterator[Sampler]:
+    """The sampler of `model` (an alias, folder or hub id) under cfg.backend, for the life of the block."""
+    from rmens.models.backbone import load_policy, load_tokenizer
+
+    tokenizer = load_tokenizer(model, padding_side="left")
+    if cfg.backend == "vllm":
+        from rmens.vllm_engine import VllmEngine
+
+        with VllmEngine(model, cfg.vllm) as engine:
+            yield functools.partial(engine.generate, tokenizer)
+    else:
+        yield functools.partial(generate, load_policy(model), tokenizer)
+
+
 def eos_ids(policy, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Every token id that ends a response: the tokenizer's EOS and the model's generation EOS ids."""
+    return stop_ids(tokenizer, getattr(getattr(policy, "generation_config", None), "eos_token_id", None))
+
+
+def eos_ids_of_model(model: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """eos_ids of a model (alias, folder or id) without loading its weights: from its generation_config.json,
+    else its config.json."""
+    from transformers import AutoConfig
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    from rmens.models.backbone import resolve_model
+
+    folder = resolve_model(model)
+    try:
+        configured = HFGenerationConfig.from_pretrained(folder).eos_token_id
+    except OSError:  # no generation_config.json: the model config's EOS, as transformers falls back to
+        configured = getattr(AutoConfig.from_pretrained(folder), "eos_token_id", None)
+    return stop_ids(tokenizer, configured)
+
+
+def stop_ids(tokenizer: PreTrainedTokenizerBase, configured: int | list[int] | None) -> list[int]:
     ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(policy, "generation_config", None), "eos_token_id", None)
     if isinstance(configured, int):
         ids.add(configured)
     elif configured:
@@ -68,12 +116,10 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], ma
 def prompts_that_fit(policy: str, prompts: list[str], max_new_tokens: int) -> tuple[list[str], int]:
     """The prompts whose chat-template tokens leave room for `max_new_tokens` in the policy's context, and
     how many were left out (for prompt sets drawn from data rather than written for this policy)."""
-    from transformers import AutoConfig
-
-    from rmens.models.backbone import load_tokenizer, resolve_model
+    from rmens.models.backbone import load_tokenizer, model_context
 
     tokenizer = load_tokenizer(policy)
-    room = context_length(AutoConfig.from_pretrained(resolve_model(policy))) - max_new_tokens
+    room = model_context(policy) - max_new_tokens
     lengths = tokenizer([render_prompt(tokenizer, p) for p in prompts], add_special_tokens=False,
                         verbose=False)["input_ids"]
     kept = [prompt for prompt, ids in zip(prompts, lengths) if len(ids) <= room]
@@ -107,8 +153,7 @@ def generate(policy, tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], 
     device = next(policy.parameters()).device
     was_training = policy.training
     policy.eval()
-    responses: list[list[int]] = []
-    finished: list[bool] = []
+    generated: list[list[int]] = []
     starts = range(0, len(prompts), cfg.batch_size)
     for batch_index, start in enumerate(tqdm(starts, desc="generate", disable=not progress)):
         chunk = prompt_ids[start: start + cfg.batch_size]
@@ -120,10 +165,16 @@ def generate(policy, tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], 
             input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens, eos_token_id=stop,
             pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling,
         )
-        for row in out[:, ids.shape[1]:].tolist():
-            tokens, done = cut_at_eos(row, set(stop))
-            responses.append(tokens)
-            finished.append(done)
+        generated.extend(out[:, ids.shape[1]:].tolist())
     policy.train(was_training)
+    return samples_from_tokens(tokenizer, list(prompts), prompt_ids, generated, stop)
+
+
+def samples_from_tokens(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], prompt_ids: list[list[int]],
+                        generated: list[list[int]], stop: list[int]) -> Samples:
+    """Samples from each prompt's generated token ids (cut after the first stop token), decoded here."""
+    cut = [cut_at_eos(tokens, set(stop)) for tokens in generated]
+    responses = [tokens for tokens, _ in cut]
+    finished = [done for _, done in cut]
     texts = [tokenizer.decode(r[:-1] if f else r, skip_special_tokens=True) for r, f in zip(responses, finished)]
-    return Samples(list(prompts), prompt_ids, responses, texts, finished)
+    return Samples(prompts, prompt_ids, responses, texts, finished)

@@ -3,9 +3,41 @@ config beside each trainer (rmens.generation imports torch; loading a config mus
 
 from __future__ import annotations
 
-from pydantic import Field
+import os
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
 
 from rmens.config import Seed, StrictModel
+
+VLLM_PYTHON_ENV = "RMENS_VLLM_PYTHON"
+
+
+class VllmConfig(StrictModel):
+    """The vLLM engine behind backend "vllm": a Python environment of its own, since vLLM pins torch and
+    transformers releases rmens' environment does not have (rmens never imports vllm)."""
+
+    python: str | None = Field(None, description=f"The vLLM environment's Python interpreter (default: "
+                                                 f"${VLLM_PYTHON_ENV}).")
+    dtype: str = Field("auto", description="Weights' precision in the engine (vLLM's dtype: auto, float32, "
+                                           "bfloat16, float16).")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of each GPU's memory the engine "
+                                                                         "may take (weights and KV cache).")
+    max_model_len: int | None = Field(None, ge=1, description="Longest prompt plus response the engine plans for "
+                                                              "(None: the model's context).")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="More keyword arguments of vllm.LLM "
+                                                                          "(e.g. tensor_parallel_size).")
+    chunk: int = Field(256, ge=1, description="Prompts per request to the engine (it batches within a request); "
+                                              "progress is reported per request.")
+    start_timeout_s: float = Field(900, gt=0, description="How long the engine may take to load before the run "
+                                                          "gives up.")
+
+    def interpreter(self) -> str:
+        python = self.python or os.environ.get(VLLM_PYTHON_ENV)
+        if not python:
+            raise ValueError(f"generation.backend is 'vllm' but no vLLM environment is named: set generation.vllm."
+                             f"python or ${VLLM_PYTHON_ENV} to that environment's python (make vllm-env builds one)")
+        return python
 
 
 class GenerationConfig(StrictModel):
@@ -16,5 +48,15 @@ class GenerationConfig(StrictModel):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: the smallest set of tokens with this "
                                                       "probability (1: no truncation); ignored when greedy.")
     do_sample: bool = Field(True, description="False: greedy decoding (judges, deterministic answers).")
-    batch_size: int = Field(8, ge=1, description="Prompts per generate() call; the main speed knob.")
-    seed: Seed = Field(0, description="Seeds the sampling of every batch.")
+    batch_size: int = Field(8, ge=1, description="Prompts per generate() call (backend hf); the main speed knob.")
+    seed: Seed = Field(0, description="Seeds the sampling of every batch (hf) or every response (vllm).")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: transformers' generate in this process; vllm: a vLLM engine in its own Python "
+                          "environment (Best-of-n samples and evaluation answers; PPO rollouts are always hf).")
+    vllm: VllmConfig = Field(default_factory=VllmConfig, description="backend vllm: the engine.")
+
+    @model_validator(mode="after")
+    def _vllm_named(self) -> GenerationConfig:
+        if self.backend == "vllm":
+            self.vllm.interpreter()  # no environment named: fail when the config loads, not after training
+        return self

@@ -1,3 +1,4 @@
+import functools
 import itertools
 import json
 import math
@@ -6,7 +7,7 @@ import pytest
 import torch
 from conftest import TINY
 
-from rmens import bon
+from rmens import bon, generation
 from rmens.bon import bon_curve, bon_ns, draw_samples, expected_best_of_n, kl_bon, load_score_matrix, score_samples
 from rmens.bon_config import BonConfig
 from rmens.config import derive
@@ -97,9 +98,9 @@ def test_callable_reward_rejects_nan():
 
 def test_samples_are_stored_once_and_rescored_without_regenerating(policy, tiny_tokenizer, tmp_path, monkeypatch):
     cfg = BonConfig(n_samples=4, generation=GenerationConfig(max_new_tokens=6, batch_size=8))
-    rows = draw_samples(policy, tiny_tokenizer, PROMPTS, cfg, tmp_path, progress=False)
+    rows = draw_samples(functools.partial(generate, policy, tiny_tokenizer), PROMPTS, cfg, tmp_path, progress=False)
     assert len(rows) == 12 and {r["sample_id"] for r in rows} == {0, 1, 2, 3}
-    monkeypatch.setattr(bon, "generate", lambda *a, **k: pytest.fail("rescoring must not generate"))
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: pytest.fail("rescoring must not generate"))
     length = CallableReward(lambda p, r: len(r))
     ensemble = build_ensemble(EnsembleConfig(kind="linear", k=2, backbone=TINY)).eval()
     ens = EnsembleReward(ensemble, tiny_tokenizer, allow_unstandardised=True)  # untrained: no statistics
@@ -129,7 +130,7 @@ def test_non_finite_scores_are_rejected_where_they_enter_best_of_n(tmp_path, pol
         bon_curve(torch.tensor([[0.0, nan, 1.0]]), {})
     with pytest.raises(ValueError, match="non-finite target score for prompt 0, sample 2"):
         bon_curve(torch.tensor([[0.0, 1.0, 2.0]]), {"gold": torch.tensor([[0.0, 1.0, nan]])})
-    draw_samples(policy, tiny_tokenizer, PROMPTS[:1], BonConfig(n_samples=2, generation=GenerationConfig(
-        max_new_tokens=4)), tmp_path, progress=False)
+    draw_samples(functools.partial(generate, policy, tiny_tokenizer), PROMPTS[:1],
+                 BonConfig(n_samples=2, generation=GenerationConfig(max_new_tokens=4)), tmp_path, progress=False)
     with pytest.raises(ValueError, match="non-finite proxy score for prompt 0, sample 1"):
         bon.select_best(tmp_path, "any", 2, scores=torch.tensor([[0.0, nan]]))

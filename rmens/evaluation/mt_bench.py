@@ -12,11 +12,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from rmens.evaluation.judges import Judge, LocalLLMJudge
 from rmens.generation_config import GenerationConfig
+
+if TYPE_CHECKING:
+    from rmens.generation import Sampler
 
 NEED_REFERENCE = {"math", "reasoning", "coding"}  # FastChat's NEED_REF_CATS
 
@@ -43,14 +47,13 @@ def load_reference_answers(folder: str | Path) -> dict[int, list[str]]:
     return {r["question_id"]: r["choices"][0]["turns"] for r in rows}
 
 
-def answer_questions(policy, tokenizer, questions: list[dict], cfg: GenerationConfig) -> list[dict]:
-    """Two turns per question; the second is asked in the conversation that holds the first answer."""
-    from rmens.generation import generate
-
-    first = generate(policy, tokenizer, [q["turns"][0] for q in questions], cfg, indices=(1,)).texts
+def answer_questions(sampler: Sampler, questions: list[dict], cfg: GenerationConfig) -> list[dict]:
+    """Two turns per question (sampler: rmens.generation.open_sampler's); the second is asked in the
+    conversation that holds the first answer."""
+    first = sampler([q["turns"][0] for q in questions], cfg, indices=(1,)).texts
     conversations = [[{"role": "user", "content": q["turns"][0]}, {"role": "assistant", "content": a},
                       {"role": "user", "content": q["turns"][1]}] for q, a in zip(questions, first)]
-    second = generate(policy, tokenizer, conversations, cfg, indices=(2,)).texts  # the turn
+    second = sampler(conversations, cfg, indices=(2,)).texts  # the turn
     return [{"question_id": q["question_id"], "category": q["category"], "turns": [a1, a2]}
             for q, a1, a2 in zip(questions, first, second)]
 

@@ -205,6 +205,9 @@ class ExperimentConfig(ArmsConfig):
         if self.ppo_generation.top_p < 1 or not self.ppo_generation.do_sample:
             raise ValueError("ppo_generation must sample without truncation (top_p 1, do_sample true): each "
                              "checkpoint's KL is estimated from these samples with the full softmax")
+        if self.ppo_generation.backend != "hf":
+            raise ValueError("ppo_generation.backend must be 'hf': checkpoints answer with their log-probs, in this "
+                             "process")
         if self.gold.ensemble.max_length < self.ensemble.max_length:
             raise ValueError(f"the gold judge must see at least the proxies' context: gold.ensemble.max_length="
                              f"{self.gold.ensemble.max_length} < ensemble.max_length={self.ensemble.max_length}")

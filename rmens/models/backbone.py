@@ -175,6 +175,13 @@ def context_length(config) -> int:
     return context_field(config.to_dict())[1]
 
 
+def model_context(name_or_path: str) -> int:
+    """context_length of a model from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    return context_length(AutoConfig.from_pretrained(resolve_model(name_or_path)))
+
+
 def load_backbone(name_or_path: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The transformer body of a causal LM (no LM head), e.g. LlamaModel, for a reward model."""
     return AutoModel.from_pretrained(resolve_model(name_or_path), dtype=dtype)

@@ -43,18 +43,28 @@ def eval_paths(cfg: EvalConfig) -> list[Path]:
     return (alpaca_eval_paths(None) if cfg.source == "alpaca_eval" else []) + mt_bench
 
 
-def run_mt_bench(cfg: EvalConfig, gold, policy, tokenizer, instructions, references, folder: Path) -> dict:
-    """MT-Bench answers of `policy`, graded by the gold (a Judge object)."""
+def mt_bench_questions(cfg: EvalConfig, gold) -> tuple[list[dict], str | None]:
+    """The MT-Bench questions to answer, or why none are (a gold that cannot grade, no questions found)."""
     from rmens.evaluation import mt_bench
-    from rmens.evaluation.judges import AlpacaEvalJudge, LocalLLMJudge
+    from rmens.evaluation.judges import AlpacaEvalJudge
 
+    if not cfg.mt_bench:
+        return [], None
     if isinstance(gold, AlpacaEvalJudge):
-        return {"mt_bench_skipped": "alpaca_eval annotators compare pairs and cannot grade; use a local_llm gold"}
+        return [], "alpaca_eval annotators compare pairs and cannot grade; use a local_llm gold"
     source = _mt_bench_source(cfg)
     if source is None:
-        return {"mt_bench_skipped": "no MT-Bench questions: set evaluate.mt_bench_path or RMENS_DATA_DIR"}
-    questions = mt_bench.load_questions(source)[: cfg.mt_bench_questions]
-    answers = mt_bench.answer_questions(policy, tokenizer, questions, cfg.generation)
+        return [], "no MT-Bench questions: set evaluate.mt_bench_path or RMENS_DATA_DIR"
+    return mt_bench.load_questions(source)[: cfg.mt_bench_questions], None
+
+
+def grade_mt_bench(cfg: EvalConfig, gold, questions: list[dict], answers: list[dict], instructions, references,
+                   folder: Path) -> dict:
+    """MT-Bench answers graded by the gold (a Judge object)."""
+    from rmens.evaluation import mt_bench
+    from rmens.evaluation.judges import LocalLLMJudge
+
+    source = _mt_bench_source(cfg)
     mapping = None if isinstance(gold, LocalLLMJudge) else \
         mt_bench.RewardScoreMapping.calibrate(gold, instructions, references)
     refs = mt_bench.load_reference_answers(source) if Path(source).is_dir() else {}
@@ -87,14 +97,13 @@ def evaluate(folder: Path, *, label: str, eval_cfg: EvalConfig, gold_cfg: GoldCo
 
 def _judge_all(folder: Path, judge, label: str, eval_cfg: EvalConfig, policy: str | None, ppo_run: Output | None,
                bon: Output | None, bon_selection: Selection | None, proxy: Output | None) -> dict:
-    from rmens.evaluation import alpaca_eval
+    from rmens.evaluation import alpaca_eval, mt_bench
     from rmens.evaluation.curves import curve_from_points, save_curves
-    from rmens.generation import generate
-    from rmens.models.backbone import load_policy, load_tokenizer
+    from rmens.generation import open_sampler
 
     instructions, references = eval_set(eval_cfg)
     summary: dict = {}
-    model = tokenizer = None
+    questions, mt_answers = [], []
     if bon is not None:
         picked = {row["prompt"]: row["response"]
                   for row in read_jsonl(bon.require().file("selected") / bon_selection.file_name)}
@@ -104,9 +113,15 @@ def _judge_all(folder: Path, judge, label: str, eval_cfg: EvalConfig, policy: st
                              "draw them on the evaluation split (bon_prompts)")
         outputs = [picked[i] for i in instructions]
     else:
+        questions, skipped = mt_bench_questions(eval_cfg, judge)
+        if skipped:
+            summary["mt_bench_skipped"] = skipped
+        # Every answer is drawn before the gold judges any, so that a vLLM engine's memory is free again
         path = str(ppo_run.require().file("policy")) if ppo_run is not None else policy
-        model, tokenizer = load_policy(path), load_tokenizer(path, padding_side="left")
-        outputs = generate(model, tokenizer, instructions, eval_cfg.generation, stream=Stream.EVAL_SAMPLE).texts
+        with open_sampler(path, eval_cfg.generation) as sampler:
+            outputs = sampler(instructions, eval_cfg.generation, stream=Stream.EVAL_SAMPLE).texts
+            if questions:
+                mt_answers = mt_bench.answer_questions(sampler, questions, eval_cfg.generation)
     if eval_cfg.alpaca_eval:
         wr = alpaca_eval.win_rate(judge, instructions, outputs, references, generator=label,
                                   reference_generator=eval_cfg.reference if eval_cfg.source == "alpaca_eval"
@@ -118,8 +133,8 @@ def _judge_all(folder: Path, judge, label: str, eval_cfg: EvalConfig, policy: st
             summary["lc_win_rate"] = wr["length_controlled"].get("length_controlled_winrate", float("nan"))
         else:
             summary["lc_win_rate_unavailable"] = wr["length_controlled_unavailable"]
-    if eval_cfg.mt_bench and model is not None:
-        mt = run_mt_bench(eval_cfg, judge, model, tokenizer, instructions, references, folder)
+    if questions:
+        mt = grade_mt_bench(eval_cfg, judge, questions, mt_answers, instructions, references, folder)
         summary.update({f"mt_bench_{k}": v for k, v in mt.items() if isinstance(v, (int, float, str))})
     if ppo_run is not None and proxy is not None:
         from rmens.evaluation.ppo_eval import evaluate_run

@@ -3,6 +3,7 @@ aggregate stored member scores into a curve per (arm run, rule) and the selectio
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from rmens.arms import Arm
@@ -21,11 +22,15 @@ from rmens.steps import Output, report_metrics, step
 def sample(folder: Path, *, policy: str, prompts: PromptsConfig, bon: BonConfig) -> dict:
     from rmens.bon import draw_samples
     from rmens.data.prompts import load_prompts
-    from rmens.models.backbone import load_policy, load_tokenizer
+    from rmens.generation import open_sampler
 
     texts = load_prompts(prompts)
-    rows = draw_samples(load_policy(policy), load_tokenizer(policy, padding_side="left"), texts, bon, folder)
+    with open_sampler(policy, bon.generation) as sampler:
+        started = time.perf_counter()
+        rows = draw_samples(sampler, texts, bon, folder)
+        seconds = time.perf_counter() - started
     return {"prompts": len(texts), "samples": len(rows), "n_samples": bon.n_samples,
+            "samples_per_s": len(rows) / seconds,
             "mean_tokens": sum(r["n_tokens"] for r in rows) / len(rows),
             "finished_fraction": sum(r["finished"] for r in rows) / len(rows)}
 

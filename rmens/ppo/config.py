@@ -95,6 +95,9 @@ class PPOConfig(StrictModel):
             raise ValueError(f"generation.top_p={self.generation.top_p:g} must be 1: {why}, untruncated")
         if not self.generation.do_sample:
             raise ValueError(f"generation.do_sample=false is refused: {why}, not decode greedily")
+        if self.generation.backend != "hf":
+            raise ValueError("generation.backend must be 'hf': rollouts come from the policy being trained, in this "
+                             "process (the vllm backend serves Best-of-n samples and evaluation answers)")
         return self
 
 

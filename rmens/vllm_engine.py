@@ -1,0 +1,144 @@
+"""Sampling through a vLLM engine that runs in its own Python environment (generation.backend "vllm").
+
+vLLM pins torch and transformers releases that rmens' environment cannot share, so the engine runs as a
+subprocess of another interpreter (rmens/workers/vllm_worker.py, which imports no rmens) and rmens never
+imports vllm. rmens keeps what decides a sample's meaning on its side: it renders the chat template and
+tokenizes with the policy's own tokenizer, names the stop tokens, draws one seed per response from
+rmens.seeding (so a re-run, or another chunking, draws the same samples) and decodes the tokens it gets back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import re
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from rmens.data.encoding import Prompt
+from rmens.generation import Samples, encode_prompts, eos_ids_of_model, samples_from_tokens
+from rmens.generation_config import GenerationConfig, VllmConfig
+from rmens.models.backbone import model_context, resolve_model
+from rmens.seeding import Stream, seed_for
+
+log = logging.getLogger(__name__)
+WORKER = Path(__file__).parent / "workers" / "vllm_worker.py"
+
+
+class EngineError(RuntimeError):
+    """The vLLM engine failed to start or to answer; the message ends with its log's last lines."""
+
+
+class VllmEngine:
+    """One engine serving one model for the life of a `with` block."""
+
+    def __init__(self, model: str, cfg: VllmConfig):
+        self.cfg = cfg
+        self.model_dir = resolve_model(model)
+        python = Path(cfg.interpreter()).expanduser()
+        if not python.is_file():
+            raise FileNotFoundError(f"generation.vllm.python: {python} is not a file (the vLLM environment's "
+                                    "interpreter, e.g. .venv-vllm/bin/python; make vllm-env builds one)")
+        settings = {"model": self.model_dir, "dtype": cfg.dtype, "gpu_memory_utilization": cfg.gpu_memory_utilization,
+                    "max_model_len": cfg.max_model_len, "engine_args": cfg.engine_args}
+        self.log_path = Path(tempfile.mkstemp(prefix="rmens-vllm-", suffix=".log")[1])
+        with self.log_path.open("w") as log_file:
+            self.process = subprocess.Popen([str(python), str(WORKER), json.dumps(settings)], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, stderr=log_file, text=True, bufsize=1)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        log.info("vllm: starting an engine for %s (its log: %s)", self.model_dir, self.log_path)
+        hello = self._receive(timeout=cfg.start_timeout_s, doing="start")
+        self.version = hello.get("vllm", "unknown")
+
+    def _pump(self) -> None:
+        for line in self.process.stdout:
+            self.lines.put(line)
+        self.lines.put(None)  # the worker closed its stdout: it exited
+
+    def _receive(self, timeout: float | None, doing: str) -> dict:
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            self.close(wait_s=0)
+            raise EngineError(self._failure(f"did not {doing} within {timeout:g} s")) from None
+        if line is None:
+            self.process.wait()
+            raise EngineError(self._failure(f"exited with code {self.process.returncode} during {doing}"))
+        reply = json.loads(line)
+        if "error" in reply:
+            raise EngineError(self._failure(f"could not {doing}: {reply['error']}"))
+        return reply
+
+    def _failure(self, what: str) -> str:
+        """`what` happened, with the log's first exception line (vLLM's root cause usually comes first, its
+        engine-dead summary last) and its last lines."""
+        lines = self.log_path.read_text(errors="replace").strip().splitlines() if self.log_path.exists() else []
+        cause = [line for line in lines if re.search(r"\w+(Error|Exception): ", line)][:1]
+        shown = cause + [line for line in lines[-3:] if line not in cause]
+        return f"the vLLM engine for {self.model_dir} {what} (log: {self.log_path})" + \
+            "".join(f"\n  {line.strip()}" for line in shown)
+
+    def complete(self, prompt_ids: list[list[int]], seeds: list[int], cfg: GenerationConfig,
+                 stop: list[int]) -> list[dict]:
+        """One request: a completion (token_ids, finish_reason, stop_reason) per prompt."""
+        request = {"prompt_token_ids": prompt_ids, "seeds": seeds, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                   "greedy": not cfg.do_sample, "max_tokens": cfg.max_new_tokens, "stop_token_ids": stop}
+        try:
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            self.process.wait()
+            raise EngineError(self._failure(f"exited with code {self.process.returncode}")) from None
+        outputs = self._receive(timeout=None, doing="generate")["outputs"]
+        if len(outputs) != len(prompt_ids):
+            raise EngineError(self._failure(f"answered {len(outputs)} completions for {len(prompt_ids)} prompts"))
+        return outputs
+
+    def generate(self, tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], cfg: GenerationConfig, *,
+                 stream: Stream = Stream.SAMPLE, indices: tuple[int, ...] = (), progress: bool = False) -> Samples:
+        """rmens.generation.generate's contract: one response per prompt; response i draws from the seed of
+        (cfg.seed, stream, *indices, i)."""
+        prompt_ids = encode_prompts(tokenizer, prompts, cfg.max_new_tokens, model_context(self.model_dir))
+        stop = eos_ids_of_model(self.model_dir, tokenizer)
+        seeds = [seed_for(cfg.seed, stream, *indices, i) for i in range(len(prompts))]
+        tokens: list[list[int]] = []
+        for start in tqdm(range(0, len(prompts), self.cfg.chunk), desc="generate (vllm)", disable=not progress):
+            end = start + self.cfg.chunk
+            for output in self.complete(prompt_ids[start:end], seeds[start:end], cfg, stop):
+                ids = list(output["token_ids"])
+                # vLLM may leave the stop token out of token_ids; rmens' samples end with it when one stopped them
+                if output["finish_reason"] == "stop" and (not ids or ids[-1] not in stop):
+                    ids.append(output["stop_reason"] if output["stop_reason"] in stop else stop[0])
+                tokens.append(ids)
+        return samples_from_tokens(tokenizer, list(prompts), prompt_ids, tokens, stop)
+
+    def close(self, wait_s: float = 60) -> None:
+        """End the engine: its stdin closes, so the worker finishes and exits; one that has not within `wait_s`
+        seconds (a hung one, or one stopped at once) is terminated, then killed."""
+        if self.process.poll() is not None:
+            return
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> VllmEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+        if exc[0] is None:
+            self.log_path.unlink(missing_ok=True)  # kept after a failure: its path is in the error
