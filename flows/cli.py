@@ -95,12 +95,15 @@ def cmd_run(args) -> int:
     from rmens.preflight import check_before_work
 
     check_before_work(config)  # here as well as in the flow: before a temporary server starts
+    check_ray_settings(config, args.ray)
     from rmens.pipeline.plan import run_pipeline
     from rmens.steps import Store
     from rmens.steps.runner import check
     from tasks.runtime.paths import ProjectPaths
 
     paths = ProjectPaths.at(config.project_dir)
+    if args.dry_run:
+        return print_placement(run_pipeline, Store.of_project(paths.root), config, device_gib=args.device_memory_gib)
     if not (args.refresh or args.record):
         # Every step's key is known before anything runs: when the store holds all of them, finished and
         # intact, nothing would run, so say so without paying for Prefect and MLflow.
@@ -111,18 +114,79 @@ def cmd_run(args) -> int:
                                f"MLflow run {report.run_id} made the report", f"{len(plan.outputs)} (all up to date: "
                                "nothing ran; --record runs them through Prefect as cache hits)")
             return 0
+    budget = device_budget(args.device_memory_gib)  # (imports torch: not for an up-to-date re-run)
+    if budget is not None:
+        check_device_memory(run_pipeline, Store.of_project(paths.root), budget, config)
     check_servers()
     prepare_environment(config.project_dir)
     start = time.perf_counter()
     with prefect_api():
         from flows.pipeline import pipeline
 
-        result = pipeline(config=config, refresh=args.refresh)
+        result = on_ray(pipeline, args.ray)(config=config, refresh=args.refresh)
     cached = sum(1 for s in result["states"].values() if s == "Cached")
     _print_run_summary(config.name, args.preset, paths, result["report"], f"parent run {result['parent_run_id']}",
                        f"{len(result['states'])} ({cached} served from Prefect's cache)",
                        time.perf_counter() - start, result.get("experiment_id"))
     return 0
+
+
+def check_ray_settings(config, flag: str | None) -> None:
+    """Settings that need a Ray run are refused without one, before anything runs."""
+    from tasks.runtime.placement import ray_address
+
+    ppo = getattr(config, "ppo", None)
+    if ppo is not None and ppo.reward_devices and ray_address(flag) is None:
+        raise ValueError(f"ppo.reward_devices={ppo.reward_devices} puts the reward ensemble in a Ray actor: run "
+                         "with --ray ADDRESS (or RAY_ADDRESS), or set it to 0")
+
+
+def on_ray(flow, flag: str | None):
+    """The flow as it is (one process), or on Prefect's RayTaskRunner when --ray or RAY_ADDRESS names a Ray."""
+    from tasks.runtime.placement import ray_address, task_runner
+
+    address = ray_address(flag)
+    return flow if address is None else flow.with_options(task_runner=task_runner(address))
+
+
+def print_placement(plan, store, *args, device_gib: float | None = None, **kwargs) -> int:
+    """--dry-run: every step of the plan by wave, with the devices and host memory it asks for and the accelerator
+    memory it needs (rmens.memory); nothing runs."""
+    from rmens.memory import estimates
+    from rmens.steps.graph import placement, record
+
+    nodes, _ = record(plan, store, *args, **kwargs)
+    try:
+        needs = estimates(nodes)
+    except OSError as exc:  # a hub model whose config is neither cached nor reachable
+        needs = {}
+        print(f"(no memory estimates: {str(exc).splitlines()[0]})")
+    over = device_gib is not None and any(e.gib > device_gib and nodes[n].found is None for n, e in needs.items())
+    notes = {name: f"needs {e.size()}" + (" > device" if device_gib is not None and e.gib > device_gib else "")
+             for name, e in needs.items()}
+    print("\n".join(placement(nodes, notes)))
+    todo = sum(1 for node in nodes.values() if node.found is None)
+    print(f"{len(nodes)} steps, {todo} to compute (dry run: nothing ran)" + (
+        f"; some need more than one {device_gib:g} GiB device" if over else ""))
+    return 0
+
+
+def device_budget(flag: float | None) -> float | None:
+    """The memory of one accelerator a plan must fit: --device-memory-gib, else the first CUDA device's; None on
+    a machine without one (then nothing is checked)."""
+    if flag is not None:
+        return flag
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
+
+
+def check_device_memory(plan, store, device_gib: float, *args, **kwargs) -> None:
+    """Refuse a plan a step of which cannot fit one device, before anything starts."""
+    from rmens.memory import check_fit
+    from rmens.steps.graph import record
+
+    check_fit(record(plan, store, *args, **kwargs)[0], device_gib)
 
 
 def _print_run_summary(name: str, preset: str, paths, report, run: str, steps: str,
@@ -141,6 +205,20 @@ def _print_run_summary(name: str, preset: str, paths, report, run: str, steps: s
     print(f"  steps: {steps}")
 
 
+def ray_args(parser) -> None:
+    parser.add_argument("--ray", metavar="ADDRESS",
+                        help="run independent steps at once on Ray, each asking for the devices and memory it "
+                             "declares: local, local:gpus=N (N declared devices; steps still run on CPU where there "
+                             "are none), or a cluster (ray://HOST:10001, auto); default $RAY_ADDRESS, else one "
+                             "process")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print every step by wave, with the devices and memory it asks for and whether the "
+                             "store holds it; run nothing")
+    parser.add_argument("--device-memory-gib", type=float, metavar="GIB",
+                        help="memory of one accelerator: a plan with a step that cannot fit one is refused before "
+                             "anything runs (default: the first CUDA device's; none checked without one)")
+
+
 def cmd_experiment(args) -> int:
     from rmens.experiment.config import load_experiment
 
@@ -149,7 +227,24 @@ def cmd_experiment(args) -> int:
     from rmens.experiment.data import check_inputs
 
     check_inputs(config.data, config.pools.judges, config.mt_bench)  # before a server starts or a folder is made
+    check_ray_settings(config, args.ray)
     out = args.out or f"runs/experiment-{args.size}"
+    if args.dry_run:
+        from rmens.experiment.data import source_fingerprints
+        from rmens.experiment.plan import run_plan
+        from rmens.steps import Store
+
+        return print_placement(run_plan, Store.of_project(out), config, part=args.part,
+                               sources=source_fingerprints(config.data, config.mt_bench),
+                               device_gib=args.device_memory_gib)
+    budget = device_budget(args.device_memory_gib)
+    if budget is not None:
+        from rmens.experiment.data import source_fingerprints
+        from rmens.experiment.plan import run_plan
+        from rmens.steps import Store
+
+        check_device_memory(run_plan, Store.of_project(out), budget, config, part=args.part,
+                            sources=source_fingerprints(config.data, config.mt_bench))
     check_servers()
     prepare_environment(out)
     from rmens.models.context import check_max_lengths
@@ -159,7 +254,7 @@ def cmd_experiment(args) -> int:
     with prefect_api():
         from flows.experiment import experiment
 
-        result = experiment(config=config, out=out, part=args.part, refresh=args.refresh)
+        result = on_ray(experiment, args.ray)(config=config, out=out, part=args.part, refresh=args.refresh)
     cached = sum(1 for s in result["states"].values() if s == "Cached")
     print(f"\nrmens experiment '{args.size}' ({args.part}) finished in {time.perf_counter() - start:.1f} s")
     print(f"  report:        {result['report']}")
@@ -243,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--record", action="store_true",
                      help="when every stage is up to date, still run the flow (a Prefect flow run and an MLflow "
                           "run of cache hits); without it such a re-run only reports the last run")
+    ray_args(run)
     run.set_defaults(func=cmd_run)
 
     from rmens.experiment.config import SIZES
@@ -268,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--part", choices=["rewards", "all"], default="all", help="rewards: stop before PPO")
     exp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. --set ppo.steps=4")
     exp.add_argument("--refresh", action="store_true", help="recompute every step, ignoring caches")
+    ray_args(exp)
     exp.set_defaults(func=cmd_experiment)
 
     ui = sub.add_parser("ui", help="open the MLflow UI on a project's store (compare arms there)")

@@ -38,7 +38,7 @@ def experiment(config: ExperimentConfig | None = None, size: str = "tiny", overr
     total = len(check(run_plan, Store(paths.artifacts), config, part=part, sources=sources).outputs)
     with parent_run(paths, f"experiment:{config.size}", config, tags=flow_run_tags()) as ctx, \
             Stager(ctx, refresh, total=total) as stage:
-        report = run_plan(config, stage, part, sources)
+        report = stage.run_plan(run_plan, config, part=part, sources=sources)
         published = publish(report.require().folder, root)
         client = client_for(ctx)
         for path in published:

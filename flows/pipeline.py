@@ -34,7 +34,7 @@ def pipeline(config: PipelineConfig | None = None, preset: str = "smoke", overri
     total = len(check(run_pipeline, Store(paths.artifacts), config).outputs)  # keys only: nothing runs
     with parent_run(paths, f"pipeline:{config.name}", config, tags=flow_run_tags()) as ctx, \
             Stager(ctx, refresh, config.log_models, config.registered_model, total) as stage:
-        outputs = run_pipeline(config, stage)
+        outputs = stage.run_plan(run_pipeline, config)
         publish(ctx, outputs["report"], f"rmens pipeline '{config.name}'")
     return {"report": str(outputs["report"].file("report")), "parent_run_id": ctx.parent_run_id,
             "experiment_id": ctx.experiment_id,

@@ -21,8 +21,12 @@ class VllmConfig(StrictModel):
                                                  f"${VLLM_PYTHON_ENV}).")
     dtype: str = Field("auto", description="Weights' precision in the engine (vLLM's dtype: auto, float32, "
                                            "bfloat16, float16).")
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of each GPU's memory the engine "
-                                                                         "may take (weights and KV cache).")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="Share of each GPU's memory the engine takes (weights and KV cache; None: "
+                                      "vLLM's default, 0.9). On CPUs vLLM reads it as a share of host memory: "
+                                      "cpu_memory_gib sets it there instead.")
+    cpu_memory_gib: float = Field(4.0, gt=0, description="On CPUs: host memory the engine reserves for weights and "
+                                                         "KV cache (vLLM would take 90% of the machine).")
     max_model_len: int | None = Field(None, ge=1, description="Longest prompt plus response the engine plans for "
                                                               "(None: the model's context).")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="More keyword arguments of vllm.LLM "

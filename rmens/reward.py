@@ -17,6 +17,8 @@ leaves each member's offset arbitrary, and min, lcb and uwo would otherwise comp
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -177,3 +179,20 @@ class CallableReward:
     def __call__(self, prompts: list[str], responses: list[str]) -> Rewards:
         scores = torch.tensor([float(self.fn(p, r)) for p, r in zip(prompts, responses)])
         return Rewards(scores=scores).check(len(prompts), "reward function")
+
+
+@contextmanager
+def placed_reward(folder: str | Path, aggregation: AggregationConfig | None = None,
+                  devices: int = 0) -> Iterator[RewardFn]:
+    """A saved ensemble's reward for PPO: in this process (devices 0), or in a Ray actor holding `devices`
+    accelerators of its own (rmens.integrations.ray), stopped when the block ends."""
+    if not devices:
+        yield EnsembleReward.from_folder(folder, aggregation)
+        return
+    from rmens.integrations.ray import RemoteReward
+
+    remote = RemoteReward(folder, aggregation, devices)
+    try:
+        yield remote
+    finally:
+        remote.close()

@@ -45,8 +45,9 @@ class VllmEngine:
         if not python.is_file():
             raise FileNotFoundError(f"generation.vllm.python: {python} is not a file (the vLLM environment's "
                                     "interpreter, e.g. .venv-vllm/bin/python; make vllm-env builds one)")
-        settings = {"model": self.model_dir, "dtype": cfg.dtype, "gpu_memory_utilization": cfg.gpu_memory_utilization,
-                    "max_model_len": cfg.max_model_len, "engine_args": cfg.engine_args}
+        settings = {"model": self.model_dir, "dtype": cfg.dtype, "cpu_memory_gib": cfg.cpu_memory_gib,
+                    "gpu_memory_utilization": cfg.gpu_memory_utilization, "max_model_len": cfg.max_model_len,
+                    "engine_args": cfg.engine_args}
         self.log_path = Path(tempfile.mkstemp(prefix="rmens-vllm-", suffix=".log")[1])
         with self.log_path.open("w") as log_file:
             self.process = subprocess.Popen([str(python), str(WORKER), json.dumps(settings)], stdin=subprocess.PIPE,

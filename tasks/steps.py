@@ -7,7 +7,9 @@ is in AFTER."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
+import os
 import sqlite3
 import warnings
 from collections.abc import Callable, Iterator
@@ -57,8 +59,12 @@ def _cache_key(context, parameters: dict[str, Any]) -> str:
     return f"{parameters['step_name']}-{ctx.stage_key}"
 
 
-def run_step(ctx: StageContext, step_name: str, label: str, inputs: dict[str, Any]) -> Output:
-    """The body of every step task: the store's reuse-or-compute, tracked in MLflow."""
+def run_step(ctx: StageContext, step_name: str, label: str, inputs: dict[str, Any],
+             module: str | None = None) -> Output:
+    """The body of every step task: the store's reuse-or-compute, tracked in MLflow. `module` declares the
+    step in a process that has not imported it (a Ray worker)."""
+    if step_name not in DECLARED and module:
+        importlib.import_module(module)
     step = DECLARED[step_name]
     store = Store(ctx.paths.artifacts)
     output, computed = store.run(step, inputs, key=ctx.stage_key, refresh=ctx.refresh,
@@ -98,8 +104,10 @@ def _tracked(ctx: StageContext, inputs: dict[str, Any]) -> Callable:
     @contextlib.contextmanager
     def around(step: Step, folder: Path) -> Iterator[str]:
         params = {**params_for_tracking(inputs), **ctx.stage_tags}  # arm, kind, k, rule: compare views plot them
-        with child_run(ctx, step.name, params, {**ctx.run_tags(step.name), "rmens.key": ctx.stage_key[:16]},
-                       name=ctx.run_name(step.name)) as run_id:
+        tags = {**ctx.run_tags(step.name), "rmens.key": ctx.stage_key[:16]}
+        if "CUDA_VISIBLE_DEVICES" in os.environ:  # the devices it was granted (Ray sets it per task)
+            tags["rmens.devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
+        with child_run(ctx, step.name, params, tags, name=ctx.run_name(step.name)) as run_id:
             client = client_for(ctx)
             client.log_dict(run_id, settings_for_tracking(inputs), "settings.json")
             with metrics_to(lambda number, metrics: log_metrics(client, run_id, metrics, number)):

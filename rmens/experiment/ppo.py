@@ -21,14 +21,14 @@ def ppo_step(folder: Path, *, reward: Output, pairs: Output, ppo: PPOConfig) -> 
     """PPO of the policy against one arm's reward under one rule; resumes from its last checkpoint."""
     from rmens.generation import prompts_that_fit
     from rmens.ppo.trainer import PPOTrainer
-    from rmens.reward import EnsembleReward
+    from rmens.reward import placed_reward
 
     prompts, too_long = prompts_that_fit(ppo.policy, read_prompts(pairs.file("ppo_prompts")),
                                          ppo.generation.max_new_tokens)
-    reward_fn = EnsembleReward.from_folder(reward.file("ensemble"), ppo.aggregation)
-    trainer = PPOTrainer(ppo, prompts, reward_fn, folder / "run", reward_folder=reward.file("ensemble"))
-    with measure() as cost:
-        result = trainer.train(resume=True)
+    with placed_reward(reward.file("ensemble"), ppo.aggregation, ppo.reward_devices) as reward_fn:
+        trainer = PPOTrainer(ppo, prompts, reward_fn, folder / "run", reward_folder=reward.file("ensemble"))
+        with measure() as cost:
+            result = trainer.train(resume=True)
     last = result.history[-1]
     summary = {"train_prompts": len(prompts), "train_prompts_too_long": too_long, "steps": len(result.history),
                "final_reward": last["reward"], "final_kl": last["kl"],

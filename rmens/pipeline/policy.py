@@ -23,13 +23,13 @@ def ppo(folder: Path, *, ppo_cfg: PPOConfig, reward: Output, prompts: PromptsCon
     from rmens.data.prompts import load_prompts
     from rmens.pipeline.gold import load_gold
     from rmens.ppo.trainer import PPOTrainer
-    from rmens.reward import EnsembleReward
+    from rmens.reward import placed_reward
 
-    reward_fn = EnsembleReward.from_folder(reward.file("ensemble"), ppo_cfg.aggregation)
     gold_fn = load_gold(gold_cfg, gold) if (gold_cfg is not None and ppo_cfg.gold_every) else None
-    trainer = PPOTrainer(ppo_cfg, load_prompts(prompts), reward_fn, folder / "run", gold_fn=gold_fn,
-                         reward_folder=reward.file("ensemble"), log_fn=report_metrics)
-    result = trainer.train(resume=True)
+    with placed_reward(reward.file("ensemble"), ppo_cfg.aggregation, ppo_cfg.reward_devices) as reward_fn:
+        trainer = PPOTrainer(ppo_cfg, load_prompts(prompts), reward_fn, folder / "run", gold_fn=gold_fn,
+                             reward_folder=reward.file("ensemble"), log_fn=report_metrics)
+        result = trainer.train(resume=True)
     last = result.history[-1]
     return {"final_reward": last["reward"], "final_kl": last["kl"], "ppo_wall_s": result.wall_time,
             **({"final_gold": last["gold"]} if "gold" in last else {})}

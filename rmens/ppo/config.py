@@ -67,6 +67,8 @@ class PPOConfig(StrictModel):
                                            description="Rule combining the reward ensemble's members into PPO's "
                                                        "reward (the pipeline and experiment replace it with the "
                                                        "ppo_arms entry's).")
+    reward_devices: int = Field(0, ge=0, description="0: the reward ensemble scores in the PPO process; N: in a Ray "
+                                                     "actor of its own holding N devices (runs with --ray only).")
     checkpoint_every: int = Field(10, ge=1, description="Save a checkpoint (weights, optimizer, history) every N "
                                                         "steps and after the last.")
     keep_checkpoints: int | None = Field(None, ge=1, description="Checkpoints kept (None: all, for KL curves).")

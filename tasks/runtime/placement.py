@@ -1,0 +1,63 @@
+"""Running a flow's steps on Ray: Prefect's RayTaskRunner from a `--ray` address, and each step's Ray request
+from its declared Resources. Imported only when a run names Ray (ray and prefect-ray are the `ray` extra).
+
+    --ray local              a Ray started in this process, on this machine's CPUs (and GPUs, if it has some)
+    --ray local:gpus=N       the same, declaring N devices: steps get distinct CUDA_VISIBLE_DEVICES even on a
+                             machine without them, where they still run on CPU (how the tests run)
+    --ray ray://HOST:10001   an existing cluster (also HOST:PORT or auto; RAY_ADDRESS when --ray is not given)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+RAY_ADDRESS = "RAY_ADDRESS"
+
+
+def ray_address(flag: str | None) -> str | None:
+    """The address a run uses: --ray's, else $RAY_ADDRESS, else None (no Ray: one process)."""
+    return flag or os.environ.get(RAY_ADDRESS) or None
+
+
+def task_runner(address: str):
+    """Prefect's RayTaskRunner for `address` (see the module docstring)."""
+    try:
+        from prefect_ray import RayTaskRunner
+    except ImportError as exc:
+        raise SystemExit(f"--ray needs the ray extra: pip install -e '.[ray]' ({exc})") from None
+    local = re.fullmatch(r"local(?::gpus=(\d+))?", address)
+    if local is None:
+        return RayTaskRunner(address=address)
+    # address "local" starts a Ray of this process's own, rather than joining one already running here
+    # (which would then refuse num_gpus), and ignores RAY_ADDRESS.
+    init: dict[str, Any] = {"address": "local", "include_dashboard": False, "log_to_driver": False}
+    if local.group(1) is not None:
+        init["num_gpus"] = int(local.group(1))
+    return RayTaskRunner(init_kwargs=init)
+
+
+def on_ray() -> bool:
+    """Whether the running flow's task runner is Ray's."""
+    from prefect.context import FlowRunContext
+
+    run = FlowRunContext.get()
+    return run is not None and type(run.task_runner).__name__ == "RayTaskRunner"
+
+
+def ray_request(devices: int, memory_gib: float) -> dict[str, Any]:
+    """Ray's remote options for a step that uses `devices` accelerators and about `memory_gib` of host memory.
+    A step that uses devices asks for no CPU, so that as many run at once as there are devices; on a cluster
+    without devices it asks for one CPU instead (a device request there would never be granted)."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    request: dict[str, Any] = {"memory": int(memory_gib * 2**30)}
+    if devices and gpus:
+        if devices > gpus:
+            raise ValueError(f"a step asks for {devices} devices but the Ray cluster has {gpus:g}")
+        request.update(num_gpus=devices, num_cpus=0)
+    else:
+        request["num_cpus"] = 1
+    return request

@@ -1,0 +1,84 @@
+"""rmens.memory: each step's accelerator memory, estimated from model configs before anything runs, and a plan
+that cannot fit one device refused in one line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import TINY
+
+from rmens.config import apply_overrides
+from rmens.memory import FROZEN_BYTES, GIB, TRAINED_BYTES, PlanDoesNotFit, check_fit, estimates, parameter_count
+from rmens.models.backbone import load_policy
+from rmens.pipeline.config import PipelineConfig
+from rmens.pipeline.plan import run_pipeline
+from rmens.presets import preset_data
+from rmens.steps import Store
+from rmens.steps.graph import record
+
+# Qwen2.5-7B-Instruct's published architecture: a 7.6B model described by its config alone (no weights).
+QWEN_7B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584,
+           "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+           "vocab_size": 152064, "max_position_embeddings": 32768, "tie_word_embeddings": False}
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen7b")
+    (folder / "config.json").write_text(json.dumps(QWEN_7B))
+    return str(folder)
+
+
+def plan(tmp_path, *overrides):
+    data = apply_overrides(preset_data("smoke"), [f"project_dir={tmp_path}", *overrides])
+    return record(run_pipeline, Store.of_project(tmp_path), PipelineConfig.model_validate(data))[0]
+
+
+def test_parameter_counts_come_from_the_config_alone(qwen):
+    assert parameter_count(TINY) == sum(p.numel() for p in load_policy(TINY).parameters())
+    assert 7.6e9 < parameter_count(qwen) < 7.7e9  # Qwen2.5-7B: 7.62B
+
+
+def test_each_step_is_estimated_from_what_it_trains_and_holds(qwen, tmp_path):
+    p = parameter_count(qwen)
+    needs = estimates(plan(tmp_path, f"ensemble.backbone={qwen}", f"policy={qwen}",
+                           "arms=[{kind: single}, {kind: full, k: 3}]",
+                           "ppo_arms=[single]", "ppo.use_lora=false", "ppo.value_model=reward"))
+    margin = needs["train_ensemble:single-r0"].gib / (p * TRAINED_BYTES / GIB)
+    assert margin == pytest.approx(1.25)
+    assert needs["train_ensemble:full-k3-r0"].gib == pytest.approx(3 * needs["train_ensemble:single-r0"].gib)
+    frozen = estimates(plan(tmp_path, f"ensemble.backbone={qwen}", "arms=[{kind: linear, k: 3}]", "ppo_arms=[]",
+                            "ensemble.freeze_backbone=true"))
+    assert frozen["train_ensemble:linear-k3-r0"].gib * GIB == pytest.approx(p * FROZEN_BYTES * margin)
+    assert needs["score:full-k3-r0"].gib * GIB == pytest.approx(3 * p * FROZEN_BYTES * margin)
+    # PPO without LoRA: the policy trained and its reference, a value model trained from the reward model, the
+    # reward model frozen, and the smoke preset's tiny gold
+    ppo = needs["ppo:single/mean-r0"]
+    assert ppo.gib * GIB / margin == pytest.approx(p * (TRAINED_BYTES + FROZEN_BYTES + TRAINED_BYTES + FROZEN_BYTES),
+                                                   rel=1e-3)
+    assert "value model" in ppo.describe() and "reference" in ppo.describe()
+    assert "prepare_data:arms" not in needs and "report:report" not in needs  # no model held
+
+
+def test_a_plan_that_cannot_fit_one_device_is_refused_naming_the_step(qwen, tmp_path):
+    nodes = plan(tmp_path, f"ensemble.backbone={qwen}", f"policy={qwen}")
+    with pytest.raises(PlanDoesNotFit, match=r"train_ensemble:single-r0 needs about 141\.\d GiB \(1 x 7\.62B trained .*"
+                                             r"more than one 80 GiB device holds: it would fit sharded over 2 devices"):
+        check_fit(nodes, 80)
+    check_fit(nodes, 200)  # an H200-class budget holds every step
+
+
+def test_the_cli_refuses_before_anything_runs_and_the_dry_run_shows_the_estimates(qwen, tmp_path):
+    project = tmp_path / "project"
+    common = [sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--set", f"project_dir={project}",
+              "--set", f"ensemble.backbone={qwen}", "--set", f"policy={qwen}", "--device-memory-gib", "80"]
+    refused = subprocess.run(common, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and not project.exists()
+    assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]  # one line
+    assert "train_ensemble:single-r0 needs about 141" in refused.stderr
+    dry = subprocess.run([*common, "--dry-run"], capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0 and not project.exists()
+    line = next(x for x in dry.stdout.splitlines() if x.strip().startswith("train_ensemble:single-r0"))
+    assert "1 device(s)" in line and "needs 141" in line and line.endswith("> device")
+    assert dry.stdout.strip().endswith("some need more than one 80 GiB device")
