@@ -103,7 +103,8 @@ def cmd_run(args) -> int:
 
     paths = ProjectPaths.at(config.project_dir)
     if args.dry_run:
-        return print_placement(run_pipeline, Store.of_project(paths.root), config, device_gib=args.device_memory_gib)
+        return print_placement(run_pipeline, Store.of_project(paths.root), config, device_gib=args.device_memory_gib,
+                               resources=config.resources)
     if not (args.refresh or args.record):
         # Every step's key is known before anything runs: when the store holds all of them, finished and
         # intact, nothing would run, so say so without paying for Prefect and MLflow.
@@ -149,13 +150,19 @@ def on_ray(flow, flag: str | None):
     return flow if address is None else flow.with_options(task_runner=task_runner(address))
 
 
-def print_placement(plan, store, *args, device_gib: float | None = None, **kwargs) -> int:
+def print_placement(plan, store, *args, device_gib: float | None = None, resources: dict | None = None,
+                    **kwargs) -> int:
     """--dry-run: every step of the plan by wave, with the devices and host memory it asks for and the accelerator
     memory it needs (rmens.memory); nothing runs."""
     from rmens.memory import estimates
     from rmens.steps.graph import placement, record
+    from rmens.steps.resources_config import unknown_keys
+    from tasks.runtime.placement import node_request
 
     nodes, _ = record(plan, store, *args, **kwargs)
+    unknown = unknown_keys(resources or {}, list(nodes))
+    if unknown:
+        raise ValueError(f"resources: {', '.join(unknown)} names no step or call of this plan")
     try:
         needs = estimates(nodes)
     except OSError as exc:  # a hub model whose config is neither cached nor reachable
@@ -164,7 +171,7 @@ def print_placement(plan, store, *args, device_gib: float | None = None, **kwarg
     over = device_gib is not None and any(e.gib > device_gib and nodes[n].found is None for n, e in needs.items())
     notes = {name: f"needs {e.size()}" + (" > device" if device_gib is not None and e.gib > device_gib else "")
              for name, e in needs.items()}
-    print("\n".join(placement(nodes, notes)))
+    print("\n".join(placement(nodes, notes, lambda node: node_request(node, resources))))
     todo = sum(1 for node in nodes.values() if node.found is None)
     print(f"{len(nodes)} steps, {todo} to compute (dry run: nothing ran)" + (
         f"; some need more than one {device_gib:g} GiB device" if over else ""))
@@ -236,7 +243,7 @@ def cmd_experiment(args) -> int:
 
         return print_placement(run_plan, Store.of_project(out), config, part=args.part,
                                sources=source_fingerprints(config.data, config.mt_bench),
-                               device_gib=args.device_memory_gib)
+                               device_gib=args.device_memory_gib, resources=config.resources)
     budget = device_budget(args.device_memory_gib)
     if budget is not None:
         from rmens.experiment.data import source_fingerprints

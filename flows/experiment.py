@@ -37,7 +37,7 @@ def experiment(config: ExperimentConfig | None = None, size: str = "tiny", overr
     sources = source_fingerprints(config.data, config.mt_bench)
     total = len(check(run_plan, Store(paths.artifacts), config, part=part, sources=sources).outputs)
     with parent_run(paths, f"experiment:{config.size}", config, tags=flow_run_tags()) as ctx, \
-            Stager(ctx, refresh, total=total) as stage:
+            Stager(ctx, refresh, total=total, resources=config.resources) as stage:
         report = stage.run_plan(run_plan, config, part=part, sources=sources)
         published = publish(report.require().folder, root)
         client = client_for(ctx)

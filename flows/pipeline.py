@@ -33,7 +33,8 @@ def pipeline(config: PipelineConfig | None = None, preset: str = "smoke", overri
     paths = ProjectPaths.at(config.project_dir).make()
     total = len(check(run_pipeline, Store(paths.artifacts), config).outputs)  # keys only: nothing runs
     with parent_run(paths, f"pipeline:{config.name}", config, tags=flow_run_tags()) as ctx, \
-            Stager(ctx, refresh, config.log_models, config.registered_model, total) as stage:
+            Stager(ctx, refresh, config.log_models, config.registered_model, total,
+                   resources=config.resources) as stage:
         outputs = stage.run_plan(run_pipeline, config)
         publish(ctx, outputs["report"], f"rmens pipeline '{config.name}'")
     return {"report": str(outputs["report"].file("report")), "parent_run_id": ctx.parent_run_id,

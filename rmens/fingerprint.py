@@ -100,6 +100,25 @@ def closure_fingerprint(module: str, prefix: str = "rmens") -> str:
     return digest.hexdigest()
 
 
+# A config field marked Field(json_schema_extra=NOT_IN_KEY) says where or how fast a result is computed, not
+# what it is (an interpreter's path, a chunk size, a timeout, a placement): it stays out of cache keys, so that
+# changing it reuses what was computed.
+NOT_IN_KEY = {"rmens_key": False}
+
+
+def placement_fields(model: BaseModel) -> dict[str, Any] | None:
+    """pydantic's `exclude` for a model's NOT_IN_KEY fields, nested models included (None: none)."""
+    excluded: dict[str, Any] = {}
+    for name, field in type(model).model_fields.items():
+        if (field.json_schema_extra or {}) == NOT_IN_KEY:
+            excluded[name] = True
+        elif isinstance(getattr(model, name), BaseModel):
+            inner = placement_fields(getattr(model, name))
+            if inner:
+                excluded[name] = inner
+    return excluded or None
+
+
 def canonical(value: Any, refer: Callable[[Any], Any] = lambda value: None) -> Any:
     """The JSON form of settings for a cache key: pydantic models by their fields, mappings with sorted keys,
     sequences as lists, paths as text. `refer` maps a reference to an earlier output (anything it does not
@@ -108,7 +127,7 @@ def canonical(value: Any, refer: Callable[[Any], Any] = lambda value: None) -> A
     if reference is not None:
         return reference
     if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
+        return value.model_dump(mode="json", exclude=placement_fields(value))
     if isinstance(value, dict):
         return {str(k): canonical(v, refer) for k, v in sorted(value.items())}
     if isinstance(value, (list, tuple)):

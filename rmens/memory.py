@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rmens.models.config import EnsembleConfig
+from rmens.ppo.config import PPOConfig
 from rmens.steps.graph import Node
 from rmens.steps.store import Output
 
@@ -26,16 +27,17 @@ GIB = 2**30
 
 
 @functools.cache
-def parameter_count(model: str) -> int:
-    """Parameters of a causal LM (alias, folder, or a hub id in the cache), from its config alone."""
+def parameter_count(model: str, head: bool = True) -> int:
+    """Parameters of a causal LM (alias, folder, or a hub id in the cache), from its config alone; head=False:
+    its body only, as a reward model or value model holds it (rmens.models.backbone.load_backbone)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from rmens.models.backbone import resolve_model
 
     config = AutoConfig.from_pretrained(resolve_model(model))
     with init_empty_weights():
-        model_on_meta = AutoModelForCausalLM.from_config(config)
+        model_on_meta = (AutoModelForCausalLM if head else AutoModel).from_config(config)
     model_on_meta.tie_weights()  # from_pretrained ties a tied head to the embeddings; from_config here does not
     return sum(p.numel() for p in model_on_meta.parameters())
 
@@ -57,7 +59,7 @@ class Estimate:
 
 
 def _ensemble_bytes(cfg: EnsembleConfig, trained: bool) -> tuple[float, str]:
-    params = parameter_count(cfg.backbone)
+    params = parameter_count(cfg.backbone, head=False)
     copies = cfg.k if cfg.kind == "full" else 1
     per_param = TRAINED_BYTES if trained and not (cfg.kind == "linear" and cfg.freeze_backbone) else FROZEN_BYTES
     how = "trained" if per_param == TRAINED_BYTES else "frozen"
@@ -82,7 +84,7 @@ def estimate(node: Node, by_key: dict[str, Node]) -> Estimate | None:
     inputs = node.inputs
     if isinstance(inputs.get("ensemble"), EnsembleConfig):  # a training step
         add(*_ensemble_bytes(inputs["ensemble"], trained=True))
-    ppo_cfg = inputs.get("ppo_cfg")
+    ppo_cfg = next((value for value in inputs.values() if isinstance(value, PPOConfig)), None)  # both pipelines'
     if ppo_cfg is not None:
         params = parameter_count(ppo_cfg.policy)
         if ppo_cfg.use_lora:  # the reference is the same weights with the adapters off
@@ -91,7 +93,7 @@ def estimate(node: Node, by_key: dict[str, Node]) -> Estimate | None:
             add(params * (TRAINED_BYTES + FROZEN_BYTES), f"policy {params / 1e9:.2f}B trained + its reference")
         reward = _producer_ensemble(inputs.get("reward"), by_key)
         if reward is not None and ppo_cfg.value_model == "reward":
-            value = parameter_count(reward.backbone)
+            value = parameter_count(reward.backbone, head=False)
             add(value * (FROZEN_BYTES if ppo_cfg.use_lora else TRAINED_BYTES),
                 f"value model {value / 1e9:.2f}B {'under LoRA' if ppo_cfg.use_lora else 'trained'}")
     for name, value in inputs.items():  # reward models it scores with: the arm's ensemble, the gold
@@ -106,8 +108,9 @@ def estimate(node: Node, by_key: dict[str, Node]) -> Estimate | None:
         params = parameter_count(policy)
         add(params * FROZEN_BYTES, f"policy {params / 1e9:.2f}B frozen")
     ppo_run = by_key.get(inputs["ppo_run"].key) if isinstance(inputs.get("ppo_run"), Output) else None
-    if ppo_run is not None:
-        params = parameter_count(ppo_run.inputs["ppo_cfg"].policy)
+    run_cfg = next((v for v in ppo_run.inputs.values() if isinstance(v, PPOConfig)), None) if ppo_run else None
+    if run_cfg is not None:
+        params = parameter_count(run_cfg.policy)
         add(params * FROZEN_BYTES, f"trained policy {params / 1e9:.2f}B frozen")
     return Estimate(total * ACTIVATION_MARGIN / GIB, parts) if parts else None
 

@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import re
+import signal
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from rmens.data.encoding import Prompt
+from rmens.errors import EngineError
 from rmens.generation import Samples, encode_prompts, eos_ids_of_model, samples_from_tokens
 from rmens.generation_config import GenerationConfig, VllmConfig
 from rmens.models.backbone import model_context, resolve_model
@@ -29,10 +33,6 @@ from rmens.seeding import Stream, seed_for
 
 log = logging.getLogger(__name__)
 WORKER = Path(__file__).parent / "workers" / "vllm_worker.py"
-
-
-class EngineError(RuntimeError):
-    """The vLLM engine failed to start or to answer; the message ends with its log's last lines."""
 
 
 class VllmEngine:
@@ -48,10 +48,14 @@ class VllmEngine:
         settings = {"model": self.model_dir, "dtype": cfg.dtype, "cpu_memory_gib": cfg.cpu_memory_gib,
                     "gpu_memory_utilization": cfg.gpu_memory_utilization, "max_model_len": cfg.max_model_len,
                     "engine_args": cfg.engine_args}
-        self.log_path = Path(tempfile.mkstemp(prefix="rmens-vllm-", suffix=".log")[1])
-        with self.log_path.open("w") as log_file:
+        descriptor, log_name = tempfile.mkstemp(prefix="rmens-vllm-", suffix=".log")
+        self.log_path = Path(log_name)
+        # A session of its own: vLLM's engine and worker processes are the worker's children, and stopping the
+        # engine must stop them all (they hold the device's memory)
+        with os.fdopen(descriptor, "w") as log_file:
             self.process = subprocess.Popen([str(python), str(WORKER), json.dumps(settings)], stdin=subprocess.PIPE,
-                                            stdout=subprocess.PIPE, stderr=log_file, text=True, bufsize=1)
+                                            stdout=subprocess.PIPE, stderr=log_file, text=True, bufsize=1,
+                                            start_new_session=True)
         self.lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
         log.info("vllm: starting an engine for %s (its log: %s)", self.model_dir, self.log_path)
@@ -64,13 +68,21 @@ class VllmEngine:
         self.lines.put(None)  # the worker closed its stdout: it exited
 
     def _receive(self, timeout: float | None, doing: str) -> dict:
-        try:
-            line = self.lines.get(timeout=timeout)
-        except queue.Empty:
-            self.close(wait_s=0)
-            raise EngineError(self._failure(f"did not {doing} within {timeout:g} s")) from None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:  # in short waits: a worker that died while a child of it keeps the pipe open sends no EOF
+            try:
+                line = self.lines.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if self.process.poll() is not None:
+                    line = None
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    self.close(wait_s=0)
+                    raise EngineError(self._failure(f"did not {doing} within {timeout:g} s")) from None
         if line is None:
             self.process.wait()
+            self.close(wait_s=0)  # its children, if any are left
             raise EngineError(self._failure(f"exited with code {self.process.returncode} during {doing}"))
         reply = json.loads(line)
         if "error" in reply:
@@ -106,7 +118,8 @@ class VllmEngine:
                  stream: Stream = Stream.SAMPLE, indices: tuple[int, ...] = (), progress: bool = False) -> Samples:
         """rmens.generation.generate's contract: one response per prompt; response i draws from the seed of
         (cfg.seed, stream, *indices, i)."""
-        prompt_ids = encode_prompts(tokenizer, prompts, cfg.max_new_tokens, model_context(self.model_dir))
+        context = min(model_context(self.model_dir), self.cfg.max_model_len or float("inf"))
+        prompt_ids = encode_prompts(tokenizer, prompts, cfg.max_new_tokens, int(context))
         stop = eos_ids_of_model(self.model_dir, tokenizer)
         seeds = [seed_for(cfg.seed, stream, *indices, i) for i in range(len(prompts))]
         tokens: list[list[int]] = []
@@ -122,19 +135,22 @@ class VllmEngine:
 
     def close(self, wait_s: float = 60) -> None:
         """End the engine: its stdin closes, so the worker finishes and exits; one that has not within `wait_s`
-        seconds (a hung one, or one stopped at once) is terminated, then killed."""
-        if self.process.poll() is not None:
-            return
-        self.process.stdin.close()
-        try:
-            self.process.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            self.process.terminate()
+        seconds (a hung one, or one stopped at once) is terminated, then killed, with every process it started."""
+        if self.process.poll() is None:
+            self.process.stdin.close()
             try:
-                self.process.wait(timeout=5)
+                self.process.wait(timeout=wait_s)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                pass
+        for signum, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(self.process.pid, signum)  # the session it leads: vLLM's engine processes too
+            except (ProcessLookupError, PermissionError):
+                break
+            try:
+                self.process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                continue
 
     def __enter__(self) -> VllmEngine:
         return self

@@ -96,3 +96,29 @@ def test_a_plan_that_calls_one_label_twice_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="calls g_source:x twice"):
         record(twice, Store(tmp_path))
+
+
+def test_a_stop_noticed_between_polls_ends_the_run_at_once(tmp_path):
+    store = Store(tmp_path)
+    nodes, _ = record(diamond, store, 9)
+
+    def stop():
+        if "g_source:src" in started:
+            raise KeyboardInterrupt
+
+    started = []
+    with ThreadPoolExecutor(4) as pool, pytest.raises(KeyboardInterrupt):
+        GraphRun(nodes, threaded(store, pool), started=lambda node: started.append(node.name), check=stop).run()
+    assert started == ["g_source:src"]  # nothing after the stop was started
+
+
+def test_a_runs_resources_replace_a_steps_declaration_by_step_or_by_call():
+    from rmens.steps.resources_config import StepResources, request_for, unknown_keys
+
+    overrides = {"g_branch": StepResources(memory_gib=8), "g_branch:b3": StepResources(devices=0)}
+    assert request_for("g_branch:b2", "g_branch", 1, 3, overrides) == (1, 8)
+    assert request_for("g_branch:b3", "g_branch", 1, 3, overrides) == (0, 8)  # the call's own setting wins
+    assert request_for("g_source:src", "g_source", 0, 2, overrides) == (0, 2)
+    assert unknown_keys({**overrides, "g_brnch": StepResources()}, ["g_branch:b2", "g_branch:b3"]) == ["g_brnch"]
+    with pytest.raises(ValueError, match="sharded steps, not built yet"):
+        StepResources(devices=2)

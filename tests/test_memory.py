@@ -10,7 +10,7 @@ from conftest import TINY
 
 from rmens.config import apply_overrides
 from rmens.memory import FROZEN_BYTES, GIB, TRAINED_BYTES, PlanDoesNotFit, check_fit, estimates, parameter_count
-from rmens.models.backbone import load_policy
+from rmens.models.backbone import load_backbone, load_policy
 from rmens.pipeline.config import PipelineConfig
 from rmens.pipeline.plan import run_pipeline
 from rmens.presets import preset_data
@@ -37,36 +37,38 @@ def plan(tmp_path, *overrides):
 
 def test_parameter_counts_come_from_the_config_alone(qwen):
     assert parameter_count(TINY) == sum(p.numel() for p in load_policy(TINY).parameters())
-    assert 7.6e9 < parameter_count(qwen) < 7.7e9  # Qwen2.5-7B: 7.62B
+    assert parameter_count(TINY, head=False) == sum(p.numel() for p in load_backbone(TINY).parameters())
+    assert 7.6e9 < parameter_count(qwen) < 7.7e9  # Qwen2.5-7B: 7.62B, of which its untied head 0.55B
+    assert 7.0e9 < parameter_count(qwen, head=False) < 7.1e9
 
 
 def test_each_step_is_estimated_from_what_it_trains_and_holds(qwen, tmp_path):
-    p = parameter_count(qwen)
+    p, body = parameter_count(qwen), parameter_count(qwen, head=False)  # policies have a head, reward models not
     needs = estimates(plan(tmp_path, f"ensemble.backbone={qwen}", f"policy={qwen}",
                            "arms=[{kind: single}, {kind: full, k: 3}]",
                            "ppo_arms=[single]", "ppo.use_lora=false", "ppo.value_model=reward"))
-    margin = needs["train_ensemble:single-r0"].gib / (p * TRAINED_BYTES / GIB)
+    margin = needs["train_ensemble:single-r0"].gib / (body * TRAINED_BYTES / GIB)
     assert margin == pytest.approx(1.25)
     assert needs["train_ensemble:full-k3-r0"].gib == pytest.approx(3 * needs["train_ensemble:single-r0"].gib)
     frozen = estimates(plan(tmp_path, f"ensemble.backbone={qwen}", "arms=[{kind: linear, k: 3}]", "ppo_arms=[]",
                             "ensemble.freeze_backbone=true"))
-    assert frozen["train_ensemble:linear-k3-r0"].gib * GIB == pytest.approx(p * FROZEN_BYTES * margin)
-    assert needs["score:full-k3-r0"].gib * GIB == pytest.approx(3 * p * FROZEN_BYTES * margin)
+    assert frozen["train_ensemble:linear-k3-r0"].gib * GIB == pytest.approx(body * FROZEN_BYTES * margin)
+    assert needs["score:full-k3-r0"].gib * GIB == pytest.approx(3 * body * FROZEN_BYTES * margin)
     # PPO without LoRA: the policy trained and its reference, a value model trained from the reward model, the
     # reward model frozen, and the smoke preset's tiny gold
     ppo = needs["ppo:single/mean-r0"]
-    assert ppo.gib * GIB / margin == pytest.approx(p * (TRAINED_BYTES + FROZEN_BYTES + TRAINED_BYTES + FROZEN_BYTES),
-                                                   rel=1e-3)
+    assert ppo.gib * GIB / margin == pytest.approx(p * (TRAINED_BYTES + FROZEN_BYTES)
+                                                   + body * (TRAINED_BYTES + FROZEN_BYTES), rel=1e-3)
     assert "value model" in ppo.describe() and "reference" in ppo.describe()
     assert "prepare_data:arms" not in needs and "report:report" not in needs  # no model held
 
 
 def test_a_plan_that_cannot_fit_one_device_is_refused_naming_the_step(qwen, tmp_path):
     nodes = plan(tmp_path, f"ensemble.backbone={qwen}", f"policy={qwen}")
-    with pytest.raises(PlanDoesNotFit, match=r"train_ensemble:single-r0 needs about 141\.\d GiB \(1 x 7\.62B trained .*"
+    with pytest.raises(PlanDoesNotFit, match=r"train_ensemble:single-r0 needs about 131\.\d GiB \(1 x 7\.07B trained .*"
                                              r"more than one 80 GiB device holds: it would fit sharded over 2 devices"):
         check_fit(nodes, 80)
-    check_fit(nodes, 200)  # an H200-class budget holds every step
+    check_fit(nodes, 139)  # an H200 (139 GiB usable) holds every step
 
 
 def test_the_cli_refuses_before_anything_runs_and_the_dry_run_shows_the_estimates(qwen, tmp_path):
@@ -76,9 +78,31 @@ def test_the_cli_refuses_before_anything_runs_and_the_dry_run_shows_the_estimate
     refused = subprocess.run(common, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and not project.exists()
     assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]  # one line
-    assert "train_ensemble:single-r0 needs about 141" in refused.stderr
+    assert "train_ensemble:single-r0 needs about 131" in refused.stderr
     dry = subprocess.run([*common, "--dry-run"], capture_output=True, text=True, timeout=300)
     assert dry.returncode == 0 and not project.exists()
     line = next(x for x in dry.stdout.splitlines() if x.strip().startswith("train_ensemble:single-r0"))
-    assert "1 device(s)" in line and "needs 141" in line and line.endswith("> device")
+    assert "1 device(s)" in line and "needs 131" in line and line.endswith("> device")
     assert dry.stdout.strip().endswith("some need more than one 80 GiB device")
+
+
+def test_the_experiments_ppo_is_estimated_as_the_pipelines_and_an_actors_reward_leaves_its_device(qwen):
+    from rmens.models.config import EnsembleConfig
+    from rmens.ppo.config import PPOConfig
+    from rmens.steps import Output
+    from rmens.steps.contract import DECLARED
+    from rmens.steps.graph import Node
+
+    body = parameter_count(qwen, head=False)
+    train = Node("train:a", DECLARED["train_ensemble"], "a", None, {"ensemble": EnsembleConfig(backbone=qwen)}, "k1",
+                 ())
+    reward = Output(step="train_ensemble", key="k1", path="/nowhere")
+    ppo = PPOConfig(policy=qwen)  # LoRA, value head: the policy frozen under its adapters and the reward
+
+    def need(**settings):
+        node = Node("ppo:a", DECLARED["ppo"], "a", None, {"ppo": ppo.model_copy(update=settings), "reward": reward},
+                    "k2", ("train:a",))
+        return estimates({"train:a": train, "ppo:a": node})["ppo:a"]
+
+    assert need().gib == pytest.approx((parameter_count(qwen) + body) * FROZEN_BYTES * 1.25 / GIB)
+    assert need(reward_devices=1).gib == pytest.approx(parameter_count(qwen) * FROZEN_BYTES * 1.25 / GIB)

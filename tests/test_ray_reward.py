@@ -53,3 +53,32 @@ def test_ppo_trains_the_same_against_the_actor_as_against_the_library(standardis
     for a, b in zip(local, remote):
         assert a["reward"] == pytest.approx(b["reward"], rel=1e-4) and a["kl"] == pytest.approx(b["kl"], rel=1e-4,
                                                                                                 abs=1e-6)
+
+
+def test_inside_a_step_granted_its_own_and_its_rewards_devices_the_actor_takes_the_last(standardised_ensemble,
+                                                                                        local_ray):
+    """A PPO step asks for its device and its reward's together (two PPO steps then never each hold one device
+    while waiting for a second): the actor is placed on the step's last granted device."""
+    from rmens.integrations.ray import RemoteReward
+
+    @ray.remote(num_gpus=2, num_cpus=0)
+    def step():
+        reward = RemoteReward(standardised_ensemble, RULE, devices=1)
+        try:
+            return [str(i) for i in ray.get_gpu_ids()], reward.devices
+        finally:
+            reward.close()
+
+    granted, actor = ray.get(step.remote(), timeout=300)
+    assert sorted(granted) == ["0", "1"] and actor == granted[-1]
+
+
+def test_a_step_asking_for_more_devices_than_any_node_has_is_refused_before_anything_runs(local_ray):
+    from tasks.runtime.placement import check_requests, largest_node, ray_request
+
+    largest = largest_node()
+    assert largest["GPU"] == 2
+    check_requests([("ppo:a", 2)], largest)
+    with pytest.raises(ValueError, match="ppo:a asks for 3 devices but the largest Ray node has 2"):
+        check_requests([("ppo:a", 3)], largest)
+    assert ray_request(1, 4, largest)["num_gpus"] == 1 and ray_request(0, 4, largest)["num_cpus"] == 1

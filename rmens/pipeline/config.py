@@ -12,8 +12,10 @@ from rmens.arms import Arm, ArmsConfig
 from rmens.bon_config import BonConfig
 from rmens.config import Alias, RegisteredName, StrictModel
 from rmens.data.config import DataConfig, PromptsConfig
+from rmens.fingerprint import NOT_IN_KEY
 from rmens.generation_config import GenerationConfig
 from rmens.models.config import AggregationConfig, EnsembleConfig
+from rmens.steps.resources_config import StepResources
 from rmens.training.config import TrainConfig
 
 # The role of the reference that scores policies is called gold, as in Gao et al. and Coste et al.; it was the
@@ -198,6 +200,10 @@ class PipelineConfig(ArmsConfig):
                                                                         "the Best-of-n picks are judged.")
     registered_model: RegisteredName = Field("rmens-reward-ensemble", description="MLflow registered model name.")
     log_models: bool = Field(True, description="Log each ensemble as an MLflow pyfunc model (copies the weights).")
+    resources: dict[str, StepResources] = Field(
+        default_factory=dict, json_schema_extra=NOT_IN_KEY,
+        description="Per step name or call (step:label): the devices and host memory a Ray run asks for, "
+                    "replacing the step's declaration; in no step's key.")
 
     retired: ClassVar[dict[str, str]] = {"judge": GOLD_RENAMED}
 

@@ -43,14 +43,13 @@ def eval_paths(cfg: EvalConfig) -> list[Path]:
     return (alpaca_eval_paths(None) if cfg.source == "alpaca_eval" else []) + mt_bench
 
 
-def mt_bench_questions(cfg: EvalConfig, gold) -> tuple[list[dict], str | None]:
+def mt_bench_questions(cfg: EvalConfig, gold_cfg: GoldConfig) -> tuple[list[dict], str | None]:
     """The MT-Bench questions to answer, or why none are (a gold that cannot grade, no questions found)."""
     from rmens.evaluation import mt_bench
-    from rmens.evaluation.judges import AlpacaEvalJudge
 
     if not cfg.mt_bench:
         return [], None
-    if isinstance(gold, AlpacaEvalJudge):
+    if gold_cfg.kind == "alpaca_eval":
         return [], "alpaca_eval annotators compare pairs and cannot grade; use a local_llm gold"
     source = _mt_bench_source(cfg)
     if source is None:
@@ -76,7 +75,7 @@ def grade_mt_bench(cfg: EvalConfig, gold, questions: list[dict], answers: list[d
     return summary
 
 
-@step("evaluate", devices=1, memory_gib=4,
+@step("evaluate", devices=1, memory_gib=4, code=("rmens.workers",),  # the vLLM worker: run, not imported
       files={"alpaca_eval": "alpaca_eval", "ppo_points": "ppo_points.json"},
       reads=lambda eval_cfg, gold_cfg, policy=None, **_: eval_paths(eval_cfg) + gold_paths(gold_cfg)
       + model_paths(policy))
@@ -87,23 +86,26 @@ def evaluate(folder: Path, *, label: str, eval_cfg: EvalConfig, gold_cfg: GoldCo
     `bon_selection` (which of the best_of_n step's picks)."""
     if sum(x is not None for x in (policy, ppo_run, bon)) != 1:
         raise ValueError("evaluate needs exactly one of policy, ppo_run or bon")
+    # Every answer is drawn before the gold loads, so that a vLLM engine has the device to itself and its memory
+    # is free again when the gold judges
+    instructions, references = eval_set(eval_cfg)
+    outputs, questions, mt_answers, skipped = _answers(eval_cfg, gold_cfg, instructions, policy, ppo_run, bon,
+                                                       bon_selection)
     judge = load_gold(gold_cfg, gold)  # the gold as a rmens.evaluation.judges.Judge
     try:
-        summary = _judge_all(folder, judge, label, eval_cfg, policy, ppo_run, bon, bon_selection, proxy)
+        summary = _judge_all(folder, judge, label, eval_cfg, instructions, references, outputs, questions,
+                             mt_answers, ppo_run, proxy)
     finally:  # also when judging failed on too many unparsed outputs: the records show what the gold wrote
         unparsed = write_unparsed(folder, judge)
-    return {**summary, "gold_unparsed": unparsed}
+    return {**summary, **({"mt_bench_skipped": skipped} if skipped else {}), "gold_unparsed": unparsed}
 
 
-def _judge_all(folder: Path, judge, label: str, eval_cfg: EvalConfig, policy: str | None, ppo_run: Output | None,
-               bon: Output | None, bon_selection: Selection | None, proxy: Output | None) -> dict:
-    from rmens.evaluation import alpaca_eval, mt_bench
-    from rmens.evaluation.curves import curve_from_points, save_curves
+def _answers(eval_cfg: EvalConfig, gold_cfg: GoldConfig, instructions: list[str], policy: str | None,
+             ppo_run: Output | None, bon: Output | None, bon_selection: Selection | None):
+    """(the evaluated outputs, MT-Bench questions, their answers, why MT-Bench is skipped if it is)."""
+    from rmens.evaluation import mt_bench
     from rmens.generation import open_sampler
 
-    instructions, references = eval_set(eval_cfg)
-    summary: dict = {}
-    questions, mt_answers = [], []
     if bon is not None:
         picked = {row["prompt"]: row["response"]
                   for row in read_jsonl(bon.require().file("selected") / bon_selection.file_name)}
@@ -111,17 +113,22 @@ def _judge_all(folder: Path, judge, label: str, eval_cfg: EvalConfig, policy: st
         if missing:
             raise ValueError(f"the Best-of-n samples do not cover {len(missing)} evaluation instructions; "
                              "draw them on the evaluation split (bon_prompts)")
-        outputs = [picked[i] for i in instructions]
-    else:
-        questions, skipped = mt_bench_questions(eval_cfg, judge)
-        if skipped:
-            summary["mt_bench_skipped"] = skipped
-        # Every answer is drawn before the gold judges any, so that a vLLM engine's memory is free again
-        path = str(ppo_run.require().file("policy")) if ppo_run is not None else policy
-        with open_sampler(path, eval_cfg.generation) as sampler:
-            outputs = sampler(instructions, eval_cfg.generation, stream=Stream.EVAL_SAMPLE).texts
-            if questions:
-                mt_answers = mt_bench.answer_questions(sampler, questions, eval_cfg.generation)
+        return [picked[i] for i in instructions], [], [], None
+    questions, skipped = mt_bench_questions(eval_cfg, gold_cfg)
+    path = str(ppo_run.require().file("policy")) if ppo_run is not None else policy
+    with open_sampler(path, eval_cfg.generation) as sampler:
+        outputs = sampler(instructions, eval_cfg.generation, stream=Stream.EVAL_SAMPLE).texts
+        answers = mt_bench.answer_questions(sampler, questions, eval_cfg.generation) if questions else []
+    return outputs, questions, answers, skipped
+
+
+def _judge_all(folder: Path, judge, label: str, eval_cfg: EvalConfig, instructions: list[str],
+               references: list[str], outputs: list[str], questions: list[dict], mt_answers: list[dict],
+               ppo_run: Output | None, proxy: Output | None) -> dict:
+    from rmens.evaluation import alpaca_eval
+    from rmens.evaluation.curves import curve_from_points, save_curves
+
+    summary: dict = {}
     if eval_cfg.alpaca_eval:
         wr = alpaca_eval.win_rate(judge, instructions, outputs, references, generator=label,
                                   reference_generator=eval_cfg.reference if eval_cfg.source == "alpaca_eval"

@@ -17,7 +17,7 @@ from rmens.pipeline.gold import gold_paths, load_gold
 from rmens.steps import Output, report_metrics, step
 
 
-@step("sample", devices=1, memory_gib=4, files={"samples": "."},
+@step("sample", devices=1, memory_gib=4, files={"samples": "."}, code=("rmens.workers",),  # run, not imported
       reads=lambda policy, prompts, **_: model_paths(policy) + paths_read(prompts))
 def sample(folder: Path, *, policy: str, prompts: PromptsConfig, bon: BonConfig) -> dict:
     from rmens.bon import draw_samples

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from rmens.config import MAX_LR, Seed, StrictModel
 from rmens.data.config import PromptsConfig
+from rmens.fingerprint import NOT_IN_KEY
 from rmens.generation_config import GenerationConfig
 from rmens.models.config import AggregationConfig
 
@@ -67,8 +68,10 @@ class PPOConfig(StrictModel):
                                            description="Rule combining the reward ensemble's members into PPO's "
                                                        "reward (the pipeline and experiment replace it with the "
                                                        "ppo_arms entry's).")
-    reward_devices: int = Field(0, ge=0, description="0: the reward ensemble scores in the PPO process; N: in a Ray "
-                                                     "actor of its own holding N devices (runs with --ray only).")
+    reward_devices: int = Field(
+        0, ge=0, json_schema_extra=NOT_IN_KEY,
+        description="0: the reward ensemble scores in the PPO process; N: in a Ray actor of its own holding N devices "
+                    "(runs with --ray only).")
     checkpoint_every: int = Field(10, ge=1, description="Save a checkpoint (weights, optimizer, history) every N "
                                                         "steps and after the last.")
     keep_checkpoints: int | None = Field(None, ge=1, description="Checkpoints kept (None: all, for KL curves).")

@@ -93,13 +93,15 @@ class Handle(Protocol):
 @dataclass
 class GraphRun:
     """Runs a recorded graph: `submit(node, inputs)` starts a call and returns a handle on it; `reuse(node)` is
-    told of each call served from the store; `started(node)` and `ended(node, output, seconds)` of the rest."""
+    told of each call served from the store; `started(node)` and `ended(node, output, seconds)` of the rest;
+    `check()` runs between polls and stops the run by raising."""
 
     nodes: dict[str, Node]
     submit: Callable[[Node, dict[str, Any]], Handle]
     reuse: Callable[[Node], None] = lambda node: None
     started: Callable[[Node], None] = lambda node: None
     ended: Callable[[Node, Output, float], None] = lambda node, output, seconds: None
+    check: Callable[[], None] = lambda: None  # raises to stop at once (a signal's stop the runner noticed)
     poll_s: float = 0.2
     finished: dict[str, Output] = field(default_factory=dict)  # by key
     overlap: int = 0  # the most calls that were running at once
@@ -112,6 +114,7 @@ class GraphRun:
         outputs: dict[str, Output] = {}
         failure: BaseException | None = None
         while waiting or running:
+            self.check()
             for node in [n for n in waiting if failure is None and all(a in outputs for a in n.after)]:
                 waiting.remove(node)
                 if node.found is not None:
@@ -149,18 +152,21 @@ def waves(nodes: dict[str, Node]) -> list[list[Node]]:
     return [grouped[d] for d in sorted(grouped)]
 
 
-def placement(nodes: dict[str, Node], notes: dict[str, str] | None = None) -> list[str]:
-    """The lines of a dry run: per wave, each call with the devices and host memory its step declares (or that
-    the store holds it already, so it starts nothing), and a note per call (e.g. its accelerator memory)."""
+def placement(nodes: dict[str, Node], notes: dict[str, str] | None = None,
+              request: Callable[[Node], tuple[int, float]] | None = None) -> list[str]:
+    """The lines of a dry run: per wave, each call with the devices and host memory it asks for (`request`,
+    default its step's declaration), or that the store holds it already (so it starts nothing), and a note per
+    call (e.g. its accelerator memory)."""
     notes = notes or {}
+    request = request or (lambda node: (node.step.resources.devices, node.step.resources.memory_gib))
     lines = []
     for number, wave in enumerate(waves(nodes), 1):
         todo = [n for n in wave if n.found is None]
         lines.append(f"wave {number}: {len(wave)} call(s), {len(todo)} to compute, asking for at most "
-                     f"{sum(n.step.resources.devices for n in todo)} device(s) at once")
+                     f"{sum(request(n)[0] for n in todo)} device(s) at once")
         for node in wave:
-            state = "in the store" if node.found is not None else \
-                f"{node.step.resources.devices} device(s), {node.step.resources.memory_gib:g} GiB host"
+            devices, memory = request(node)
+            state = "in the store" if node.found is not None else f"{devices} device(s), {memory:g} GiB host"
             note = f"  {notes[node.name]}" if node.name in notes else ""
             lines.append(f"  {node.name:<44} {state}{note}")
     return lines

@@ -46,18 +46,43 @@ def on_ray() -> bool:
     return run is not None and type(run.task_runner).__name__ == "RayTaskRunner"
 
 
-def ray_request(devices: int, memory_gib: float) -> dict[str, Any]:
-    """Ray's remote options for a step that uses `devices` accelerators and about `memory_gib` of host memory.
-    A step that uses devices asks for no CPU, so that as many run at once as there are devices; on a cluster
-    without devices it asks for one CPU instead (a device request there would never be granted)."""
+def node_request(node, overrides: dict | None = None) -> tuple[int, float]:
+    """(devices, host GiB) a call asks for: its step's declaration or the run's `resources` setting, plus its PPO
+    reward actor's devices (rmens.integrations.ray.RemoteReward takes them from the call's grant, so that the
+    two are reserved together)."""
+    from rmens.ppo.config import PPOConfig
+    from rmens.steps.resources_config import request_for
+
+    devices, memory = request_for(node.name, node.step.name, node.step.resources.devices,
+                                  node.step.resources.memory_gib, overrides or {})
+    ppo = next((value for value in node.inputs.values() if isinstance(value, PPOConfig)), None)
+    return devices + (ppo.reward_devices if ppo is not None else 0), memory
+
+
+def largest_node() -> dict[str, float]:
+    """The GPUs and memory (bytes) of the largest alive node: a request beyond it would wait forever."""
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    request: dict[str, Any] = {"memory": int(memory_gib * 2**30)}
-    if devices and gpus:
-        if devices > gpus:
-            raise ValueError(f"a step asks for {devices} devices but the Ray cluster has {gpus:g}")
+    alive = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    return {"GPU": max((r.get("GPU", 0) for r in alive), default=0),
+            "memory": max((r.get("memory", 0) for r in alive), default=0)}
+
+
+def ray_request(devices: int, memory_gib: float, largest: dict[str, float]) -> dict[str, Any]:
+    """Ray's remote options for a call that uses `devices` accelerators and about `memory_gib` of host memory.
+    A call that uses devices asks for no CPU, so that as many run at once as there are devices; on a cluster
+    without devices it asks for one CPU instead (a device request there would never be granted)."""
+    request: dict[str, Any] = {"memory": int(min(memory_gib * 2**30, largest["memory"]))}
+    if devices and largest["GPU"]:
         request.update(num_gpus=devices, num_cpus=0)
     else:
         request["num_cpus"] = 1
     return request
+
+
+def check_requests(calls: list[tuple[str, int]], largest: dict[str, float]) -> None:
+    """Refuse, before anything is submitted, a call asking for more devices than any one node has."""
+    for name, devices in calls:
+        if largest["GPU"] and devices > largest["GPU"]:
+            raise ValueError(f"{name} asks for {devices} devices but the largest Ray node has {largest['GPU']:g}: "
+                             "it would wait forever")

@@ -88,11 +88,14 @@ class Stager:
 
     def __init__(self, ctx: StageContext, refresh: bool = False, log_models: bool = False,
                  registered_model: str | None = None, total: int | None = None,
-                 model_aliases: list[str] | None = None):
+                 model_aliases: list[str] | None = None, resources: dict | None = None):
         """`log_models`: log trained reward models as MLflow models, registered under `registered_model` with
         `model_aliases` (default: the stage's label); `total`: the plan's number of calls, for the progress
-        lines."""
+        lines; `resources`: the run's per-step requests on Ray (rmens.steps.resources_config)."""
+        self.resources = resources or {}
         self.ctx = derive(ctx, log_models=log_models, registered_model=registered_model, model_aliases=model_aliases)
+        _TERMINATION.clear()  # a stop swallowed during an earlier flow in this process is not this one's
+        _INTERRUPTED.clear()
         self.paths = ProjectPaths.at(ctx.project_dir)
         self.store = Store(self.paths.artifacts)
         self.refresh = refresh
@@ -119,24 +122,32 @@ class Stager:
 
         if not on_ray():
             return plan(*args, call=self, **kwargs)
+        from rmens.steps.resources_config import unknown_keys
+        from tasks.runtime.placement import check_requests, largest_node, node_request
+
         nodes, returned = record(plan, self.store, *args, refresh=self.refresh, **kwargs)
+        unknown = unknown_keys(self.resources, list(nodes))
+        if unknown:
+            raise ValueError(f"resources: {', '.join(unknown)} names no step or call of this plan")
+        self._largest = largest_node()
+        check_requests([(n.name, node_request(n, self.resources)[0]) for n in nodes.values() if n.found is None],
+                       self._largest)
         graph = GraphRun(nodes, submit=self._submit, reuse=self._reused,
                          # Ray starts it when the devices it asks for are free
                          started=lambda node: self.progress.started(node.name, "submitted"),
-                         ended=self._ended)
+                         ended=self._ended, check=stop_if_terminated)
         graph.run()
         return resolve(returned, graph.finished)
 
     def _submit(self, node: Node, inputs: dict[str, Any]) -> _Submitted:
         from prefect_ray.context import remote_options
 
-        from tasks.runtime.placement import ray_request
+        from tasks.runtime.placement import node_request, ray_request
 
-        stop_if_terminated()
         ctx = self.ctx.for_stage(node.key, node.label, node.tags, refresh=self.refresh)
         # refresh: the store does not hold it, so a Prefect cache record of it would point at a missing folder
         task_run = for_project(node.step, self.paths, refresh=True, task_run_name=node.name)
-        with remote_options(**ray_request(node.step.resources.devices, node.step.resources.memory_gib)):
+        with remote_options(**ray_request(*node_request(node, self.resources), self._largest)):
             return _Submitted(task_run.submit(ctx=ctx, step_name=node.step.name, label=node.label, inputs=inputs,
                                               module=node.step.fn.__module__))
 
@@ -187,7 +198,12 @@ class _Submitted:
         self.future = future
 
     def done(self) -> bool:
-        return self.future.state.is_final()
+        """From Ray, not Prefect's API: a worker that dies (out of memory, its node lost) never reports a final
+        state there, but its Ray result is ready and raises."""
+        import ray
+
+        ready, _ = ray.wait([self.future.wrapped_future], timeout=0)
+        return bool(ready)
 
     def result(self) -> Output:
         output = self.future.result()

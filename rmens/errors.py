@@ -1,0 +1,7 @@
+"""Errors the command line reports in one line rather than as a fault (rmens.cli's USER_ERRORS), kept in a module
+that imports nothing so that the command line can name them before loading anything heavy."""
+
+
+class EngineError(RuntimeError):
+    """A generation engine in another environment (rmens.vllm_engine) failed to start or to answer; the message
+    names the model, the engine's log file and the log's first exception."""
