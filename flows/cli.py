@@ -102,6 +102,7 @@ def cmd_run(args) -> int:
     from tasks.runtime.paths import ProjectPaths
 
     paths = ProjectPaths.at(config.project_dir)
+    check_resources(config.resources, run_pipeline, Store.of_project(paths.root), config)
     if args.dry_run:
         return print_placement(run_pipeline, Store.of_project(paths.root), config, device_gib=args.device_memory_gib,
                                resources=config.resources)
@@ -132,6 +133,18 @@ def cmd_run(args) -> int:
     return 0
 
 
+def check_resources(resources: dict, plan, store, *args, **kwargs) -> None:
+    """A `resources` key that names no step or call of the plan is refused before anything runs."""
+    if not resources:
+        return
+    from rmens.steps.graph import record
+    from rmens.steps.resources_config import unknown_keys
+
+    unknown = unknown_keys(resources, list(record(plan, store, *args, **kwargs)[0]))
+    if unknown:
+        raise ValueError(f"resources: {', '.join(unknown)} names no step or call of this plan")
+
+
 def check_ray_settings(config, flag: str | None) -> None:
     """Settings that need a Ray run are refused without one, before anything runs."""
     from tasks.runtime.placement import ray_address
@@ -156,13 +169,10 @@ def print_placement(plan, store, *args, device_gib: float | None = None, resourc
     memory it needs (rmens.memory); nothing runs."""
     from rmens.memory import estimates
     from rmens.steps.graph import placement, record
-    from rmens.steps.resources_config import unknown_keys
     from tasks.runtime.placement import node_request
 
+    check_resources(resources or {}, plan, store, *args, **kwargs)
     nodes, _ = record(plan, store, *args, **kwargs)
-    unknown = unknown_keys(resources or {}, list(nodes))
-    if unknown:
-        raise ValueError(f"resources: {', '.join(unknown)} names no step or call of this plan")
     try:
         needs = estimates(nodes)
     except OSError as exc:  # a hub model whose config is neither cached nor reachable
@@ -245,13 +255,15 @@ def cmd_experiment(args) -> int:
                                sources=source_fingerprints(config.data, config.mt_bench),
                                device_gib=args.device_memory_gib, resources=config.resources)
     budget = device_budget(args.device_memory_gib)
-    if budget is not None:
+    if budget is not None or config.resources:
         from rmens.experiment.data import source_fingerprints
         from rmens.experiment.plan import run_plan
         from rmens.steps import Store
 
-        check_device_memory(run_plan, Store.of_project(out), budget, config, part=args.part,
-                            sources=source_fingerprints(config.data, config.mt_bench))
+        plan_args = dict(part=args.part, sources=source_fingerprints(config.data, config.mt_bench))
+        check_resources(config.resources, run_plan, Store.of_project(out), config, **plan_args)
+        if budget is not None:
+            check_device_memory(run_plan, Store.of_project(out), budget, config, **plan_args)
     check_servers()
     prepare_environment(out)
     from rmens.models.context import check_max_lengths

@@ -4,6 +4,7 @@ config beside each trainer (rmens.generation imports torch; loading a config mus
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -12,12 +13,16 @@ from rmens.config import Seed, StrictModel
 from rmens.fingerprint import NOT_IN_KEY
 
 VLLM_PYTHON_ENV = "RMENS_VLLM_PYTHON"
+# The script the engine runs as: run by path, never imported, so a step that samples with vllm reads it (its
+# source is then in the step's key)
+VLLM_WORKER = Path(__file__).parent / "workers" / "vllm_worker.py"
 
 
 class VllmConfig(StrictModel):
     """The vLLM engine behind backend "vllm": a Python environment of its own, since vLLM pins torch and
-    transformers releases rmens' environment does not have (rmens never imports vllm). Fields marked NOT_IN_KEY
-    say where or how fast the engine runs, not what it draws: changing them reuses stored samples."""
+    transformers releases rmens' environment does not have (rmens never imports vllm). The interpreter's path and
+    the start timeout are in no step's key; the memory shares and the chunk are, since they change how vLLM
+    batches, which may move a sample on GPUs."""
 
     python: str | None = Field(
         None, json_schema_extra=NOT_IN_KEY,
@@ -25,18 +30,18 @@ class VllmConfig(StrictModel):
     dtype: str = Field("auto", description="Weights' precision in the engine (vLLM's dtype: auto, float32, "
                                            "bfloat16, float16).")
     gpu_memory_utilization: float | None = Field(
-        None, gt=0, le=1, json_schema_extra=NOT_IN_KEY,
+        None, gt=0, le=1,
         description="Share of each GPU's memory the engine takes (weights and KV cache; None: vLLM's default, "
                     "0.9). On CPUs vLLM reads it as a share of host memory: cpu_memory_gib sets it there instead.")
     cpu_memory_gib: float = Field(
-        4.0, gt=0, json_schema_extra=NOT_IN_KEY,
+        4.0, gt=0,
         description="On CPUs: host memory the engine reserves for weights and KV cache (vLLM would take 90% of "
                     "the machine).")
     max_model_len: int | None = Field(None, ge=1, description="Longest prompt plus response the engine plans for "
                                                               "(None: the model's context).")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="More keyword arguments of vllm.LLM "
                                                                           "(e.g. tensor_parallel_size).")
-    chunk: int = Field(256, ge=1, json_schema_extra=NOT_IN_KEY,
+    chunk: int = Field(256, ge=1,
                        description="Prompts per request to the engine (it batches within a request); progress is "
                                    "reported per request.")
     start_timeout_s: float = Field(900, gt=0, json_schema_extra=NOT_IN_KEY,

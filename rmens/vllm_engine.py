@@ -27,12 +27,11 @@ from transformers import PreTrainedTokenizerBase
 from rmens.data.encoding import Prompt
 from rmens.errors import EngineError
 from rmens.generation import Samples, encode_prompts, eos_ids_of_model, samples_from_tokens
-from rmens.generation_config import GenerationConfig, VllmConfig
+from rmens.generation_config import VLLM_WORKER, GenerationConfig, VllmConfig
 from rmens.models.backbone import model_context, resolve_model
 from rmens.seeding import Stream, seed_for
 
 log = logging.getLogger(__name__)
-WORKER = Path(__file__).parent / "workers" / "vllm_worker.py"
 
 
 class VllmEngine:
@@ -53,13 +52,17 @@ class VllmEngine:
         # A session of its own: vLLM's engine and worker processes are the worker's children, and stopping the
         # engine must stop them all (they hold the device's memory)
         with os.fdopen(descriptor, "w") as log_file:
-            self.process = subprocess.Popen([str(python), str(WORKER), json.dumps(settings)], stdin=subprocess.PIPE,
-                                            stdout=subprocess.PIPE, stderr=log_file, text=True, bufsize=1,
-                                            start_new_session=True)
+            self.process = subprocess.Popen([str(python), str(VLLM_WORKER), json.dumps(settings)],
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
+                                            text=True, bufsize=1, start_new_session=True)
         self.lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
         log.info("vllm: starting an engine for %s (its log: %s)", self.model_dir, self.log_path)
-        hello = self._receive(timeout=cfg.start_timeout_s, doing="start")
+        try:
+            hello = self._receive(timeout=cfg.start_timeout_s, doing="start")
+        except BaseException:  # a failed start, or a stop asked while it loads: the engine must not live on
+            self.close(wait_s=0)
+            raise
         self.version = hello.get("vllm", "unknown")
 
     def _pump(self) -> None:
@@ -80,9 +83,8 @@ class VllmEngine:
                 if deadline is not None and time.monotonic() > deadline:
                     self.close(wait_s=0)
                     raise EngineError(self._failure(f"did not {doing} within {timeout:g} s")) from None
-        if line is None:
-            self.process.wait()
-            self.close(wait_s=0)  # its children, if any are left
+        if line is None:  # the worker closed its end: it exited (or is exiting); so must its children
+            self.close(wait_s=5)
             raise EngineError(self._failure(f"exited with code {self.process.returncode} during {doing}"))
         reply = json.loads(line)
         if "error" in reply:
@@ -107,7 +109,7 @@ class VllmEngine:
             self.process.stdin.write(json.dumps(request) + "\n")
             self.process.stdin.flush()
         except BrokenPipeError:
-            self.process.wait()
+            self.close(wait_s=0)
             raise EngineError(self._failure(f"exited with code {self.process.returncode}")) from None
         outputs = self._receive(timeout=None, doing="generate")["outputs"]
         if len(outputs) != len(prompt_ids):
@@ -142,15 +144,29 @@ class VllmEngine:
                 self.process.wait(timeout=wait_s)
             except subprocess.TimeoutExpired:
                 pass
-        for signum, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(self.process.pid, signum)  # the session it leads: vLLM's engine processes too
-            except (ProcessLookupError, PermissionError):
+        for signum in (signal.SIGTERM, signal.SIGKILL):  # the session it leads: vLLM's engine processes too
+            if not self._signal_group(signum, grace_s=10):
                 break
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            log.warning("vllm: the engine's worker %d did not exit", self.process.pid)
+
+    def _signal_group(self, signum: int, grace_s: float) -> bool:
+        """Send `signum` to the engine's process group and wait until it is empty; False when it is (or was)."""
+        try:
+            os.killpg(self.process.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            return False
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            self.process.poll()  # reap the leader, so that an exited group reads as gone
             try:
-                self.process.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                continue
+                os.killpg(self.process.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                return False
+            time.sleep(0.1)
+        return True
 
     def __enter__(self) -> VllmEngine:
         return self

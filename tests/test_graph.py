@@ -119,6 +119,9 @@ def test_a_runs_resources_replace_a_steps_declaration_by_step_or_by_call():
     assert request_for("g_branch:b2", "g_branch", 1, 3, overrides) == (1, 8)
     assert request_for("g_branch:b3", "g_branch", 1, 3, overrides) == (0, 8)  # the call's own setting wins
     assert request_for("g_source:src", "g_source", 0, 2, overrides) == (0, 2)
-    assert unknown_keys({**overrides, "g_brnch": StepResources()}, ["g_branch:b2", "g_branch:b3"]) == ["g_brnch"]
+    names = ["g_branch:b2", "g_branch:b3"]
+    assert unknown_keys({**overrides, "g_brnch": StepResources(), "g_branch:b9": StepResources()}, names) == [
+        "g_branch:b9", "g_brnch"]
+    assert unknown_keys({"g_join": StepResources(), "g_join:all": StepResources()}, names) == []  # not in this run
     with pytest.raises(ValueError, match="sharded steps, not built yet"):
         StepResources(devices=2)

@@ -82,3 +82,13 @@ def test_a_step_asking_for_more_devices_than_any_node_has_is_refused_before_anyt
     with pytest.raises(ValueError, match="ppo:a asks for 3 devices but the largest Ray node has 2"):
         check_requests([("ppo:a", 3)], largest)
     assert ray_request(1, 4, largest)["num_gpus"] == 1 and ray_request(0, 4, largest)["num_cpus"] == 1
+
+
+def test_moving_the_reward_to_an_actor_does_not_block_resuming_a_run():
+    """reward_devices is in no key, so a stopped run continues in the same folder with another value."""
+    from rmens.config import flatten
+    from rmens.ppo.trainer import resume_conflicts
+
+    saved = {"config": flatten(PPOConfig(policy=TINY)), "step": 1}
+    assert resume_conflicts(saved, PPOConfig(policy=TINY, reward_devices=1), None) == []
+    assert resume_conflicts(saved, PPOConfig(policy=TINY, lr=1e-3), None) != []

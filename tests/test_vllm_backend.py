@@ -142,17 +142,20 @@ def test_ppo_rollouts_refuse_the_vllm_backend(fake_vllm):
         PPOConfig(generation=vllm_generation(fake_vllm).model_copy(update={"top_p": 1.0}))
 
 
-def test_where_and_how_fast_the_engine_runs_stays_out_of_the_key_and_its_code_is_in_it(fake_vllm):
+def test_where_the_engine_runs_stays_out_of_the_key_and_its_code_is_in_it(fake_vllm, tmp_path, monkeypatch):
+    from rmens import generation_config
     from rmens.pipeline.sampling import sample
     from rmens.steps import step_key
 
-    inputs = {"policy": TINY, "prompts": PromptsConfig(max_prompts=4), "bon": BonConfig(generation=vllm_generation(
-        fake_vllm))}
-    moved = {**inputs, "bon": BonConfig(generation=vllm_generation("/elsewhere/bin/python", chunk=3,
-                                                                   start_timeout_s=5, cpu_memory_gib=8))}
-    assert step_key(sample, inputs) == step_key(sample, moved)
-    other = {**inputs, "bon": BonConfig(generation=vllm_generation(fake_vllm, dtype="bfloat16"))}
-    assert step_key(sample, inputs) != step_key(sample, other)
-    from rmens.fingerprint import source_files
+    def key(policy=TINY, **settings):
+        return step_key(sample, {"policy": policy, "prompts": PromptsConfig(max_prompts=4),
+                                 "bon": BonConfig(generation=vllm_generation(fake_vllm).model_copy(update={
+                                     "vllm": VllmConfig(**{"python": fake_vllm, **settings})}))})
 
-    assert any(where.endswith("vllm_worker.py") for name in sample.code for where in source_files(name))
+    assert key() == key(start_timeout_s=5) and key() == key(python="/elsewhere/bin/python")
+    assert key() != key(dtype="bfloat16") and key() != key(chunk=3)  # batching may move a sample on GPUs
+    worker = tmp_path / "vllm_worker.py"
+    worker.write_text(generation_config.VLLM_WORKER.read_text() + "\n# changed\n")
+    before = key()
+    monkeypatch.setattr(generation_config, "VLLM_WORKER", worker)
+    assert key() != before  # the worker's source is in the key of a step that samples through it

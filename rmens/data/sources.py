@@ -27,6 +27,14 @@ def model_paths(*names: str | None) -> list[Path]:
     return [Path(name).expanduser() for name in names if name and Path(name).expanduser().exists()]
 
 
+def engine_paths(generation: Any) -> list[Path]:
+    """The vLLM worker script a GenerationConfig with backend "vllm" runs (run by path, never imported: read, so
+    that its source is in the key of the steps that sample through it)."""
+    from rmens.generation_config import VLLM_WORKER
+
+    return [VLLM_WORKER] if generation.backend == "vllm" else []
+
+
 def paths_read(section: Any) -> list[Path]:
     """Data and prompt files a DataConfig or PromptsConfig reads (None: nothing). The pipeline's evaluation and
     gold read others (rmens.pipeline.evaluate.eval_paths, rmens.pipeline.gold.gold_paths)."""

@@ -48,10 +48,16 @@ class RemoteReward:
 
         if not ray.is_initialized():
             raise RuntimeError("a remote reward needs a running Ray: run with --ray (or ray.init() first)")
-        granted = [str(i) for i in ray.get_gpu_ids()]
+        # In the order the task's own cuda:0 is the first of (Ray's list of ids has no documented order)
+        granted = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d] if ray.get_gpu_ids() else []
         if devices and len(granted) > devices:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            # On the task's node (an actor asking for nothing would go anywhere), with the task's last devices
             options = {"num_gpus": 0, "num_cpus": 0,
-                       "runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ",".join(granted[-devices:])}}}
+                       "runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ",".join(granted[-devices:])}},
+                       "scheduling_strategy": NodeAffinitySchedulingStrategy(
+                           ray.get_runtime_context().get_node_id(), soft=False)}
         else:
             options = {"num_gpus": devices, "num_cpus": 0 if devices else 1}
         self.actor = ray.remote(**options)(_RewardActor).remote(str(folder),

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rmens.data.loaders import data_root
-from rmens.data.sources import alpaca_eval_paths, model_paths
+from rmens.data.sources import alpaca_eval_paths, engine_paths, model_paths
 from rmens.io import read_jsonl, write_json, write_jsonl
 from rmens.pipeline.config import EvalConfig, GoldConfig, Selection
 from rmens.pipeline.gold import gold_paths, load_gold, write_unparsed
@@ -75,10 +75,10 @@ def grade_mt_bench(cfg: EvalConfig, gold, questions: list[dict], answers: list[d
     return summary
 
 
-@step("evaluate", devices=1, memory_gib=4, code=("rmens.workers",),  # the vLLM worker: run, not imported
+@step("evaluate", devices=1, memory_gib=4,
       files={"alpaca_eval": "alpaca_eval", "ppo_points": "ppo_points.json"},
       reads=lambda eval_cfg, gold_cfg, policy=None, **_: eval_paths(eval_cfg) + gold_paths(gold_cfg)
-      + model_paths(policy))
+      + model_paths(policy) + engine_paths(eval_cfg.generation))
 def evaluate(folder: Path, *, label: str, eval_cfg: EvalConfig, gold_cfg: GoldConfig, gold: Output | None,
              policy: str | None = None, ppo_run: Output | None = None, bon: Output | None = None,
              bon_selection: Selection | None = None, proxy: Output | None = None) -> dict:
@@ -88,6 +88,8 @@ def evaluate(folder: Path, *, label: str, eval_cfg: EvalConfig, gold_cfg: GoldCo
         raise ValueError("evaluate needs exactly one of policy, ppo_run or bon")
     # Every answer is drawn before the gold loads, so that a vLLM engine has the device to itself and its memory
     # is free again when the gold judges
+    if gold is not None:
+        gold.require()  # gone: fail now, not after every answer was drawn
     instructions, references = eval_set(eval_cfg)
     outputs, questions, mt_answers, skipped = _answers(eval_cfg, gold_cfg, instructions, policy, ppo_run, bon,
                                                        bon_selection)

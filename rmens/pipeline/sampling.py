@@ -9,7 +9,7 @@ from pathlib import Path
 from rmens.arms import Arm
 from rmens.bon_config import BonConfig
 from rmens.data.config import PromptsConfig
-from rmens.data.sources import model_paths, paths_read
+from rmens.data.sources import engine_paths, model_paths, paths_read
 from rmens.io import write_json, write_jsonl
 from rmens.models.config import AggregationConfig
 from rmens.pipeline.config import GoldConfig, Selection, series
@@ -17,8 +17,8 @@ from rmens.pipeline.gold import gold_paths, load_gold
 from rmens.steps import Output, report_metrics, step
 
 
-@step("sample", devices=1, memory_gib=4, files={"samples": "."}, code=("rmens.workers",),  # run, not imported
-      reads=lambda policy, prompts, **_: model_paths(policy) + paths_read(prompts))
+@step("sample", devices=1, memory_gib=4, files={"samples": "."},
+      reads=lambda policy, prompts, bon, **_: model_paths(policy) + paths_read(prompts) + engine_paths(bon.generation))
 def sample(folder: Path, *, policy: str, prompts: PromptsConfig, bon: BonConfig) -> dict:
     from rmens.bon import draw_samples
     from rmens.data.prompts import load_prompts

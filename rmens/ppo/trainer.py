@@ -36,6 +36,7 @@ from transformers import get_scheduler
 
 from rmens.config import flatten
 from rmens.data.schema import DataError
+from rmens.fingerprint import placement_fields
 from rmens.generation import generate
 from rmens.io import refuse_foreign_folder, write_json
 from rmens.models.aggregate import member_std
@@ -241,8 +242,11 @@ def reward_identity(reward_fn: RewardFn) -> str | None:
 def resume_conflicts(saved: dict, cfg: PPOConfig, reward: str | None) -> list[str]:
     """The settings (dotted names) in which a checkpoint's run differs from this one, beyond RESUME_SAFE."""
     before, now = flatten(saved["config"]), flatten(cfg)
+    # where the run's parts are placed (ppo.reward_devices, ...) is in neither its key nor what it trained
+    placement = placement_fields(cfg)
+    placed = set(flatten(cfg.model_dump(mode="json", include=placement))) if placement else set()
     changed = [f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(before) | set(now))
-               if key.split(".")[0] not in RESUME_SAFE and before.get(key) != now.get(key)]
+               if key.split(".")[0] not in RESUME_SAFE and key not in placed and before.get(key) != now.get(key)]
     if saved.get("reward") and reward and saved["reward"] != reward:
         changed.append(f"reward source {saved['reward']} -> {reward}")
     if saved["step"] > cfg.steps:

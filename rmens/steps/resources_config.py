@@ -48,6 +48,15 @@ def request_for(name: str, step_name: str, declared_devices: int, declared_memor
 
 
 def unknown_keys(overrides: dict[str, StepResources], names: list[str]) -> list[str]:
-    """Override keys that name neither a step nor a call of the plan (a typo would be ignored silently)."""
-    steps = {name.split(":", 1)[0] for name in names}
-    return sorted(key for key in overrides if key not in steps and key not in names)
+    """Override keys that would be ignored silently (a typo): a step name no step is declared with, or a call
+    (step:label) of a step this run calls, but not with that label. A step this run does not call at all (PPO
+    with --part rewards) may keep its setting."""
+    from rmens.steps.contract import DECLARED
+
+    called = {name.split(":", 1)[0] for name in names}
+    unknown = []
+    for key in overrides:
+        step_name = key.split(":", 1)[0]
+        if step_name not in DECLARED or (":" in key and step_name in called and key not in names):
+            unknown.append(key)
+    return sorted(unknown)

@@ -72,11 +72,15 @@ def ray_request(devices: int, memory_gib: float, largest: dict[str, float]) -> d
     """Ray's remote options for a call that uses `devices` accelerators and about `memory_gib` of host memory.
     A call that uses devices asks for no CPU, so that as many run at once as there are devices; on a cluster
     without devices it asks for one CPU instead (a device request there would never be granted)."""
-    request: dict[str, Any] = {"memory": int(min(memory_gib * 2**30, largest["memory"]))}
+    # max_retries 0: a step whose worker died (out of memory, its node lost) fails the run at once; Ray would
+    # otherwise run it up to 3 more times
+    request: dict[str, Any] = {"memory": int(min(memory_gib * 2**30, largest["memory"])), "max_retries": 0}
     if devices and largest["GPU"]:
         request.update(num_gpus=devices, num_cpus=0)
     else:
         request["num_cpus"] = 1
+        if largest["GPU"]:  # Ray 2.60 leaves a task without devices all of them visible: hide them
+            request["runtime_env"] = {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
     return request
 
 
