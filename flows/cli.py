@@ -150,9 +150,16 @@ def check_ray_settings(config, flag: str | None) -> None:
     from tasks.runtime.placement import ray_address
 
     ppo = getattr(config, "ppo", None)
-    if ppo is not None and ppo.reward_devices and ray_address(flag) is None:
+    if ppo is None or not ppo.reward_devices:
+        return
+    if ray_address(flag) is None:
         raise ValueError(f"ppo.reward_devices={ppo.reward_devices} puts the reward ensemble in a Ray actor: run "
                          "with --ray ADDRESS (or RAY_ADDRESS), or set it to 0")
+    cpu_only = [key for key, value in getattr(config, "resources", {}).items()
+                if key.split(":", 1)[0] in ("ppo", "ppo_run") and value.devices == 0]
+    if cpu_only:
+        raise ValueError(f"resources: {', '.join(cpu_only)} runs PPO without devices, so its reward actor "
+                         f"(ppo.reward_devices={ppo.reward_devices}) would wait for devices the step does not hold")
 
 
 def on_ray(flow, flag: str | None):

@@ -141,6 +141,9 @@ def entry_point(fn: F) -> F:
         from prefect import get_run_logger
         from prefect.states import Failed
 
+        from tasks.runtime.stager import clear_stop_flags
+
+        clear_stop_flags()  # a stop swallowed during an earlier flow in this process is not this one's
         quiet_console()
         with progress_to_the_ui():
             try:

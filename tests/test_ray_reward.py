@@ -92,3 +92,20 @@ def test_moving_the_reward_to_an_actor_does_not_block_resuming_a_run():
     saved = {"config": flatten(PPOConfig(policy=TINY)), "step": 1}
     assert resume_conflicts(saved, PPOConfig(policy=TINY, reward_devices=1), None) == []
     assert resume_conflicts(saved, PPOConfig(policy=TINY, lr=1e-3), None) != []
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "ppo.reward_devices=1 puts the reward ensemble in a Ray actor: run with --ray ADDRESS"),
+    (["--ray", "local", "--set", "resources={ppo: {devices: 0}}"],
+     "resources: ppo runs PPO without devices, so its reward actor"),
+])
+def test_a_reward_actor_that_could_never_be_placed_is_refused_before_anything_runs(tmp_path, monkeypatch, extra,
+                                                                                   message):
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--set",
+                           f"project_dir={tmp_path / 'p'}", "--set", "ppo.reward_devices=1", *extra, "--dry-run"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and message in done.stderr and not (tmp_path / "p").exists()

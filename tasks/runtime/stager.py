@@ -69,6 +69,12 @@ def _quiet_when_stopping(hook):
 _remember_termination()
 
 
+def clear_stop_flags() -> None:
+    """At a flow's start (flows.entry): a stop swallowed during an earlier flow in this process is not this one's."""
+    _TERMINATION.clear()
+    _INTERRUPTED.clear()
+
+
 def stop_if_terminated() -> None:
     """Raise Prefect's TerminationSignal if a SIGTERM arrived and its exception was swallowed, KeyboardInterrupt
     if a Ctrl-C's was."""
@@ -94,8 +100,6 @@ class Stager:
         lines; `resources`: the run's per-step requests on Ray (rmens.steps.resources_config)."""
         self.resources = resources or {}
         self.ctx = derive(ctx, log_models=log_models, registered_model=registered_model, model_aliases=model_aliases)
-        _TERMINATION.clear()  # a stop swallowed during an earlier flow in this process is not this one's
-        _INTERRUPTED.clear()
         self.paths = ProjectPaths.at(ctx.project_dir)
         self.store = Store(self.paths.artifacts)
         self.refresh = refresh
