@@ -98,27 +98,27 @@ def cmd_run(args) -> int:
     check_ray_settings(config, args.ray)
     from rmens.pipeline.plan import run_pipeline
     from rmens.steps import Store
-    from rmens.steps.runner import check
+    from rmens.steps.graph import record
     from tasks.runtime.paths import ProjectPaths
 
     paths = ProjectPaths.at(config.project_dir)
-    check_resources(config.resources, run_pipeline, Store.of_project(paths.root), config)
+    # Every step's key is known before anything runs: the plan keyed once serves every check below
+    nodes, _ = record(run_pipeline, Store.of_project(paths.root), config)
+    check_resources(config.resources, nodes)
     if args.dry_run:
-        return print_placement(run_pipeline, Store.of_project(paths.root), config, device_gib=args.device_memory_gib,
-                               resources=config.resources)
-    if not (args.refresh or args.record):
-        # Every step's key is known before anything runs: when the store holds all of them, finished and
-        # intact, nothing would run, so say so without paying for Prefect and MLflow.
-        plan = check(run_pipeline, Store.of_project(paths.root), config)
-        if not plan.missing:
-            report = plan.outputs["report:report"]
-            _print_run_summary(config.name, args.preset, paths, report.file("report"),
-                               f"MLflow run {report.run_id} made the report", f"{len(plan.outputs)} (all up to date: "
-                               "nothing ran; --record runs them through Prefect as cache hits)")
-            return 0
+        return print_placement(nodes, args.device_memory_gib, config.resources)
+    if not (args.refresh or args.record) and all(node.found is not None for node in nodes.values()):
+        # nothing would run: say so without paying for Prefect and MLflow
+        report = nodes["report:report"].found
+        _print_run_summary(config.name, args.preset, paths, report.file("report"),
+                           f"MLflow run {report.run_id} made the report", f"{len(nodes)} (all up to date: "
+                           "nothing ran; --record runs them through Prefect as cache hits)")
+        return 0
     budget = device_budget(args.device_memory_gib)  # (imports torch: not for an up-to-date re-run)
     if budget is not None:
-        check_device_memory(run_pipeline, Store.of_project(paths.root), budget, config)
+        from rmens.memory import check_fit
+
+        check_fit(nodes, budget)
     check_servers()
     prepare_environment(config.project_dir)
     start = time.perf_counter()
@@ -133,14 +133,12 @@ def cmd_run(args) -> int:
     return 0
 
 
-def check_resources(resources: dict, plan, store, *args, **kwargs) -> None:
-    """A `resources` key that names no step or call of the plan is refused before anything runs."""
-    if not resources:
-        return
-    from rmens.steps.graph import record
+def check_resources(resources: dict, nodes: dict) -> None:
+    """A `resources` key that names no step or call of the plan (a recorded graph) is refused before anything
+    runs."""
     from rmens.steps.resources_config import unknown_keys
 
-    unknown = unknown_keys(resources, list(record(plan, store, *args, **kwargs)[0]))
+    unknown = unknown_keys(resources, list(nodes))
     if unknown:
         raise ValueError(f"resources: {', '.join(unknown)} names no step or call of this plan")
 
@@ -170,16 +168,13 @@ def on_ray(flow, flag: str | None):
     return flow if address is None else flow.with_options(task_runner=task_runner(address))
 
 
-def print_placement(plan, store, *args, device_gib: float | None = None, resources: dict | None = None,
-                    **kwargs) -> int:
+def print_placement(nodes: dict, device_gib: float | None, resources: dict) -> int:
     """--dry-run: every step of the plan by wave, with the devices and host memory it asks for and the accelerator
     memory it needs (rmens.memory); nothing runs."""
     from rmens.memory import estimates
-    from rmens.steps.graph import placement, record
+    from rmens.steps.graph import placement
     from tasks.runtime.placement import node_request
 
-    check_resources(resources or {}, plan, store, *args, **kwargs)
-    nodes, _ = record(plan, store, *args, **kwargs)
     try:
         needs = estimates(nodes)
     except OSError as exc:  # a hub model whose config is neither cached nor reachable
@@ -203,14 +198,6 @@ def device_budget(flag: float | None) -> float | None:
     import torch
 
     return torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
-
-
-def check_device_memory(plan, store, device_gib: float, *args, **kwargs) -> None:
-    """Refuse a plan a step of which cannot fit one device, before anything starts."""
-    from rmens.memory import check_fit
-    from rmens.steps.graph import record
-
-    check_fit(record(plan, store, *args, **kwargs)[0], device_gib)
 
 
 def _print_run_summary(name: str, preset: str, paths, report, run: str, steps: str,
@@ -253,24 +240,21 @@ def cmd_experiment(args) -> int:
     check_inputs(config.data, config.pools.judges, config.mt_bench)  # before a server starts or a folder is made
     check_ray_settings(config, args.ray)
     out = args.out or f"runs/experiment-{args.size}"
-    if args.dry_run:
-        from rmens.experiment.data import source_fingerprints
-        from rmens.experiment.plan import run_plan
-        from rmens.steps import Store
-
-        return print_placement(run_plan, Store.of_project(out), config, part=args.part,
-                               sources=source_fingerprints(config.data, config.mt_bench),
-                               device_gib=args.device_memory_gib, resources=config.resources)
     budget = device_budget(args.device_memory_gib)
-    if budget is not None or config.resources:
+    if args.dry_run or budget is not None or config.resources:  # (the plan keyed once, for what asks for it)
         from rmens.experiment.data import source_fingerprints
         from rmens.experiment.plan import run_plan
+        from rmens.memory import check_fit
         from rmens.steps import Store
+        from rmens.steps.graph import record
 
-        plan_args = dict(part=args.part, sources=source_fingerprints(config.data, config.mt_bench))
-        check_resources(config.resources, run_plan, Store.of_project(out), config, **plan_args)
+        nodes, _ = record(run_plan, Store.of_project(out), config, part=args.part,
+                          sources=source_fingerprints(config.data, config.mt_bench))
+        check_resources(config.resources, nodes)
+        if args.dry_run:
+            return print_placement(nodes, args.device_memory_gib, config.resources)
         if budget is not None:
-            check_device_memory(run_plan, Store.of_project(out), budget, config, **plan_args)
+            check_fit(nodes, budget)
     check_servers()
     prepare_environment(out)
     from rmens.models.context import check_max_lengths

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rmens.models.config import EnsembleConfig
-from rmens.ppo.config import PPOConfig
+from rmens.ppo.config import ppo_config_in
 from rmens.steps.graph import Node
 from rmens.steps.store import Output
 
@@ -84,7 +84,7 @@ def estimate(node: Node, by_key: dict[str, Node]) -> Estimate | None:
     inputs = node.inputs
     if isinstance(inputs.get("ensemble"), EnsembleConfig):  # a training step
         add(*_ensemble_bytes(inputs["ensemble"], trained=True))
-    ppo_cfg = next((value for value in inputs.values() if isinstance(value, PPOConfig)), None)  # both pipelines'
+    ppo_cfg = ppo_config_in(inputs)
     if ppo_cfg is not None:
         params = parameter_count(ppo_cfg.policy)
         if ppo_cfg.use_lora:  # the reference is the same weights with the adapters off
@@ -108,7 +108,7 @@ def estimate(node: Node, by_key: dict[str, Node]) -> Estimate | None:
         params = parameter_count(policy)
         add(params * FROZEN_BYTES, f"policy {params / 1e9:.2f}B frozen")
     ppo_run = by_key.get(inputs["ppo_run"].key) if isinstance(inputs.get("ppo_run"), Output) else None
-    run_cfg = next((v for v in ppo_run.inputs.values() if isinstance(v, PPOConfig)), None) if ppo_run else None
+    run_cfg = ppo_config_in(ppo_run.inputs) if ppo_run is not None else None
     if run_cfg is not None:
         params = parameter_count(run_cfg.policy)
         add(params * FROZEN_BYTES, f"trained policy {params / 1e9:.2f}B frozen")

@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import TINY
 
-from rmens.config import apply_overrides
+from rmens.config import apply_overrides, derive
 from rmens.memory import FROZEN_BYTES, GIB, TRAINED_BYTES, PlanDoesNotFit, check_fit, estimates, parameter_count
 from rmens.models.backbone import load_backbone, load_policy
 from rmens.pipeline.config import PipelineConfig
@@ -100,7 +100,7 @@ def test_the_experiments_ppo_is_estimated_as_the_pipelines_and_an_actors_reward_
     ppo = PPOConfig(policy=qwen)  # LoRA, value head: the policy frozen under its adapters and the reward
 
     def need(**settings):
-        node = Node("ppo:a", DECLARED["ppo"], "a", None, {"ppo": ppo.model_copy(update=settings), "reward": reward},
+        node = Node("ppo:a", DECLARED["ppo"], "a", None, {"ppo": derive(ppo, **settings), "reward": reward},
                     "k2", ("train:a",))
         return estimates({"train:a": train, "ppo:a": node})["ppo:a"]
 

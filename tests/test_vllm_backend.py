@@ -13,6 +13,7 @@ from conftest import TINY
 from pydantic import ValidationError
 
 from rmens.bon_config import BonConfig
+from rmens.config import derive
 from rmens.data.config import PromptsConfig
 from rmens.errors import EngineError
 from rmens.generation import eos_ids_of_model, open_sampler
@@ -69,10 +70,10 @@ def test_best_of_n_step_samples_through_vllm(fake_vllm, tmp_path):
 
 def test_greedy_vllm_answers_equal_transformers_greedy_answers(fake_vllm):
     """The engine gets the prompt rmens renders and stops where rmens says: greedy answers agree with hf's."""
-    greedy = vllm_generation(fake_vllm).model_copy(update={"do_sample": False})
+    greedy = derive(vllm_generation(fake_vllm), do_sample=False)
     with open_sampler(TINY, greedy) as sampler:
         engine = sampler(PROMPTS[:2], greedy)
-    with open_sampler(TINY, greedy.model_copy(update={"backend": "hf"})) as sampler:
+    with open_sampler(TINY, derive(greedy, backend="hf")) as sampler:
         local = sampler(PROMPTS[:2], greedy)
     assert engine.response_ids == local.response_ids and engine.texts == local.texts
 
@@ -139,7 +140,7 @@ def test_ppo_rollouts_refuse_the_vllm_backend(fake_vllm):
     from rmens.ppo.config import PPOConfig
 
     with pytest.raises(ValidationError, match="generation.backend must be 'hf': rollouts come from the policy being"):
-        PPOConfig(generation=vllm_generation(fake_vllm).model_copy(update={"top_p": 1.0}))
+        PPOConfig(generation=derive(vllm_generation(fake_vllm), top_p=1.0))
 
 
 def test_where_the_engine_runs_stays_out_of_the_key_and_its_code_is_in_it(fake_vllm, tmp_path, monkeypatch):
@@ -147,10 +148,10 @@ def test_where_the_engine_runs_stays_out_of_the_key_and_its_code_is_in_it(fake_v
     from rmens.pipeline.sampling import sample
     from rmens.steps import step_key
 
-    def key(policy=TINY, **settings):
-        return step_key(sample, {"policy": policy, "prompts": PromptsConfig(max_prompts=4),
-                                 "bon": BonConfig(generation=vllm_generation(fake_vllm).model_copy(update={
-                                     "vllm": VllmConfig(**{"python": fake_vllm, **settings})}))})
+    def key(**settings):
+        generation = derive(vllm_generation(fake_vllm), vllm={"python": fake_vllm, **settings})
+        return step_key(sample, {"policy": TINY, "prompts": PromptsConfig(max_prompts=4),
+                                 "bon": BonConfig(generation=generation)})
 
     assert key() == key(start_timeout_s=5) and key() == key(python="/elsewhere/bin/python")
     assert key() != key(dtype="bfloat16") and key() != key(chunk=3)  # batching may move a sample on GPUs

@@ -120,3 +120,9 @@ class PPOJobConfig(StrictModel):
                                                     "replaces it.")
 
     retired: ClassVar[dict[str, str]] = {"judge_ensemble": "set gold_ensemble (the role is called gold now)"}
+
+
+def ppo_config_in(inputs: dict) -> PPOConfig | None:
+    """The PPO settings among a step's inputs, whatever the step names them (the pipeline's `ppo_cfg`, the
+    experiment's `ppo`)."""
+    return next((value for value in inputs.values() if isinstance(value, PPOConfig)), None)

@@ -32,6 +32,10 @@ class Node:
     after: tuple[str, ...]
     found: Output | None = None  # the store's finished output, when it holds one already
 
+    def output(self, store: Store) -> Output:
+        """The finished output, or the one a run would make (its key and folder, no summary yet)."""
+        return self.found or Output(step=self.step.name, key=self.key, path=str(store.folder(self.step, self.key)))
+
 
 def _outputs_in(value: Any) -> Iterator[Output]:
     if isinstance(value, Output):
@@ -70,10 +74,10 @@ class Recorder:
         if name in self.nodes:
             raise ValueError(f"the plan calls {name} twice; labels must tell calls of one step apart")
         after = tuple(dict.fromkeys(self._by_key[out.key] for out in _outputs_in(inputs) if out.key in self._by_key))
-        found = None if self.refresh else self.store.finished(step, key)
-        self.nodes[name] = Node(name, step, label, tags, inputs, key, after, found)
+        node = self.nodes[name] = Node(name, step, label, tags, inputs, key, after,
+                                       None if self.refresh else self.store.finished(step, key))
         self._by_key[key] = name
-        return found or Output(step=step.name, key=key, path=str(self.store.folder(step, key)))
+        return node.output(self.store)
 
 
 def record(plan: Callable[..., Any], store: Store, *args: Any, refresh: bool = False,

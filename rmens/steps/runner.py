@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from rmens.steps.contract import Step, metrics_to
-from rmens.steps.store import Output, Store, step_key
+from rmens.steps.graph import record
+from rmens.steps.store import Output, Store
 
 # One line per step as it starts and ends (the CLI gives this logger its console handler).
 progress = logging.getLogger("rmens.progress")
@@ -89,29 +91,19 @@ class LocalRunner:
         return output
 
 
+@dataclass
 class Check:
-    """Keys every call of a plan and looks it up in `store`, computing nothing: `missing` lists the calls a
-    run would compute. Downstream keys need only upstream keys, so a missing output still keys the rest."""
+    """A plan keyed against a store, computing nothing (rmens.steps.graph.record): `outputs`, every call's found
+    or expected output by name; `missing`, the calls a run would compute. Downstream keys need only upstream
+    keys, so a missing output still keys the rest."""
 
-    def __init__(self, store: Store):
-        self.store = store
-        self.missing: list[str] = []
-        self.outputs: dict[str, Output] = {}
-
-    def __call__(self, step: Step, label: str, /, *, tags: dict[str, str] | None = None, **inputs: Any) -> Output:
-        key = step_key(step, inputs)
-        found = self.store.finished(step, key)
-        name = f"{step.name}:{label}"
-        if found is None:
-            self.missing.append(name)
-            found = Output(step=step.name, key=key, path=str(self.store.folder(step, key)))
-        self.outputs[name] = found
-        return found
+    outputs: dict[str, Output]
+    missing: list[str]
 
 
 def check(plan, store: str | Path | Store, *args: Any, **kwargs: Any) -> Check:
-    """Walk `plan(*args, call=checker, **kwargs)` against `store` without computing anything; the checker's
-    `missing` lists the calls a run would compute, `outputs` every call's (found or expected) output."""
-    checker = Check(store if isinstance(store, Store) else Store(store))
-    plan(*args, call=checker, **kwargs)
-    return checker
+    """Walk `plan(*args, call=..., **kwargs)` against `store` without computing anything."""
+    store = store if isinstance(store, Store) else Store(store)
+    nodes, _ = record(plan, store, *args, **kwargs)
+    return Check({name: node.output(store) for name, node in nodes.items()},
+                 [name for name, node in nodes.items() if node.found is None])

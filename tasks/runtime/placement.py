@@ -50,12 +50,12 @@ def node_request(node, overrides: dict | None = None) -> tuple[int, float]:
     """(devices, host GiB) a call asks for: its step's declaration or the run's `resources` setting, plus its PPO
     reward actor's devices (rmens.integrations.ray.RemoteReward takes them from the call's grant, so that the
     two are reserved together)."""
-    from rmens.ppo.config import PPOConfig
+    from rmens.ppo.config import ppo_config_in
     from rmens.steps.resources_config import request_for
 
     devices, memory = request_for(node.name, node.step.name, node.step.resources.devices,
                                   node.step.resources.memory_gib, overrides or {})
-    ppo = next((value for value in node.inputs.values() if isinstance(value, PPOConfig)), None)
+    ppo = ppo_config_in(node.inputs)
     return devices + (ppo.reward_devices if ppo is not None else 0), memory
 
 
