@@ -118,7 +118,7 @@ def cmd_run(args) -> int:
     if budget is not None:
         from rmens.memory import check_fit
 
-        check_fit(nodes, budget)
+        check_fit(nodes, budget, devices_of(config.resources))
     check_servers()
     prepare_environment(config.project_dir)
     start = time.perf_counter()
@@ -134,13 +134,17 @@ def cmd_run(args) -> int:
 
 
 def check_resources(resources: dict, nodes: dict) -> None:
-    """A `resources` key that names no step or call of the plan (a recorded graph) is refused before anything
-    runs."""
-    from rmens.steps.resources_config import unknown_keys
+    """A `resources` key that names no step or call of the plan (a recorded graph), or gives several devices to a
+    step that does not shard, is refused before anything runs."""
+    from rmens.steps.resources_config import unknown_keys, unshardable
 
     unknown = unknown_keys(resources, list(nodes))
     if unknown:
         raise ValueError(f"resources: {', '.join(unknown)} names no step or call of this plan")
+    one = unshardable(resources)
+    if one:
+        raise ValueError(f"resources: {', '.join(one)} asks for more than one device, but only the training steps "
+                         "shard (one FSDP2 rank per device); give it one")
 
 
 def check_ray_settings(config, flag: str | None) -> None:
@@ -176,18 +180,26 @@ def print_placement(nodes: dict, device_gib: float | None, resources: dict) -> i
     from tasks.runtime.placement import node_request
 
     try:
-        needs = estimates(nodes)
+        needs = estimates(nodes, devices_of(resources))
     except OSError as exc:  # a hub model whose config is neither cached nor reachable
         needs = {}
         print(f"(no memory estimates: {str(exc).splitlines()[0]})")
     over = device_gib is not None and any(e.gib > device_gib and nodes[n].found is None for n, e in needs.items())
-    notes = {name: f"needs {e.size()}" + (" > device" if device_gib is not None and e.gib > device_gib else "")
+    notes = {name: f"needs {e.size()}" + (f" per device, {e.devices} FSDP2 ranks" if e.devices > 1 else "")
+             + (" > device" if device_gib is not None and e.gib > device_gib else "")
              for name, e in needs.items()}
     print("\n".join(placement(nodes, notes, lambda node: node_request(node, resources))))
     todo = sum(1 for node in nodes.values() if node.found is None)
     print(f"{len(nodes)} steps, {todo} to compute (dry run: nothing ran)" + (
         f"; some need more than one {device_gib:g} GiB device" if over else ""))
     return 0
+
+
+def devices_of(resources: dict):
+    """node -> the devices its call runs on, by the run's `resources` (a training step shards over them)."""
+    from rmens.steps.resources_config import call_devices
+
+    return lambda node: call_devices(node.name, node.step, resources)
 
 
 def device_budget(flag: float | None) -> float | None:
@@ -254,7 +266,7 @@ def cmd_experiment(args) -> int:
         if args.dry_run:
             return print_placement(nodes, args.device_memory_gib, config.resources)
         if budget is not None:
-            check_fit(nodes, budget)
+            check_fit(nodes, budget, devices_of(config.resources))
     check_servers()
     prepare_environment(out)
     from rmens.models.context import check_max_lengths

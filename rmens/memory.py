@@ -5,13 +5,16 @@ The estimate follows what the code does today: models load in fp32 (rmens.models
 accelerate's bf16 mixed precision keeps fp32 master weights, fp32 gradients and Adam's two fp32 moments, 16 bytes
 per trained parameter; a frozen parameter costs 4 bytes. Parameter counts come from each model's config alone
 (no weights: accelerate's init_empty_weights). Activations, the KV cache and the allocator's slack are a flat
-ACTIVATION_MARGIN on top. A full ensemble trains as one module (k backbones) and a step runs on one device:
-steps sharded over several (FSDP2) are not built yet, so a step that does not fit one device cannot run.
+ACTIVATION_MARGIN on top. A full ensemble trains as one module (k backbones). A training step given several
+devices (`resources`) shards its model, gradients and optimizer state over them with FSDP2
+(rmens.training.sharding), so each device holds 1/devices of them; the margin is not divided (each rank holds
+the activations of its share of the batch and one gathered block at a time, which the margin covers).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,14 +51,17 @@ class PlanDoesNotFit(ValueError):
 
 @dataclass
 class Estimate:
-    gib: float  # accelerator memory the step needs on its device, margin included
+    gib: float  # accelerator memory the step needs on each of its devices, margin included
     parts: list[str]  # what it holds, for the message
+    devices: int = 1  # the devices its model is sharded over
+    shards: bool = False  # whether its step can shard (a training step)
 
     def size(self) -> str:
         return f"{self.gib:.1f} GiB" if self.gib >= 1 else f"{self.gib * 1024:.0f} MiB"
 
     def describe(self) -> str:
-        return f"about {self.size()} ({'; '.join(self.parts)})"
+        where = f" on each of {self.devices} devices (FSDP2)" if self.devices > 1 else ""
+        return f"about {self.size()}{where} ({'; '.join(self.parts)})"
 
 
 def _ensemble_bytes(cfg: EnsembleConfig, trained: bool) -> tuple[float, str]:
@@ -72,8 +78,9 @@ def _producer_ensemble(value: Any, by_key: dict[str, Node]) -> EnsembleConfig | 
                                                                           EnsembleConfig) else None
 
 
-def estimate(node: Node, by_key: dict[str, Node]) -> Estimate | None:
-    """What `node` holds on its device; None for a step that holds no model (data, reports, curves)."""
+def estimate(node: Node, by_key: dict[str, Node], devices: int = 1) -> Estimate | None:
+    """What `node` holds on each of its `devices` (more than one: a training step's FSDP2 shards); None for a step
+    that holds no model (data, reports, curves)."""
     total, parts = 0.0, []
 
     def add(amount: float, what: str) -> None:
@@ -112,21 +119,31 @@ def estimate(node: Node, by_key: dict[str, Node]) -> Estimate | None:
     if run_cfg is not None:
         params = parameter_count(run_cfg.policy)
         add(params * FROZEN_BYTES, f"trained policy {params / 1e9:.2f}B frozen")
-    return Estimate(total * ACTIVATION_MARGIN / GIB, parts) if parts else None
+    if not parts:
+        return None
+    shards = node.step.resources.shards
+    devices = max(1, devices) if shards else 1
+    return Estimate(total / devices * ACTIVATION_MARGIN / GIB, parts, devices, shards)
 
 
-def estimates(nodes: dict[str, Node]) -> dict[str, Estimate]:
-    """Every model-holding call of a recorded plan (rmens.steps.graph.record) by name."""
+def estimates(nodes: dict[str, Node], devices_of: Callable[[Node], int] | None = None) -> dict[str, Estimate]:
+    """Every model-holding call of a recorded plan (rmens.steps.graph.record) by name; `devices_of(node)`: the
+    devices a call is given (the run's `resources`), which a training step shards over."""
     by_key = {node.key: node for node in nodes.values()}
-    found = {name: estimate(node, by_key) for name, node in nodes.items()}
+    found = {name: estimate(node, by_key, devices_of(node) if devices_of else 1) for name, node in nodes.items()}
     return {name: value for name, value in found.items() if value is not None}
 
 
-def check_fit(nodes: dict[str, Node], device_gib: float) -> None:
-    """Refuse, naming the first step that cannot fit one device of `device_gib`, its estimate and what would."""
-    for name, found in estimates(nodes).items():
+def check_fit(nodes: dict[str, Node], device_gib: float, devices_of: Callable[[Node], int] | None = None) -> None:
+    """Refuse, naming the first step that cannot fit its devices of `device_gib` each, its estimate and what
+    would."""
+    for name, found in estimates(nodes, devices_of).items():
         if nodes[name].found is None and found.gib > device_gib:
-            devices = int(-(-found.gib // device_gib))
+            whole = found.gib * found.devices  # what one device would hold
+            devices = int(-(-whole // device_gib))
+            step = name.split(":", 1)[0]
+            fix = (f"give it {devices} devices to shard over (resources: {{'{name}': {{devices: {devices}}}}}, or "
+                   f"'{step}' for every {step} call) or a smaller backbone") if found.shards else \
+                "only training steps shard: use a smaller model (for PPO: ppo.use_lora, or ppo.reward_devices)"
             raise PlanDoesNotFit(f"{name} needs {found.describe()}, more than one {device_gib:g} GiB device holds: "
-                              f"it would fit sharded over {devices} devices (FSDP2, not built yet) or with a "
-                              "smaller backbone")
+                                 + fix)

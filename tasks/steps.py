@@ -23,7 +23,7 @@ from prefect.transactions import IsolationLevel
 
 from rmens.config import flatten_set
 from rmens.steps import Output, Step, Store
-from rmens.steps.contract import DECLARED, metrics_to
+from rmens.steps.contract import DECLARED, devices_granted, granted_devices, metrics_to
 from rmens.steps.store import DONE, STARTED
 from tasks.runtime.locks import ProjectLockManager
 from tasks.runtime.paths import ProjectPaths
@@ -67,8 +67,9 @@ def run_step(ctx: StageContext, step_name: str, label: str, inputs: dict[str, An
         importlib.import_module(module)
     step = DECLARED[step_name]
     store = Store(ctx.paths.artifacts)
-    output, computed = store.run(step, inputs, key=ctx.stage_key, refresh=ctx.refresh,
-                                 around=_tracked(ctx, inputs), after=lambda out: _record(ctx, out))
+    with devices_granted(ctx.stage_devices):
+        output, computed = store.run(step, inputs, key=ctx.stage_key, refresh=ctx.refresh,
+                                     around=_tracked(ctx, inputs), after=lambda out: _record(ctx, out))
     if not computed:
         # Another run made it while this one waited for the lock (or Prefect's record of it was lost): say
         # so in MLflow as a cache hit does, so that this flow's run lists every step.
@@ -107,6 +108,8 @@ def _tracked(ctx: StageContext, inputs: dict[str, Any]) -> Callable:
         tags = {**ctx.run_tags(step.name), "rmens.key": ctx.stage_key[:16]}
         if "CUDA_VISIBLE_DEVICES" in os.environ:  # the devices it was granted (Ray sets it per task)
             tags["rmens.devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
+        if step.resources.shards:  # the FSDP2 ranks it trains with (one: in the step's own process)
+            tags["rmens.ranks"] = str(granted_devices())
         with child_run(ctx, step.name, params, tags, name=ctx.run_name(step.name)) as run_id:
             client = client_for(ctx)
             client.log_dict(run_id, settings_for_tracking(inputs), "settings.json")

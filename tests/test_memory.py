@@ -66,9 +66,27 @@ def test_each_step_is_estimated_from_what_it_trains_and_holds(qwen, tmp_path):
 def test_a_plan_that_cannot_fit_one_device_is_refused_naming_the_step(qwen, tmp_path):
     nodes = plan(tmp_path, f"ensemble.backbone={qwen}", f"policy={qwen}")
     with pytest.raises(PlanDoesNotFit, match=r"train_ensemble:single-r0 needs about 131\.\d GiB \(1 x 7\.07B trained .*"
-                                             r"more than one 80 GiB device holds: it would fit sharded over 2 devices"):
+                                             r"more than one 80 GiB device holds: give it 2 devices to shard over"):
         check_fit(nodes, 80)
     check_fit(nodes, 139)  # an H200 (139 GiB usable) holds every step
+
+
+def test_a_training_step_given_devices_is_estimated_per_shard(qwen, tmp_path):
+    """FSDP2 splits a training step's weights, gradients and optimizer state over its devices: the 7B reward model
+    that does not fit one 80 GiB device fits two; a step that does not shard is told so."""
+    from rmens.steps.resources_config import StepResources, call_devices
+
+    nodes = plan(tmp_path, f"ensemble.backbone={qwen}", f"policy={qwen}")
+    resources = {"train_ensemble": StepResources(devices=2)}
+    found = estimates(nodes, lambda node: call_devices(node.name, node.step, resources))
+    alone = estimates(nodes)["train_ensemble:single-r0"]
+    assert found["train_ensemble:single-r0"].devices == 2
+    assert found["train_ensemble:single-r0"].gib == pytest.approx(alone.gib / 2)
+    assert "on each of 2 devices (FSDP2)" in found["train_ensemble:single-r0"].describe()
+    ppo = {name: e for name, e in found.items() if name.startswith("ppo:")}
+    assert ppo and all(e.devices == 1 for e in ppo.values())  # PPO does not shard, whatever it is given
+    with pytest.raises(PlanDoesNotFit, match=r"ppo:\S+ needs about 68.\d GiB .* only training steps shard"):
+        check_fit(nodes, 67, lambda node: call_devices(node.name, node.step, resources))  # training fits 67 on 2
 
 
 def test_the_cli_refuses_before_anything_runs_and_the_dry_run_shows_the_estimates(qwen, tmp_path):

@@ -442,16 +442,19 @@ def test_rmens_serve_serves_a_registered_model_by_its_alias(pipeline_runs):
 
 def test_on_ray_independent_steps_overlap_on_distinct_devices_with_the_sequential_results(pipeline_runs, tmp_path):
     """`--ray local:gpus=2`: two declared devices on a machine without any. The arms' training steps run at
-    once, each on its own CUDA_VISIBLE_DEVICES; every output has the sequential run's key and numbers; a second
-    run is served from the store without a Ray task."""
+    once, each on its own CUDA_VISIBLE_DEVICES; the gold, given both devices, trains as two FSDP2 ranks; every
+    output has the sequential run's key and numbers; a second run is served from the store without a Ray task."""
     pytest.importorskip("prefect_ray")
     from flows.pipeline import pipeline
+    from rmens.config import derive
+    from rmens.steps.resources_config import StepResources
     from tasks.runtime.placement import task_runner
 
     project, first, *_ = pipeline_runs
     ray_project = tmp_path / "ray"
     on_ray = pipeline.with_options(task_runner=task_runner("local:gpus=2"))
-    result = on_ray(config=smoke(ray_project))
+    config = derive(smoke(ray_project), resources={"train_ensemble:gold": StepResources(devices=2)})
+    result = on_ray(config=config)
     assert set(result["states"]) == set(first["states"]) and set(result["states"].values()) == {"Completed"}
     ours, sequential = _finished(ray_project / "artifacts"), _finished(project / "artifacts")
     assert set(ours) <= set(sequential)
@@ -464,10 +467,12 @@ def test_on_ray_independent_steps_overlap_on_distinct_devices_with_the_sequentia
     assert len(trained) == 4  # the gold and three arms, each on a granted device
     spans = sorted((r.info.start_time, r.info.end_time, r.data.tags["rmens.devices"]) for r in trained)
     overlapping = [(a, b) for i, a in enumerate(spans) for b in spans[i + 1:] if b[0] < a[1]]
-    assert overlapping and all(a[2] != b[2] for a, b in overlapping)  # at once, never on one device
-    assert {r.data.tags["rmens.devices"] for r in trained} <= {"0", "1"}
+    assert overlapping and all(not set(a[2].split(",")) & set(b[2].split(",")) for a, b in overlapping)
+    ranks = {r.data.tags["rmens.label"]: (r.data.tags["rmens.devices"], r.data.tags["rmens.ranks"]) for r in trained}
+    assert ranks.pop("gold") in {("0,1", "2"), ("1,0", "2")} and set(ranks.values()) <= {("0", "1"), ("1", "1")}
+    assert len(list((ray_project / "artifacts").glob("train_ensemble/*/launch/rank1.json"))) == 1
 
-    again = on_ray(config=smoke(ray_project))
+    again = on_ray(config=config)
     assert set(again["states"].values()) == {"Cached"}
     _, after = runs_of(ray_project)
     before = {r.info.run_id for r in runs}

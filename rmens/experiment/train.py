@@ -14,27 +14,32 @@ from rmens.experiment.data import PROXY_PAIRS
 from rmens.experiment.measure import measure
 from rmens.io import write_json, write_jsonl
 from rmens.steps import Output, step
+from rmens.steps.contract import granted_devices
 
 if TYPE_CHECKING:  # types only: settings enter the step's key as values
     from rmens.models.config import EnsembleConfig
     from rmens.training.config import TrainConfig
 
 
-@step("train", devices=1, memory_gib=4, files={"ensemble": "ensemble"},
+@step("train", devices=1, memory_gib=4, shards=True, files={"ensemble": "ensemble"},
       reads=lambda ensemble, **_: model_paths(ensemble.backbone))
 def train_step(folder: Path, *, pairs: Output, pairs_file: str, ensemble: EnsembleConfig, train: TrainConfig) -> dict:
     """One reward model or ensemble on the pairs of an earlier step; wall time and peak memory measured."""
-    from rmens.training.trainer import train_ensemble
+    from rmens.training.launcher import train_on_devices
 
     training = load_jsonl_pairs(pairs.file(pairs_file))
-    with measure() as cost:
-        result = train_ensemble(ensemble, train, training, None, folder / "ensemble")
+    with measure() as cost:  # (of this process: sharded ranks report their own peaks in the result)
+        result = train_on_devices(granted_devices(), ensemble, train, pairs.file(pairs_file), None, folder / "ensemble")
     trainable = sum(p.numel() for p in result.ensemble.parameters() if p.requires_grad)
     summary = {"pairs": len(training), "steps": sum(s.steps for s in result.stages.values()),
                "train_wall_s": cost["wall_s"], "train_peak_mib": cost["peak_mib"], "memory": cost["memory"],
                "train_peak_over_start_mib": cost["peak_mib"] - cost.get("rss_before_mib", 0.0),
                "param_mib": result.ensemble.parameter_bytes() / 2**20, "trainable_params": trainable,
                "device": str(next(result.ensemble.parameters()).device)}
+    if result.ranks:  # sharded: the step's process only waited; its cost is the ranks'
+        peak = max(r["peak_mib"] for r in result.ranks)
+        summary.update(ranks=len(result.ranks), train_peak_mib=peak, train_peak_over_start_mib=peak,
+                       memory=result.ranks[0]["memory"])
     write_json(folder / "train_summary.json", summary)
     return summary
 

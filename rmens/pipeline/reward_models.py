@@ -9,10 +9,12 @@ from rmens.io import write_json
 from rmens.models.config import EnsembleConfig
 from rmens.pipeline.data import read_pairs
 from rmens.steps import Output, report_metrics, step
+from rmens.steps.contract import granted_devices
 from rmens.training.config import TrainConfig
 
 
-@step("train_ensemble", devices=1, memory_gib=4, files={"ensemble": "ensemble", "val_metrics": "val_metrics.json"},
+@step("train_ensemble", devices=1, memory_gib=4, shards=True,
+      files={"ensemble": "ensemble", "val_metrics": "val_metrics.json"},
       reads=lambda ensemble, **_: model_paths(ensemble.backbone))
 def train_ensemble(folder: Path, *, data: Output, ensemble: EnsembleConfig, train_cfg: TrainConfig, label: str) -> dict:
     """`label` names the arm run ('linear-k3-r0', 'single-r1', 'gold') in the reliability diagram."""
@@ -20,10 +22,11 @@ def train_ensemble(folder: Path, *, data: Output, ensemble: EnsembleConfig, trai
     from rmens.evaluation.offline_judge import agreement_report
     from rmens.evaluation.rm_metrics import scalar_metrics
     from rmens.reward import EnsembleReward
-    from rmens.training.trainer import train_ensemble as train
+    from rmens.training.launcher import train_on_devices
 
-    train_pairs, val_pairs = read_pairs(data, "train"), read_pairs(data, "val")
-    result = train(ensemble, train_cfg, train_pairs, val_pairs, folder / "ensemble", log_fn=report_metrics)
+    val_pairs = read_pairs(data, "val")
+    result = train_on_devices(granted_devices(), ensemble, train_cfg, data.file("train"),
+                              data.file("val") if val_pairs else None, folder / "ensemble", log_fn=report_metrics)
     metrics = scalar_metrics(result.metrics, "val_")
     write_json(folder / "val_metrics.json", result.metrics)
     if result.metrics:

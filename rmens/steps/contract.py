@@ -13,7 +13,9 @@
   the outputs it reads, their source makes its key.
 - `resumable`: an unfinished folder made from the same inputs is handed back to the function (PPO
   continues from its last checkpoint, scoring from its last chunk); otherwise it is computed afresh.
-- `resources`: what a runner needs to place it: accelerators it can use and a rough peak memory.
+- `resources`: what a runner needs to place it: accelerators it can use and a rough peak memory. A step
+  declared `shards=True` may be granted more than one device, and shards its work over them
+  (`granted_devices()`, rmens.training.launcher); any other step uses one.
 - `files`: the names other steps may ask for, by path inside the folder.
 - `reads(**inputs) -> paths`: the files and folders outside the store it reads (data and prompt files, the
   data folder, local model folders); their content is part of its key (rmens.steps.content).
@@ -38,6 +40,7 @@ class Resources:
 
     devices: int = 0  # accelerators it uses when there are some (0: it runs on CPU only)
     memory_gib: float = 2.0  # rough peak host memory at the default sizes
+    shards: bool = False  # it may be granted several devices and shard its work over them
 
 
 @dataclass(frozen=True)
@@ -69,14 +72,14 @@ DECLARED: dict[str, Step] = {}
 
 
 def step(name: str, *, code: tuple[str, ...] = (), resumable: bool = False, devices: int = 0,
-         memory_gib: float = 2.0, files: Mapping[str, str] | None = None,
+         memory_gib: float = 2.0, shards: bool = False, files: Mapping[str, str] | None = None,
          reads: Callable[..., Iterable[str | Path]] | None = None) -> Callable[[Callable], Step]:
     """Declare `fn(folder, **inputs) -> summary` as the step `name` (see the module docstring)."""
 
     def declare(fn: Callable[..., Summary]) -> Step:
         if name in DECLARED and DECLARED[name].fn.__qualname__ != fn.__qualname__:
             raise ValueError(f"two steps are named {name!r}: {DECLARED[name].fn.__module__} and {fn.__module__}")
-        declared = Step(name, fn, tuple(code), resumable, Resources(devices, memory_gib),
+        declared = Step(name, fn, tuple(code), resumable, Resources(devices, memory_gib, shards),
                         MappingProxyType(dict(files or {})), reads)
         DECLARED[name] = declared
         return declared
@@ -111,3 +114,24 @@ def metrics_to(sink: Callable[[int, dict[str, float]], None]) -> Iterator[None]:
         yield
     finally:
         _METRICS.reset(token)
+
+
+# How many devices the runner granted the step running now (None: as declared, one at most). A context
+# variable, as the metrics sink: the library never learns which runner placed it.
+_GRANTED: ContextVar[int | None] = ContextVar("rmens_granted_devices", default=None)
+
+
+def granted_devices() -> int:
+    """The devices the running step was granted; a step that shards (rmens.training.launcher) starts one
+    process per device when there are more than one."""
+    return _GRANTED.get() or 1
+
+
+@contextmanager
+def devices_granted(devices: int | None) -> Iterator[None]:
+    """Run the block as a step granted `devices` devices (the runner's placement)."""
+    token = _GRANTED.set(devices)
+    try:
+        yield
+    finally:
+        _GRANTED.reset(token)

@@ -6,32 +6,27 @@ settable per step, or per call (`train_ensemble:full-k5-r0`), in a preset's `res
       ppo: {devices: 1, memory_gib: 64}
       evaluate:initial: {devices: 0}
 
-Only a Ray run (--ray) places steps by it; --dry-run shows it. It is not part of any step's key: where a step
-runs does not change what it computes.
+A Ray run (--ray) places steps by it; a step that shards (the training steps) runs one FSDP2 rank per device
+it is given, with or without Ray; --dry-run shows it. It is not part of any step's key: where a step runs, and
+over how many devices it shards, do not change what it computes.
 """
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from rmens.config import StrictModel
+from rmens.steps.contract import Step
 
 
 class StepResources(StrictModel):
     """A step's (or one call's) request, replacing what its @step declares."""
 
-    devices: int | None = Field(None, ge=0, description="Accelerators it runs on (0: CPU only; more than one "
-                                                              "needs sharded steps, not built yet). None: as "
-                                                              "declared.")
+    devices: int | None = Field(None, ge=0, description="Accelerators it runs on (0: CPU only). More than one only "
+                                                              "for a step that shards (the training steps: one FSDP2 "
+                                                              "rank per device). None: as declared.")
     memory_gib: float | None = Field(None, gt=0, description="Host memory Ray reserves for it, in GiB. None: as "
                                                              "declared.")
-
-    @field_validator("devices")
-    @classmethod
-    def _one_device(cls, value: int | None) -> int | None:
-        if value is not None and value > 1:
-            raise ValueError(f"{value} devices: a step runs on one (sharded steps, not built yet, would use more)")
-        return value
 
 
 def request_for(name: str, step_name: str, declared_devices: int, declared_memory_gib: float,
@@ -47,6 +42,11 @@ def request_for(name: str, step_name: str, declared_devices: int, declared_memor
     return devices, memory
 
 
+def call_devices(name: str, step: Step, overrides: dict[str, StepResources]) -> int:
+    """The devices the call `name` of `step` runs on (a step that shards starts one rank on each)."""
+    return request_for(name, step.name, step.resources.devices, step.resources.memory_gib, overrides)[0]
+
+
 def unknown_keys(overrides: dict[str, StepResources], names: list[str]) -> list[str]:
     """Override keys that would be ignored silently (a typo): a step name no step is declared with, or a call
     (step:label) of a step this run calls, but not with that label. A step this run does not call at all (PPO
@@ -60,3 +60,11 @@ def unknown_keys(overrides: dict[str, StepResources], names: list[str]) -> list[
         if step_name not in DECLARED or (":" in key and step_name in called and key not in names):
             unknown.append(key)
     return sorted(unknown)
+
+
+def unshardable(overrides: dict[str, StepResources]) -> list[str]:
+    """Keys giving more than one device to a step that cannot use them (it does not shard)."""
+    from rmens.steps.contract import DECLARED
+
+    return sorted(key for key, value in overrides.items() if (value.devices or 0) > 1
+                  and key.split(":", 1)[0] in DECLARED and not DECLARED[key.split(":", 1)[0]].resources.shards)

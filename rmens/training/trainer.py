@@ -36,10 +36,11 @@ from rmens.evaluation.rm_metrics import ensemble_metrics, length_metrics, scalar
 from rmens.models.backbone import load_tokenizer
 from rmens.models.config import EnsembleConfig
 from rmens.models.context import check_max_length
-from rmens.models.ensemble import RewardEnsemble, build_ensemble, check_output_folder, to_lora
+from rmens.models.ensemble import LinearEnsemble, RewardEnsemble, build_ensemble, check_output_folder, to_lora
 from rmens.models.standardise import MemberStandardisation, calibrate, calibration_subset, pair_responses
 from rmens.seeding import Stream, seed_for
 from rmens.training.config import TrainConfig
+from rmens.training.sharding import LaunchConfig, full_tensor, gather_full_state, shard_ensemble
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ class TrainResult:
     metrics: dict
     stages: dict[str, StageResult]
     wall_time: float
+    # A sharded step's ranks, each {"peak_mib": ..., "memory": "cuda" | "rss"}; None in one process.
+    ranks: list[dict] | None = None
 
 
 def _precision(cfg: TrainConfig) -> str:
@@ -146,7 +149,7 @@ class EnsembleTrainer:
 
     def __init__(self, accelerator: Accelerator, ensemble: RewardEnsemble, cfg: TrainConfig, pad_id: int,
                  *, lr: float, schedule: str, stage: str, log_fn: LogFn | None = None, step_offset: int = 0,
-                 phase: int = 1):
+                 phase: int = 1, launch: LaunchConfig | None = None):
         self.accelerator = accelerator
         self.ensemble = ensemble
         self.cfg = cfg
@@ -157,6 +160,7 @@ class EnsembleTrainer:
         self.log_fn = log_fn
         self.step_offset = step_offset
         self.phase = phase  # LoRA: 1 = heads on the frozen backbone, 2 = adapters; other kinds: 1
+        self.launch = launch  # set in a rank of a sharded step (rmens.training.sharding): FSDP2, not DDP
 
     def _loader(self, data: EncodedPairs, epoch: int) -> DataLoader:
         """This epoch's batches, in an order fixed by (seed, phase, epoch) alone.
@@ -177,11 +181,16 @@ class EnsembleTrainer:
 
     def train(self, data: EncodedPairs, val: EncodedPairs | None) -> StageResult:
         cfg, acc = self.cfg, self.accelerator
+        if self.launch is not None:  # before the optimizer sees the parameters: sharding replaces them
+            shard_ensemble(self.ensemble, self.launch, bf16=_precision(cfg) == "bf16")
         params = [p for p in self.ensemble.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"{self.stage}: the ensemble has no trainable parameters")
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=cfg.weight_decay)
-        model, optimizer = acc.prepare(self.ensemble, optimizer)
+        if self.launch is not None:  # FSDP2 reduces the gradients; accelerate must not wrap it in DDP as well
+            model, optimizer = self.ensemble, acc.prepare(optimizer)
+        else:
+            model, optimizer = acc.prepare(self.ensemble, optimizer)
         loader = self._loader(data, 0)
         steps_per_epoch = max(1, math.ceil(len(loader) / cfg.grad_accum))
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
@@ -214,7 +223,7 @@ class EnsembleTrainer:
                 metrics = {"train/loss": float(acc.reduce(loss.detach(), "mean")),
                            "train/lr": scheduler.get_last_lr()[0], "train/phase": float(self.phase)}
                 if grad_norm is not None:
-                    metrics["train/grad_norm"] = float(grad_norm)
+                    metrics["train/grad_norm"] = float(full_tensor(grad_norm))
                 reduced = acc.reduce(per_member, "mean")
                 metrics.update({f"train/loss_m{i}": float(v) for i, v in enumerate(reduced)})
                 bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
@@ -253,9 +262,13 @@ def lora_stage_split(pairs: list[PreferencePair], stage1_fraction: float):
 def train_ensemble(ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: list[PreferencePair],
                    val_pairs: list[PreferencePair] | None = None, output_dir: str | Path | None = None,
                    log_fn: LogFn | None = None, accelerator: Accelerator | None = None,
-                   overwrite: bool = False) -> TrainResult:
+                   overwrite: bool = False, launch: LaunchConfig | None = None) -> TrainResult:
     """Build, train, evaluate and (optionally) save an ensemble. The folder appears only when complete; a
-    non-empty `output_dir` that is not a saved ensemble is refused before training unless `overwrite`."""
+    non-empty `output_dir` that is not a saved ensemble is refused before training unless `overwrite`.
+
+    `launch`: this process is one rank of a sharded step (rmens.training.launcher starts them): the model is
+    sharded with FSDP2 over the ranks, which split each batch of `cfg.batch_size` pairs between them, so the
+    training computes what one process would, and rank 0 saves the gathered model."""
     validate_pairs(train_pairs, "training pairs")
     if output_dir is not None:
         check_output_folder(output_dir, overwrite)
@@ -278,15 +291,17 @@ def train_ensemble(ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: list[
     if ens_cfg.kind == "lora":
         stage1_pairs, stage2_pairs = lora_stage_split(train_pairs, ens_cfg.lora.stage1_fraction)
         trainer = EnsembleTrainer(acc, ensemble, cfg, pad_id, lr=cfg.lr, schedule=cfg.schedule, stage="stage1",
-                                  log_fn=log_fn)
+                                  log_fn=log_fn, launch=launch)
         stages["stage1"] = trainer.train(encode(stage1_pairs, 1), val)
-        ensemble = to_lora(trainer.ensemble, ens_cfg)
+        stage1 = trainer.ensemble if launch is None else unsharded(trainer.ensemble, ens_cfg, every_rank=True)
+        ensemble = to_lora(stage1, ens_cfg)
         trainer = EnsembleTrainer(acc, ensemble, cfg, pad_id, lr=cfg.lora_lr, schedule=cfg.lora_schedule,
-                                  stage="stage2", log_fn=log_fn, step_offset=stages["stage1"].steps, phase=2)
+                                  stage="stage2", log_fn=log_fn, step_offset=stages["stage1"].steps, phase=2,
+                                  launch=launch)
         stages["stage2"] = trainer.train(encode(stage2_pairs, 2), val)
     else:
         trainer = EnsembleTrainer(acc, ensemble, cfg, pad_id, lr=cfg.lr, schedule=cfg.schedule, stage="train",
-                                  log_fn=log_fn)
+                                  log_fn=log_fn, launch=launch)
         stages["train"] = trainer.train(encode(train_pairs, 1), val)
     ensemble = trainer.ensemble
     ensemble.standardisation = calibrate_members(ensemble, tokenizer, train_pairs, cfg)
@@ -294,6 +309,8 @@ def train_ensemble(ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: list[
     total_steps = sum(s.steps for s in stages.values())
     if metrics and log_fn is not None and acc.is_main_process:
         log_fn(total_steps, scalar_metrics(metrics, "val_"))
+    if launch is not None:  # rank 0 saves (and returns) the gathered model; the other ranks return theirs
+        ensemble = unsharded(ensemble, ens_cfg)
     path = None
     if output_dir is not None:
         path = Path(output_dir)
@@ -306,3 +323,19 @@ def train_ensemble(ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: list[
         acc.wait_for_everyone()
     return TrainResult(ensemble=ensemble, path=path, metrics=metrics, stages=stages,
                        wall_time=time.perf_counter() - start)
+
+
+def unsharded(sharded: RewardEnsemble, ens_cfg: EnsembleConfig, every_rank: bool = False) -> RewardEnsemble:
+    """A plain (unsharded) copy of a sharded ensemble, on the CPU, on rank 0 (`every_rank`: on every rank,
+    e.g. the LoRA recipe's stage-1 model that each rank puts adapters on); the other ranks get `sharded` back.
+    Collective: every rank calls it."""
+    state = gather_full_state(sharded, every_rank)
+    if not state:  # another rank than 0, which has no copy to make
+        return sharded
+    standardisation = sharded.standardisation
+    plain = build_ensemble(ens_cfg)
+    if ens_cfg.kind == "lora" and not isinstance(sharded, LinearEnsemble):  # stage 2: adapters on stage 1
+        plain = to_lora(plain, ens_cfg)
+    plain.load_state_dict(state)
+    plain.standardisation = standardisation
+    return plain

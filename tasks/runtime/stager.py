@@ -19,6 +19,7 @@ from rmens.config import derive
 from rmens.steps import Output, Step, Store, step_key
 from rmens.steps.contract import metrics_to
 from rmens.steps.graph import GraphRun, Node, record, resolve
+from rmens.steps.resources_config import call_devices
 from rmens.steps.runner import Progress
 from tasks.runtime.paths import ProjectPaths
 from tasks.runtime.tracking import StageContext, record_cache_hit
@@ -148,7 +149,8 @@ class Stager:
 
         from tasks.runtime.placement import node_request, ray_request
 
-        ctx = self.ctx.for_stage(node.key, node.label, node.tags, refresh=self.refresh)
+        ctx = self.ctx.for_stage(node.key, node.label, node.tags, refresh=self.refresh,
+                                 devices=call_devices(node.name, node.step, self.resources))
         # refresh: the store does not hold it, so a Prefect cache record of it would point at a missing folder
         task_run = for_project(node.step, self.paths, refresh=True, task_run_name=node.name)
         with remote_options(**ray_request(*node_request(node, self.resources), self._largest)):
@@ -173,7 +175,8 @@ class Stager:
         stop_if_terminated()
         name = f"{step.name}:{label}"
         key = step_key(step, inputs)  # once: the task's cache policy and the store reuse it
-        ctx = self.ctx.for_stage(key, label, tags, refresh=self.refresh)
+        ctx = self.ctx.for_stage(key, label, tags, refresh=self.refresh,
+                                 devices=call_devices(name, step, self.resources))
         # A cached result pointing at a folder that was deleted or changed would serve a wrong output:
         # recompute instead (the store says what changed).
         stale = self.store.finished(step, key) is None

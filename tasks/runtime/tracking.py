@@ -61,6 +61,9 @@ class StageContext(BaseModel):
     stage_label: str | None = None
     stage_tags: dict[str, str] = Field(default_factory=dict)
     refresh: bool = False  # --refresh: rebuild the stage's folder even when it is complete and intact
+    # The devices the call was given (its step's declaration or the run's `resources`): a step that shards
+    # starts one rank per device when there are several (rmens.steps.contract.granted_devices).
+    stage_devices: int | None = None
     # Trained reward models are logged as MLflow models, and registered under `registered_model` when set,
     # with `model_aliases` (None: the stage's label) pointing at the new version.
     log_models: bool = False
@@ -68,9 +71,9 @@ class StageContext(BaseModel):
     model_aliases: list[str] | None = None
 
     def for_stage(self, key: str, label: str, tags: dict[str, str] | None = None,
-                  refresh: bool = False) -> StageContext:
+                  refresh: bool = False, devices: int | None = None) -> StageContext:
         return StageContext.model_validate({**self.model_dump(), "stage_key": key, "stage_label": label,
-                                            "stage_tags": tags or {}, "refresh": refresh})
+                                            "stage_tags": tags or {}, "refresh": refresh, "stage_devices": devices})
 
     def run_name(self, stage: str) -> str:
         return f"{stage}:{self.stage_label}" if self.stage_label else stage

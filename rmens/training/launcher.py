@@ -1,0 +1,125 @@
+"""Training a reward model on the devices a step was granted: in this process on one, or sharded over several.
+
+With more than one device, the step's process launches torchrun (the launcher config, rmens/presets/launch/
+fsdp2.yaml), one rank per device, each running rmens.training.rank; they inherit this process's
+CUDA_VISIBLE_DEVICES (what Ray granted the step), so they use exactly those devices, and on a machine without
+any (tests, `--ray local:gpus=N`) they run on CPUs with gloo. The ranks split every batch of
+`train.batch_size` pairs between them, so what is computed does not depend on the number of devices, and
+that number stays out of the step's key, as every placement setting does.
+
+The job the ranks run is a JSON file in the step's folder; their error, if any, comes back as one line, and
+the model they trained as the saved folder rank 0 wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pydantic import Field
+
+from rmens.config import StrictModel
+from rmens.data.loaders import load_jsonl_pairs
+from rmens.evaluation.rm_metrics import scalar_metrics
+from rmens.models.config import EnsembleConfig
+from rmens.training.config import TrainConfig
+from rmens.training.sharding import LaunchConfig
+from rmens.training.trainer import LogFn, StageResult, TrainResult
+
+RANK_MODULE = "rmens.training.rank"
+
+
+class ShardedJob(StrictModel):
+    """What every rank of a sharded step trains (written by `train_sharded`, read by rmens.training.rank)."""
+
+    launch: LaunchConfig
+    ensemble: EnsembleConfig
+    train: TrainConfig
+    train_pairs: str = Field(description="JSONL file of the training pairs.")
+    val_pairs: str | None = Field(None, description="JSONL file of the validation pairs.")
+    output_dir: str = Field(description="Folder rank 0 saves the trained ensemble to.")
+    work_dir: str = Field(description="Folder of the job: its file, a failing rank's one-line error (error.txt), "
+                                      "each rank's peak memory (rank<N>.json).")
+
+    @property
+    def error_file(self) -> Path:
+        return Path(self.work_dir) / "error.txt"
+
+    def rank_file(self, rank: int) -> Path:
+        return Path(self.work_dir) / f"rank{rank}.json"
+
+
+class ShardedStepError(RuntimeError):
+    """A sharded training step whose ranks failed; the message names the rank, its error and the logs."""
+
+
+def train_on_devices(devices: int, ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: Path,
+                     val_pairs: Path | None, output_dir: Path, log_fn: LogFn | None = None) -> TrainResult:
+    """Train and save an ensemble on `devices` devices (rmens.steps.contract.granted_devices): in this process
+    on one, as `devices` FSDP2 ranks otherwise."""
+    from rmens.training.trainer import train_ensemble
+
+    if devices <= 1:
+        val = load_jsonl_pairs(val_pairs) if val_pairs is not None else None
+        return train_ensemble(ens_cfg, cfg, load_jsonl_pairs(train_pairs), val, output_dir, log_fn=log_fn)
+    return train_sharded(devices, ens_cfg, cfg, train_pairs, val_pairs, output_dir, log_fn)
+
+
+def check_divisible(devices: int, cfg: TrainConfig) -> None:
+    """The ranks split each batch evenly; refuse, before anything starts, batches they cannot."""
+    for field in ("batch_size", "eval_batch_size"):
+        size = getattr(cfg, field)
+        if size % devices:
+            raise ValueError(f"train.{field} {size} does not split over {devices} devices: a sharded step gives each "
+                             f"device an equal share of every batch; use a multiple of {devices}")
+
+
+def train_sharded(devices: int, ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: Path,
+                  val_pairs: Path | None, output_dir: Path, log_fn: LogFn | None = None) -> TrainResult:
+    """Launch `devices` ranks of rmens.training.rank with torchrun, wait for them, and return what rank 0
+    saved in `output_dir` (the training curve replayed to `log_fn`)."""
+    from rmens.models.ensemble import check_output_folder, load_ensemble
+
+    check_divisible(devices, cfg)
+    check_output_folder(output_dir)
+    work = output_dir.parent / "launch"
+    work.mkdir(parents=True, exist_ok=True)
+    job = ShardedJob(launch=LaunchConfig.load().model_copy(update={"nproc": devices}), ensemble=ens_cfg, train=cfg,
+                     train_pairs=str(train_pairs), val_pairs=str(val_pairs) if val_pairs else None,
+                     output_dir=str(output_dir), work_dir=str(work))
+    job_file = work / "job.json"
+    job_file.write_text(job.model_dump_json(indent=2))
+    for stale in (job.error_file, *map(job.rank_file, range(devices))):  # of an earlier, interrupted launch
+        stale.unlink(missing_ok=True)
+    start = time.perf_counter()
+    # --standalone: a rendezvous on this node only (a free port, no store to set up); the multi-node launch
+    # is the README's (torchrun --nnodes with a rendezvous endpoint, or Ray Train).
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
+               "-m", RANK_MODULE, str(job_file)]
+    finished = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False)
+    if finished.returncode != 0:
+        raise ShardedStepError(f"sharded training on {devices} devices failed (exit {finished.returncode}): "
+                               f"{_first_error(job.error_file)}; job {job_file}")
+    ensemble, _ = load_ensemble(output_dir)
+    summary = json.loads((output_dir / "train_metrics.json").read_text())
+    stages = {name: StageResult(steps=summary["steps"][name], wall_time=summary["wall_time"][name],
+                                history=summary["history"][name]) for name in summary["steps"]}
+    if log_fn is not None:  # the ranks' curve and final metrics, as the one-process trainer reports them
+        for stage in stages.values():
+            for point in stage.history:
+                log_fn(point["step"], {k: v for k, v in point.items() if k != "step"})
+        if summary["metrics"]:
+            log_fn(sum(s.steps for s in stages.values()), scalar_metrics(summary["metrics"], "val_"))
+    return TrainResult(ensemble=ensemble, path=output_dir, metrics=summary["metrics"], stages=stages,
+                       wall_time=time.perf_counter() - start,
+                       ranks=[json.loads(job.rank_file(r).read_text()) for r in range(devices)])
+
+
+def _first_error(error_file: Path) -> str:
+    if error_file.is_file() and error_file.read_text().strip():
+        return error_file.read_text().strip().splitlines()[0]
+    return "no rank reported its error (see the ranks' output above)"

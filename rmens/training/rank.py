@@ -1,0 +1,89 @@
+"""One rank of a sharded training step, started by rmens.training.launcher:
+
+    python -m torch.distributed.run --standalone --nproc_per_node N -m rmens.training.rank JOB
+
+JOB is the ShardedJob JSON the launcher wrote. The rank joins the process group (nccl on CUDA devices, gloo
+on CPUs), refuses a world that is not the launcher config's size (rmens.training.sharding.check_launch),
+and trains with the model sharded over the ranks; rank 0 saves it. A failure is written as one line to the
+job's error file, for the launcher to report.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+import warnings
+from pathlib import Path
+
+
+def main(job_file: str) -> None:
+    import torch
+    import torch.distributed as dist
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    from rmens.data.loaders import load_jsonl_pairs
+    from rmens.io import write_json
+    from rmens.training.launcher import ShardedJob
+    from rmens.training.sharding import LaunchError, check_launch
+    from rmens.training.trainer import train_ensemble
+
+    # The ensemble's forward returns a transposed view, which FSDP2 warns about in case it is changed in place;
+    # the loss only slices it.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    job = ShardedJob.model_validate_json(Path(job_file).read_text())
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        backend = job.launch.backend if job.launch.backend != "auto" else ("nccl" if cuda else "gloo")
+        dist.init_process_group(backend)
+    check_launch(job.launch)  # before any work: a lone process would train an unsharded copy
+    # Mixed precision is FSDP2's (bf16 weights in the blocks, fp32 reductions), not accelerate's autocast;
+    # split_batches: the ranks share each batch of train.batch_size pairs, as one process would see it.
+    # cpu: without it accelerate sees no distributed run on CPUs (DistributedType.NO, every rank the main one).
+    accelerator = Accelerator(cpu=not cuda, gradient_accumulation_steps=job.train.grad_accum, mixed_precision="no",
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+    if accelerator.num_processes != job.launch.nproc:
+        raise LaunchError(f"accelerate sees {accelerator.num_processes} process(es) ({accelerator.distributed_type}), "
+                          f"the launcher config {job.launch.nproc}: refusing to train unsharded copies")
+    train = load_jsonl_pairs(job.train_pairs)
+    val = load_jsonl_pairs(job.val_pairs) if job.val_pairs else None
+    train_ensemble(job.ensemble, job.train, train, val, job.output_dir, accelerator=accelerator, launch=job.launch)
+    write_json(job.rank_file(dist.get_rank()), peak_memory(cuda))
+    accelerator.wait_for_everyone()
+    dist.destroy_process_group()
+
+
+def peak_memory(cuda: bool) -> dict:
+    """This rank's peak: PyTorch's allocated device memory on a GPU, the process's resident memory on a CPU."""
+    import resource
+
+    import torch
+
+    if cuda:
+        return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20, "memory": "cuda"}
+    return {"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "memory": "rss"}  # KiB on Linux
+
+
+def report(job_file: str, error: BaseException) -> None:
+    """Append this rank's error as one line to the job's error file (the launcher shows the first)."""
+    import json
+
+    try:
+        error_file = Path(json.loads(Path(job_file).read_text())["work_dir"]) / "error.txt"
+        line = f"rank {os.environ.get('RANK', '0')}: {type(error).__name__}: {error}".replace("\n", " ")
+        with open(error_file, "a") as out:
+            out.write(line + "\n")
+    except (OSError, ValueError, KeyError):
+        pass  # the traceback below still reaches the step's output
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1])
+    except BaseException as err:
+        report(sys.argv[1], err)
+        traceback.print_exc()
+        sys.exit(1)

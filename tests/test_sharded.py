@@ -1,0 +1,120 @@
+"""Sharded training steps: a step granted two devices trains as two FSDP2 ranks under torchrun (gloo on this
+CPU machine), computing what one process does; the launch guard refuses a lone or unsharded process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rmens.data.loaders import synthetic_pairs
+from rmens.io import write_jsonl
+from rmens.models.config import EnsembleConfig
+from rmens.reward import EnsembleReward
+from rmens.steps.contract import devices_granted, granted_devices
+from rmens.training.config import TrainConfig
+from rmens.training.launcher import ShardedJob, ShardedStepError, check_divisible, train_on_devices
+from rmens.training.sharding import LaunchConfig, LaunchError, check_sharded
+
+CFG = TrainConfig(max_steps=3, batch_size=4, eval_batch_size=4, lr=1e-3, progress=False, calibration_pairs=8)
+PROMPTS, RESPONSES = ["Name a colour.", "Add 2 and 2."], ["Blue, like the sky.", "It is 4."]
+
+
+@pytest.fixture(scope="module")
+def pair_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pairs")
+    pairs = synthetic_pairs(24, seed=3)
+    write_jsonl(folder / "train.jsonl", (p.to_dict() for p in pairs[:16]))
+    write_jsonl(folder / "val.jsonl", (p.to_dict() for p in pairs[16:]))
+    return folder / "train.jsonl", folder / "val.jsonl"
+
+
+def losses(result) -> list[float]:
+    return [point["train/loss"] for stage in result.stages.values() for point in stage.history]
+
+
+@pytest.mark.parametrize("kind", ["linear", "lora"])
+def test_two_ranks_train_what_one_process_does(tmp_path, pair_files, kind):
+    """The loss curve, the validation metrics and the saved ensemble's rewards of two FSDP2 ranks (each holding
+    half of every trained weight) equal one process's within float32 reduction order."""
+    ens = EnsembleConfig(kind=kind, k=2, max_length=64)
+    curves = []
+    one = train_on_devices(1, ens, CFG, *pair_files, tmp_path / "one" / "ensemble", log_fn=None)
+    two = train_on_devices(2, ens, CFG, *pair_files, tmp_path / "two" / "ensemble",
+                           log_fn=lambda step, metrics: curves.append((step, metrics)))
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5) and len(losses(one)) == 3 * (2 if kind == "lora" else 1)
+    assert two.metrics["accuracy"] == pytest.approx(one.metrics["accuracy"], abs=1e-6)
+    steps = [point["step"] for stage in two.stages.values() for point in stage.history]
+    assert [step for step, metrics in curves if "train/loss" in metrics] == steps
+    assert "val_accuracy" in curves[-1][1]  # the final metrics, replayed as the one-process trainer logs them
+    assert len(two.ranks) == 2 and all(r["peak_mib"] > 0 for r in two.ranks)
+    rewards = [EnsembleReward.from_folder(tmp_path / run / "ensemble")(PROMPTS, RESPONSES) for run in ("one", "two")]
+    torch.testing.assert_close(rewards[1].members, rewards[0].members, rtol=1e-4, atol=1e-5)
+    job = ShardedJob.model_validate_json((tmp_path / "two" / "launch" / "job.json").read_text())
+    assert (job.launch.nproc, job.launch.sharding, job.launch.launcher) == (2, "fsdp2", "torchrun")
+
+
+def test_a_training_step_granted_two_devices_shards(tmp_path):
+    """The pipeline's train_ensemble step, run by the plain runner as a runner grants two devices: its folder
+    holds the ensemble the ranks trained, which loads and scores."""
+    from rmens.data.config import DataConfig
+    from rmens.pipeline.data import prepare_data
+    from rmens.pipeline.reward_models import train_ensemble
+    from rmens.steps.runner import LocalRunner
+    from rmens.steps.store import Store
+
+    call = LocalRunner(Store(tmp_path / "store"))
+    data = call(prepare_data, "arms", data=DataConfig(source="synthetic", max_pairs=24, val_fraction=0.25))
+    assert granted_devices() == 1
+    with devices_granted(2):
+        out = call(train_ensemble, "linear", data=data, ensemble=EnsembleConfig(kind="linear", k=2, max_length=64),
+                   train_cfg=CFG, label="linear")
+    assert json.loads((Path(out.path) / "launch" / "rank1.json").read_text())["memory"] == "rss"
+    scores = EnsembleReward.from_folder(out.file("ensemble"))(PROMPTS, RESPONSES).scores
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
+    assert out.summary["steps"] == 3 and 0 <= out.summary["val_accuracy"] <= 1
+
+
+def test_launch_guard_refuses_a_lone_process(tmp_path, pair_files):
+    """A rank started without torchrun (world of 1) when its launcher config says 2 trains nothing: it exits with
+    the reason in the job's error file, and no ensemble is saved."""
+    job = ShardedJob(launch=LaunchConfig(nproc=2), ensemble=EnsembleConfig(kind="linear", k=2, max_length=64),
+                     train=CFG, train_pairs=str(pair_files[0]), output_dir=str(tmp_path / "ensemble"),
+                     work_dir=str(tmp_path))
+    (tmp_path / "job.json").write_text(job.model_dump_json())
+    done = subprocess.run([sys.executable, "-m", "rmens.training.rank", str(tmp_path / "job.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "world of 1 process(es), but its launcher config asks for 2" in job.error_file.read_text()
+    assert not (tmp_path / "ensemble").exists()
+
+
+def test_launch_guard_refuses_unsharded_parameters():
+    """What accelerate's FSDP config does on CPUs (a silent fallback): parameters left whole are refused."""
+    with pytest.raises(LaunchError, match="parameter weight is not sharded over the 2 ranks"):
+        check_sharded(torch.nn.Linear(4, 2), 2)
+
+
+def test_a_failing_rank_is_one_line(tmp_path, pair_files):
+    with pytest.raises(ShardedStepError, match=r"failed \(exit 1\): rank \d: FileNotFoundError: .*missing.jsonl"):
+        train_on_devices(2, EnsembleConfig(kind="linear", k=2, max_length=64), CFG, tmp_path / "missing.jsonl", None,
+                         tmp_path / "out" / "ensemble")
+    assert not (tmp_path / "out" / "ensemble").exists()
+
+
+def test_batches_must_split_over_the_devices():
+    with pytest.raises(ValueError, match="train.batch_size 4 does not split over 3 devices"):
+        check_divisible(3, CFG)
+
+
+def test_only_steps_that_shard_take_several_devices():
+    from flows.cli import check_resources
+    from rmens.steps.resources_config import StepResources
+
+    check_resources({"train_ensemble": StepResources(devices=2)}, {})
+    with pytest.raises(ValueError, match="resources: ppo asks for more than one device"):
+        check_resources({"ppo": StepResources(devices=2)}, {})
