@@ -124,3 +124,21 @@ def test_the_experiments_ppo_is_estimated_as_the_pipelines_and_an_actors_reward_
 
     assert need().gib == pytest.approx((parameter_count(qwen) + body) * FROZEN_BYTES * 1.25 / GIB)
     assert need(reward_devices=1).gib == pytest.approx(parameter_count(qwen) * FROZEN_BYTES * 1.25 / GIB)
+
+
+def test_the_gpu_preset_fits_a_node_of_eight_80_gib_devices(qwen, tmp_path):
+    """Its reward models train sharded over 4 devices each and every other step fits one; no call asks for more
+    devices than the node has. (The 7B configs stand in for the hub ids, which need a network.)"""
+    from flows.cli import devices_of
+
+    data = apply_overrides(preset_data("gpu"), [f"project_dir={tmp_path}", f"ensemble.backbone={qwen}",
+                                               f"policy={qwen}", "data.source=synthetic"])
+    config = PipelineConfig.model_validate(data)
+    nodes = record(run_pipeline, Store.of_project(tmp_path), config)[0]
+    check_fit(nodes, 80, devices_of(config.resources))
+    found = estimates(nodes, devices_of(config.resources))
+    trained = {name: e for name, e in found.items() if name.startswith("train_ensemble:")}
+    assert trained and all(e.devices == 4 and 30 < e.gib < 35 for e in trained.values())
+    assert max(devices_of(config.resources)(node) for node in nodes.values()) <= 8
+    with pytest.raises(PlanDoesNotFit, match="train_ensemble:single-r0 needs about 131"):
+        check_fit(nodes, 80)  # the same plan unsharded
