@@ -64,9 +64,16 @@ def cmd_train(args) -> int:
     output = args.output or cfg.output_dir
     check_output_folder(output, args.overwrite)  # before any work: the folder may hold a user's files
     check_max_length(cfg.ensemble.backbone, cfg.ensemble.max_length)
+    if args.nodes > 1 and not args.rdzv:
+        raise ValueError("--nodes needs --rdzv HOST:PORT, the address the nodes' ranks meet at")
     train, val = prepare_pairs(cfg.data)
     logging.info("training %s k=%d on %d pairs (%d held out)", cfg.ensemble.kind, cfg.ensemble.k, len(train), len(val))
-    result = train_ensemble(cfg.ensemble, cfg.train, train, val, output, overwrite=args.overwrite)
+    if args.devices * args.nodes > 1:
+        result = train_sharded_job(cfg, train, val, Path(output), args)
+        if result is None:
+            return 0
+    else:
+        result = train_ensemble(cfg.ensemble, cfg.train, train, val, output, overwrite=args.overwrite)
     keys = ("accuracy", "member_accuracy", "ece", "n_pairs", "accuracy_longer_lost", "n_longer_lost",
             "length_rule_accuracy")
     summary = {key: result.metrics[key] for key in keys if key in result.metrics}
@@ -74,6 +81,27 @@ def cmd_train(args) -> int:
                       "calibration_responses": result.ensemble.standardisation.responses,
                       "wall_time_s": round(result.wall_time, 1)}, indent=2))
     return 0
+
+
+def train_sharded_job(cfg, train, val, output: Path, args):
+    """`rmens train --devices N [--nodes M --rdzv HOST:PORT]`: the pairs and the job beside the output folder;
+    on one node the ranks run now (-> their result), on several the command for each node is printed (-> None)."""
+    from rmens.io import write_jsonl
+    from rmens.training.launcher import torchrun_command, train_sharded, write_job
+
+    work = output.with_name(output.name + ".launch")
+    work.mkdir(parents=True, exist_ok=True)
+    write_jsonl(work / "train.jsonl", (p.to_dict() for p in train))
+    write_jsonl(work / "val.jsonl", (p.to_dict() for p in val))
+    val_file = work / "val.jsonl" if val else None
+    if args.nodes == 1:
+        return train_sharded(args.devices, cfg.ensemble, cfg.train, work / "train.jsonl", val_file, output,
+                             overwrite=args.overwrite)
+    job = write_job(args.devices * args.nodes, cfg.ensemble, cfg.train, work / "train.jsonl", val_file, output,
+                    args.overwrite)
+    print(f"wrote {job.file} ({job.launch.nproc} ranks); start this on each of the {args.nodes} nodes:")
+    print(" ".join(torchrun_command(job, args.devices, args.nodes, args.rdzv)))
+    return None
 
 
 def cmd_ppo(args) -> int:
@@ -193,6 +221,13 @@ def add_library_commands(sub) -> dict[str, argparse.ArgumentParser]:
     train.add_argument("--output", help="folder for the trained ensemble (default: output_dir of the config)")
     train.add_argument("--overwrite", action="store_true",
                        help="replace an output folder that is not a saved ensemble (its files are deleted)")
+    train.add_argument("--devices", type=positive_int, default=1, metavar="N",
+                       help="shard the model over N devices of this machine: N FSDP2 ranks under torchrun (CPU ranks "
+                            "with gloo where there are no GPUs)")
+    train.add_argument("--nodes", type=positive_int, default=1, metavar="M",
+                       help="with --rdzv: write the job of M x N ranks and print the torchrun command to start on each "
+                            "node (the output folder must be on a filesystem every node shares)")
+    train.add_argument("--rdzv", metavar="HOST:PORT", help="the rendezvous of a multi-node job (one node's address)")
     train.set_defaults(func=cmd_train)
 
     ppo = sub.add_parser("ppo", help="PPO against a saved reward ensemble (works under accelerate launch)",

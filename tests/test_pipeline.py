@@ -470,7 +470,7 @@ def test_on_ray_independent_steps_overlap_on_distinct_devices_with_the_sequentia
     assert overlapping and all(not set(a[2].split(",")) & set(b[2].split(",")) for a, b in overlapping)
     ranks = {r.data.tags["rmens.label"]: (r.data.tags["rmens.devices"], r.data.tags["rmens.ranks"]) for r in trained}
     assert ranks.pop("gold") in {("0,1", "2"), ("1,0", "2")} and set(ranks.values()) <= {("0", "1"), ("1", "1")}
-    assert len(list((ray_project / "artifacts").glob("train_ensemble/*/launch/rank1.json"))) == 1
+    assert len(list((ray_project / "artifacts").glob("train_ensemble/*/ensemble.launch/rank1.json"))) == 1
 
     again = on_ray(config=config)
     assert set(again["states"].values()) == {"Cached"}

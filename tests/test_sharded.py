@@ -54,7 +54,7 @@ def test_two_ranks_train_what_one_process_does(tmp_path, pair_files, kind):
     assert len(two.ranks) == 2 and all(r["peak_mib"] > 0 for r in two.ranks)
     rewards = [EnsembleReward.from_folder(tmp_path / run / "ensemble")(PROMPTS, RESPONSES) for run in ("one", "two")]
     torch.testing.assert_close(rewards[1].members, rewards[0].members, rtol=1e-4, atol=1e-5)
-    job = ShardedJob.model_validate_json((tmp_path / "two" / "launch" / "job.json").read_text())
+    job = ShardedJob.model_validate_json((tmp_path / "two" / "ensemble.launch" / "job.json").read_text())
     assert (job.launch.nproc, job.launch.sharding, job.launch.launcher) == (2, "fsdp2", "torchrun")
 
 
@@ -73,7 +73,7 @@ def test_a_training_step_granted_two_devices_shards(tmp_path):
     with devices_granted(2):
         out = call(train_ensemble, "linear", data=data, ensemble=EnsembleConfig(kind="linear", k=2, max_length=64),
                    train_cfg=CFG, label="linear")
-    assert json.loads((Path(out.path) / "launch" / "rank1.json").read_text())["memory"] == "rss"
+    assert json.loads((Path(out.path) / "ensemble.launch" / "rank1.json").read_text())["memory"] == "rss"
     scores = EnsembleReward.from_folder(out.file("ensemble"))(PROMPTS, RESPONSES).scores
     assert scores.shape == (2,) and torch.isfinite(scores).all()
     assert out.summary["steps"] == 3 and 0 <= out.summary["val_accuracy"] <= 1
@@ -112,9 +112,47 @@ def test_batches_must_split_over_the_devices():
 
 
 def test_only_steps_that_shard_take_several_devices():
+    import rmens.pipeline.plan  # noqa: F401  (declares the pipeline's steps)
     from flows.cli import check_resources
     from rmens.steps.resources_config import StepResources
 
     check_resources({"train_ensemble": StepResources(devices=2)}, {})
     with pytest.raises(ValueError, match="resources: ppo asks for more than one device"):
         check_resources({"ppo": StepResources(devices=2)}, {})
+
+
+TRAIN_SETTINGS = ["--set", "data.source=synthetic", "--set", "data.max_pairs=24", "--set", "data.val_fraction=0.25",
+                  "--set", "ensemble.k=2", "--set", "ensemble.max_length=64", "--set", "train.max_steps=2",
+                  "--set", "train.batch_size=4", "--set", "train.eval_batch_size=4", "--set", "train.progress=false",
+                  "--set", "train.calibration_pairs=8"]
+
+
+def test_rmens_train_shards_over_devices(tmp_path):
+    """`rmens train --devices 2`: two ranks on this machine; the ensemble loads and its summary is printed."""
+    done = subprocess.run([sys.executable, "-m", "rmens.cli", "train", *TRAIN_SETTINGS, "--devices", "2",
+                           "--output", str(tmp_path / "ens")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = json.loads(done.stdout[done.stdout.index("{"):])
+    assert printed["output"] == str(tmp_path / "ens") and 0 <= printed["accuracy"] <= 1
+    assert len(json.loads((tmp_path / "ens.launch" / "job.json").read_text())["launch"]) and \
+        (tmp_path / "ens.launch" / "rank1.json").is_file()
+
+
+def test_a_two_node_job_meets_at_its_rendezvous(tmp_path):
+    """`rmens train --devices 1 --nodes 2 --rdzv HOST:PORT` prints the command each node starts; started twice
+    here (two "nodes" of one rank on one machine), the ranks meet at the rendezvous and train one sharded model."""
+    from conftest import free_port
+
+    done = subprocess.run([sys.executable, "-m", "rmens.cli", "train", *TRAIN_SETTINGS, "--devices", "1",
+                           "--nodes", "2", "--rdzv", f"127.0.0.1:{free_port()}", "--output", str(tmp_path / "ens")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    intro, command = done.stdout.strip().splitlines()[-2:]
+    assert "(2 ranks); start this on each of the 2 nodes" in intro and "--nnodes=2" in command
+    assert not (tmp_path / "ens").exists()  # nothing trained yet
+    nodes = [subprocess.Popen(command.split(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errors = [node.communicate(timeout=300)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], errors[0][-2000:]
+    scores = EnsembleReward.from_folder(tmp_path / "ens")(PROMPTS, RESPONSES).scores
+    assert torch.isfinite(scores).all()

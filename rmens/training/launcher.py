@@ -7,8 +7,10 @@ any (tests, `--ray local:gpus=N`) they run on CPUs with gloo. The ranks split ev
 `train.batch_size` pairs between them, so what is computed does not depend on the number of devices, and
 that number stays out of the step's key, as every placement setting does.
 
-The job the ranks run is a JSON file in the step's folder; their error, if any, comes back as one line, and
-the model they trained as the saved folder rank 0 wrote.
+The job the ranks run is a JSON file beside the output folder (`<output>.launch/job.json`); their error, if any,
+comes back as one line, and the model they trained as the saved folder rank 0 wrote. A step larger than one node
+runs the same job on several: `rmens train --devices N --nodes M --rdzv HOST:PORT` writes it and prints the
+torchrun command to start on each node (README, "Sharded training steps").
 """
 
 from __future__ import annotations
@@ -42,8 +44,13 @@ class ShardedJob(StrictModel):
     train_pairs: str = Field(description="JSONL file of the training pairs.")
     val_pairs: str | None = Field(None, description="JSONL file of the validation pairs.")
     output_dir: str = Field(description="Folder rank 0 saves the trained ensemble to.")
+    overwrite: bool = Field(False, description="Replace a non-empty output folder that is not a saved ensemble.")
     work_dir: str = Field(description="Folder of the job: its file, a failing rank's one-line error (error.txt), "
                                       "each rank's peak memory (rank<N>.json).")
+
+    @property
+    def file(self) -> Path:
+        return Path(self.work_dir) / "job.json"
 
     @property
     def error_file(self) -> Path:
@@ -66,7 +73,7 @@ def train_on_devices(devices: int, ens_cfg: EnsembleConfig, cfg: TrainConfig, tr
     if devices <= 1:
         val = load_jsonl_pairs(val_pairs) if val_pairs is not None else None
         return train_ensemble(ens_cfg, cfg, load_jsonl_pairs(train_pairs), val, output_dir, log_fn=log_fn)
-    return train_sharded(devices, ens_cfg, cfg, train_pairs, val_pairs, output_dir, log_fn)
+    return train_sharded(devices, ens_cfg, cfg, train_pairs, val_pairs, Path(output_dir), log_fn)
 
 
 def check_divisible(devices: int, cfg: TrainConfig) -> None:
@@ -78,45 +85,67 @@ def check_divisible(devices: int, cfg: TrainConfig) -> None:
                              f"device an equal share of every batch; use a multiple of {devices}")
 
 
-def train_sharded(devices: int, ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: Path,
-                  val_pairs: Path | None, output_dir: Path, log_fn: LogFn | None = None) -> TrainResult:
-    """Launch `devices` ranks of rmens.training.rank with torchrun, wait for them, and return what rank 0
-    saved in `output_dir` (the training curve replayed to `log_fn`)."""
-    from rmens.models.ensemble import check_output_folder, load_ensemble
+def write_job(world: int, ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: Path, val_pairs: Path | None,
+              output_dir: Path, overwrite: bool = False) -> ShardedJob:
+    """The job of `world` ranks, written to `<output_dir>.launch/job.json`, after the checks that need no rank."""
+    from rmens.models.ensemble import check_output_folder
 
-    check_divisible(devices, cfg)
-    check_output_folder(output_dir)
-    work = output_dir.parent / "launch"
+    check_divisible(world, cfg)
+    check_output_folder(output_dir, overwrite)
+    work = output_dir.with_name(output_dir.name + ".launch")
     work.mkdir(parents=True, exist_ok=True)
-    job = ShardedJob(launch=LaunchConfig.load().model_copy(update={"nproc": devices}), ensemble=ens_cfg, train=cfg,
-                     train_pairs=str(train_pairs), val_pairs=str(val_pairs) if val_pairs else None,
-                     output_dir=str(output_dir), work_dir=str(work))
-    job_file = work / "job.json"
-    job_file.write_text(job.model_dump_json(indent=2))
-    for stale in (job.error_file, *map(job.rank_file, range(devices))):  # of an earlier, interrupted launch
+    job = ShardedJob(launch=LaunchConfig.load().model_copy(update={"nproc": world}), ensemble=ens_cfg, train=cfg,
+                     train_pairs=str(Path(train_pairs).resolve()), output_dir=str(output_dir.resolve()),
+                     val_pairs=str(Path(val_pairs).resolve()) if val_pairs else None, overwrite=overwrite,
+                     work_dir=str(work.resolve()))
+    job.file.write_text(job.model_dump_json(indent=2))
+    for stale in (job.error_file, *map(job.rank_file, range(world))):  # of an earlier, interrupted launch
         stale.unlink(missing_ok=True)
+    return job
+
+
+def torchrun_command(job: ShardedJob, per_node: int, nodes: int = 1, endpoint: str | None = None) -> list[str]:
+    """The command that starts the job's ranks: on this node alone (--standalone: a free port, no rendezvous
+    to set up), or the same command on each of `nodes` nodes, meeting at the c10d rendezvous `endpoint`."""
+    where = ["--standalone"] if nodes == 1 else [f"--nnodes={nodes}", "--rdzv-backend=c10d",
+                                                 f"--rdzv-endpoint={endpoint}", f"--rdzv-id={Path(job.work_dir).name}"]
+    return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={per_node}", "-m", RANK_MODULE,
+            str(job.file)]
+
+
+def train_sharded(devices: int, ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: Path,
+                  val_pairs: Path | None, output_dir: Path, log_fn: LogFn | None = None,
+                  overwrite: bool = False) -> TrainResult:
+    """Launch `devices` ranks of rmens.training.rank on this node with torchrun, wait for them, and return what
+    rank 0 saved in `output_dir` (the training curve replayed to `log_fn`)."""
+    job = write_job(devices, ens_cfg, cfg, train_pairs, val_pairs, Path(output_dir), overwrite)
     start = time.perf_counter()
-    # --standalone: a rendezvous on this node only (a free port, no store to set up); the multi-node launch
-    # is the README's (torchrun --nnodes with a rendezvous endpoint, or Ray Train).
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
-               "-m", RANK_MODULE, str(job_file)]
-    finished = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False)
+    finished = subprocess.run(torchrun_command(job, devices), env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False)
     if finished.returncode != 0:
         raise ShardedStepError(f"sharded training on {devices} devices failed (exit {finished.returncode}): "
-                               f"{_first_error(job.error_file)}; job {job_file}")
+                               f"{_first_error(job.error_file)}; job {job.file}")
+    return read_result(job, log_fn, time.perf_counter() - start)
+
+
+def read_result(job: ShardedJob, log_fn: LogFn | None = None, wall_time: float | None = None) -> TrainResult:
+    """What the job's ranks trained: the ensemble rank 0 saved, its metrics and curve (replayed to `log_fn`, as
+    the one-process trainer reports them while it runs) and each rank's peak memory."""
+    from rmens.models.ensemble import load_ensemble
+
+    output_dir = Path(job.output_dir)
     ensemble, _ = load_ensemble(output_dir)
     summary = json.loads((output_dir / "train_metrics.json").read_text())
     stages = {name: StageResult(steps=summary["steps"][name], wall_time=summary["wall_time"][name],
                                 history=summary["history"][name]) for name in summary["steps"]}
-    if log_fn is not None:  # the ranks' curve and final metrics, as the one-process trainer reports them
+    if log_fn is not None:
         for stage in stages.values():
             for point in stage.history:
                 log_fn(point["step"], {k: v for k, v in point.items() if k != "step"})
         if summary["metrics"]:
             log_fn(sum(s.steps for s in stages.values()), scalar_metrics(summary["metrics"], "val_"))
-    return TrainResult(ensemble=ensemble, path=output_dir, metrics=summary["metrics"], stages=stages,
-                       wall_time=time.perf_counter() - start,
-                       ranks=[json.loads(job.rank_file(r).read_text()) for r in range(devices)])
+    total = wall_time if wall_time is not None else sum(s.wall_time for s in stages.values())
+    return TrainResult(ensemble=ensemble, path=output_dir, metrics=summary["metrics"], stages=stages, wall_time=total,
+                       ranks=[json.loads(job.rank_file(r).read_text()) for r in range(job.launch.nproc)])
 
 
 def _first_error(error_file: Path) -> str:

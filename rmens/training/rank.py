@@ -50,7 +50,8 @@ def main(job_file: str) -> None:
                           f"the launcher config {job.launch.nproc}: refusing to train unsharded copies")
     train = load_jsonl_pairs(job.train_pairs)
     val = load_jsonl_pairs(job.val_pairs) if job.val_pairs else None
-    train_ensemble(job.ensemble, job.train, train, val, job.output_dir, accelerator=accelerator, launch=job.launch)
+    train_ensemble(job.ensemble, job.train, train, val, job.output_dir, accelerator=accelerator,
+                   overwrite=job.overwrite, launch=job.launch)
     write_json(job.rank_file(dist.get_rank()), peak_memory(cuda))
     accelerator.wait_for_everyone()
     dist.destroy_process_group()
