@@ -52,6 +52,8 @@ def test_two_ranks_train_what_one_process_does(tmp_path, pair_files, kind):
     assert [step for step, metrics in curves if "train/loss" in metrics] == steps
     assert "val_accuracy" in curves[-1][1]  # the final metrics, replayed as the one-process trainer logs them
     assert len(two.ranks) == 2 and all(r["peak_mib"] > 0 for r in two.ranks)
+    for stage in one.stages:  # each rank held about half the trained weights and Adam state (FSDP2 pads shards)
+        assert 0.45 < two.stages[stage].state_mib / one.stages[stage].state_mib < 0.6
     rewards = [EnsembleReward.from_folder(tmp_path / run / "ensemble")(PROMPTS, RESPONSES) for run in ("one", "two")]
     torch.testing.assert_close(rewards[1].members, rewards[0].members, rtol=1e-4, atol=1e-5)
     job = ShardedJob.model_validate_json((tmp_path / "two" / "ensemble.launch" / "job.json").read_text())

@@ -39,7 +39,7 @@ def train_step(folder: Path, *, pairs: Output, pairs_file: str, ensemble: Ensemb
     if result.ranks:  # sharded: the step's process only waited; its cost is the ranks'
         peak = max(r["peak_mib"] for r in result.ranks)
         summary.update(ranks=len(result.ranks), train_peak_mib=peak, train_peak_over_start_mib=peak,
-                       memory=result.ranks[0]["memory"])
+                       memory=result.ranks[0]["memory"], device=f"{len(result.ranks)} FSDP2 ranks")
     write_json(folder / "train_summary.json", summary)
     return summary
 

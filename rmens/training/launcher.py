@@ -134,9 +134,12 @@ def read_result(job: ShardedJob, log_fn: LogFn | None = None, wall_time: float |
 
     output_dir = Path(job.output_dir)
     ensemble, _ = load_ensemble(output_dir)
+    if ensemble.kind == "lora":  # loaded for scoring, adapters frozen; trained, they were not (trainable counts)
+        ensemble.set_adapters_trainable(True)
     summary = json.loads((output_dir / "train_metrics.json").read_text())
     stages = {name: StageResult(steps=summary["steps"][name], wall_time=summary["wall_time"][name],
-                                history=summary["history"][name]) for name in summary["steps"]}
+                                history=summary["history"][name], state_mib=summary["state_mib"][name])
+              for name in summary["steps"]}
     if log_fn is not None:
         for stage in stages.values():
             for point in stage.history:

@@ -124,3 +124,11 @@ def full_tensor(value: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def local_bytes(tensor: torch.Tensor) -> int:
+    """Bytes this process holds of `tensor`: its shard when it is sharded (a DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return local.numel() * local.element_size()

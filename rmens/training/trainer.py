@@ -40,7 +40,7 @@ from rmens.models.ensemble import LinearEnsemble, RewardEnsemble, build_ensemble
 from rmens.models.standardise import MemberStandardisation, calibrate, calibration_subset, pair_responses
 from rmens.seeding import Stream, seed_for
 from rmens.training.config import TrainConfig
-from rmens.training.sharding import LaunchConfig, full_tensor, gather_full_state, shard_ensemble
+from rmens.training.sharding import LaunchConfig, full_tensor, gather_full_state, local_bytes, shard_ensemble
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ class StageResult:
     steps: int
     wall_time: float
     history: list[dict] = field(default_factory=list)
+    # MiB of trained weights and optimizer state this process held at the end (a sharded rank: its shards)
+    state_mib: float = 0.0
 
 
 @dataclass
@@ -236,8 +238,10 @@ class EnsembleTrainer:
             epoch += 1
         bar.close()
         optimizer.zero_grad(set_to_none=True)
+        held = [*params, *(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))]
         self.ensemble = acc.unwrap_model(model)
-        return StageResult(steps=step, wall_time=time.perf_counter() - start, history=history)
+        return StageResult(steps=step, wall_time=time.perf_counter() - start, history=history,
+                           state_mib=sum(local_bytes(t) for t in held) / 2**20)
 
 
 def calibrate_members(ensemble: RewardEnsemble, tokenizer, pairs: list[PreferencePair],
@@ -318,6 +322,7 @@ def train_ensemble(ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: list[
             summary = {"metrics": metrics, "steps": {k: s.steps for k, s in stages.items()},
                        "calibration_responses": ensemble.standardisation.responses,
                        "wall_time": {k: s.wall_time for k, s in stages.items()},
+                       "state_mib": {k: s.state_mib for k, s in stages.items()},
                        "history": {k: s.history for k, s in stages.items()}}
             ensemble.save(path, tokenizer, extra={"train_metrics.json": summary}, overwrite=overwrite)
         acc.wait_for_everyone()
