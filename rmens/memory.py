@@ -5,8 +5,9 @@ The estimate follows what the code does today: models load in fp32 (rmens.models
 accelerate's bf16 mixed precision keeps fp32 master weights, fp32 gradients and Adam's two fp32 moments, 16 bytes
 per trained parameter; a frozen parameter costs 4 bytes. Parameter counts come from each model's config alone
 (no weights: accelerate's init_empty_weights). Activations, the KV cache and the allocator's slack are a flat
-ACTIVATION_MARGIN on top. A full ensemble trains as one module (k backbones) and a step runs on one device:
-steps sharded over several (FSDP2) are not built yet, so a step that does not fit one device cannot run.
+ACTIVATION_MARGIN on top. A full ensemble trains as k member steps, one backbone each, and an assembly step
+that holds the k backbones for inference only (its validation scores). A step runs on one device: steps
+sharded over several (FSDP2) are not built yet, so a step that does not fit one device cannot run.
 """
 
 from __future__ import annotations
@@ -58,9 +59,10 @@ class Estimate:
         return f"about {self.size()} ({'; '.join(self.parts)})"
 
 
-def _ensemble_bytes(cfg: EnsembleConfig, trained: bool) -> tuple[float, str]:
+def _ensemble_bytes(cfg: EnsembleConfig, trained: bool, member: bool = False) -> tuple[float, str]:
+    """`member`: one member of a full ensemble, alone (its own backbone)."""
     params = parameter_count(cfg.backbone, head=False)
-    copies = cfg.k if cfg.kind == "full" else 1
+    copies = cfg.k if cfg.kind == "full" and not member else 1
     per_param = TRAINED_BYTES if trained and not (cfg.kind == "linear" and cfg.freeze_backbone) else FROZEN_BYTES
     how = "trained" if per_param == TRAINED_BYTES else "frozen"
     return copies * params * per_param, f"{copies} x {params / 1e9:.2f}B {how} ({cfg.backbone})"
@@ -82,8 +84,8 @@ def estimate(node: Node, by_key: dict[str, Node]) -> Estimate | None:
         parts.append(what)
 
     inputs = node.inputs
-    if isinstance(inputs.get("ensemble"), EnsembleConfig):  # a training step
-        add(*_ensemble_bytes(inputs["ensemble"], trained=True))
+    if isinstance(inputs.get("ensemble"), EnsembleConfig):  # a training step: a member's, or an assembly's
+        add(*_ensemble_bytes(inputs["ensemble"], trained=not inputs.get("members"), member="member" in inputs))
     ppo_cfg = ppo_config_in(inputs)
     if ppo_cfg is not None:
         params = parameter_count(ppo_cfg.policy)

@@ -1,5 +1,5 @@
-"""Experiment steps that train: a reward model or ensemble per arm (and the gold judge), and the proxies'
-optional gold labels and label noise."""
+"""Experiment steps that train: a reward model or ensemble per arm (and the gold judge; a full ensemble as
+its members, each on its own, then their assembly), and the proxies' optional gold labels and label noise."""
 
 from __future__ import annotations
 
@@ -20,23 +20,55 @@ if TYPE_CHECKING:  # types only: settings enter the step's key as values
     from rmens.training.config import TrainConfig
 
 
+@step("member", devices=1, memory_gib=4, files={"member": "member"},
+      reads=lambda ensemble, **_: model_paths(ensemble.backbone))
+def member_step(folder: Path, *, pairs: Output, pairs_file: str, ensemble: EnsembleConfig, train: TrainConfig,
+                member: int) -> dict:
+    """Member `member` of a full ensemble, trained on its own (rmens.training.members); wall time and peak
+    memory measured."""
+    from rmens.training.members import save_member, train_member
+
+    training = load_jsonl_pairs(pairs.file(pairs_file))
+    with measure() as cost:
+        trained = train_member(ensemble, train, member, training)
+        save_member(trained, folder / "member")
+    return {"member": member, "pairs": len(training), "steps": trained.stage.steps, **_cost(cost)}
+
+
 @step("train", devices=1, memory_gib=4, files={"ensemble": "ensemble"},
       reads=lambda ensemble, **_: model_paths(ensemble.backbone))
-def train_step(folder: Path, *, pairs: Output, pairs_file: str, ensemble: EnsembleConfig, train: TrainConfig) -> dict:
-    """One reward model or ensemble on the pairs of an earlier step; wall time and peak memory measured."""
+def train_step(folder: Path, *, pairs: Output, pairs_file: str, ensemble: EnsembleConfig, train: TrainConfig,
+               members: list[Output] | None = None) -> dict:
+    """One reward model or ensemble on the pairs of an earlier step; wall time and peak memory measured. Given
+    `members` (the member outputs of a full ensemble, in order), it assembles them instead of training, and its
+    cost is the whole training's: the members' wall times and its own summed, the largest peak."""
+    from rmens.training.members import assemble, load_members
     from rmens.training.trainer import train_ensemble
 
     training = load_jsonl_pairs(pairs.file(pairs_file))
     with measure() as cost:
-        result = train_ensemble(ensemble, train, training, None, folder / "ensemble")
+        if members is None:
+            result = train_ensemble(ensemble, train, training, None, folder / "ensemble")
+        else:
+            trained = load_members([member.require().file("member") for member in members])
+            result = assemble(ensemble, train, trained, output_dir=folder / "ensemble")
     trainable = sum(p.numel() for p in result.ensemble.parameters() if p.requires_grad)
-    summary = {"pairs": len(training), "steps": sum(s.steps for s in result.stages.values()),
-               "train_wall_s": cost["wall_s"], "train_peak_mib": cost["peak_mib"], "memory": cost["memory"],
-               "train_peak_over_start_mib": cost["peak_mib"] - cost.get("rss_before_mib", 0.0),
+    summary = {"pairs": len(training), "steps": result.steps, **_cost(cost, [m.summary for m in members or []]),
                "param_mib": result.ensemble.parameter_bytes() / 2**20, "trainable_params": trainable,
                "device": str(next(result.ensemble.parameters()).device)}
     write_json(folder / "train_summary.json", summary)
     return summary
+
+
+def _cost(cost: dict, members: list[dict] | None = None) -> dict:
+    """A training's wall time and peak memory (rmens.experiment.measure); an assembly's adds its members': what
+    the full ensemble took one member after another, at the peak of the largest step."""
+    members = members or []
+    peak_over_start = cost["peak_mib"] - cost.get("rss_before_mib", 0.0)
+    return {"train_wall_s": cost["wall_s"] + sum(m["train_wall_s"] for m in members),
+            "train_peak_mib": max([cost["peak_mib"], *(m["train_peak_mib"] for m in members)]),
+            "memory": cost["memory"],
+            "train_peak_over_start_mib": max([peak_over_start, *(m["train_peak_over_start_mib"] for m in members)])}
 
 
 @step("proxy_labels", devices=1, files={"proxy_pairs": PROXY_PAIRS})
