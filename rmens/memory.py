@@ -5,10 +5,11 @@ The estimate follows what the code does today: models load in fp32 (rmens.models
 accelerate's bf16 mixed precision keeps fp32 master weights, fp32 gradients and Adam's two fp32 moments, 16 bytes
 per trained parameter; a frozen parameter costs 4 bytes. Parameter counts come from each model's config alone
 (no weights: accelerate's init_empty_weights). Activations, the KV cache and the allocator's slack are a flat
-ACTIVATION_MARGIN on top. A full ensemble trains as one module (k backbones). A training step given several
-devices (`resources`) shards its model, gradients and optimizer state over them with FSDP2
-(rmens.training.sharding), so each device holds 1/devices of them; the margin is not divided (each rank holds
-the activations of its share of the batch and one gathered block at a time, which the margin covers).
+ACTIVATION_MARGIN on top. A full ensemble trains as k member steps, one backbone each, and an assembly step
+that holds the k backbones for inference only (its validation scores). A training step given several devices
+(`resources`) shards its model, gradients and optimizer state over them with FSDP2 (rmens.training.sharding),
+so each device holds 1/devices of them; the margin is not divided (each rank holds the activations of its share
+of the batch and one gathered block at a time, which the margin covers).
 """
 
 from __future__ import annotations
@@ -64,9 +65,10 @@ class Estimate:
         return f"about {self.size()}{where} ({'; '.join(self.parts)})"
 
 
-def _ensemble_bytes(cfg: EnsembleConfig, trained: bool) -> tuple[float, str]:
+def _ensemble_bytes(cfg: EnsembleConfig, trained: bool, member: bool = False) -> tuple[float, str]:
+    """`member`: one member of a full ensemble, alone (its own backbone)."""
     params = parameter_count(cfg.backbone, head=False)
-    copies = cfg.k if cfg.kind == "full" else 1
+    copies = cfg.k if cfg.kind == "full" and not member else 1
     per_param = TRAINED_BYTES if trained and not (cfg.kind == "linear" and cfg.freeze_backbone) else FROZEN_BYTES
     how = "trained" if per_param == TRAINED_BYTES else "frozen"
     return copies * params * per_param, f"{copies} x {params / 1e9:.2f}B {how} ({cfg.backbone})"
@@ -89,8 +91,8 @@ def estimate(node: Node, by_key: dict[str, Node], devices: int = 1) -> Estimate 
         parts.append(what)
 
     inputs = node.inputs
-    if isinstance(inputs.get("ensemble"), EnsembleConfig):  # a training step
-        add(*_ensemble_bytes(inputs["ensemble"], trained=True))
+    if isinstance(inputs.get("ensemble"), EnsembleConfig):  # a training step: a member's, or an assembly's
+        add(*_ensemble_bytes(inputs["ensemble"], trained=not inputs.get("members"), member="member" in inputs))
     ppo_cfg = ppo_config_in(inputs)
     if ppo_cfg is not None:
         params = parameter_count(ppo_cfg.policy)
@@ -121,7 +123,7 @@ def estimate(node: Node, by_key: dict[str, Node], devices: int = 1) -> Estimate 
         add(params * FROZEN_BYTES, f"trained policy {params / 1e9:.2f}B frozen")
     if not parts:
         return None
-    shards = node.step.resources.shards
+    shards = node.step.resources.shards and not inputs.get("members")  # an assembly only scores, on one device
     devices = max(1, devices) if shards else 1
     return Estimate(total / devices * ACTIVATION_MARGIN / GIB, parts, devices, shards)
 

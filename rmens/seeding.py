@@ -32,6 +32,7 @@ class Stream(IntEnum):
     VALUE_HEAD = 9      # PPO's fresh value head
     CALIBRATION = 10    # the training pairs whose responses standardise each member's reward
     RUN = 11            # a training run (seed) of a reference-experiment arm
+    MEMBER_TRAINING = 12  # the global generators (dropout) while member i of a full ensemble trains
 
 
 def seed_for(seed: int, stream: Stream, *indices: int) -> int:

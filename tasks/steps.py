@@ -225,6 +225,8 @@ def params_for_tracking(inputs: dict[str, Any]) -> dict[str, Any]:
             flat[f"{name}.key"] = value.key[:16]
         elif isinstance(value, dict) and value and all(isinstance(v, Output) for v in value.values()):
             flat.update({f"{name}.{k}.key": v.key[:16] for k, v in value.items()})
+        elif isinstance(value, list) and value and all(isinstance(v, Output) for v in value):
+            flat.update({f"{name}.{i}.key": v.key[:16] for i, v in enumerate(value)})  # a full ensemble's members
         elif hasattr(value, "model_dump"):
             flat.update(flatten_set(value, f"{name}."))
         elif isinstance(value, list) and value and hasattr(value[0], "model_dump"):

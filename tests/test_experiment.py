@@ -269,11 +269,15 @@ def test_report_holds_the_tables_and_a_corrected_verdict_for_each_claim(tiny_run
 def test_a_second_run_reuses_every_step_and_a_ppo_change_reruns_only_ppo(tiny_runs):
     _, first, second, third, fourth = tiny_runs
     assert second["computed"] == [] and second["reused"] == first["computed"]
+    # a full arm's run: its members, then their assembly
+    full = [name for name in first["computed"] if "full-k3-r1" in name and name.startswith(("member:", "train:"))]
+    assert full == ["member:full-k3-r1/m0", "member:full-k3-r1/m1", "member:full-k3-r1/m2", "train:full-k3-r1"]
     assert set(third["computed"]) == {"ppo_run:single/mean-r0", "ppo_eval:single/mean-r0", "ppo_run:linear-k5/mean-r0",
                                       "ppo_eval:linear-k5/mean-r0", "ppo_run:linear-k5/uwo0.5-r0",
                                       "ppo_eval:linear-k5/uwo0.5-r0", "experiment_report:report"}
     # other evaluation pools rescore every model but retrain none
-    assert "pools:pools" in fourth["computed"] and not any(step.startswith("train:") for step in fourth["computed"])
+    assert "pools:pools" in fourth["computed"] and not any(step.startswith(("train:", "member:"))
+                                                           for step in fourth["computed"])
 
 
 def test_missing_folders_fail_in_one_line_before_any_work(folders, tmp_path, monkeypatch):
@@ -422,7 +426,7 @@ def test_every_step_is_keyed_by_all_the_code_it_imports():
     from rmens.pipeline.plan import STEPS as PIPELINE_STEPS
 
     steps = (*STEPS, *PIPELINE_STEPS)
-    assert len({step.name for step in steps}) == len(steps) == 19
+    assert len({step.name for step in steps}) == len(steps) == 21
     for step in steps:
         assert step.fn.__module__ in step.modules and "rmens.steps.contract" in step.modules
     pairs = next(step for step in STEPS if step.name == "pairs")

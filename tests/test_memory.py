@@ -49,7 +49,10 @@ def test_each_step_is_estimated_from_what_it_trains_and_holds(qwen, tmp_path):
                            "ppo_arms=[single]", "ppo.use_lora=false", "ppo.value_model=reward"))
     margin = needs["train_ensemble:single-r0"].gib / (body * TRAINED_BYTES / GIB)
     assert margin == pytest.approx(1.25)
-    assert needs["train_ensemble:full-k3-r0"].gib == pytest.approx(3 * needs["train_ensemble:single-r0"].gib)
+    # a full ensemble: each member step trains one backbone; the assembly holds the k of them for inference
+    assert needs["train_member:full-k3-r0/m2"].gib == pytest.approx(needs["train_ensemble:single-r0"].gib)
+    assert needs["train_ensemble:full-k3-r0"].gib * GIB == pytest.approx(3 * body * FROZEN_BYTES * margin)
+    assert "3 x 7.07B frozen" in needs["train_ensemble:full-k3-r0"].describe()
     frozen = estimates(plan(tmp_path, f"ensemble.backbone={qwen}", "arms=[{kind: linear, k: 3}]", "ppo_arms=[]",
                             "ensemble.freeze_backbone=true"))
     assert frozen["train_ensemble:linear-k3-r0"].gib * GIB == pytest.approx(body * FROZEN_BYTES * margin)

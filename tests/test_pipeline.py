@@ -323,6 +323,11 @@ def test_experiment_flow_caches_every_step_and_tracks_each_in_mlflow(harness, tm
     train_run = children["train:full-k3-r1"]
     assert [train_run.data.tags[f"rmens.{k}"] for k in ("arm", "kind", "k", "run")] == ["full-k3", "full", "3", "1"]
     assert train_run.data.metrics["train_wall_s"] > 0
+    # a full arm's run: its members, trained in runs of their own, then their assembly, which counts their cost
+    member = children["member:full-k3-r1/m2"]
+    assert member.data.tags["rmens.member"] == "2" and member.data.metrics["train_peak_mib"] > 0
+    assert train_run.data.params["members.2.key"] == member.data.tags["rmens.key"]
+    assert train_run.data.metrics["train_wall_s"] > member.data.metrics["train_wall_s"]
     ppo_tags = children["ppo_run:linear-k5/mean-r0"].data.tags  # tagged as the pipeline tags its PPO runs
     assert [ppo_tags[f"rmens.{k}"] for k in ("arm", "run", "rule")] == ["linear-k5", "0", "mean"]
     assert train_run.data.params["ensemble.kind"] == "full"

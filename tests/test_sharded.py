@@ -37,16 +37,18 @@ def losses(result) -> list[float]:
     return [point["train/loss"] for stage in result.stages.values() for point in stage.history]
 
 
-@pytest.mark.parametrize("kind", ["linear", "lora"])
+@pytest.mark.parametrize("kind", ["linear", "lora", "full"])
 def test_two_ranks_train_what_one_process_does(tmp_path, pair_files, kind):
     """The loss curve, the validation metrics and the saved ensemble's rewards of two FSDP2 ranks (each holding
-    half of every trained weight) equal one process's within float32 reduction order."""
+    half of every trained weight) equal one process's within float32 reduction order. (A full ensemble: one
+    sharded job per member, assembled in the calling process.)"""
     ens = EnsembleConfig(kind=kind, k=2, max_length=64)
     curves = []
     one = train_on_devices(1, ens, CFG, *pair_files, tmp_path / "one" / "ensemble", log_fn=None)
     two = train_on_devices(2, ens, CFG, *pair_files, tmp_path / "two" / "ensemble",
                            log_fn=lambda step, metrics: curves.append((step, metrics)))
-    assert losses(two) == pytest.approx(losses(one), rel=1e-5) and len(losses(one)) == 3 * (2 if kind == "lora" else 1)
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    assert len(losses(one)) == 3 * (1 if kind == "linear" else 2)  # LoRA: two stages; full: two members
     assert two.metrics["accuracy"] == pytest.approx(one.metrics["accuracy"], abs=1e-6)
     steps = [point["step"] for stage in two.stages.values() for point in stage.history]
     assert [step for step, metrics in curves if "train/loss" in metrics] == steps
@@ -56,8 +58,10 @@ def test_two_ranks_train_what_one_process_does(tmp_path, pair_files, kind):
         assert 0.45 < two.stages[stage].state_mib / one.stages[stage].state_mib < 0.6
     rewards = [EnsembleReward.from_folder(tmp_path / run / "ensemble")(PROMPTS, RESPONSES) for run in ("one", "two")]
     torch.testing.assert_close(rewards[1].members, rewards[0].members, rtol=1e-4, atol=1e-5)
-    job = ShardedJob.model_validate_json((tmp_path / "two" / "ensemble.launch" / "job.json").read_text())
+    launched = "ensemble.members/m1.launch" if kind == "full" else "ensemble.launch"
+    job = ShardedJob.model_validate_json((tmp_path / "two" / launched / "job.json").read_text())
     assert (job.launch.nproc, job.launch.sharding, job.launch.launcher) == (2, "fsdp2", "torchrun")
+    assert job.member == (1 if kind == "full" else None)
 
 
 def test_a_training_step_granted_two_devices_shards(tmp_path):

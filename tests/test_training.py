@@ -57,11 +57,14 @@ def test_training_learns_and_saves(kind, split, tmp_path):
     assert result.metrics["accuracy"] >= 0.9
     assert all(a >= 0.9 for a in result.metrics["member_accuracy"])
     assert result.metrics["length_rule_accuracy"] == 1.0 and result.metrics["n_longer_lost"] == 0  # synthetic data
-    history = [h for stage in result.stages.values() for h in stage.history]
-    losses = [v for h in history for k, v in h.items() if k.endswith("/loss")]
-    assert losses[-1] < losses[0]
-    assert any("val_accuracy" in m for _, m in log), "periodic evaluation reached the log callback"
-    assert set(result.stages) == ({"stage1", "stage2"} if kind == "lora" else {"train"})
+    # the phases one after another on one step axis; a full ensemble's members each on their own
+    curves = [stage.history for stage in result.stages.values()] if kind == "full" else [_history(result)]
+    for curve in curves:
+        losses = [v for h in curve for k, v in h.items() if k.endswith("/loss")]
+        assert losses[-1] < losses[0]
+    periodic = "val_accuracy_m1" if kind == "full" else "val_accuracy"  # a member is evaluated alone
+    assert any(periodic in m for step, m in log if step < result.steps), "periodic evaluation reached the log callback"
+    assert set(result.stages) == {"lora": {"stage1", "stage2"}, "full": {"m0", "m1"}}.get(kind, {"train"})
     saved = json.loads((tmp_path / "ens" / "train_metrics.json").read_text())
     assert saved["metrics"]["accuracy"] == result.metrics["accuracy"]
     loaded, _ = load_ensemble(tmp_path / "ens")

@@ -53,15 +53,20 @@ def plot_ppo_overlay(points: dict[str, list[dict]], path: str | Path) -> Path | 
 
 
 def plot_train_overlay(histories: dict[str, list[dict]], path: str | Path) -> Path | None:
-    """`histories`: {arm: [{step, train/loss, ...}]} (every phase, in step order; rmens.training's history)."""
+    """`histories`: {arm: [{step, train/loss, ...}]} (every phase or member; rmens.training's history). The
+    members of a full ensemble train side by side, each logging its own loss at steps 1, 2...: the rows of a
+    step are summed, as the loss of an ensemble trained as one module is its members' sum."""
     histories = {name: rows for name, rows in histories.items() if any("train/loss" in r for r in rows)}
     if not histories:
         return None
     plt, fig, axes = _axes(1)
     for name, rows in sorted(histories.items()):
-        rows = sorted((r for r in rows if "train/loss" in r), key=lambda r: r["step"])
-        axes[0].plot([r["step"] for r in rows], [r["train/loss"] for r in rows], label=name)
-    axes[0].set(xlabel="optimizer step", ylabel="Bradley-Terry loss (mean over members)",
+        loss: dict[int, float] = {}
+        for row in rows:
+            if "train/loss" in row:
+                loss[row["step"]] = loss.get(row["step"], 0.0) + row["train/loss"]
+        axes[0].plot(sorted(loss), [loss[step] for step in sorted(loss)], label=name)
+    axes[0].set(xlabel="optimizer step", ylabel="Bradley-Terry loss (sum over members)",
                 title="Reward-model training")
     axes[0].grid(alpha=0.3)
     axes[0].legend(fontsize=8)

@@ -6,9 +6,10 @@ the library's store (the plain script, and GPU machines without Prefect or MLflo
 runs it as Prefect tasks with one MLflow child run each (tasks/steps.py), with the same keys. The order
 of the steps and the inputs of each are written once, here; each step is declared beside its function.
 
-    pairs, pools -> gold -> [proxy labels] -> every run of every arm -> untrained twins of every run ->
-    scores (gold and every run) -> rewards (agreement and logged-output Best-of-n, AlpacaEval and
-    MT-Bench) -> PPO runs of each PPO arm -> their evaluation under the gold judge -> report
+    pairs, pools -> gold -> [proxy labels] -> every run of every arm (a full ensemble: its members, then
+    their assembly) -> untrained twins of every run -> scores (gold and every run) -> rewards (agreement
+    and logged-output Best-of-n, AlpacaEval and MT-Bench) -> PPO runs of each PPO arm -> their evaluation
+    under the gold judge -> report
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ from rmens.experiment.ppo_eval import ppo_eval_step
 from rmens.experiment.report import report_step
 from rmens.experiment.rewards import rewards_step
 from rmens.experiment.scoring import score_step
-from rmens.experiment.train import proxy_labels_step, train_step
+from rmens.experiment.train import member_step, proxy_labels_step, train_step
 from rmens.experiment.twins import twins_step
+from rmens.models.config import EnsembleConfig
+from rmens.steps import Output
 from rmens.steps.runner import Call
+from rmens.training.config import TrainConfig
 
 Part = Literal["rewards", "all"]
-STEPS = (pairs_step, pools_step, train_step, proxy_labels_step, twins_step, score_step, rewards_step, ppo_step,
-         ppo_eval_step, report_step)
+STEPS = (pairs_step, pools_step, member_step, train_step, proxy_labels_step, twins_step, score_step, rewards_step,
+         ppo_step, ppo_eval_step, report_step)
 
 
 def run_plan(cfg: ExperimentConfig, call: Call, part: Part = "all", sources: dict | None = None) -> Any:
@@ -43,8 +47,8 @@ def run_plan(cfg: ExperimentConfig, call: Call, part: Part = "all", sources: dic
     pairs = call(pairs_step, "pairs", source=cfg.data, split=cfg.split,
                  sources={side: files for side, files in sources.items() if side != "mt_bench"})
     pools = call(pools_step, "pools", source=cfg.data, pools=cfg.pools, mt_bench=cfg.mt_bench, sources=sources)
-    gold = call(train_step, "gold", pairs=pairs, pairs_file="gold_pairs", ensemble=cfg.gold.ensemble,
-                train=cfg.gold.train)
+    gold = train_reward_model(call, "gold", pairs=pairs, pairs_file="gold_pairs", ensemble=cfg.gold.ensemble,
+                              train=cfg.gold.train)
     proxy_pairs = pairs
     if cfg.proxy_labels.active:
         relabel_by = gold if cfg.proxy_labels.relabel_by_gold else None
@@ -52,8 +56,8 @@ def run_plan(cfg: ExperimentConfig, call: Call, part: Part = "all", sources: dic
                            label_noise=cfg.proxy_labels.label_noise, seed=cfg.data.seed)
     runs = {arm.run_label(r): (arm.describe(r), arm.ensemble_config(cfg.ensemble, r), arm.train_config(cfg.train, r))
             for arm, r in cfg.trained_runs()}
-    trained = {label: call(train_step, label, tags=tags, pairs=proxy_pairs, pairs_file="proxy_pairs",
-                           ensemble=ensemble, train=train)
+    trained = {label: train_reward_model(call, label, tags=tags, pairs=proxy_pairs, pairs_file="proxy_pairs",
+                                         ensemble=ensemble, train=train)
                for label, (tags, ensemble, train) in runs.items()}
     judges = list(cfg.pools.judges)
     twins = call(twins_step, "twins", pairs=proxy_pairs, pairs_file="proxy_pairs", pools=pools, judges=judges,
@@ -78,3 +82,15 @@ def run_plan(cfg: ExperimentConfig, call: Call, part: Part = "all", sources: dic
                                         policy=cfg.policy, generation=cfg.ppo_generation)
     return call(report_step, "report", experiment=cfg, pairs=pairs, pools=pools, trains={"gold": gold, **trained},
                 scores=scores, twins=twins, rewards=rewards, ppo_runs=ppo_runs, ppo_evals=ppo_evals, part=part)
+
+
+def train_reward_model(call: Call, label: str, *, tags: dict[str, str] | None = None, pairs: Output, pairs_file: str,
+                       ensemble: EnsembleConfig, train: TrainConfig) -> Output:
+    """One reward model or ensemble, in one call; a full ensemble as k member calls (`<label>/m<i>`, which read
+    nothing of each other, so a graph runner starts them at once) and the call that assembles them."""
+    inputs = {"pairs": pairs, "pairs_file": pairs_file, "ensemble": ensemble, "train": train}
+    if ensemble.kind == "full":
+        inputs["members"] = [call(member_step, f"{label}/m{i}", tags={**(tags or {}), "member": str(i)}, member=i,
+                                  pairs=pairs, pairs_file=pairs_file, ensemble=ensemble, train=train)
+                             for i in range(ensemble.k)]
+    return call(train_step, label, tags=tags, **inputs)

@@ -300,7 +300,8 @@ def cost_table(cfg: ExperimentConfig, r: dict) -> list[str]:
     return ["## Reward models: cost and held-out agreement with the judge", "",
             "Accuracy on decided held-out verdicts (AlpacaEval: output against reference; MT-Bench: two answers with "
             "different grades), overall and where the longer output lost, mean ± sd over runs, beside the untrained "
-            f"twins; the last row is the length rule on the same pairs. Cost is per run; peak memory: {memory}. "
+            "twins; the last row is the length rule on the same pairs. Cost is per run (a full ensemble's: its member "
+            f"steps' wall times and its assembly's summed, the largest step's peak); peak memory: {memory}. "
             f"Untrained twins: {r['twins']['twins']} runs scored in one backbone pass, "
             f"{r['twins']['twins_wall_s']:.0f} s.",
             ""] + md_table(header, rows)

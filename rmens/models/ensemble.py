@@ -127,17 +127,31 @@ def decoder_layers(backbone: nn.Module) -> nn.ModuleList:
     raise ValueError(f"cannot find the decoder layers of {type(backbone).__name__}; LoRA ensembles need them")
 
 
+def _head_row(hidden_size: int, seed: int, member: int) -> torch.Tensor:
+    """Member `member`'s initial head weights [hidden], drawn from its own seed."""
+    gen = torch.Generator().manual_seed(seed_for(seed, Stream.HEAD, member))
+    return torch.randn(hidden_size, generator=gen) / math.sqrt(hidden_size + 1)
+
+
 def init_heads(hidden_size: int, k: int, seed: int) -> nn.Linear:
     """k reward heads as one Linear(hidden, k); member i's row is drawn from its own seed.
 
     std = 1/sqrt(hidden + 1) as AlpacaFarm's reward head. Separate seeds are what make the members of a
     linear ensemble differ, and they keep member i's head the same whatever k is.
     """
-    heads = nn.Linear(hidden_size, k)
+    return _heads([_head_row(hidden_size, seed, i) for i in range(k)])
+
+
+def init_member_head(hidden_size: int, seed: int, member: int) -> nn.Linear:
+    """Member `member`'s head alone, as Linear(hidden, 1): row `member` of init_heads(hidden, k, seed) for any k
+    above `member` (a full ensemble's member trained on its own, rmens.training.members)."""
+    return _heads([_head_row(hidden_size, seed, member)])
+
+
+def _heads(rows: list[torch.Tensor]) -> nn.Linear:
+    heads = nn.Linear(rows[0].shape[0], len(rows))
     with torch.no_grad():
-        for i in range(k):
-            gen = torch.Generator().manual_seed(seed_for(seed, Stream.HEAD, i))
-            heads.weight[i] = torch.randn(hidden_size, generator=gen) / math.sqrt(hidden_size + 1)
+        heads.weight.copy_(torch.stack(rows))
         heads.bias.zero_()
     return heads
 

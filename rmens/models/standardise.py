@@ -75,6 +75,16 @@ class MemberStandardisation:
         return {"center": self.center.tolist(), "scale": self.scale.tolist(), "responses": self.responses}
 
     @classmethod
+    def concat(cls, parts: list[MemberStandardisation]) -> MemberStandardisation:
+        """The members of `parts` in order, as one standardisation (a full ensemble assembled from members
+        standardised one by one, on the same calibration responses)."""
+        counts = sorted({part.responses for part in parts})
+        if len(counts) > 1:
+            raise ValueError(f"standardisations calibrated on {counts} responses cannot be joined: every member "
+                             "is calibrated on the same responses")
+        return cls(torch.cat([part.center for part in parts]), torch.cat([part.scale for part in parts]), counts[0])
+
+    @classmethod
     def from_json(cls, data: object, where: str) -> MemberStandardisation:
         """Read what `to_json` wrote; `where` (file and field) names the source in errors."""
         if not isinstance(data, dict) or not {"center", "scale", "responses"} <= data.keys():

@@ -1,8 +1,9 @@
 """The order of the pipeline's steps, written once, for every runner (rmens.steps.runner in-process,
 flows/ under Prefect with MLflow).
 
-    models, pairs -> gold -> every run of every arm (once for all its rules) -> samples (once) ->
-    member scores of each run and the gold's -> Best-of-n curves and picks of every run x rule ->
+    models, pairs -> gold -> every run of every arm (once for all its rules; a full ensemble as k member
+    steps and their assembly) -> samples (once) -> member scores of each run and the gold's ->
+    Best-of-n curves and picks of every run x rule ->
     the initial policy's evaluation -> PPO runs of each PPO arm and their evaluation -> each pick's
     evaluation -> one comparison report
 
@@ -11,17 +12,19 @@ Each plan function calls `call(step, label, tags=..., **inputs)` and returns the
 
 from __future__ import annotations
 
+from rmens.models.config import EnsembleConfig
 from rmens.pipeline.comparison import report
 from rmens.pipeline.config import EvaluateFlowConfig, PipelineConfig, TrainFlowConfig
 from rmens.pipeline.data import prepare_data, prepare_models
 from rmens.pipeline.evaluate import evaluate
 from rmens.pipeline.policy import ppo
-from rmens.pipeline.reward_models import train_ensemble
+from rmens.pipeline.reward_models import train_ensemble, train_member
 from rmens.pipeline.sampling import best_of_n, sample, score
 from rmens.steps import Output
 from rmens.steps.runner import Call
+from rmens.training.config import TrainConfig
 
-STEPS = (prepare_models, prepare_data, train_ensemble, sample, score, best_of_n, ppo, evaluate, report)
+STEPS = (prepare_models, prepare_data, train_member, train_ensemble, sample, score, best_of_n, ppo, evaluate, report)
 SCORING_GOLDS = ("reward_model", "hf_reward_model", "local_llm")  # golds that score samples one by one
 
 
@@ -67,24 +70,33 @@ def train_gold(call: Call, config: PipelineConfig | EvaluateFlowConfig) -> Outpu
     if config.gold.kind != "reward_model":
         return None
     data = call(prepare_data, "gold", data=config.gold.data)
-    return call(train_ensemble, "gold", data=data, ensemble=config.gold.ensemble, train_cfg=config.gold.train,
-                label="gold")
+    return train_reward_model(call, "gold", data=data, ensemble=config.gold.ensemble, train_cfg=config.gold.train)
 
 
 def train_arms(call: Call, config: PipelineConfig, data: Output) -> dict[str, Output]:
     """Every run of every arm's reward model, trained once for all its rules, by run label."""
-    return {arm.run_label(run): call(train_ensemble, arm.run_label(run), tags=arm.describe(run), data=data,
-                                     train_cfg=arm.train_config(config.train, run), label=arm.run_label(run),
-                                     ensemble=arm.ensemble_config(config.ensemble, run))
+    return {arm.run_label(run): train_reward_model(call, arm.run_label(run), tags=arm.describe(run), data=data,
+                                                   ensemble=arm.ensemble_config(config.ensemble, run),
+                                                   train_cfg=arm.train_config(config.train, run))
             for arm, run in config.trained_runs()}
+
+
+def train_reward_model(call: Call, label: str, *, tags: dict[str, str] | None = None, data: Output,
+                       ensemble: EnsembleConfig, train_cfg: TrainConfig) -> Output:
+    """One reward model or ensemble, in one call; a full ensemble as k member calls (`<label>/m<i>`, which read
+    nothing of each other, so a graph runner starts them at once) and the call that assembles them."""
+    inputs = {"data": data, "ensemble": ensemble, "train_cfg": train_cfg}
+    if ensemble.kind == "full":
+        inputs["members"] = [call(train_member, f"{label}/m{i}", tags={**(tags or {}), "member": str(i)}, member=i,
+                                  data=data, ensemble=ensemble, train_cfg=train_cfg) for i in range(ensemble.k)]
+    return call(train_ensemble, label, tags=tags, label=label, **inputs)
 
 
 def train_one(call: Call, config: TrainFlowConfig) -> tuple[Output, Output]:
     """(data, ensemble) of the train and retrain flows."""
     call(prepare_models, "models", names=[config.ensemble.backbone])
     data = call(prepare_data, config.label, data=config.data)
-    model = call(train_ensemble, config.label, data=data, ensemble=config.ensemble, train_cfg=config.train,
-                 label=config.label)
+    model = train_reward_model(call, config.label, data=data, ensemble=config.ensemble, train_cfg=config.train)
     return data, model
 
 

@@ -12,7 +12,7 @@ from rmens.models.config import EnsembleConfig
 
 
 class TrainConfig(StrictModel):
-    """Bradley-Terry training of all members at once."""
+    """Bradley-Terry training: of all members at once, or a full ensemble's members each on its own."""
 
     epochs: float = Field(1.0, gt=0, description="Passes over the training pairs, fractions allowed (lora: over each "
                                                  "stage's pairs); ignored when max_steps is set.")
@@ -31,7 +31,8 @@ class TrainConfig(StrictModel):
     lora_schedule: Literal["cosine", "linear", "constant"] = Field(
         "constant", description="The schedule of the LoRA stage (stage 2); constant has no warm-up.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient norm each optimizer step is clipped to "
-                                                               "(None: no clipping).")
+                                                               "(a full ensemble: each member's own; None: no "
+                                                               "clipping).")
     center_coef: float = Field(
         0.0, ge=0, description="Reward centring (Eisenstein et al.): adds coef * (r_chosen + r_rejected)^2."
     )

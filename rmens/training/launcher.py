@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field
 
@@ -31,6 +32,9 @@ from rmens.models.config import EnsembleConfig
 from rmens.training.config import TrainConfig
 from rmens.training.sharding import LaunchConfig
 from rmens.training.trainer import LogFn, StageResult, TrainResult
+
+if TYPE_CHECKING:
+    from rmens.training.members import TrainedMember
 
 RANK_MODULE = "rmens.training.rank"
 
@@ -43,7 +47,9 @@ class ShardedJob(StrictModel):
     train: TrainConfig
     train_pairs: str = Field(description="JSONL file of the training pairs.")
     val_pairs: str | None = Field(None, description="JSONL file of the validation pairs.")
-    output_dir: str = Field(description="Folder rank 0 saves the trained ensemble to.")
+    output_dir: str = Field(description="Folder rank 0 saves the trained ensemble (or member) to.")
+    member: int | None = Field(None, ge=0, description="Train this member of a full ensemble alone "
+                                                      "(rmens.training.members), not the whole ensemble.")
     overwrite: bool = Field(False, description="Replace a non-empty output folder that is not a saved ensemble.")
     work_dir: str = Field(description="Folder of the job: its file, a failing rank's one-line error (error.txt), "
                                       "each rank's peak memory (rank<N>.json).")
@@ -65,15 +71,47 @@ class ShardedStepError(RuntimeError):
 
 
 def train_on_devices(devices: int, ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: Path,
-                     val_pairs: Path | None, output_dir: Path, log_fn: LogFn | None = None) -> TrainResult:
+                     val_pairs: Path | None, output_dir: Path, log_fn: LogFn | None = None,
+                     overwrite: bool = False) -> TrainResult:
     """Train and save an ensemble on `devices` devices (rmens.steps.contract.granted_devices): in this process
-    on one, as `devices` FSDP2 ranks otherwise."""
+    on one, as `devices` FSDP2 ranks otherwise (a full ensemble: one sharded job per member, then assembled
+    here, as its member steps and assembly step would)."""
+    from rmens.training.members import assemble
     from rmens.training.trainer import train_ensemble
 
+    val = load_jsonl_pairs(val_pairs) if val_pairs is not None else None
+    if devices <= 1:
+        return train_ensemble(ens_cfg, cfg, load_jsonl_pairs(train_pairs), val, output_dir, log_fn=log_fn,
+                              overwrite=overwrite)
+    if ens_cfg.kind != "full":
+        return train_sharded(devices, ens_cfg, cfg, train_pairs, val_pairs, Path(output_dir), log_fn, overwrite)
+    start = time.perf_counter()
+    folders = Path(output_dir).with_name(Path(output_dir).name + ".members")
+    members = [train_member_on_devices(devices, ens_cfg, cfg, i, train_pairs, val_pairs, folders / f"m{i}", log_fn)
+               for i in range(ens_cfg.k)]
+    result = assemble(ens_cfg, cfg, members, val, output_dir, log_fn, overwrite=overwrite, start=start)
+    result.ranks = [max((m.ranks[r] for m in members), key=lambda rank: rank["peak_mib"]) for r in range(devices)]
+    return result
+
+
+def train_member_on_devices(devices: int, ens_cfg: EnsembleConfig, cfg: TrainConfig, member: int, train_pairs: Path,
+                            val_pairs: Path | None, folder: Path, log_fn: LogFn | None = None) -> TrainedMember:
+    """Member `member` of a full ensemble trained alone and saved to `folder` (rmens.training.members): in this
+    process on one device, as `devices` FSDP2 ranks otherwise."""
+    from rmens.training.members import check_member, load_member, save_member, train_member
+
+    check_member(ens_cfg, member)
     if devices <= 1:
         val = load_jsonl_pairs(val_pairs) if val_pairs is not None else None
-        return train_ensemble(ens_cfg, cfg, load_jsonl_pairs(train_pairs), val, output_dir, log_fn=log_fn)
-    return train_sharded(devices, ens_cfg, cfg, train_pairs, val_pairs, Path(output_dir), log_fn)
+        trained = train_member(ens_cfg, cfg, member, load_jsonl_pairs(train_pairs), val, log_fn=log_fn)
+        save_member(trained, folder)
+        return trained
+    job = write_job(devices, ens_cfg, cfg, train_pairs, val_pairs, Path(folder), member=member)
+    run_job(job)
+    trained = load_member(folder)
+    _replay(trained.stage.history, {}, log_fn)
+    trained.ranks = _ranks(job)
+    return trained
 
 
 def check_divisible(devices: int, cfg: TrainConfig) -> None:
@@ -86,7 +124,7 @@ def check_divisible(devices: int, cfg: TrainConfig) -> None:
 
 
 def write_job(world: int, ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: Path, val_pairs: Path | None,
-              output_dir: Path, overwrite: bool = False) -> ShardedJob:
+              output_dir: Path, overwrite: bool = False, member: int | None = None) -> ShardedJob:
     """The job of `world` ranks, written to `<output_dir>.launch/job.json`, after the checks that need no rank."""
     from rmens.models.ensemble import check_output_folder
 
@@ -97,7 +135,7 @@ def write_job(world: int, ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs
     job = ShardedJob(launch=LaunchConfig.load().model_copy(update={"nproc": world}), ensemble=ens_cfg, train=cfg,
                      train_pairs=str(Path(train_pairs).resolve()), output_dir=str(output_dir.resolve()),
                      val_pairs=str(Path(val_pairs).resolve()) if val_pairs else None, overwrite=overwrite,
-                     work_dir=str(work.resolve()))
+                     member=member, work_dir=str(work.resolve()))
     job.file.write_text(job.model_dump_json(indent=2))
     for stale in (job.error_file, *map(job.rank_file, range(world))):  # of an earlier, interrupted launch
         stale.unlink(missing_ok=True)
@@ -120,11 +158,19 @@ def train_sharded(devices: int, ens_cfg: EnsembleConfig, cfg: TrainConfig, train
     rank 0 saved in `output_dir` (the training curve replayed to `log_fn`)."""
     job = write_job(devices, ens_cfg, cfg, train_pairs, val_pairs, Path(output_dir), overwrite)
     start = time.perf_counter()
-    finished = subprocess.run(torchrun_command(job, devices), env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False)
-    if finished.returncode != 0:
-        raise ShardedStepError(f"sharded training on {devices} devices failed (exit {finished.returncode}): "
-                               f"{_first_error(job.error_file)}; job {job.file}")
+    run_job(job)
     return read_result(job, log_fn, time.perf_counter() - start)
+
+
+def run_job(job: ShardedJob) -> None:
+    """Start the job's ranks on this node and wait for them; a failure is one line naming a rank's error."""
+    world = job.launch.nproc
+    # faulthandler: a rank that dies in native code (an abort) still leaves its Python stack in the output
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
+    finished = subprocess.run(torchrun_command(job, world), env=env, check=False)
+    if finished.returncode != 0:
+        raise ShardedStepError(f"sharded training on {world} devices failed (exit {finished.returncode}): "
+                               f"{_first_error(job.error_file)}; job {job.file}")
 
 
 def read_result(job: ShardedJob, log_fn: LogFn | None = None, wall_time: float | None = None) -> TrainResult:
@@ -140,15 +186,24 @@ def read_result(job: ShardedJob, log_fn: LogFn | None = None, wall_time: float |
     stages = {name: StageResult(steps=summary["steps"][name], wall_time=summary["wall_time"][name],
                                 history=summary["history"][name], state_mib=summary["state_mib"][name])
               for name in summary["steps"]}
-    if log_fn is not None:
-        for stage in stages.values():
-            for point in stage.history:
-                log_fn(point["step"], {k: v for k, v in point.items() if k != "step"})
-        if summary["metrics"]:
-            log_fn(sum(s.steps for s in stages.values()), scalar_metrics(summary["metrics"], "val_"))
+    _replay([point for stage in stages.values() for point in stage.history], summary["metrics"], log_fn)
     total = wall_time if wall_time is not None else sum(s.wall_time for s in stages.values())
     return TrainResult(ensemble=ensemble, path=output_dir, metrics=summary["metrics"], stages=stages, wall_time=total,
-                       ranks=[json.loads(job.rank_file(r).read_text()) for r in range(job.launch.nproc)])
+                       ranks=_ranks(job))
+
+
+def _replay(history: list[dict], metrics: dict, log_fn: LogFn | None) -> None:
+    """The ranks' curve and final metrics to `log_fn`, as the one-process trainer reports them while it runs."""
+    if log_fn is None:
+        return
+    for point in history:
+        log_fn(point["step"], {k: v for k, v in point.items() if k != "step"})
+    if metrics:
+        log_fn(history[-1]["step"] if history else 0, scalar_metrics(metrics, "val_"))
+
+
+def _ranks(job: ShardedJob) -> list[dict]:
+    return [json.loads(job.rank_file(rank).read_text()) for rank in range(job.launch.nproc)]
 
 
 def _first_error(error_file: Path) -> str:

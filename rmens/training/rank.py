@@ -26,6 +26,7 @@ def main(job_file: str) -> None:
     from rmens.data.loaders import load_jsonl_pairs
     from rmens.io import write_json
     from rmens.training.launcher import ShardedJob
+    from rmens.training.members import save_member, train_member
     from rmens.training.sharding import LaunchError, check_launch
     from rmens.training.trainer import train_ensemble
 
@@ -50,8 +51,14 @@ def main(job_file: str) -> None:
                           f"the launcher config {job.launch.nproc}: refusing to train unsharded copies")
     train = load_jsonl_pairs(job.train_pairs)
     val = load_jsonl_pairs(job.val_pairs) if job.val_pairs else None
-    train_ensemble(job.ensemble, job.train, train, val, job.output_dir, accelerator=accelerator,
-                   overwrite=job.overwrite, launch=job.launch)
+    if job.member is None:
+        train_ensemble(job.ensemble, job.train, train, val, job.output_dir, accelerator=accelerator,
+                       overwrite=job.overwrite, launch=job.launch)
+    else:  # one member of a full ensemble; rank 0 saves it gathered
+        trained = train_member(job.ensemble, job.train, job.member, train, val, accelerator=accelerator,
+                               launch=job.launch)
+        if accelerator.is_main_process:
+            save_member(trained, job.output_dir)
     write_json(job.rank_file(dist.get_rank()), peak_memory(cuda))
     accelerator.wait_for_everyone()
     dist.destroy_process_group()

@@ -1,12 +1,14 @@
-"""Bradley-Terry training of all ensemble members at once, under accelerate.
+"""Bradley-Terry training of ensemble members, under accelerate.
 
 Written here because no maintained library trains reward-model ensembles; the loop itself is the
 ordinary accelerate pattern (prepare, accumulate, backward, clip, step), so the same code runs on one
 CPU process, several processes (``accelerate launch --cpu --num_processes 2``) or several GPUs (DDP).
 
-One forward per micro-batch scores chosen and rejected responses of every member together; the loss
-is the sum of the members' (weighted) BT losses, so a single backward trains every member and a linear
-ensemble pays for one backbone pass.
+A linear or LoRA ensemble trains all its members at once: one forward per micro-batch scores chosen and
+rejected responses of every member together, the loss is the sum of the members' (weighted) BT losses,
+and a single backward trains every member, so a linear ensemble pays for one backbone pass. A full
+ensemble's members share no parameters, so each trains on its own (rmens.training.members: its own
+gradient clipping, optimizer and schedule) and the k trained members are then assembled.
 
 After training, each member's standardisation (mean 0, sd 1) is calibrated on the responses of a seeded
 subset of the training pairs and saved with the ensemble (rmens.models.standardise).
@@ -79,13 +81,24 @@ class StageResult:
 
 @dataclass
 class TrainResult:
+    """`stages`: each training phase (train; LoRA: stage1, stage2), or a full ensemble's members (m0, m1...),
+    each with its own steps from 1 (`per_member`)."""
+
     ensemble: RewardEnsemble
     path: Path | None
     metrics: dict
     stages: dict[str, StageResult]
     wall_time: float
+    per_member: bool = False
     # A sharded step's ranks, each {"peak_mib": ..., "memory": "cuda" | "rss"}; None in one process.
     ranks: list[dict] | None = None
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps on the training's step axis: the phases' one after another; a full ensemble's
+        members each take the same number side by side, so one member's."""
+        counts = [stage.steps for stage in self.stages.values()]
+        return max(counts) if self.per_member else sum(counts)
 
 
 def _precision(cfg: TrainConfig) -> str:
@@ -147,11 +160,16 @@ def evaluate_pairs(model, data: EncodedPairs, pad_id: int, batch_size: int, acce
 
 
 class EnsembleTrainer:
-    """Trains a RewardEnsemble on encoded pairs; one instance per training stage."""
+    """Trains a RewardEnsemble on encoded pairs; one instance per training stage.
+
+    `member`: the ensemble is that member of a full ensemble alone (rmens.training.members), so its metrics
+    are named after it: train/loss_m{member}, train/grad_norm_m{member}, val_accuracy_m{member}. train/loss
+    is its loss, as every kind's curve has one.
+    """
 
     def __init__(self, accelerator: Accelerator, ensemble: RewardEnsemble, cfg: TrainConfig, pad_id: int,
                  *, lr: float, schedule: str, stage: str, log_fn: LogFn | None = None, step_offset: int = 0,
-                 phase: int = 1, launch: LaunchConfig | None = None):
+                 phase: int = 1, member: int | None = None, launch: LaunchConfig | None = None):
         self.accelerator = accelerator
         self.ensemble = ensemble
         self.cfg = cfg
@@ -162,7 +180,10 @@ class EnsembleTrainer:
         self.log_fn = log_fn
         self.step_offset = step_offset
         self.phase = phase  # LoRA: 1 = heads on the frozen backbone, 2 = adapters; other kinds: 1
+        self.member = member
         self.launch = launch  # set in a rank of a sharded step (rmens.training.sharding): FSDP2, not DDP
+        self.members = list(range(ensemble.k)) if member is None else [member]  # who each reward row is
+        self.grad_norm_key = "train/grad_norm" if member is None else f"train/grad_norm_m{member}"
 
     def _loader(self, data: EncodedPairs, epoch: int) -> DataLoader:
         """This epoch's batches, in an order fixed by (seed, phase, epoch) alone.
@@ -175,6 +196,12 @@ class EnsembleTrainer:
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
         loader = DataLoader(order, batch_size=self.cfg.batch_size, collate_fn=PairCollator(data, self.pad_id))
         return self.accelerator.prepare_data_loader(loader)
+
+    def _val_metrics(self, found: dict) -> dict[str, float]:
+        if self.member is None:
+            return scalar_metrics(found, "val_")
+        # One member's own numbers, named after it; its ensemble's val_* come when the members are assembled.
+        return {f"val_{key}_m{self.member}": float(found[key]) for key in ("accuracy", "ece")}
 
     def _log(self, step: int, metrics: dict[str, float], history: list[dict]) -> None:
         history.append({"step": step, **metrics})
@@ -225,13 +252,13 @@ class EnsembleTrainer:
                 metrics = {"train/loss": float(acc.reduce(loss.detach(), "mean")),
                            "train/lr": scheduler.get_last_lr()[0], "train/phase": float(self.phase)}
                 if grad_norm is not None:
-                    metrics["train/grad_norm"] = float(full_tensor(grad_norm))
+                    metrics[self.grad_norm_key] = float(full_tensor(grad_norm))
                 reduced = acc.reduce(per_member, "mean")
-                metrics.update({f"train/loss_m{i}": float(v) for i, v in enumerate(reduced)})
+                metrics.update({f"train/loss_m{i}": float(v) for i, v in zip(self.members, reduced)})
                 bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
                 if val is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                    metrics.update(scalar_metrics(evaluate_pairs(model, val, self.pad_id, cfg.eval_batch_size, acc),
-                                                  "val_"))
+                    metrics.update(self._val_metrics(evaluate_pairs(model, val, self.pad_id, cfg.eval_batch_size,
+                                                                    acc)))
                 self._log(self.step_offset + step, metrics, history)
                 if step >= total:
                     break
@@ -263,6 +290,20 @@ def lora_stage_split(pairs: list[PreferencePair], stage1_fraction: float):
     return validate_pairs(stage1, "LoRA stage 1 pairs"), validate_pairs(stage2, "LoRA stage 2 pairs")
 
 
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=_precision(cfg))
+
+
+def encode_weighted(encoder: PairEncoder, ens_cfg: EnsembleConfig, pairs: list[PreferencePair], part: int,
+                    member: int | None = None) -> EncodedPairs:
+    """`pairs` with every member's weight on each (part 0: validation; 1, 2: the training phases); with
+    `member`, that member's row alone. The rows are drawn for all k members at once (bootstrap and disjoint
+    draws depend on k), so a member trained on its own needs k and its index."""
+    weights = member_weights(len(pairs), ens_cfg.k, ens_cfg.diversity,
+                             seed_for(ens_cfg.seed, Stream.MEMBER_WEIGHTS, part))
+    return encode_pairs(encoder, pairs, weights if member is None else weights[member:member + 1])
+
+
 def train_ensemble(ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: list[PreferencePair],
                    val_pairs: list[PreferencePair] | None = None, output_dir: str | Path | None = None,
                    log_fn: LogFn | None = None, accelerator: Accelerator | None = None,
@@ -270,77 +311,103 @@ def train_ensemble(ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: list[
     """Build, train, evaluate and (optionally) save an ensemble. The folder appears only when complete; a
     non-empty `output_dir` that is not a saved ensemble is refused before training unless `overwrite`.
 
+    A full ensemble trains member by member and is then assembled (rmens.training.members), by the same two
+    functions a member step and an assembly step run.
+
     `launch`: this process is one rank of a sharded step (rmens.training.launcher starts them): the model is
     sharded with FSDP2 over the ranks, which split each batch of `cfg.batch_size` pairs between them, so the
-    training computes what one process would, and rank 0 saves the gathered model."""
+    training computes what one process would, and rank 0 saves the gathered model. (A sharded full ensemble is
+    trained one sharded member job at a time: rmens.training.launcher.)"""
     validate_pairs(train_pairs, "training pairs")
     if output_dir is not None:
         check_output_folder(output_dir, overwrite)
     check_max_length(ens_cfg.backbone, ens_cfg.max_length)  # from the model's config, before it is built
     start = time.perf_counter()
-    acc = accelerator or Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=_precision(cfg))
+    acc = accelerator or make_accelerator(cfg)
+    if ens_cfg.kind == "full" and launch is not None:
+        raise ValueError("a sharded job trains one member of a full ensemble at a time (ShardedJob.member)")
+    if ens_cfg.kind == "full":
+        from rmens.training.members import assemble, train_member  # that module builds on this one
+
+        # One member at a time: only its gradients and optimizer state are held next to the finished members'
+        # weights, a lower peak than training the k backbones as one module.
+        members = [train_member(ens_cfg, cfg, i, train_pairs, val_pairs, log_fn, acc) for i in range(ens_cfg.k)]
+        return assemble(ens_cfg, cfg, members, val_pairs, output_dir, log_fn, acc, overwrite, start)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(ens_cfg.backbone)
     ensemble = build_ensemble(ens_cfg)
     encoder = PairEncoder(tokenizer, ens_cfg.max_length, ens_cfg.max_prompt_length)
     pad_id = tokenizer.pad_token_id
-
-    def encode(pairs: list[PreferencePair], part: int) -> EncodedPairs:
-        weights = member_weights(len(pairs), ens_cfg.k, ens_cfg.diversity,
-                                 seed_for(ens_cfg.seed, Stream.MEMBER_WEIGHTS, part))
-        return encode_pairs(encoder, pairs, weights)
-
-    val = encode(val_pairs, 0) if val_pairs else None
+    val = encode_weighted(encoder, ens_cfg, val_pairs, 0) if val_pairs else None
     stages: dict[str, StageResult] = {}
     if ens_cfg.kind == "lora":
         stage1_pairs, stage2_pairs = lora_stage_split(train_pairs, ens_cfg.lora.stage1_fraction)
         trainer = EnsembleTrainer(acc, ensemble, cfg, pad_id, lr=cfg.lr, schedule=cfg.schedule, stage="stage1",
                                   log_fn=log_fn, launch=launch)
-        stages["stage1"] = trainer.train(encode(stage1_pairs, 1), val)
+        stages["stage1"] = trainer.train(encode_weighted(encoder, ens_cfg, stage1_pairs, 1), val)
         stage1 = trainer.ensemble if launch is None else unsharded(trainer.ensemble, ens_cfg, every_rank=True)
         ensemble = to_lora(stage1, ens_cfg)
         trainer = EnsembleTrainer(acc, ensemble, cfg, pad_id, lr=cfg.lora_lr, schedule=cfg.lora_schedule,
                                   stage="stage2", log_fn=log_fn, step_offset=stages["stage1"].steps, phase=2,
                                   launch=launch)
-        stages["stage2"] = trainer.train(encode(stage2_pairs, 2), val)
+        stages["stage2"] = trainer.train(encode_weighted(encoder, ens_cfg, stage2_pairs, 2), val)
     else:
         trainer = EnsembleTrainer(acc, ensemble, cfg, pad_id, lr=cfg.lr, schedule=cfg.schedule, stage="train",
                                   log_fn=log_fn, launch=launch)
-        stages["train"] = trainer.train(encode(train_pairs, 1), val)
+        stages["train"] = trainer.train(encode_weighted(encoder, ens_cfg, train_pairs, 1), val)
     ensemble = trainer.ensemble
     ensemble.standardisation = calibrate_members(ensemble, tokenizer, train_pairs, cfg)
-    metrics = evaluate_pairs(ensemble, val, pad_id, cfg.eval_batch_size, acc, val_pairs) if val is not None else {}
-    total_steps = sum(s.steps for s in stages.values())
-    if metrics and log_fn is not None and acc.is_main_process:
-        log_fn(total_steps, scalar_metrics(metrics, "val_"))
-    if launch is not None:  # rank 0 saves (and returns) the gathered model; the other ranks return theirs
-        ensemble = unsharded(ensemble, ens_cfg)
-    path = None
+    result = TrainResult(ensemble, None, {}, stages, 0.0)
+    return finish_training(result, tokenizer, val, val_pairs, cfg, acc, output_dir, log_fn, overwrite, start,
+                           plain=ens_cfg if launch is not None else None)
+
+
+def finish_training(result: TrainResult, tokenizer, val: EncodedPairs | None, val_pairs: list[PreferencePair] | None,
+                    cfg: TrainConfig, acc: Accelerator, output_dir: str | Path | None, log_fn: LogFn | None,
+                    overwrite: bool, start: float,
+                    plain: EnsembleConfig | Callable[[], RewardEnsemble] | None = None) -> TrainResult:
+    """`result` (its trained or assembled ensemble and its stages) completed: validation metrics, logged after
+    the last step, and the folder, written by the main process with train_metrics.json (metrics,
+    calibration_responses, and steps, wall_time, history and state_mib per stage). `plain`: the ensemble is
+    sharded (one rank of a sharded job), and this is its unsharded structure (`unsharded`), which rank 0 saves."""
+    ensemble = result.ensemble
+    if val is not None:
+        with acc.autocast():  # the training's precision, as the prepared model it trained had
+            result.metrics = evaluate_pairs(ensemble, val, tokenizer.pad_token_id, cfg.eval_batch_size, acc, val_pairs)
+    if result.metrics and log_fn is not None and acc.is_main_process:
+        log_fn(result.steps, scalar_metrics(result.metrics, "val_"))
+    if plain is not None:  # rank 0 saves (and returns) the gathered model; the other ranks return theirs
+        ensemble = result.ensemble = unsharded(ensemble, plain)
     if output_dir is not None:
-        path = Path(output_dir)
+        result.path = Path(output_dir)
         if acc.is_main_process:
-            summary = {"metrics": metrics, "steps": {k: s.steps for k, s in stages.items()},
+            stages = result.stages
+            summary = {"metrics": result.metrics, "steps": {k: s.steps for k, s in stages.items()},
                        "calibration_responses": ensemble.standardisation.responses,
                        "wall_time": {k: s.wall_time for k, s in stages.items()},
                        "state_mib": {k: s.state_mib for k, s in stages.items()},
                        "history": {k: s.history for k, s in stages.items()}}
-            ensemble.save(path, tokenizer, extra={"train_metrics.json": summary}, overwrite=overwrite)
+            ensemble.save(result.path, tokenizer, extra={"train_metrics.json": summary}, overwrite=overwrite)
         acc.wait_for_everyone()
-    return TrainResult(ensemble=ensemble, path=path, metrics=metrics, stages=stages,
-                       wall_time=time.perf_counter() - start)
+    result.wall_time = time.perf_counter() - start
+    return result
 
 
-def unsharded(sharded: RewardEnsemble, ens_cfg: EnsembleConfig, every_rank: bool = False) -> RewardEnsemble:
-    """A plain (unsharded) copy of a sharded ensemble, on the CPU, on rank 0 (`every_rank`: on every rank,
-    e.g. the LoRA recipe's stage-1 model that each rank puts adapters on); the other ranks get `sharded` back.
+def unsharded(sharded: RewardEnsemble, plain: EnsembleConfig | Callable[[], RewardEnsemble],
+              every_rank: bool = False) -> RewardEnsemble:
+    """A plain (unsharded) copy of a sharded model, on the CPU, on rank 0 (`every_rank`: on every rank, e.g. the
+    LoRA recipe's stage-1 model that each rank puts adapters on); the other ranks get `sharded` back. `plain`
+    builds the unsharded structure (an ensemble config: build_ensemble's, with adapters for a LoRA stage 2).
     Collective: every rank calls it."""
     state = gather_full_state(sharded, every_rank)
     if not state:  # another rank than 0, which has no copy to make
         return sharded
-    standardisation = sharded.standardisation
-    plain = build_ensemble(ens_cfg)
-    if ens_cfg.kind == "lora" and not isinstance(sharded, LinearEnsemble):  # stage 2: adapters on stage 1
-        plain = to_lora(plain, ens_cfg)
-    plain.load_state_dict(state)
-    plain.standardisation = standardisation
-    return plain
+    if isinstance(plain, EnsembleConfig):
+        config = plain
+        lora_stage2 = config.kind == "lora" and not isinstance(sharded, LinearEnsemble)
+        copy = to_lora(build_ensemble(config), config) if lora_stage2 else build_ensemble(config)
+    else:
+        copy = plain()
+    copy.load_state_dict(state)
+    copy.standardisation = sharded.standardisation
+    return copy
