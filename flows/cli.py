@@ -145,6 +145,16 @@ def check_resources(resources: dict, nodes: dict) -> None:
     if one:
         raise ValueError(f"resources: {', '.join(one)} asks for more than one device, but only the training steps "
                          "shard (one FSDP2 rank per device); give it one")
+    from rmens.training.config import TrainConfig, check_divisible
+
+    for name, node in nodes.items():  # a sharded step's batches must split over its devices: said now, not hours in
+        devices = devices_of(resources)(node)
+        train = next((value for value in node.inputs.values() if isinstance(value, TrainConfig)), None)
+        if devices > 1 and train is not None and node.step.resources.shards:
+            try:
+                check_divisible(devices, train)
+            except ValueError as err:
+                raise ValueError(f"resources: {name}: {err}") from None
 
 
 def check_ray_settings(config, flag: str | None) -> None:

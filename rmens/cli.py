@@ -64,8 +64,12 @@ def cmd_train(args) -> int:
     output = args.output or cfg.output_dir
     check_output_folder(output, args.overwrite)  # before any work: the folder may hold a user's files
     check_max_length(cfg.ensemble.backbone, cfg.ensemble.max_length)
-    if args.nodes > 1 and not args.rdzv:
-        raise ValueError("--nodes needs --rdzv HOST:PORT, the address the nodes' ranks meet at")
+    if (args.nodes > 1) != bool(args.rdzv):
+        raise ValueError("--nodes M (more than one) and --rdzv HOST:PORT, the address the nodes' ranks meet at, "
+                         "go together")
+    if args.nodes > 1 and cfg.ensemble.kind == "full":
+        raise ValueError("a full ensemble trains one member at a time: give each member's job a node of its own "
+                         "(the pipeline's member steps), or train it on one node with --devices")
     train, val = prepare_pairs(cfg.data)
     logging.info("training %s k=%d on %d pairs (%d held out)", cfg.ensemble.kind, cfg.ensemble.k, len(train), len(val))
     if args.devices * args.nodes > 1:
@@ -86,8 +90,10 @@ def cmd_train(args) -> int:
 def train_sharded_job(cfg, train, val, output: Path, args):
     """`rmens train --devices N [--nodes M --rdzv HOST:PORT]`: the pairs and the job beside the output folder;
     on one node the ranks run now (-> their result), on several the command for each node is printed (-> None)."""
+    import shlex
+
     from rmens.io import write_jsonl
-    from rmens.training.launcher import torchrun_command, train_sharded, write_job
+    from rmens.training.launcher import torchrun_command, train_on_devices, write_job
 
     work = output.with_name(output.name + ".launch")
     work.mkdir(parents=True, exist_ok=True)
@@ -95,12 +101,12 @@ def train_sharded_job(cfg, train, val, output: Path, args):
     write_jsonl(work / "val.jsonl", (p.to_dict() for p in val))
     val_file = work / "val.jsonl" if val else None
     if args.nodes == 1:
-        return train_sharded(args.devices, cfg.ensemble, cfg.train, work / "train.jsonl", val_file, output,
-                             overwrite=args.overwrite)
+        return train_on_devices(args.devices, cfg.ensemble, cfg.train, work / "train.jsonl", val_file, output,
+                                overwrite=args.overwrite)
     job = write_job(args.devices * args.nodes, cfg.ensemble, cfg.train, work / "train.jsonl", val_file, output,
                     args.overwrite)
     print(f"wrote {job.file} ({job.launch.nproc} ranks); start this on each of the {args.nodes} nodes:")
-    print(" ".join(torchrun_command(job, args.devices, args.nodes, args.rdzv)))
+    print(shlex.join(torchrun_command(job, args.devices, args.nodes, args.rdzv)))
     return None
 
 

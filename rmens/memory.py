@@ -8,8 +8,8 @@ per trained parameter; a frozen parameter costs 4 bytes. Parameter counts come f
 ACTIVATION_MARGIN on top. A full ensemble trains as k member steps, one backbone each, and an assembly step
 that holds the k backbones for inference only (its validation scores). A training step given several devices
 (`resources`) shards its model, gradients and optimizer state over them with FSDP2 (rmens.training.sharding),
-so each device holds 1/devices of them; the margin is not divided (each rank holds the activations of its share
-of the batch and one gathered block at a time, which the margin covers).
+so each device holds 1/devices of them, and so is the margin with them: optimistic for many devices, where a
+rank's activations (its share of the batch, one gathered block) do not shrink as fast.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ CPU machine), computing what one process does; the launch guard refuses a lone o
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,8 @@ from rmens.io import write_jsonl
 from rmens.models.config import EnsembleConfig
 from rmens.reward import EnsembleReward
 from rmens.steps.contract import devices_granted, granted_devices
-from rmens.training.config import TrainConfig
-from rmens.training.launcher import ShardedJob, ShardedStepError, check_divisible, train_on_devices
+from rmens.training.config import TrainConfig, check_divisible
+from rmens.training.launcher import ShardedJob, ShardedStepError, train_on_devices
 from rmens.training.sharding import LaunchConfig, LaunchError, check_sharded
 
 CFG = TrainConfig(max_steps=3, batch_size=4, eval_batch_size=4, lr=1e-3, progress=False, calibration_pairs=8)
@@ -27,9 +28,9 @@ PROMPTS, RESPONSES = ["Name a colour.", "Add 2 and 2."], ["Blue, like the sky.",
 @pytest.fixture(scope="module")
 def pair_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pairs")
-    pairs = synthetic_pairs(24, seed=3)
-    write_jsonl(folder / "train.jsonl", (p.to_dict() for p in pairs[:16]))
-    write_jsonl(folder / "val.jsonl", (p.to_dict() for p in pairs[16:]))
+    pairs = synthetic_pairs(17, seed=3)  # 9 to train on: batches of 4, 4 and 1 (rank 1's share of the last pads)
+    write_jsonl(folder / "train.jsonl", (p.to_dict() for p in pairs[:9]))
+    write_jsonl(folder / "val.jsonl", (p.to_dict() for p in pairs[9:]))
     return folder / "train.jsonl", folder / "val.jsonl"
 
 
@@ -58,10 +59,11 @@ def test_two_ranks_train_what_one_process_does(tmp_path, pair_files, kind):
         assert 0.45 < two.stages[stage].state_mib / one.stages[stage].state_mib < 0.6
     rewards = [EnsembleReward.from_folder(tmp_path / run / "ensemble")(PROMPTS, RESPONSES) for run in ("one", "two")]
     torch.testing.assert_close(rewards[1].members, rewards[0].members, rtol=1e-4, atol=1e-5)
-    launched = "ensemble.members/m1.launch" if kind == "full" else "ensemble.launch"
-    job = ShardedJob.model_validate_json((tmp_path / "two" / launched / "job.json").read_text())
-    assert (job.launch.nproc, job.launch.sharding, job.launch.launcher) == (2, "fsdp2", "torchrun")
-    assert job.member == (1 if kind == "full" else None)
+    if kind == "full":  # one sharded job per member, whose folders go once the ensemble is assembled
+        assert not (tmp_path / "two" / "ensemble.members").exists()
+        return
+    job = ShardedJob.model_validate_json((tmp_path / "two" / "ensemble.launch" / "job.json").read_text())
+    assert (job.launch.nproc, job.launch.sharding, job.launch.launcher, job.device) == (2, "fsdp2", "torchrun", "cpu")
 
 
 def test_a_training_step_granted_two_devices_shards(tmp_path):
@@ -99,6 +101,39 @@ def test_launch_guard_refuses_a_lone_process(tmp_path, pair_files):
     assert not (tmp_path / "ensemble").exists()
 
 
+def test_a_rank_refuses_another_device_than_its_launcher_saw(tmp_path, pair_files):
+    """A job launched to train on CUDA whose rank sees none (CUDA hidden from it) refuses rather than training
+    on CPUs."""
+    job = ShardedJob(launch=LaunchConfig(nproc=2), ensemble=EnsembleConfig(kind="linear", k=2, max_length=64),
+                     train=CFG, train_pairs=str(pair_files[0]), output_dir=str(tmp_path / "ensemble"),
+                     work_dir=str(tmp_path), device="cuda")
+    (tmp_path / "job.json").write_text(job.model_dump_json())
+    done = subprocess.run([sys.executable, "-m", "rmens.training.rank", str(tmp_path / "job.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "launched to train on cuda, but this rank sees no CUDA device" in job.error_file.read_text()
+
+
+def test_a_plans_sharded_batches_must_split_before_anything_runs(tmp_path):
+    """resources giving a training step 3 devices whose batches of 8 pairs cannot split over them is refused
+    when the plan is checked, naming the call."""
+    from flows.cli import check_resources
+    from rmens.config import apply_overrides
+    from rmens.pipeline.config import PipelineConfig
+    from rmens.pipeline.plan import run_pipeline
+    from rmens.presets import preset_data
+    from rmens.steps.graph import record
+    from rmens.steps.resources_config import StepResources
+    from rmens.steps.store import Store
+
+    config = PipelineConfig.model_validate(apply_overrides(preset_data("smoke"), [f"project_dir={tmp_path}",
+                                                                                  "train.batch_size=8"]))
+    nodes = record(run_pipeline, Store.of_project(tmp_path), config)[0]
+    check_resources({"train_ensemble": StepResources(devices=2)}, nodes)
+    with pytest.raises(ValueError, match=r"resources: train_ensemble:\S+: train.batch_size 8 does not split over 3"):
+        check_resources({"train_ensemble": StepResources(devices=3)}, nodes)
+
+
 def test_launch_guard_refuses_unsharded_parameters():
     """What accelerate's FSDP config does on CPUs (a silent fallback): parameters left whole are refused."""
     with pytest.raises(LaunchError, match="parameter weight is not sharded over the 2 ranks"):
@@ -133,15 +168,21 @@ TRAIN_SETTINGS = ["--set", "data.source=synthetic", "--set", "data.max_pairs=24"
                   "--set", "train.calibration_pairs=8"]
 
 
-def test_rmens_train_shards_over_devices(tmp_path):
-    """`rmens train --devices 2`: two ranks on this machine; the ensemble loads and its summary is printed."""
-    done = subprocess.run([sys.executable, "-m", "rmens.cli", "train", *TRAIN_SETTINGS, "--devices", "2",
-                           "--output", str(tmp_path / "ens")], capture_output=True, text=True, timeout=300)
+def test_rmens_train_shards_a_full_ensemble_member_by_member(tmp_path):
+    """`rmens train --devices 2` of a full ensemble: one two-rank job per member, assembled here; the ensemble
+    loads and its summary is printed. Two nodes for a full ensemble are refused before anything is written."""
+    common = [sys.executable, "-m", "rmens.cli", "train", *TRAIN_SETTINGS, "--set", "ensemble.kind=full"]
+    done = subprocess.run([*common, "--devices", "2", "--output", str(tmp_path / "ens")], capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     printed = json.loads(done.stdout[done.stdout.index("{"):])
     assert printed["output"] == str(tmp_path / "ens") and 0 <= printed["accuracy"] <= 1
-    assert len(json.loads((tmp_path / "ens.launch" / "job.json").read_text())["launch"]) and \
-        (tmp_path / "ens.launch" / "rank1.json").is_file()
+    assert EnsembleReward.from_folder(tmp_path / "ens").ensemble.k == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ens", "ens.launch"]  # members' folders gone
+    refused = subprocess.run([*common, "--nodes", "2", "--rdzv", "127.0.0.1:29400", "--output", str(tmp_path / "x")],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "a full ensemble trains one member at a time" in refused.stderr
+    assert not (tmp_path / "x.launch").exists()
 
 
 def test_a_two_node_job_meets_at_its_rendezvous(tmp_path):
@@ -156,7 +197,7 @@ def test_a_two_node_job_meets_at_its_rendezvous(tmp_path):
     intro, command = done.stdout.strip().splitlines()[-2:]
     assert "(2 ranks); start this on each of the 2 nodes" in intro and "--nnodes=2" in command
     assert not (tmp_path / "ens").exists()  # nothing trained yet
-    nodes = [subprocess.Popen(command.split(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    nodes = [subprocess.Popen(shlex.split(command), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     errors = [node.communicate(timeout=300)[1] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], errors[0][-2000:]

@@ -18,7 +18,8 @@ class TrainConfig(StrictModel):
                                                  "stage's pairs); ignored when max_steps is set.")
     max_steps: int | None = Field(None, ge=1,
                                   description="Optimizer steps (lora: per stage); overrides epochs when set.")
-    batch_size: int = Field(8, ge=1, description="Pairs per device per micro-batch.")
+    batch_size: int = Field(8, ge=1, description="Pairs per micro-batch: per process under `accelerate launch` "
+                                                 "(data parallel); shared by the ranks of a sharded step.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated into one optimizer step.")
     lr: float = Field(1e-5, gt=0, le=MAX_LR, description="Peak AdamW learning rate (lora: of stage 1).")
     weight_decay: float = Field(0.0, ge=0, le=MAX_WEIGHT_DECAY, description="AdamW weight decay (every stage).")
@@ -57,3 +58,13 @@ class TrainJobConfig(StrictModel):
     ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig, description="What ensemble to build.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="How it is trained.")
     output_dir: str = Field("runs/ensemble", description="Folder the ensemble is saved to; --output replaces it.")
+
+
+def check_divisible(devices: int, cfg: TrainConfig) -> None:
+    """A sharded step's ranks split each batch evenly (rmens.training.sharding): refuse batches they cannot,
+    before anything starts."""
+    for field in ("batch_size", "eval_batch_size"):
+        size = getattr(cfg, field)
+        if size % devices:
+            raise ValueError(f"train.{field} {size} does not split over {devices} devices: a sharded step gives each "
+                             f"device an equal share of every batch; use a multiple of {devices}")

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
@@ -29,7 +30,7 @@ from rmens.config import StrictModel
 from rmens.data.loaders import load_jsonl_pairs
 from rmens.evaluation.rm_metrics import scalar_metrics
 from rmens.models.config import EnsembleConfig
-from rmens.training.config import TrainConfig
+from rmens.training.config import TrainConfig, check_divisible
 from rmens.training.sharding import LaunchConfig
 from rmens.training.trainer import LogFn, StageResult, TrainResult
 
@@ -42,14 +43,16 @@ RANK_MODULE = "rmens.training.rank"
 class ShardedJob(StrictModel):
     """What every rank of a sharded step trains (written by `train_sharded`, read by rmens.training.rank)."""
 
-    launch: LaunchConfig
-    ensemble: EnsembleConfig
-    train: TrainConfig
+    launch: LaunchConfig = Field(description="How it is launched and sharded (the launch guard checks it).")
+    ensemble: EnsembleConfig = Field(description="The ensemble it trains (or one member of).")
+    train: TrainConfig = Field(description="How it is trained.")
     train_pairs: str = Field(description="JSONL file of the training pairs.")
     val_pairs: str | None = Field(None, description="JSONL file of the validation pairs.")
     output_dir: str = Field(description="Folder rank 0 saves the trained ensemble (or member) to.")
     member: int | None = Field(None, ge=0, description="Train this member of a full ensemble alone "
                                                       "(rmens.training.members), not the whole ensemble.")
+    device: Literal["cuda", "cpu"] = Field("cpu", description="What the launching process trains on: a rank "
+                                                              "that sees otherwise refuses to train.")
     overwrite: bool = Field(False, description="Replace a non-empty output folder that is not a saved ensemble.")
     work_dir: str = Field(description="Folder of the job: its file, a failing rank's one-line error (error.txt), "
                                       "each rank's peak memory (rank<N>.json).")
@@ -86,10 +89,12 @@ def train_on_devices(devices: int, ens_cfg: EnsembleConfig, cfg: TrainConfig, tr
     if ens_cfg.kind != "full":
         return train_sharded(devices, ens_cfg, cfg, train_pairs, val_pairs, Path(output_dir), log_fn, overwrite)
     start = time.perf_counter()
-    folders = Path(output_dir).with_name(Path(output_dir).name + ".members")
+    folders = Path(output_dir).with_name(Path(output_dir).name + ".members")  # rmens' own, until assembled
+    shutil.rmtree(folders, ignore_errors=True)
     members = [train_member_on_devices(devices, ens_cfg, cfg, i, train_pairs, val_pairs, folders / f"m{i}", log_fn)
                for i in range(ens_cfg.k)]
     result = assemble(ens_cfg, cfg, members, val, output_dir, log_fn, overwrite=overwrite, start=start)
+    shutil.rmtree(folders)  # the assembled ensemble holds every member
     result.ranks = [max((m.ranks[r] for m in members), key=lambda rank: rank["peak_mib"]) for r in range(devices)]
     return result
 
@@ -106,6 +111,7 @@ def train_member_on_devices(devices: int, ens_cfg: EnsembleConfig, cfg: TrainCon
         trained = train_member(ens_cfg, cfg, member, load_jsonl_pairs(train_pairs), val, log_fn=log_fn)
         save_member(trained, folder)
         return trained
+    check_devices(devices)
     job = write_job(devices, ens_cfg, cfg, train_pairs, val_pairs, Path(folder), member=member)
     run_job(job)
     trained = load_member(folder)
@@ -114,13 +120,15 @@ def train_member_on_devices(devices: int, ens_cfg: EnsembleConfig, cfg: TrainCon
     return trained
 
 
-def check_divisible(devices: int, cfg: TrainConfig) -> None:
-    """The ranks split each batch evenly; refuse, before anything starts, batches they cannot."""
-    for field in ("batch_size", "eval_batch_size"):
-        size = getattr(cfg, field)
-        if size % devices:
-            raise ValueError(f"train.{field} {size} does not split over {devices} devices: a sharded step gives each "
-                             f"device an equal share of every batch; use a multiple of {devices}")
+def check_devices(devices: int) -> None:
+    """Refuse, before launching, more ranks than this machine shows CUDA devices (on a machine with none, the
+    ranks are CPU processes)."""
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible and devices > visible:
+        raise ValueError(f"{devices} devices asked for, but this process sees {visible} CUDA device(s) "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
 
 
 def write_job(world: int, ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: Path, val_pairs: Path | None,
@@ -130,12 +138,15 @@ def write_job(world: int, ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs
 
     check_divisible(world, cfg)
     check_output_folder(output_dir, overwrite)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     work = output_dir.with_name(output_dir.name + ".launch")
     work.mkdir(parents=True, exist_ok=True)
     job = ShardedJob(launch=LaunchConfig.load().model_copy(update={"nproc": world}), ensemble=ens_cfg, train=cfg,
                      train_pairs=str(Path(train_pairs).resolve()), output_dir=str(output_dir.resolve()),
                      val_pairs=str(Path(val_pairs).resolve()) if val_pairs else None, overwrite=overwrite,
-                     member=member, work_dir=str(work.resolve()))
+                     member=member, device=device, work_dir=str(work.resolve()))
     job.file.write_text(job.model_dump_json(indent=2))
     for stale in (job.error_file, *map(job.rank_file, range(world))):  # of an earlier, interrupted launch
         stale.unlink(missing_ok=True)
@@ -156,6 +167,7 @@ def train_sharded(devices: int, ens_cfg: EnsembleConfig, cfg: TrainConfig, train
                   overwrite: bool = False) -> TrainResult:
     """Launch `devices` ranks of rmens.training.rank on this node with torchrun, wait for them, and return what
     rank 0 saved in `output_dir` (the training curve replayed to `log_fn`)."""
+    check_devices(devices)
     job = write_job(devices, ens_cfg, cfg, train_pairs, val_pairs, Path(output_dir), overwrite)
     start = time.perf_counter()
     run_job(job)
@@ -163,13 +175,24 @@ def train_sharded(devices: int, ens_cfg: EnsembleConfig, cfg: TrainConfig, train
 
 
 def run_job(job: ShardedJob) -> None:
-    """Start the job's ranks on this node and wait for them; a failure is one line naming a rank's error."""
+    """Start the job's ranks on this node and wait for them; a failure is one line naming a rank's error. If
+    this process is stopped while they run (Ctrl-C, a cancelled task), torchrun is told to stop them first:
+    killed outright, it would leave its ranks (in sessions of their own) holding the devices."""
     world = job.launch.nproc
     # faulthandler: a rank that dies in native code (an abort) still leaves its Python stack in the output
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
-    finished = subprocess.run(torchrun_command(job, world), env=env, check=False)
-    if finished.returncode != 0:
-        raise ShardedStepError(f"sharded training on {world} devices failed (exit {finished.returncode}): "
+    launcher = subprocess.Popen(torchrun_command(job, world), env=env)
+    try:
+        code = launcher.wait()
+    except BaseException:
+        launcher.terminate()  # torchrun passes SIGTERM on to its ranks and waits for them
+        try:
+            launcher.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+        raise
+    if code != 0:
+        raise ShardedStepError(f"sharded training on {world} devices failed (exit {code}): "
                                f"{_first_error(job.error_file)}; job {job.file}")
 
 

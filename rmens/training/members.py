@@ -21,6 +21,7 @@ its standardisation, and its steps, wall time, history and the MiB of weights an
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from rmens.io import write_json
 from rmens.models.backbone import load_backbone, load_tokenizer
 from rmens.models.config import EnsembleConfig
 from rmens.models.context import check_max_length
-from rmens.models.ensemble import FullEnsemble, check_output_folder, init_member_head
+from rmens.models.ensemble import FullEnsemble, check_output_folder, init_member_head, replace_folder
 from rmens.models.standardise import MemberStandardisation
 from rmens.seeding import Stream, seed_for
 from rmens.training.config import TrainConfig
@@ -119,19 +120,23 @@ def train_member(ens_cfg: EnsembleConfig, cfg: TrainConfig, member: int, train_p
 
 
 def save_member(member: TrainedMember, folder: str | Path) -> Path:
-    """Write a trained member to `folder` (see the module docstring); member.json last, so that a folder
-    holding it is complete."""
+    """Write a trained member to `folder` (see the module docstring): into a sibling `.partial` folder, moved into
+    place when complete, so that a folder holding member.json is a whole member (an older one at `folder` is
+    replaced only then)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # rmens' own unfinished save of this member
+    tmp.mkdir(parents=True)
     model = member.model
-    model.backbones[0].save_pretrained(folder / "backbone")
+    model.backbones[0].save_pretrained(tmp / "backbone")
     save_file({"weight": model.heads.weight.detach().contiguous().cpu(),
-               "bias": model.heads.bias.detach().contiguous().cpu()}, folder / "head.safetensors")
-    write_json(folder / "member.json", {
+               "bias": model.heads.bias.detach().contiguous().cpu()}, tmp / "head.safetensors")
+    write_json(tmp / "member.json", {
         "format": MEMBER_FORMAT, "version": MEMBER_FORMAT_VERSION, "member": member.index,
         "ensemble": member.config.model_dump(mode="json"), "train": member.train.model_dump(mode="json"),
         "standardisation": model.standardisation.to_json(), "steps": member.stage.steps,
         "wall_time": member.stage.wall_time, "history": member.stage.history, "state_mib": member.stage.state_mib})
+    replace_folder(tmp, folder)
     return folder
 
 

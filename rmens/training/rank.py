@@ -14,6 +14,7 @@ import os
 import sys
 import traceback
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 
@@ -28,23 +29,28 @@ def main(job_file: str) -> None:
     from rmens.training.launcher import ShardedJob
     from rmens.training.members import save_member, train_member
     from rmens.training.sharding import LaunchError, check_launch
-    from rmens.training.trainer import train_ensemble
+    from rmens.training.trainer import train_ensemble, training_precision
 
     # The ensemble's forward returns a transposed view, which FSDP2 warns about in case it is changed in place;
     # the loss only slices it.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     job = ShardedJob.model_validate_json(Path(job_file).read_text())
+    stop_with_parent()
     cuda = torch.cuda.is_available()
+    if (job.device == "cuda") != cuda:  # e.g. a rank whose CUDA is not visible would train on CPUs, slowly
+        raise LaunchError(f"the job was launched to train on {job.device}, but this rank "
+                          f"{'sees CUDA' if cuda else 'sees no CUDA device'}")
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         backend = job.launch.backend if job.launch.backend != "auto" else ("nccl" if cuda else "gloo")
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timedelta(minutes=job.launch.timeout_minutes))
     check_launch(job.launch)  # before any work: a lone process would train an unsharded copy
-    # Mixed precision is FSDP2's (bf16 weights in the blocks, fp32 reductions), not accelerate's autocast;
-    # split_batches: the ranks share each batch of train.batch_size pairs, as one process would see it.
-    # cpu: without it accelerate sees no distributed run on CPUs (DistributedType.NO, every rank the main one).
-    accelerator = Accelerator(cpu=not cuda, gradient_accumulation_steps=job.train.grad_accum, mixed_precision="no",
+    # Mixed precision as in one process (autocast over fp32 weights); split_batches: the ranks share each
+    # validation batch (training batches are split by rmens.training.sharding.rank_batches); cpu: without it
+    # accelerate sees no distributed run on CPUs (DistributedType.NO, every rank the main one).
+    accelerator = Accelerator(cpu=not cuda, gradient_accumulation_steps=job.train.grad_accum,
+                              mixed_precision=training_precision(job.train),
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
     if accelerator.num_processes != job.launch.nproc:
         raise LaunchError(f"accelerate sees {accelerator.num_processes} process(es) ({accelerator.distributed_type}), "
@@ -62,6 +68,18 @@ def main(job_file: str) -> None:
     write_json(job.rank_file(dist.get_rank()), peak_memory(cuda))
     accelerator.wait_for_everyone()
     dist.destroy_process_group()
+
+
+def stop_with_parent() -> None:
+    """Have Linux stop this rank when torchrun, its parent, dies (killed outright, it cannot stop its ranks,
+    which run in sessions of their own and would keep their devices)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: torchrun's own shutdown still stops the ranks
 
 
 def peak_memory(cuda: bool) -> dict:

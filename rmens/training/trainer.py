@@ -42,7 +42,14 @@ from rmens.models.ensemble import LinearEnsemble, RewardEnsemble, build_ensemble
 from rmens.models.standardise import MemberStandardisation, calibrate, calibration_subset, pair_responses
 from rmens.seeding import Stream, seed_for
 from rmens.training.config import TrainConfig
-from rmens.training.sharding import LaunchConfig, full_tensor, gather_full_state, local_bytes, shard_ensemble
+from rmens.training.sharding import (
+    LaunchConfig,
+    full_tensor,
+    gather_full_state,
+    local_bytes,
+    rank_batches,
+    shard_ensemble,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +57,28 @@ LogFn = Callable[[int, dict[str, float]], None]
 
 
 def bradley_terry_loss(member_rewards: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
-                       center_coef: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                       center_coef: float = 0.0, real: torch.Tensor | None = None,
+                       count: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss of all members on one batch laid out as [k, 2B] (chosen rows, then rejected rows).
 
     Per member: mean over the batch of w * BT negative log-likelihood with soft target t (the
     probability that chosen wins), plus optional centring coef * (r_c + r_r)^2. Dividing by the batch
     size (not by the weights' sum) keeps bootstrap weights unbiased and makes data-parallel gradient
     averaging equal to one large batch. Returns (sum over members, per-member losses [k]).
+
+    A sharded rank's slice of a batch (rmens.training.sharding.RankBatches): `real` [B] marks its pairs (0: a
+    row padding a short slice, which counts for nothing), `count` is the batch's pairs over the ranks, so that
+    the ranks' average gradient is the whole batch's mean.
     """
     batch = targets.shape[0]
+    count = batch if count is None else count
     chosen, rejected = member_rewards[:, :batch], member_rewards[:, batch:]
     margin = chosen - rejected
     nll = -(targets * F.logsigmoid(margin) + (1 - targets) * F.logsigmoid(-margin))
-    per_member = (weights * nll).sum(dim=1) / batch
+    per_member = (weights * nll).sum(dim=1) / count
     if center_coef:
-        per_member = per_member + center_coef * ((chosen + rejected) ** 2).mean(dim=1)
+        centring = (chosen + rejected) ** 2 if real is None else (chosen + rejected) ** 2 * real
+        per_member = per_member + center_coef * centring.sum(dim=1) / count
     if not torch.isfinite(per_member).all():
         raise FloatingPointError(f"non-finite training loss per member: {per_member.tolist()}")
     return per_member.sum(), per_member.detach()
@@ -101,7 +115,7 @@ class TrainResult:
         return max(counts) if self.per_member else sum(counts)
 
 
-def _precision(cfg: TrainConfig) -> str:
+def training_precision(cfg: TrainConfig) -> str:
     if cfg.precision == "bf16":
         return "bf16"
     if cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
@@ -194,6 +208,8 @@ class EnsembleTrainer:
         """
         seed = seed_for(self.cfg.seed, Stream.DATA_ORDER, self.phase, epoch)
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+        if self.launch is not None:  # the same batches, each split over the ranks (accelerate would pad the last)
+            return rank_batches(order, self.cfg.batch_size, PairCollator(data, self.pad_id), self.accelerator)
         loader = DataLoader(order, batch_size=self.cfg.batch_size, collate_fn=PairCollator(data, self.pad_id))
         return self.accelerator.prepare_data_loader(loader)
 
@@ -211,7 +227,7 @@ class EnsembleTrainer:
     def train(self, data: EncodedPairs, val: EncodedPairs | None) -> StageResult:
         cfg, acc = self.cfg, self.accelerator
         if self.launch is not None:  # before the optimizer sees the parameters: sharding replaces them
-            shard_ensemble(self.ensemble, self.launch, bf16=_precision(cfg) == "bf16")
+            shard_ensemble(self.ensemble, self.launch, acc.autocast() if acc.mixed_precision != "no" else None)
         params = [p for p in self.ensemble.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"{self.stage}: the ensemble has no trainable parameters")
@@ -237,7 +253,7 @@ class EnsembleTrainer:
                 with acc.accumulate(model):
                     rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                     loss, per_member = bradley_terry_loss(rewards.float(), batch["targets"], batch["member_weights"],
-                                                          cfg.center_coef)
+                                                          cfg.center_coef, batch.get("real"), batch.get("count"))
                     acc.backward(loss)
                     if not acc.sync_gradients:
                         continue
@@ -291,7 +307,7 @@ def lora_stage_split(pairs: list[PreferencePair], stage1_fraction: float):
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=_precision(cfg))
+    return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=training_precision(cfg))
 
 
 def encode_weighted(encoder: PairEncoder, ens_cfg: EnsembleConfig, pairs: list[PreferencePair], part: int,
@@ -345,6 +361,7 @@ def train_ensemble(ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: list[
         trainer = EnsembleTrainer(acc, ensemble, cfg, pad_id, lr=cfg.lr, schedule=cfg.schedule, stage="stage1",
                                   log_fn=log_fn, launch=launch)
         stages["stage1"] = trainer.train(encode_weighted(encoder, ens_cfg, stage1_pairs, 1), val)
+        acc.free_memory()  # the stage-1 optimizer's Adam state, which accelerate would hold through stage 2
         stage1 = trainer.ensemble if launch is None else unsharded(trainer.ensemble, ens_cfg, every_rank=True)
         ensemble = to_lora(stage1, ens_cfg)
         trainer = EnsembleTrainer(acc, ensemble, cfg, pad_id, lr=cfg.lora_lr, schedule=cfg.lora_schedule,
