@@ -354,6 +354,11 @@ def _finished(root: Path) -> dict[str, dict]:
             for done in root.glob("*/*/done.json")}
 
 
+def _differing(a: dict, b: dict, rel: float = 1e-4) -> list[str]:
+    """The keys of `a` whose numbers are not within `rel` of `b`'s."""
+    return [k for k in a if not _same_numbers({k: a[k]}, {k: b[k]} if k in b else {}, rel)]
+
+
 def _same_numbers(a: dict, b: dict, rel: float = 1e-6) -> bool:
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True) or all(
         k in b and (a[k] == b[k] or (isinstance(a[k], float) and a[k] == pytest.approx(b[k], rel=rel, abs=1e-9)))
@@ -463,8 +468,12 @@ def test_on_ray_independent_steps_overlap_on_distinct_devices_with_the_sequentia
     assert set(result["states"]) == set(first["states"]) and set(result["states"].values()) == {"Completed"}
     ours, sequential = _finished(ray_project / "artifacts"), _finished(project / "artifacts")
     assert set(ours) <= set(sequential)
-    # Equal up to float32 reductions: a Ray worker computes with other thread counts (measured: 3.4e-6 relative)
-    differ = [name for name in ours if not _same_numbers(ours[name], sequential[name], rel=1e-4)]
+    # Equal up to float32 reductions: a Ray worker computes with other thread counts (measured: 3.4e-6 relative).
+    # The gold's two ranks reduce its gradients in another order: after its 20 steps its weights differ by up to
+    # 3.9e-5 and its scores' centre by 1.1e-4 of their spread (measured), which every gold number downstream
+    # carries (gold_at_N, final_gold: 1.2e-4 relative).
+    differ = [name for name in ours if not (_same_numbers(ours[name], sequential[name], rel=1e-4) or _same_numbers(
+        ours[name], sequential[name], rel=1e-3) and all("gold" in k for k in _differing(ours[name], sequential[name])))]
     assert not differ, {name: (ours[name], sequential[name]) for name in differ}
 
     _, runs = runs_of(ray_project)
