@@ -45,6 +45,9 @@ def main() -> int:
     ens = EnsembleConfig(kind=args.kind, k=args.k, backbone=args.backbone, max_length=args.max_length)
     cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, eval_batch_size=args.batch_size, lr=1e-5,
                       precision="fp32", progress=False, calibration_pairs=16)
+    from rmens.models.backbone import resolve_model
+
+    resolve_model(args.backbone)  # a converted model (SmolLM2 from its GGUF) is built once, outside the timing
     runs = {}
     for devices in (1, args.ranks):
         start = time.perf_counter()
