@@ -67,18 +67,19 @@ def test_two_ranks_train_what_one_process_does(tmp_path, pair_files, kind):
 
 
 def test_a_training_step_granted_two_devices_shards(tmp_path):
-    """The pipeline's train_ensemble step, run by the plain runner as a runner grants two devices: its folder
-    holds the ensemble the ranks trained, which loads and scores."""
+    """The pipeline's train_ensemble step, run by the plain runner whose resources give it two devices: its
+    folder holds the ensemble the ranks trained, which loads and scores."""
     from rmens.data.config import DataConfig
     from rmens.pipeline.data import prepare_data
     from rmens.pipeline.reward_models import train_ensemble
+    from rmens.steps.resources_config import StepResources
     from rmens.steps.runner import LocalRunner
     from rmens.steps.store import Store
 
-    call = LocalRunner(Store(tmp_path / "store"))
+    call = LocalRunner(Store(tmp_path / "store"), resources={"train_ensemble:linear": StepResources(devices=2)})
     data = call(prepare_data, "arms", data=DataConfig(source="synthetic", max_pairs=24, val_fraction=0.25))
     assert granted_devices() == 1
-    with devices_granted(2):
+    with devices_granted(1):  # the runner's placement wins over what is around it
         out = call(train_ensemble, "linear", data=data, ensemble=EnsembleConfig(kind="linear", k=2, max_length=64),
                    train_cfg=CFG, label="linear")
     assert json.loads((Path(out.path) / "ensemble.launch" / "rank1.json").read_text())["memory"] == "rss"

@@ -55,7 +55,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, part: Part = "all") -
     check_inputs(cfg.data, cfg.pools.judges, cfg.mt_bench)
     out = claim_output(out, cfg)
     store, sources = Store.of_project(out), source_fingerprints(cfg.data, cfg.mt_bench)
-    steps = LocalRunner(store, total=len(check(run_plan, store, cfg, part=part, sources=sources).outputs))
+    steps = LocalRunner(store, total=len(check(run_plan, store, cfg, part=part, sources=sources).outputs),
+                        resources=cfg.resources)
     start = time.perf_counter()
     report = run_plan(cfg, steps, part, sources)
     publish(report.folder, out)

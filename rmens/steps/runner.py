@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from rmens.steps.contract import Step, metrics_to
+from rmens.steps.contract import Step, devices_granted, metrics_to
 from rmens.steps.graph import record
+from rmens.steps.resources_config import StepResources, call_devices
 from rmens.steps.store import Output, Store
 
 # One line per step as it starts and ends (the CLI gives this logger its console handler).
@@ -70,10 +71,13 @@ class Progress:
 
 class LocalRunner:
     """Executes plan calls in-process, reusing finished outputs from `store`; `total`, the plan's number of
-    calls (len(check(...).outputs)), numbers the progress lines."""
+    calls (len(check(...).outputs)), numbers the progress lines; `resources` (rmens.steps.resources_config), the
+    devices each call is given: a training step given several shards over them."""
 
-    def __init__(self, store: Store, refresh: bool = False, total: int | None = None):
+    def __init__(self, store: Store, refresh: bool = False, total: int | None = None,
+                 resources: dict[str, StepResources] | None = None):
         self.store = store
+        self.resources = resources or {}
         self.refresh = refresh
         self.progress = Progress(total)
         self.computed: list[str] = []
@@ -83,7 +87,7 @@ class LocalRunner:
     def __call__(self, step: Step, label: str, /, *, tags: dict[str, str] | None = None, **inputs: Any) -> Output:
         name = f"{step.name}:{label}"
         self.progress.started(name)
-        with metrics_to(self.progress.working(name)):
+        with metrics_to(self.progress.working(name)), devices_granted(call_devices(name, step, self.resources)):
             output, computed = self.store.run(step, inputs, refresh=self.refresh)
         (self.computed if computed else self.reused).append(name)
         self.outputs[name] = output
