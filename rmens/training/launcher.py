@@ -134,13 +134,13 @@ def check_devices(devices: int) -> None:
 def write_job(world: int, ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: Path, val_pairs: Path | None,
               output_dir: Path, overwrite: bool = False, member: int | None = None) -> ShardedJob:
     """The job of `world` ranks, written to `<output_dir>.launch/job.json`, after the checks that need no rank."""
+    import torch
+
     from rmens.models.ensemble import check_output_folder
 
     check_divisible(world, cfg)
     check_output_folder(output_dir, overwrite)
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # what every rank must see too
     work = output_dir.with_name(output_dir.name + ".launch")
     work.mkdir(parents=True, exist_ok=True)
     job = ShardedJob(launch=LaunchConfig.load().model_copy(update={"nproc": world}), ensemble=ens_cfg, train=cfg,
