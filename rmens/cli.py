@@ -22,11 +22,11 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from rmens.config import apply_overrides, load_yaml
-from rmens.errors import EngineError
+from rmens.errors import EngineError, ShardedStepError
 from rmens.ppo.config import PPOJobConfig
 from rmens.training.config import TrainJobConfig
 
-USER_ERRORS = (ValidationError, ValueError, FileNotFoundError, FileExistsError, EngineError)
+USER_ERRORS = (ValidationError, ValueError, FileNotFoundError, FileExistsError, EngineError, ShardedStepError)
 # What the machine, not the settings, refuses: a full disk or quota, a read-only or forbidden place. Said in
 # one line with the file (exit 1); any other OSError is a fault to show in full.
 MACHINE_ERRNOS = {errno.ENOSPC: "free some space or choose another folder",

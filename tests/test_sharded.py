@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from rmens.data.loaders import synthetic_pairs
+from rmens.errors import ShardedStepError
 from rmens.io import write_jsonl
 from rmens.models.config import EnsembleConfig
 from rmens.reward import EnsembleReward
 from rmens.steps.contract import devices_granted, granted_devices
 from rmens.training.config import TrainConfig, check_divisible
-from rmens.training.launcher import ShardedJob, ShardedStepError, train_on_devices
+from rmens.training.launcher import ShardedJob, train_on_devices
 from rmens.training.sharding import LaunchConfig, LaunchError, check_sharded
 
 CFG = TrainConfig(max_steps=3, batch_size=4, eval_batch_size=4, lr=1e-3, progress=False, calibration_pairs=8)
@@ -204,3 +205,52 @@ def test_a_two_node_job_meets_at_its_rendezvous(tmp_path):
     assert [node.returncode for node in nodes] == [0, 0], errors[0][-2000:]
     scores = EnsembleReward.from_folder(tmp_path / "ens")(PROMPTS, RESPONSES).scores
     assert torch.isfinite(scores).all()
+
+
+def _ranks_of(job_file) -> list[int]:
+    """pids of the rank processes running `job_file`."""
+    found = subprocess.run(["pgrep", "-f", f"rmens.training.rank {job_file}"], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def _start_long_training(tmp_path) -> tuple[subprocess.Popen, Path]:
+    """`rmens train --devices 2` with far more steps than the test waits for, once both ranks are up."""
+    import time
+
+    output = tmp_path / "ens"
+    settings = [s.replace("train.max_steps=2", "train.max_steps=100000") for s in TRAIN_SETTINGS]
+    proc = subprocess.Popen([sys.executable, "-m", "rmens.cli", "train", *settings, "--devices", "2", "--output",
+                             str(output)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job_file = tmp_path / "ens.launch" / "job.json"
+    deadline = time.monotonic() + 120
+    while len(_ranks_of(job_file)) < 2 or not list(tmp_path.glob("ens.launch/*.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "no ranks"
+        time.sleep(0.5)
+    time.sleep(5)  # inside training: both ranks in the collectives of its steps
+    return proc, job_file
+
+
+def test_a_rank_killed_mid_training_fails_the_step_and_stops_the_other(tmp_path):
+    """A rank that dies in the middle of training (killed, as the kernel's OOM killer would) fails the step in
+    one line, and its partner, waiting in a collective, is stopped rather than left holding its device."""
+    import os
+    import signal
+
+    proc, job_file = _start_long_training(tmp_path)
+    os.kill(_ranks_of(job_file)[-1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "sharded training on 2 devices failed" in err.strip().splitlines()[-1]
+    assert _ranks_of(job_file) == [] and not (tmp_path / "ens").exists()
+
+
+def test_a_stopped_step_stops_its_ranks(tmp_path):
+    """Ctrl-C to the process that launched the ranks (a cancelled step): torchrun is told to stop them, and none is
+    left running."""
+    import os
+    import signal
+
+    proc, job_file = _start_long_training(tmp_path)
+    os.kill(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert _ranks_of(job_file) == [] and not (tmp_path / "ens").exists()

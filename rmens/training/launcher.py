@@ -28,6 +28,7 @@ from pydantic import Field
 
 from rmens.config import StrictModel
 from rmens.data.loaders import load_jsonl_pairs
+from rmens.errors import ShardedStepError
 from rmens.evaluation.rm_metrics import scalar_metrics
 from rmens.models.config import EnsembleConfig
 from rmens.training.config import TrainConfig, check_divisible
@@ -67,10 +68,6 @@ class ShardedJob(StrictModel):
 
     def rank_file(self, rank: int) -> Path:
         return Path(self.work_dir) / f"rank{rank}.json"
-
-
-class ShardedStepError(RuntimeError):
-    """A sharded training step whose ranks failed; the message names the rank, its error and the logs."""
 
 
 def train_on_devices(devices: int, ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: Path,
