@@ -147,8 +147,9 @@ def check_resources(resources: dict, nodes: dict) -> None:
                          "shard (one FSDP2 rank per device); give it one")
     from rmens.training.config import TrainConfig, check_divisible
 
+    placed = devices_of(resources)
     for name, node in nodes.items():  # a sharded step's batches must split over its devices: said now, not hours in
-        devices = devices_of(resources)(node)
+        devices = placed(node)
         train = next((value for value in node.inputs.values() if isinstance(value, TrainConfig)), None)
         if devices > 1 and train is not None and node.step.resources.shards:
             try:

@@ -68,5 +68,5 @@ def train_ensemble(folder: Path, *, data: Output, ensemble: EnsembleConfig, trai
 
 
 def _val_file(data: Output) -> str | None:
-    """The validation pairs' file, None when the split holds none."""
-    return data.file("val") if read_pairs(data, "val") else None
+    """The validation pairs' file, None when the split holds none (prepare_data's summary counts them)."""
+    return data.file("val") if data.summary["n_val"] else None

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from rmens.config import StrictModel
+from rmens.config import StrictModel, derive
 from rmens.data.loaders import load_jsonl_pairs
 from rmens.errors import ShardedStepError
 from rmens.evaluation.rm_metrics import scalar_metrics
@@ -79,12 +79,12 @@ def train_on_devices(devices: int, ens_cfg: EnsembleConfig, cfg: TrainConfig, tr
     from rmens.training.members import assemble
     from rmens.training.trainer import train_ensemble
 
+    if devices > 1 and ens_cfg.kind != "full":  # (the ranks read the pairs)
+        return train_sharded(devices, ens_cfg, cfg, train_pairs, val_pairs, Path(output_dir), log_fn, overwrite)
     val = load_jsonl_pairs(val_pairs) if val_pairs is not None else None
     if devices <= 1:
         return train_ensemble(ens_cfg, cfg, load_jsonl_pairs(train_pairs), val, output_dir, log_fn=log_fn,
                               overwrite=overwrite)
-    if ens_cfg.kind != "full":
-        return train_sharded(devices, ens_cfg, cfg, train_pairs, val_pairs, Path(output_dir), log_fn, overwrite)
     start = time.perf_counter()
     folders = Path(output_dir).with_name(Path(output_dir).name + ".members")  # rmens' own, until assembled
     shutil.rmtree(folders, ignore_errors=True)
@@ -140,7 +140,7 @@ def write_job(world: int, ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs
     device = "cuda" if torch.cuda.is_available() else "cpu"  # what every rank must see too
     work = output_dir.with_name(output_dir.name + ".launch")
     work.mkdir(parents=True, exist_ok=True)
-    job = ShardedJob(launch=LaunchConfig.load().model_copy(update={"nproc": world}), ensemble=ens_cfg, train=cfg,
+    job = ShardedJob(launch=derive(LaunchConfig.load(), nproc=world), ensemble=ens_cfg, train=cfg,
                      train_pairs=str(Path(train_pairs).resolve()), output_dir=str(output_dir.resolve()),
                      val_pairs=str(Path(val_pairs).resolve()) if val_pairs else None, overwrite=overwrite,
                      member=member, device=device, work_dir=str(work.resolve()))

@@ -38,7 +38,7 @@ from rmens.evaluation.rm_metrics import ensemble_metrics, length_metrics, scalar
 from rmens.models.backbone import load_tokenizer
 from rmens.models.config import EnsembleConfig
 from rmens.models.context import check_max_length
-from rmens.models.ensemble import LinearEnsemble, RewardEnsemble, build_ensemble, check_output_folder, to_lora
+from rmens.models.ensemble import RewardEnsemble, build_ensemble, check_output_folder, to_lora
 from rmens.models.standardise import MemberStandardisation, calibrate, calibration_subset, pair_responses
 from rmens.seeding import Stream, seed_for
 from rmens.training.config import TrainConfig
@@ -58,7 +58,7 @@ LogFn = Callable[[int, dict[str, float]], None]
 
 def bradley_terry_loss(member_rewards: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
                        center_coef: float = 0.0, real: torch.Tensor | None = None,
-                       count: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       count: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss of all members on one batch laid out as [k, 2B] (chosen rows, then rejected rows).
 
     Per member: mean over the batch of w * BT negative log-likelihood with soft target t (the
@@ -66,7 +66,7 @@ def bradley_terry_loss(member_rewards: torch.Tensor, targets: torch.Tensor, weig
     size (not by the weights' sum) keeps bootstrap weights unbiased and makes data-parallel gradient
     averaging equal to one large batch. Returns (sum over members, per-member losses [k]).
 
-    A sharded rank's slice of a batch (rmens.training.sharding.RankBatches): `real` [B] marks its pairs (0: a
+    A sharded rank's slice of a batch (rmens.training.sharding.rank_batches): `real` [B] marks its pairs (0: a
     row padding a short slice, which counts for nothing), `count` is the batch's pairs over the ranks, so that
     the ranks' average gradient is the whole batch's mean.
     """
@@ -362,7 +362,8 @@ def train_ensemble(ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: list[
                                   log_fn=log_fn, launch=launch)
         stages["stage1"] = trainer.train(encode_weighted(encoder, ens_cfg, stage1_pairs, 1), val)
         acc.free_memory()  # the stage-1 optimizer's Adam state, which accelerate would hold through stage 2
-        stage1 = trainer.ensemble if launch is None else unsharded(trainer.ensemble, ens_cfg, every_rank=True)
+        stage1 = trainer.ensemble if launch is None else \
+            unsharded(trainer.ensemble, lambda: build_ensemble(ens_cfg), every_rank=True)
         ensemble = to_lora(stage1, ens_cfg)
         trainer = EnsembleTrainer(acc, ensemble, cfg, pad_id, lr=cfg.lora_lr, schedule=cfg.lora_schedule,
                                   stage="stage2", log_fn=log_fn, step_offset=stages["stage1"].steps, phase=2,
@@ -376,17 +377,18 @@ def train_ensemble(ens_cfg: EnsembleConfig, cfg: TrainConfig, train_pairs: list[
     ensemble.standardisation = calibrate_members(ensemble, tokenizer, train_pairs, cfg)
     result = TrainResult(ensemble, None, {}, stages, 0.0)
     return finish_training(result, tokenizer, val, val_pairs, cfg, acc, output_dir, log_fn, overwrite, start,
-                           plain=ens_cfg if launch is not None else None)
+                           plain=(lambda: trained_structure(ens_cfg)) if launch is not None else None)
 
 
 def finish_training(result: TrainResult, tokenizer, val: EncodedPairs | None, val_pairs: list[PreferencePair] | None,
                     cfg: TrainConfig, acc: Accelerator, output_dir: str | Path | None, log_fn: LogFn | None,
                     overwrite: bool, start: float,
-                    plain: EnsembleConfig | Callable[[], RewardEnsemble] | None = None) -> TrainResult:
+                    plain: Callable[[], RewardEnsemble] | None = None) -> TrainResult:
     """`result` (its trained or assembled ensemble and its stages) completed: validation metrics, logged after
     the last step, and the folder, written by the main process with train_metrics.json (metrics,
     calibration_responses, and steps, wall_time, history and state_mib per stage). `plain`: the ensemble is
-    sharded (one rank of a sharded job), and this is its unsharded structure (`unsharded`), which rank 0 saves."""
+    sharded (one rank of a sharded job), and this builds its unsharded structure (`unsharded`), which rank 0
+    saves."""
     ensemble = result.ensemble
     if val is not None:
         with acc.autocast():  # the training's precision, as the prepared model it trained had
@@ -410,21 +412,21 @@ def finish_training(result: TrainResult, tokenizer, val: EncodedPairs | None, va
     return result
 
 
-def unsharded(sharded: RewardEnsemble, plain: EnsembleConfig | Callable[[], RewardEnsemble],
+def unsharded(sharded: RewardEnsemble, build: Callable[[], RewardEnsemble],
               every_rank: bool = False) -> RewardEnsemble:
     """A plain (unsharded) copy of a sharded model, on the CPU, on rank 0 (`every_rank`: on every rank, e.g. the
-    LoRA recipe's stage-1 model that each rank puts adapters on); the other ranks get `sharded` back. `plain`
-    builds the unsharded structure (an ensemble config: build_ensemble's, with adapters for a LoRA stage 2).
-    Collective: every rank calls it."""
+    LoRA recipe's stage-1 model that each rank puts adapters on); the other ranks get `sharded` back. `build`
+    makes the unsharded structure the gathered weights are loaded into. Collective: every rank calls it."""
     state = gather_full_state(sharded, every_rank)
     if not state:  # another rank than 0, which has no copy to make
         return sharded
-    if isinstance(plain, EnsembleConfig):
-        config = plain
-        lora_stage2 = config.kind == "lora" and not isinstance(sharded, LinearEnsemble)
-        copy = to_lora(build_ensemble(config), config) if lora_stage2 else build_ensemble(config)
-    else:
-        copy = plain()
+    copy = build()
     copy.load_state_dict(state)
     copy.standardisation = sharded.standardisation
     return copy
+
+
+def trained_structure(ens_cfg: EnsembleConfig) -> RewardEnsemble:
+    """A fresh ensemble shaped as a trained one of `ens_cfg` is (LoRA: with its adapters, as after stage 2)."""
+    plain = build_ensemble(ens_cfg)
+    return to_lora(plain, ens_cfg) if ens_cfg.kind == "lora" else plain
